@@ -1,0 +1,154 @@
+"""`python -m runner run job.yaml` - the container entrypoint.
+
+Commands:
+  run JOB        run a FineTuneJob (manifest or bare spec) end to end
+  validate JOB   check the spec only; print every problem and exit 2 if there is one
+  quickstart     run the embedded default job on this machine (tiny model, local files, CPU is fine)
+  schema         print the spec's JSON schema
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from runner import errors
+from runner.errors import RunnerError, redact
+
+# Failures of unknown origin are attributed to the phase they happened in.
+_PHASE_REASON = {
+    "Validating": errors.INVALID_SPEC,
+    "Downloading": errors.DOWNLOAD_FAILED,
+    "Training": errors.TRAINING_FAILED,
+    "Merging": errors.MERGE_FAILED,
+    "Uploading": errors.UPLOAD_FAILED,
+}
+
+
+def oom_advice(spec) -> str:
+    t, d = spec.training, spec.dataset
+    tips = [
+        f"lower training.batchSize (now {t.batch_size}) and raise training.gradientAccumulationSteps "
+        f"(now {t.gradient_accumulation_steps}) to keep the effective batch",
+        f"lower dataset.maxLength (now {d.max_length})",
+    ]
+    if not t.gradient_checkpointing:
+        tips.append("set training.gradientCheckpointing: true")
+    if spec.lora.r > 16:
+        tips.append(f"lower lora.r (now {spec.lora.r})")
+    if t.optimizer in ("adamw_torch", "adamw_torch_fused"):
+        tips.append("use training.optimizer: paged_adamw_8bit")
+    tips.append("or request a GPU with more memory (resources.gpuResourceName / nodeSelector)")
+    return "CUDA out of memory. To fit: " + "; ".join(tips)
+
+
+def _run(args) -> int:
+    from runner.report import Reporter
+    from runner.spec import load_job
+
+    reporter = Reporter(termination_log=args.termination_log)
+    job = None
+    try:
+        job = load_job(args.job)
+        from runner.job import run_job
+        from runner.train import StopFlag
+
+        stop = StopFlag()
+        stop.install()
+        result = run_job(job, reporter, work_dir=Path(args.work_dir) if args.work_dir else None, stop=stop)
+        reporter.result(succeeded=True, exit_code=errors.EXIT_OK, **result)
+        return errors.EXIT_OK
+    except RunnerError as e:
+        return _fail(reporter, e)
+    except KeyboardInterrupt:
+        return _fail(reporter, errors.RetryableError("interrupted", reason=_reason(reporter)))
+    except Exception as e:  # noqa: BLE001 - every failure must end in a result and an exit code
+        import torch
+
+        if isinstance(e, torch.OutOfMemoryError) and job is not None:
+            return _fail(reporter, errors.OutOfMemory(oom_advice(job.spec)))
+        err = RunnerError(f"{e.__class__.__name__}: {e}", reason=_reason(reporter))
+        err.exit_code, err.retryable = errors.EXIT_UNEXPECTED, True
+        import traceback
+
+        reporter.log(redact(traceback.format_exc()))
+        return _fail(reporter, err)
+
+
+def _reason(reporter) -> str:
+    return _PHASE_REASON.get(reporter.phase_name or "", errors.TRAINING_FAILED)
+
+
+def _fail(reporter, e: RunnerError) -> int:
+    reporter.log(f"failed ({e.reason}): {e.message}")
+    reporter.result(
+        succeeded=False,
+        exit_code=e.exit_code,
+        reason=e.reason,
+        message=e.message,
+        retryable=e.retryable,
+        failedPhase=reporter.phase_name,
+    )
+    return e.exit_code
+
+
+def _validate(args) -> int:
+    from runner.spec import load_job
+
+    try:
+        job = load_job(args.job)
+    except RunnerError as e:
+        print(e.message, file=sys.stderr)
+        return e.exit_code
+    print(f"{args.job}: valid FineTuneJob {job.name!r}")
+    return 0
+
+
+def _quickstart(args) -> int:
+    from runner.quickstart import prepare
+
+    job_file = prepare(Path(args.dir))
+    print(f"[quickstart] job file: {job_file}", file=sys.stderr)
+    args.job = str(job_file)
+    code = _run(args)
+    if code == 0:
+        out = Path(args.dir) / "output"
+        print(
+            f"[quickstart] done. Merged model: {out}  (AutoModelForCausalLM.from_pretrained({str(out)!r}))\n"
+            f"[quickstart] before/after answers: {out / 'report' / 'samples.json'}",
+            file=sys.stderr,
+        )
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="runner", description="QLoRA fine-tuning from one FineTuneJob YAML")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="run a FineTuneJob")
+    p_run.add_argument("job", help="YAML file: a FineTuneJob manifest or its spec")
+    p_val = sub.add_parser("validate", help="check a FineTuneJob spec")
+    p_val.add_argument("job")
+    p_qs = sub.add_parser("quickstart", help="run the embedded default job (tiny model, CPU)")
+    p_qs.add_argument("--dir", default="finetune-quickstart", help="where the model, data and output go")
+    sub.add_parser("schema", help="print the spec's JSON schema")
+    for p in (p_run, p_qs):
+        p.add_argument("--work-dir", default=os.environ.get("FINETUNE_WORK_DIR"),
+                       help="scratch space for downloads and the trainer (default: a temp dir)")
+        p.add_argument("--termination-log", default=None, help="where the final result is also written")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "validate":
+        return _validate(args)
+    if args.command == "quickstart":
+        return _quickstart(args)
+    from runner.spec import schema_doc
+
+    print(json.dumps(schema_doc(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

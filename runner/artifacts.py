@@ -1,0 +1,121 @@
+"""What is published beside the weights: the training report (metrics JSON, loss curve, token-length
+histogram, before/after samples), the job spec, and a model card."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from runner.spec import Job
+
+
+def write_report(
+    report_dir: Path,
+    *,
+    job: Job,
+    metrics: dict,
+    history: list[dict],
+    lengths: list[int],
+    samples: list[dict],
+) -> None:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    (report_dir / "history.json").write_text(json.dumps(history, indent=2))
+    (report_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
+    (report_dir / "job.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": job.name},
+                "spec": job.spec.model_dump(by_alias=True, exclude_defaults=True),
+            },
+            sort_keys=False,
+            allow_unicode=True,
+        )
+    )
+    _plot_loss(history, report_dir / "loss.png")
+    _plot_lengths(lengths, job.spec.dataset.max_length, report_dir / "token_lengths.png")
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    evals = [(h["step"], h["evalLoss"]) for h in history if "evalLoss" in h]
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_lengths(lengths: list[int], max_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="tab:blue", alpha=0.8)
+    ax.axvline(max_length, color="tab:red", linestyle="--", label=f"maxLength {max_length}")
+    over = sum(1 for n in lengths if n > max_length)
+    ax.set_title(f"Token lengths of {len(lengths)} training examples ({over} truncated)")
+    ax.set_xlabel("tokens per example")
+    ax.set_ylabel("examples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def model_card(job: Job, metrics: dict, *, merged: bool) -> str:
+    s = job.spec
+    hyper = {
+        "quantization": s.quantization.model_dump(by_alias=True),
+        "lora": s.lora.model_dump(by_alias=True),
+        "training": s.training.model_dump(by_alias=True, exclude_none=True),
+        "dataset": {
+            k: v
+            for k, v in s.dataset.model_dump(by_alias=True, exclude_none=True).items()
+            if k in ("format", "split", "maxLength", "packing")
+        },
+    }
+    base = s.model.source
+    front = {
+        "base_model": base.removeprefix("hf://").split("@")[0] if base.startswith("hf://") else base,
+        "library_name": "transformers" if merged else "peft",
+        "tags": ["qlora", "lora", "finetune.dev"],
+        "pipeline_tag": "text-generation",
+    }
+    keys = ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen", "train_runtime")
+    shown = {k: metrics[k] for k in keys if k in metrics}
+    what = "merged fp16 model" if merged else "LoRA adapter"
+    return (
+        "---\n"
+        + yaml.safe_dump(front, sort_keys=False)
+        + "---\n\n"
+        + f"# {job.name}\n\n"
+        + f"A {what} fine-tuned with QLoRA from `{base}` on `{s.dataset.source}` "
+        + f"(split `{s.dataset.split}`).\n\n"
+        + "## Hyperparameters\n\n```yaml\n"
+        + yaml.safe_dump(hyper, sort_keys=False, allow_unicode=True)
+        + "```\n\n## Results\n\n```json\n"
+        + json.dumps(shown, indent=2)
+        + "\n```\n\nThe training report (metrics, loss curve, token-length histogram, before/after samples) "
+        + "is in `report/`"
+        + (", the LoRA adapter in `adapter/`." if merged and s.output.push_adapter else ".")
+        + "\n"
+    )

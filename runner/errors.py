@@ -1,0 +1,98 @@
+"""The runner's two kinds of failure, and the exit codes and reasons they map to.
+
+Every failure the runner knows about is a RunnerError: either *permanent* (running the same job again
+cannot help: a bad spec, missing credentials, data that does not match the format, an out-of-memory) or
+*retryable* (a network error, a 5xx from a store, a preemption). The exit code tells a supervisor (the
+controller, a shell loop) which one it was without parsing any text; `reason` is one of a closed set the
+controller shows as `status.reason`.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+# Exit codes. Kubernetes reports the container's exit code; the controller maps them back.
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1  # a bug or an unclassified error: treated as retryable
+EXIT_PERMANENT = 2  # invalid spec, missing credentials, data that does not match, auth refused
+EXIT_OUT_OF_MEMORY = 3  # CUDA OOM: permanent until a memory knob changes
+EXIT_RETRYABLE = 75  # EX_TEMPFAIL: network, store 5xx, preemption (SIGTERM)
+
+# Reasons (the controller's closed set for status.reason).
+INVALID_SPEC = "InvalidSpec"
+DOWNLOAD_FAILED = "DownloadFailed"
+TRAINING_FAILED = "TrainingFailed"
+MERGE_FAILED = "MergeFailed"
+UPLOAD_FAILED = "UploadFailed"
+OUT_OF_MEMORY = "OutOfMemory"
+
+
+class RunnerError(Exception):
+    """A failure with a reason, a message that says what to fix, and whether a retry can help."""
+
+    retryable: bool = False
+    exit_code: int = EXIT_PERMANENT
+
+    def __init__(self, message: str, *, reason: str = TRAINING_FAILED):
+        super().__init__(redact(message))
+        self.reason = reason
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class PermanentError(RunnerError):
+    """Running the same job again gives the same failure: the user must change something."""
+
+
+class RetryableError(RunnerError):
+    """A transient failure (network, store, preemption): the same job may succeed when run again."""
+
+    retryable = True
+    exit_code = EXIT_RETRYABLE
+
+
+class SpecError(PermanentError):
+    """The job spec is invalid. Holds every problem found, each naming its field and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        text = "invalid FineTuneJob spec:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(text, reason=INVALID_SPEC)
+
+
+class OutOfMemory(PermanentError):
+    exit_code = EXIT_OUT_OF_MEMORY
+
+    def __init__(self, message: str):
+        super().__init__(message, reason=OUT_OF_MEMORY)
+
+
+class Preempted(RetryableError):
+    """SIGTERM arrived (node drain, spot reclaim, `kubectl delete`): a checkpoint was saved if possible."""
+
+    def __init__(self, message: str = "received SIGTERM; stopped after saving a checkpoint"):
+        super().__init__(message, reason=TRAINING_FAILED)
+
+
+# Environment variables whose values must never appear in logs, status or events.
+SECRET_ENV_VARS = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+)
+_BEARER = re.compile(r"(?i)(bearer\s+|token=|authorization:\s*)[^\s'\"&]+")
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def redact(text: str) -> str:
+    """Remove secret values (from the environment, bearer tokens, hf_ tokens) from a message."""
+    for name in SECRET_ENV_VARS:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    text = _BEARER.sub(lambda m: m.group(1) + "***", text)
+    return _HF_TOKEN.sub("hf_***", text)

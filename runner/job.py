@@ -1,0 +1,144 @@
+"""One FineTuneJob, start to finish: validate, download, train, merge, upload.
+
+Each phase lives in its own module; this file only orders them and carries their results along.
+"""
+from __future__ import annotations
+
+import gc
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from runner import artifacts, data as data_phase, merge as merge_phase, model as model_phase, storage
+from runner.errors import INVALID_SPEC, PermanentError
+from runner.report import Reporter
+from runner.spec import FineTuneJobSpec, Job
+from runner.train import StopFlag, train
+
+
+def checkpoint_location(spec: FineTuneJobSpec) -> storage.Location:
+    """`output.checkpoints`, or a sibling of the destination: `<destination>.checkpoints`."""
+    if spec.output.checkpoints:
+        return storage.Location.parse(spec.output.checkpoints)
+    dest = spec.output.destination.rstrip("/")
+    return storage.Location.parse(dest + ".checkpoints")
+
+
+def _uri_problem(field: str, value: str) -> storage.Location:
+    try:
+        return storage.Location.parse(value)
+    except ValueError as e:
+        raise PermanentError(f"{field}: {e}", reason=INVALID_SPEC) from e
+
+
+def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop: StopFlag | None = None) -> dict:
+    spec = job.spec
+    stop = stop or StopFlag()
+    own_work = work_dir is None
+    work = Path(work_dir or tempfile.mkdtemp(prefix=f"finetune-{job.name}-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(job, spec, reporter, work, stop)
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: StopFlag) -> dict:
+    # ------------------------------------------------------------------ Validating
+    reporter.phase("Validating")
+    model_loc = _uri_problem("model.source", spec.model.source)
+    data_loc = _uri_problem("dataset.source", spec.dataset.source)
+    eval_loc = _uri_problem("dataset.evalSource", spec.dataset.eval_source) if spec.dataset.eval_source else None
+    dest = _uri_problem("output.destination", spec.output.destination)
+    ckpt_loc = checkpoint_location(spec)
+    storage.check_source(model_loc, repo_type="model")
+    storage.check_source(data_loc, repo_type="dataset")
+    if eval_loc:
+        storage.check_source(eval_loc, repo_type="dataset")
+    storage.check_destination(dest)
+    if ckpt_loc.scheme == "s3":
+        storage.check_destination(ckpt_loc)
+
+    # ------------------------------------------------------------------ Downloading
+    reporter.phase("Downloading")
+    d = spec.dataset
+    train_rows = data_phase.load_rows(
+        storage.download(data_loc, work / "data", repo_type="dataset"), split=d.split, subset=d.subset
+    )
+    eval_rows = None
+    if eval_loc:
+        eval_path = storage.download(eval_loc, work / "eval-data", repo_type="dataset")
+        eval_rows = data_phase.load_rows(eval_path, split="train" if eval_path.is_file() else d.split)
+    elif d.eval_split:
+        eval_rows = data_phase.load_rows(
+            storage.download(data_loc, work / "data", repo_type="dataset"), split=d.eval_split, subset=d.subset
+        )
+    # Formats, columns and templates are checked before the (large) model download.
+    data_phase.build_formatter(d, list(train_rows.column_names), chat_template=lambda *a, **k: "")
+    reporter.log(f"data: {len(train_rows)} training rows" + (f", {len(eval_rows)} eval rows" if eval_rows else ""))
+    model_dir = storage.download(model_loc, work / "model", repo_type="model")
+    model_phase.check_target_modules(spec.lora, model_phase.linear_module_names(model_dir, spec.model))
+    tokenizer = model_phase.load_tokenizer(model_dir, spec.model)
+    data = data_phase.prepare(d, train_rows, eval_rows, tokenizer, seed=spec.training.seed)
+    reporter.log(
+        f"tokenized {len(data.train)} examples as {data.fmt}; {data.truncated} truncated to {d.max_length} tokens"
+    )
+
+    # ------------------------------------------------------------------ Training
+    reporter.phase("Training")
+    dev = model_phase.device()
+    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev)
+    before = model_phase.generate(model, tokenizer, spec.eval_prompts, spec.eval_max_new_tokens)
+    model = model_phase.add_lora(model, spec.lora, gradient_checkpointing=spec.training.gradient_checkpointing)
+    store = storage.CheckpointStore(ckpt_loc)
+    result = train(
+        spec, model, tokenizer, data, work_dir=work, store=store, checkpoints_uri=str(ckpt_loc),
+        reporter=reporter, stop=stop,
+    )
+    after = None
+    if not spec.merge.enabled:
+        after = model_phase.generate(model, tokenizer, spec.eval_prompts, spec.eval_max_new_tokens)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ Merging
+    staging = work / "publish"
+    staging.mkdir()
+    metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt,
+               "examples": len(data.train), "truncatedExamples": data.truncated}
+    if spec.merge.enabled:
+        reporter.phase("Merging")
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in data.train[:4]["input_ids"]]
+        probe = merge_phase.probe_inputs(tokenizer, texts)
+        check = merge_phase.merge(spec, model_dir, result.adapter_dir, tokenizer, probe, staging, spec.eval_prompts)
+        after = check.samples
+        metrics["mergeCheck"] = {
+            "dtype": check.dtype, "relativeLogitError": check.relative_error,
+            "maxAbsLogitError": check.max_abs_error, "tolerance": check.tolerance,
+            "maxAbsWeight": check.max_abs_weight,
+        }
+        if spec.output.push_adapter:
+            shutil.copytree(result.adapter_dir, staging / "adapter")
+    else:
+        shutil.copytree(result.adapter_dir, staging, dirs_exist_ok=True)
+        tokenizer.save_pretrained(staging)
+
+    metrics["phaseSeconds"] = dict(reporter.phase_seconds)
+    samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(spec.eval_prompts, before, after or [])]
+    artifacts.write_report(
+        staging / "report", job=job, metrics=metrics, history=result.history, lengths=data.lengths, samples=samples
+    )
+    (staging / "README.md").write_text(artifacts.model_card(job, metrics, merged=spec.merge.enabled))
+
+    # ------------------------------------------------------------------ Uploading
+    reporter.phase("Uploading")
+    published = storage.publish(staging, dest, private=spec.output.private,
+                                commit_message=f"FineTuneJob {job.name}: QLoRA fine-tune of {spec.model.source}")
+    summary = {k: metrics[k] for k in ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen",
+                                       "train_runtime") if k in metrics}
+    return {"output": published, "metrics": summary, "samples": len(samples), "checkpoints": str(ckpt_loc)}

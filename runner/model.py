@@ -1,0 +1,161 @@
+"""Model phase: the 4-bit base, its LoRA adapters, and the checks that need only the config."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from runner.errors import PermanentError, INVALID_SPEC
+from runner.spec import LoraSpec, ModelSpec, QuantizationSpec
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Output heads never get LoRA under "all-linear" (peft excludes them too).
+_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def compute_dtype(q: QuantizationSpec, dev: torch.device | None = None) -> torch.dtype:
+    """`auto`: bf16 where the GPU supports it, else fp16 (seed 004's check); bf16 on CPU."""
+    if q.compute_dtype != "auto":
+        return _DTYPES[q.compute_dtype]
+    dev = dev or device()
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def bnb_config(q: QuantizationSpec, cdtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    storage = torch.uint8 if q.storage_dtype == "uint8" else _DTYPES[q.storage_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=cdtype,
+        bnb_4bit_quant_storage=storage,
+    )
+
+
+def linear_module_names(model_dir: Path, m: ModelSpec) -> set[str]:
+    """Leaf names of every nn.Linear in the architecture, found on the meta device (no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=m.trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    return {
+        name.rsplit(".", 1)[-1]
+        for name, mod in skeleton.named_modules()
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in _HEADS
+    }
+
+
+def check_target_modules(lora: LoraSpec, available: set[str]) -> None:
+    if lora.target_modules == ["all-linear"]:
+        if not available:
+            raise PermanentError(
+                "lora.targetModules: the model has no linear layers to adapt; name its modules explicitly",
+                reason=INVALID_SPEC,
+            )
+        return
+    missing = [t for t in lora.target_modules if t not in available]
+    if missing:
+        raise PermanentError(
+            f"lora.targetModules: {', '.join(missing)} not in this model; its linear layers are "
+            f"{', '.join(sorted(available))} (or use all-linear)",
+            reason=INVALID_SPEC,
+        )
+
+
+def load_tokenizer(model_dir: Path, m: ModelSpec):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=m.trust_remote_code)
+    if tok.pad_token is None:  # the seeds' fix: pad with EOS (labels mask padding anyway)
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def attn_implementation(m: ModelSpec, dev: torch.device) -> str:
+    if m.attn_implementation != "auto":
+        return m.attn_implementation
+    if dev.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    # SDPA with position ids that restart per example: transformers builds a block-diagonal mask.
+    return "sdpa"
+
+
+def load_quantized(model_dir: Path, m: ModelSpec, q: QuantizationSpec, dev: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    cdtype = compute_dtype(q, dev)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=bnb_config(q, cdtype),
+        dtype=cdtype,
+        device_map={"": dev},
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=attn_implementation(m, dev),
+    )
+    model.config.use_cache = False
+    return model
+
+
+def add_lora(model, lora: LoraSpec, *, gradient_checkpointing: bool):
+    """Freeze the 4-bit base and add trainable adapters. Non-quantized weights keep the compute dtype
+    (no fp32 upcast of the frozen base); adapter weights are fp32 for stable updates."""
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers, one prompt at a time (no padding effects), decoded without the prompt."""
+    if not prompts:
+        return []
+    was_training, use_cache = model.training, model.config.use_cache
+    model.eval()
+    model.config.use_cache = True
+    answers = []
+    dev = next(model.parameters()).device
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt").to(dev)
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    model.config.use_cache = use_cache
+    model.train(was_training)
+    return answers

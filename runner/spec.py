@@ -1,0 +1,432 @@
+"""The FineTuneJob spec: the one typed source of truth for the runner, the controller, the CRD and the docs.
+
+Field names are camelCase as in Kubernetes. `load_job()` accepts a whole FineTuneJob manifest or just its
+spec, and reports every problem at once, each naming its field and the fix (SpecError).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.alias_generators import to_camel
+
+from runner.errors import SpecError
+
+API_GROUP = "finetune.dev"
+API_VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+# ----------------------------------------------------------------------------------------------- model
+class ModelSpec(_Section):
+    source: str = Field(
+        description="Base model: `hf://org/name[@revision]` (Hugging Face Hub), `s3://bucket/prefix`, "
+        "or a local directory holding config.json, weights and tokenizer."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model repo's own Python code (only for repos you trust)."
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="Attention kernel. `auto` picks the fastest available that keeps packed examples apart.",
+    )
+
+
+# --------------------------------------------------------------------------------------------- dataset
+DatasetFormat = Literal["auto", "text", "prompt-completion", "instruction", "chat"]
+
+
+class DatasetColumns(_Section):
+    """Maps the user's column names onto the roles a format needs."""
+
+    text: str | None = Field(None, description="Column holding whole training texts (format `text`).")
+    prompt: str | None = Field(None, description="Column holding prompts (format `prompt-completion`).")
+    completion: str | None = Field(
+        None, description="Column holding completions (format `prompt-completion`)."
+    )
+    instruction: str | None = Field(None, description="Instruction column (format `instruction`).")
+    input: str | None = Field(None, description="Optional input/context column (format `instruction`).")
+    output: str | None = Field(None, description="Answer column (format `instruction`).")
+    messages: str | None = Field(
+        None, description="Column of chat messages [{role, content}] (format `chat`)."
+    )
+
+
+class DatasetTemplate(_Section):
+    """Templates with `{column}` placeholders (any column of the data), or Jinja (`{{ expr }}`)."""
+
+    text: str | None = Field(None, description="Whole-text template; loss on every token.")
+    prompt: str | None = Field(None, description="Prompt template; no loss on these tokens.")
+    completion: str | None = Field(None, description="Completion template; the loss is computed here.")
+
+
+class DatasetSpec(_Section):
+    source: str = Field(
+        description="Training data: a .jsonl/.json/.csv/.parquet file or folder as a local path or "
+        "`s3://bucket/key`, or a Hub dataset `hf://org/name[@revision]`."
+    )
+    subset: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
+    split: str = Field("train", description="Split to train on, Hub syntax allowed: `train[:10%]`.")
+    eval_source: str | None = Field(None, description="Separate evaluation data (same schemes).")
+    eval_split: str | None = Field(None, description="Evaluation split of `source`, e.g. `validation`.")
+    eval_fraction: float | None = Field(
+        None, gt=0, lt=1, description="Hold out this fraction of the training data for evaluation."
+    )
+    format: DatasetFormat = Field(
+        "auto",
+        description="How rows become training text. `auto` infers it from templates and column names.",
+    )
+    columns: DatasetColumns = Field(default_factory=DatasetColumns)
+    template: DatasetTemplate = Field(default_factory=DatasetTemplate)
+    max_length: int = Field(
+        2048, ge=16, le=1_048_576, description="Tokens per example; longer ones are truncated."
+    )
+    packing: bool = Field(
+        True,
+        description="Pack several examples into each row of `maxLength` tokens (no attention between "
+        "them). false pads each example to the longest in its batch, as the seeds do.",
+    )
+    add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every example.")
+
+
+# -------------------------------------------------------------------------------------- quantization
+class QuantizationSpec(_Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param).")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the matmuls. `auto`: bfloat16 where the GPU supports it, else float16."
+    )
+    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="Dtype the packed 4-bit weights are stored in (bfloat16 lets FSDP shard them).",
+    )
+
+
+# ---------------------------------------------------------------------------------------------- lora
+class LoraSpec(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="Module names to adapt, or `all-linear` for every linear layer but the output head.",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+# ------------------------------------------------------------------------------------------ training
+Optimizer = Literal[
+    "adamw_torch_fused",
+    "adamw_torch",
+    "paged_adamw_8bit",
+    "paged_adamw_32bit",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "adafactor",
+    "sgd",
+]
+Scheduler = Literal[
+    "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+]
+
+
+class TrainingSpec(_Section):
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if maxSteps set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    batch_size: int = Field(
+        4, ge=1, description="Rows per device per step (packed rows of maxLength when packing)."
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    optimizer: Optimizer = Field("adamw_torch_fused", description="Optimizer for the LoRA parameters.")
+    lr_scheduler: Scheduler = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    max_grad_norm: float = Field(0.3, ge=0, description="Gradient clipping norm (0 disables).")
+    gradient_checkpointing: bool = Field(
+        True, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length together (unpacked data only)."
+    )
+    seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
+    logging_steps: int = Field(10, ge=1, description="Report loss and progress every N steps.")
+    save_steps: int = Field(100, ge=1, description="Save a durable checkpoint every N steps.")
+    eval_steps: int | None = Field(
+        None, ge=1, description="Evaluate every N steps (default: saveSteps) when an eval set exists."
+    )
+
+
+# --------------------------------------------------------------------------------- merge and output
+class MergeSpec(_Section):
+    enabled: bool = Field(True, description="Merge the adapter into a 16-bit copy of the base model.")
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="Dtype of the merged model.")
+
+
+class OutputSpec(_Section):
+    destination: str = Field(
+        description="Where the result goes: `hf://org/name` (a Hub model repo), `s3://bucket/prefix`, "
+        "or a local directory."
+    )
+    private: bool = Field(True, description="Create the Hub repo private.")
+    push_adapter: bool = Field(True, description="Publish the LoRA adapter (under adapter/) too.")
+    checkpoints: str | None = Field(
+        None,
+        description="Durable checkpoint location (local path on a volume, or `s3://`). Default: beside "
+        "the destination (`<destination>.checkpoints`). Required when the destination is the Hub.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
+
+
+# -------------------------------------------------------------------------------- cluster-only fields
+class SecretKeyRef(_Section):
+    name: str = Field(description="Secret name in the job's namespace.")
+    key: str = Field("token", description="Key inside the Secret.")
+
+
+class SecretRef(_Section):
+    name: str = Field(description="Secret name in the job's namespace (standard AWS_* keys).")
+
+
+class ResourcesSpec(_Section):
+    gpus: int = Field(1, ge=0, le=64, description="GPUs on one node.")
+    cpu: str | None = Field(None, description="CPU request, e.g. `8`.")
+    memory: str | None = Field(None, description="Memory request and limit, e.g. `64Gi`.")
+    gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
+
+
+class ClusterFields(_Section):
+    """Fields only the cluster needs; the runner ignores them."""
+
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    image: str | None = Field(None, description="Runner image (default: the operator's).")
+    image_pull_secrets: list[str] = Field(default_factory=list, description="Pull secret names.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = None
+    queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
+    service_account_name: str | None = None
+    env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container env vars.")
+    hf_token_secret_ref: SecretKeyRef | None = Field(None, description="Secret holding HF_TOKEN.")
+    s3_secret_ref: SecretRef | None = Field(None, description="Secret holding AWS_* variables.")
+    backoff_limit: int = Field(3, ge=0, description="Retries after retryable failures.")
+    active_deadline_seconds: int | None = Field(None, ge=1)
+    ttl_seconds_after_finished: int | None = Field(None, ge=0)
+    suspend: bool = False
+
+
+# ------------------------------------------------------------------------------------------ the job
+class FineTuneJobSpec(ClusterFields):
+    """Everything a FineTuneJob's `spec` may hold."""
+
+    model: ModelSpec
+    dataset: DatasetSpec
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    output: OutputSpec
+    eval_prompts: list[str] = Field(
+        default_factory=list,
+        description="Prompts answered by the base model before training and the merged model after.",
+    )
+    eval_max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens generated per eval prompt.")
+
+
+class Job(BaseModel):
+    """A validated job: its name (from metadata) and its spec."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    spec: FineTuneJobSpec
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_job(path: str | Path) -> Job:
+    """Read a YAML/JSON file holding a FineTuneJob manifest or a bare spec."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise SpecError([f"{p}: cannot read the job file ({e.strerror}); give the path of a YAML file"])
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError([f"{p}: not valid YAML ({e}); fix the syntax"])
+    return parse_job(doc, default_name=p.stem)
+
+
+def parse_job(doc: Any, *, default_name: str = "finetune") -> Job:
+    if not isinstance(doc, dict):
+        raise SpecError(["the job must be a mapping: a FineTuneJob manifest or its spec"])
+    prefix = ""
+    name = default_name
+    if "kind" in doc or "apiVersion" in doc:
+        problems = []
+        if doc.get("kind") != KIND:
+            problems.append(f"kind: must be {KIND} (got {doc.get('kind')!r})")
+        if doc.get("apiVersion") != f"{API_GROUP}/{API_VERSION}":
+            problems.append(
+                f"apiVersion: must be {API_GROUP}/{API_VERSION} (got {doc.get('apiVersion')!r})"
+            )
+        if not isinstance(doc.get("spec"), dict):
+            problems.append("spec: missing; a FineTuneJob needs a spec mapping")
+        if problems:
+            raise SpecError(problems)
+        name = (doc.get("metadata") or {}).get("name") or default_name
+        doc, prefix = doc["spec"], "spec."
+    problems: list[str] = []
+    spec = None
+    try:
+        spec = FineTuneJobSpec.model_validate(doc)
+    except ValidationError as e:
+        problems += [_explain(err, prefix) for err in e.errors()]
+    problems += [prefix + p for p in cross_field_problems(doc)]
+    if problems or spec is None:
+        raise SpecError(problems)
+    return Job(name=_dns_name(name), spec=spec)
+
+
+def _dns_name(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "finetune"
+
+
+# -------------------------------------------------------------------------------- error explanations
+def _loc_str(loc: tuple, prefix: str) -> str:
+    out = prefix.rstrip(".")
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[str]", "int", "float", "bool", "constrained-str"):
+            continue  # pydantic union member tags
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = FineTuneJobSpec
+    for part in loc:
+        fields = {f.alias or n: f for n, f in model.model_fields.items()}
+        f = fields.get(part)
+        ann = getattr(f, "annotation", None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            return model if f is None else None
+    return model
+
+
+def _explain(err: dict, prefix: str) -> str:
+    loc = tuple(err["loc"])
+    where = _loc_str(loc, prefix)
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        allowed = sorted(f.alias or n for n, f in parent.model_fields.items()) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"allowed here: {', '.join(allowed)}"
+        return f"{where}: unknown field; {hint}"
+    if kind == "missing":
+        return f"{where}: required field is missing; add it"
+    if kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{where}: {got!r} is not allowed; use one of {expected}"
+    msg = err["msg"]
+    return f"{where}: {msg} (got {got!r}); fix the value"
+
+
+# ---------------------------------------------------------------------------------- cross-field rules
+_FORMAT_ROLES = {
+    "text": ("text",),
+    "prompt-completion": ("prompt", "completion"),
+    "instruction": ("instruction", "output"),
+    "chat": ("messages",),
+}
+
+
+def cross_field_problems(doc: dict) -> list[str]:
+    """Rules that involve several fields. Works on the raw mapping so it runs even beside field errors."""
+    from runner.storage import Location  # local import: storage pulls nothing heavy, but keep spec lean
+
+    problems: list[str] = []
+
+    def section(name: str) -> dict:
+        v = doc.get(name)
+        return v if isinstance(v, dict) else {}
+
+    def check_uri(field: str, value: Any) -> None:
+        if isinstance(value, str):
+            try:
+                Location.parse(value)
+            except ValueError as e:
+                problems.append(f"{field}: {e}")
+
+    model, data, out = section("model"), section("dataset"), section("output")
+    check_uri("model.source", model.get("source"))
+    for key in ("source", "evalSource"):
+        check_uri(f"dataset.{key}", data.get(key))
+    check_uri("output.destination", out.get("destination"))
+    check_uri("output.checkpoints", out.get("checkpoints"))
+
+    evals = [k for k in ("evalSource", "evalSplit", "evalFraction") if data.get(k) is not None]
+    if len(evals) > 1:
+        problems.append(
+            f"dataset: {' and '.join(evals)} are alternatives; keep only one way to get the eval set"
+        )
+
+    template = data.get("template") if isinstance(data.get("template"), dict) else {}
+    fmt = data.get("format", "auto")
+    if template.get("text") and (template.get("prompt") or template.get("completion")):
+        problems.append(
+            "dataset.template: give either `text`, or `prompt` and `completion`, not both"
+        )
+    if bool(template.get("prompt")) != bool(template.get("completion")) and not template.get("text"):
+        missing = "completion" if template.get("prompt") else "prompt"
+        problems.append(f"dataset.template.{missing}: required together with the other half of the pair")
+    if fmt == "chat" and template:
+        problems.append("dataset.template: not used with format chat (the tokenizer's chat template is)")
+    if fmt == "text" and (template.get("prompt") or template.get("completion")):
+        problems.append("dataset.format: `text` has no prompt/completion split; use prompt-completion")
+
+    dest = out.get("destination")
+    if isinstance(dest, str) and dest.startswith("hf://") and not out.get("checkpoints"):
+        problems.append(
+            "output.checkpoints: required when output.destination is a Hub repo (checkpoints are not "
+            "pushed to the Hub); set an s3:// prefix or a path on a mounted volume"
+        )
+    ckpt = out.get("checkpoints")
+    if isinstance(ckpt, str) and ckpt.startswith("hf://"):
+        problems.append("output.checkpoints: the Hub cannot hold checkpoints; use s3:// or a local path")
+    merge = section("merge")
+    if merge.get("enabled") is False and out.get("pushAdapter") is False:
+        problems.append(
+            "output.pushAdapter: with merge.enabled false the adapter is the only result; set it true"
+        )
+    return problems
+
+
+def schema_doc() -> dict:
+    """JSON schema of the spec by alias (what the CRD and the docs are generated from)."""
+    return FineTuneJobSpec.model_json_schema(by_alias=True)
+
+
+def roles_for(fmt: str) -> tuple[str, ...]:
+    return _FORMAT_ROLES.get(fmt, ())

@@ -1,0 +1,235 @@
+"""Training phase: trl's SFTTrainer over the tokenized data, durable checkpoints, resume, progress."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runner.errors import PermanentError, Preempted, TRAINING_FAILED
+from runner.model import compute_dtype
+from runner.report import Reporter
+from runner.spec import FineTuneJobSpec
+
+FINGERPRINT_FILE = "job-fingerprint.json"
+
+
+# --------------------------------------------------------------------------------------- preemption
+class StopFlag:
+    """Set by SIGTERM (pod eviction, node drain, `kubectl delete`): save a checkpoint and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            self.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+
+
+# ------------------------------------------------------------------------------------- fingerprint
+def fingerprint(spec: FineTuneJobSpec) -> dict:
+    """What must match for a checkpoint to be resumed: the model, data and everything that shapes the
+    optimisation. Logging/saving cadence and output places may change between runs."""
+    training = spec.training.model_dump(
+        by_alias=True, exclude={"logging_steps", "save_steps", "eval_steps"}
+    )
+    parts = {
+        "model": spec.model.model_dump(by_alias=True),
+        "dataset": spec.dataset.model_dump(by_alias=True),
+        "quantization": spec.quantization.model_dump(by_alias=True),
+        "lora": spec.lora.model_dump(by_alias=True),
+        "training": training,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "spec": parts}
+
+
+def check_fingerprint(store, spec: FineTuneJobSpec, checkpoints_uri: str) -> None:
+    want = fingerprint(spec)
+    have_text = store.read_text(FINGERPRINT_FILE)
+    if have_text is None:
+        store.write_text(FINGERPRINT_FILE, json.dumps(want, indent=2, sort_keys=True))
+        return
+    have = json.loads(have_text)
+    if have.get("sha256") != want["sha256"]:
+        changed = sorted(k for k in want["spec"] if have.get("spec", {}).get(k) != want["spec"][k])
+        raise PermanentError(
+            f"output.checkpoints: {checkpoints_uri} holds checkpoints of a job with a different "
+            f"{', '.join(changed) or 'spec'}; delete them, or set output.checkpoints to a new place",
+            reason=TRAINING_FAILED,
+        )
+
+
+# ---------------------------------------------------------------------------------------- callbacks
+def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        def __init__(self) -> None:
+            self.last_time: float | None = None
+            self.last_tokens = 0
+            self.history: list[dict] = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.last_time, self.last_tokens = time.monotonic(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" not in logs:
+                if "eval_loss" in logs:
+                    self.history.append({"step": state.global_step, "evalLoss": logs["eval_loss"]})
+                    reporter.emit({"event": "eval", "step": state.global_step, "evalLoss": logs["eval_loss"]})
+                return
+            now = time.monotonic()
+            tokens = state.num_input_tokens_seen
+            tps = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+            self.last_time, self.last_tokens = now, tokens
+            point = {
+                "step": state.global_step,
+                "totalSteps": state.max_steps,
+                "epoch": round(float(state.epoch or 0), 4),
+                "loss": float(logs["loss"]),
+                "learningRate": float(logs.get("learning_rate", 0.0)),
+                "tokensPerSecond": round(float(tps), 1),
+            }
+            self.history.append(point)
+            reporter.progress(**point)
+
+    class DurableCheckpoints(TrainerCallback):
+        """After the Trainer writes checkpoint-N locally, copy it to the durable store complete-or-absent."""
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps or stop.requested:
+                control.should_save = True  # the last step (and a preempted one) is always durable
+            if stop.requested:
+                control.should_training_stop = True
+
+        def on_save(self, args, state, control, **kw):
+            local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if local.is_dir():
+                name = store.save(local)
+                store.prune(keep)
+                reporter.emit({"event": "checkpoint", "name": name, "step": state.global_step})
+
+    return Progress(), DurableCheckpoints()
+
+
+# --------------------------------------------------------------------------------------- the trainer
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    history: list[dict]
+    metrics: dict
+    resumed_from: str | None
+
+
+def _training_args(spec: FineTuneJobSpec, out_dir: Path, cdtype: torch.dtype, has_eval: bool, has_mask: bool):
+    from trl import SFTConfig
+
+    t, d = spec.training, spec.dataset
+    on_cuda = torch.cuda.is_available()
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    kwargs = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=1,  # scratch copy only; the durable store keeps output.keepCheckpoints
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
+        bf16=cdtype == torch.bfloat16,
+        fp16=cdtype == torch.float16 and on_cuda,
+        use_cpu=not on_cuda,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=on_cuda,
+        max_length=d.max_length,
+        packing=d.packing,
+        packing_strategy="bfd",
+        completion_only_loss=has_mask,
+        shuffle_dataset=True,
+        dataset_num_proc=None,
+        remove_unused_columns=True,
+    )
+    # Across the transformers versions we support: warmup_ratio became a float warmup_steps, and
+    # group_by_length became train_sampling_strategy.
+    if "warmup_ratio" in fields:
+        kwargs["warmup_ratio"] = t.warmup_ratio
+    else:
+        kwargs["warmup_steps"] = t.warmup_ratio
+    if t.group_by_length and not d.packing:
+        if "train_sampling_strategy" in fields:
+            kwargs["train_sampling_strategy"] = "group_by_length"
+        else:
+            kwargs["group_by_length"] = True
+    return SFTConfig(**{k: v for k, v in kwargs.items() if k in fields})
+
+
+def train(
+    spec: FineTuneJobSpec,
+    model,
+    tokenizer,
+    data,
+    *,
+    work_dir: Path,
+    store,
+    checkpoints_uri: str,
+    reporter: Reporter,
+    stop: StopFlag,
+) -> TrainResult:
+    from trl import SFTTrainer
+
+    check_fingerprint(store, spec, checkpoints_uri)
+    scratch = work_dir / "trainer"
+    scratch.mkdir(parents=True, exist_ok=True)
+    resume = None
+    complete = store.list_complete()
+    if complete:
+        resume = store.fetch(complete[-1], scratch)
+        reporter.log(f"resuming from {complete[-1]} in {checkpoints_uri}")
+
+    cdtype = compute_dtype(spec.quantization)
+    args = _training_args(spec, scratch, cdtype, data.eval is not None, data.has_completion_mask)
+    progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[progress, durable],
+    )
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.requested:
+        raise Preempted()
+    metrics = dict(output.metrics)
+    if data.eval is not None:
+        metrics.update(trainer.evaluate())
+    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    metrics["global_step"] = trainer.state.global_step
+    adapter_dir = work_dir / "adapter"
+    trainer.model.save_pretrained(adapter_dir)
+    return TrainResult(adapter_dir, progress.history, metrics, complete[-1] if complete else None)
