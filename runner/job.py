@@ -92,11 +92,15 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
     dev = model_phase.device()
     model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev)
     before = model_phase.generate(model, tokenizer, spec.eval_prompts, spec.eval_max_new_tokens)
+    packing = spec.dataset.packing
+    if packing and not model_phase.packing_is_isolated(model):
+        packing = False
+        reporter.log("this architecture lets packed examples attend to each other; training unpacked instead")
     model = model_phase.add_lora(model, spec.lora, gradient_checkpointing=spec.training.gradient_checkpointing)
     store = storage.CheckpointStore(ckpt_loc)
     result = train(
         spec, model, tokenizer, data, work_dir=work, store=store, checkpoints_uri=str(ckpt_loc),
-        reporter=reporter, stop=stop,
+        reporter=reporter, stop=stop, packing=packing,
     )
     after = None
     if not spec.merge.enabled:
@@ -110,7 +114,7 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
     staging = work / "publish"
     staging.mkdir()
     metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt,
-               "examples": len(data.train), "truncatedExamples": data.truncated}
+               "examples": len(data.train), "truncatedExamples": data.truncated, "packing": packing}
     if spec.merge.enabled:
         reporter.phase("Merging")
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in data.train[:4]["input_ids"]]

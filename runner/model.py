@@ -159,3 +159,24 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
     model.config.use_cache = use_cache
     model.train(was_training)
     return answers
+
+
+@torch.no_grad()
+def packing_is_isolated(model) -> bool:
+    """Does this model keep packed examples apart when given position ids that restart per example?
+
+    transformers builds a block-diagonal mask from restarting position ids for most architectures, but not
+    all (OPT, for one, ignores them for the mask). A two-example probe on the real model tells, so packing is
+    only used where no example can attend to another."""
+    dev = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    a = torch.arange(5, 13, device=dev) % vocab
+    b = torch.arange(20, 30, device=dev) % vocab
+    flat = torch.cat([a, b])[None]
+    restart = torch.cat([torch.arange(len(a)), torch.arange(len(b))]).to(dev)[None]
+    alone = model(input_ids=b[None]).logits[0].float()
+    packed = model(input_ids=flat, position_ids=restart).logits[0, len(a):].float()
+    leaked = model(input_ids=flat).logits[0, len(a):].float()  # no restart: attends across, by construction
+    err = (packed - alone).abs().max()
+    leak = (leaked - alone).abs().max()
+    return bool(err * 10 <= leak) or bool(leak < 1e-6)

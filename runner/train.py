@@ -130,7 +130,9 @@ class TrainResult:
     resumed_from: str | None
 
 
-def _training_args(spec: FineTuneJobSpec, out_dir: Path, cdtype: torch.dtype, has_eval: bool, has_mask: bool):
+def _training_args(
+    spec: FineTuneJobSpec, out_dir: Path, cdtype: torch.dtype, has_eval: bool, has_mask: bool, packing: bool
+):
     from trl import SFTConfig
 
     t, d = spec.training, spec.dataset
@@ -167,7 +169,7 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, cdtype: torch.dtype, ha
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=on_cuda,
         max_length=d.max_length,
-        packing=d.packing,
+        packing=packing,
         packing_strategy="bfd",
         completion_only_loss=has_mask,
         shuffle_dataset=True,
@@ -180,7 +182,7 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, cdtype: torch.dtype, ha
         kwargs["warmup_ratio"] = t.warmup_ratio
     else:
         kwargs["warmup_steps"] = t.warmup_ratio
-    if t.group_by_length and not d.packing:
+    if t.group_by_length and not packing:
         if "train_sampling_strategy" in fields:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
@@ -199,6 +201,7 @@ def train(
     checkpoints_uri: str,
     reporter: Reporter,
     stop: StopFlag,
+    packing: bool,
 ) -> TrainResult:
     from trl import SFTTrainer
 
@@ -212,7 +215,7 @@ def train(
         reporter.log(f"resuming from {complete[-1]} in {checkpoints_uri}")
 
     cdtype = compute_dtype(spec.quantization)
-    args = _training_args(spec, scratch, cdtype, data.eval is not None, data.has_completion_mask)
+    args = _training_args(spec, scratch, cdtype, data.eval is not None, data.has_completion_mask, packing)
     progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop)
     trainer = SFTTrainer(
         model=model,

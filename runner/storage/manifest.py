@@ -1,0 +1,58 @@
+"""The manifest that marks a published output as complete, and the file walk every backend shares."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+MANIFEST_NAME = "finetune-manifest.json"
+MANIFEST_FORMAT = "finetune-manifest/v1"
+
+
+
+def iter_files(root: Path) -> list[tuple[str, Path]]:
+    """Every regular file under `root` as (posix relative path, path), sorted; the manifest itself excluded."""
+    root = Path(root)
+    out: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        rel_dir = Path(dirpath).relative_to(root).parts
+        # Never published: git metadata and huggingface_hub's per-folder download cache.
+        dirnames[:] = sorted(
+            d for d in dirnames if d != ".git" and not (d == "huggingface" and rel_dir[-1:] == (".cache",))
+        )
+        for name in filenames:
+            rel = "/".join((*rel_dir, name))
+            if rel != MANIFEST_NAME:
+                out.append((rel, Path(dirpath) / name))
+    return sorted(out)
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def build_manifest(files: list[tuple[str, Path]]) -> dict:
+    """File list with sizes and sha256 (hashed in parallel: hashlib releases the GIL on large blocks)."""
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
+        digests = list(pool.map(lambda f: sha256_file(f[1]), files))
+    entries = [
+        {"path": rel, "size": path.stat().st_size, "sha256": digest}
+        for (rel, path), digest in zip(files, digests)
+    ]
+    return {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": entries,
+        "totalBytes": sum(e["size"] for e in entries),
+    }
+
+
+def manifest_bytes(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()

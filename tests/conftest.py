@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny real models (Llama, GPT-NeoX, OPT) built once per session, job helpers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the internet, and no library may try to.
+os.environ.setdefault("HF_HUB_OFFLINE", "0")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+#pytest_plugins = ["tests.storage.fixtures", "tests.cluster.conftest_plugin"]
+
+ARCHS = ("llama", "gpt_neox", "opt")
+
+QA_ROWS = [
+    {"question": f"What is {a} plus {b} ?", "answer": str(a + b), "topic": "math"}
+    for a in range(1, 9)
+    for b in range(1, 5)
+]
+
+
+def corpus() -> list[str]:
+    """Every word the test data uses, so the tiny word-level tokenizers know them all."""
+    words = [f"{r['question']} {r['answer']}" for r in QA_ROWS]
+    words += [str(i) for i in range(0, 100)]
+    words += [
+        "Q: A: ### Instruction: Input: Response: Question: Answer: system user assistant hello hi there "
+        "note quote sol1 sol2 goal The following is a note by Eevee the Dog : 명령어: 맥락: 답변: 당신은 게이머입니다 "
+        "what how why is are a an of to and in it you me I we yes no good bad sky blue red green sum",
+    ]
+    return words
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from runner.quickstart.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: build_tiny_model(arch, root / arch, corpus()) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def qa_jsonl(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+
+
+def job_doc(model: Path | str, data: Path | str, out: Path | str, **overrides) -> dict:
+    """A small, fast FineTuneJob manifest; `overrides` are merged section by section."""
+    spec = {
+        "model": {"source": str(model)},
+        "dataset": {
+            "source": str(data),
+            "template": {"prompt": "Q: {question}\nA:", "completion": " {answer}"},
+            "maxLength": 32,
+        },
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"maxSteps": 6, "batchSize": 2, "learningRate": 0.003, "loggingSteps": 2,
+                     "saveSteps": 3, "gradientCheckpointing": False},
+        "output": {"destination": str(out)},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "test-job"},
+            "spec": spec}
