@@ -48,7 +48,11 @@ def _run(args) -> int:
     from runner.report import Reporter
     from runner.spec import load_job
 
-    reporter = Reporter(termination_log=args.termination_log)
+    # stdout carries only the runner's JSON events: anything a library prints goes to stderr.
+    events_out, sys.stdout = sys.stdout, sys.stderr
+    reporter = Reporter(stdout=events_out, termination_log=args.termination_log)
+    if not sys.stderr.isatty():
+        _quiet_progress_bars()
     job = None
     try:
         job = load_job(args.job)
@@ -75,6 +79,16 @@ def _run(args) -> int:
 
         reporter.log(redact(traceback.format_exc()))
         return _fail(reporter, err)
+
+
+def _quiet_progress_bars() -> None:
+    """Library progress bars are noise in a pod log; the runner reports progress itself."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _reason(reporter) -> str:

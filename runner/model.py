@@ -112,7 +112,20 @@ def load_quantized(model_dir: Path, m: ModelSpec, q: QuantizationSpec, dev: torc
         attn_implementation=attn_implementation(m, dev),
     )
     model.config.use_cache = False
+    if dev.type == "cpu":
+        _keep_training_layout(model)
     return model
+
+
+def _keep_training_layout(model) -> None:
+    """bitsandbytes repacks 4-bit weights into a CPU inference layout on the first eval-mode forward (our
+    before-training samples and packing probe) and never converts back; training through that layout breaks
+    autograd (in-place bias add, no input gradient). Keep the training layout on CPU."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def add_lora(model, lora: LoraSpec, *, gradient_checkpointing: bool):

@@ -203,6 +203,7 @@ def train(
     stop: StopFlag,
     packing: bool,
 ) -> TrainResult:
+    from transformers import PrinterCallback
     from trl import SFTTrainer
 
     check_fingerprint(store, spec, checkpoints_uri)
@@ -225,6 +226,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[progress, durable],
     )
+    trainer.remove_callback(PrinterCallback)  # progress is reported as JSON events instead
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.requested:
         raise Preempted()

@@ -14,7 +14,7 @@ from typing import Literal
 Scheme = Literal["hf", "s3", "local"]
 
 _HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _SUPPORTED = "hf://org/name[@revision], hf://datasets/org/name, s3://bucket/prefix, file:///path or a plain path"
 

@@ -29,7 +29,17 @@ CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/finetune-test-cluster"
 CACHE="$CACHE_ROOT/$KUBE_VERSION"
 BIN="$CACHE/bin"
 mkdir -p "$BIN" "$CACHE/logs"
-LOG="$CACHE/logs/build-$(date +%Y%m%d-%H%M%S)-$$.log"
+
+# One build at a time (parallel pytest sessions / CI jobs on one machine).
+exec 9>"$CACHE_ROOT/.lock"
+if ! flock -n 9; then
+  echo "build.sh: another build.sh holds $CACHE_ROOT/.lock; waiting" >&2
+  flock 9
+fi
+
+# A run that finds everything cached logs to last-run.log; a build gets its own
+# build-<time>.log (the newest 5 are kept).
+LOG="$CACHE/logs/last-run.log"
 : >"$LOG"
 
 say() { echo "build.sh: $*" >&2; echo "[$(date +%T)] $*" >>"$LOG"; }
@@ -45,13 +55,6 @@ die() {
 trap 'rc=$?; if [ $rc -ne 0 ] && [ $FAILED_REPORTED = 0 ]; then echo "build.sh: FAILED (exit $rc) at line $LINENO: $BASH_COMMAND" >&2; echo "build.sh: log: $LOG" >&2; tail -n 25 "$LOG" >&2 || true; fi' EXIT
 # run CMD... with its output in the log only
 run() { echo "+ $*" >>"$LOG"; "$@" >>"$LOG" 2>&1; }
-
-# One build at a time (parallel pytest sessions / CI jobs on one machine).
-exec 9>"$CACHE_ROOT/.lock"
-if ! flock -n 9; then
-  say "another build.sh holds $CACHE_ROOT/.lock; waiting"
-  flock 9
-fi
 
 export DEBIAN_FRONTEND=noninteractive
 
@@ -112,6 +115,8 @@ check_kube_bin() {  # check_kube_bin PATH: prints nothing, succeeds if it is v1.
 # ---------------------------------------------------------------- kube binaries
 build_kube() {
   local work="$CACHE_ROOT/build-$KUBE_VERSION"
+  local newlog; newlog="$CACHE/logs/build-$(date +%Y%m%d-%H%M%S)-$$.log"
+  cp "$LOG" "$newlog"; LOG=$newlog
   say "building kube-apiserver + kube-controller-manager $KUBE_VERSION from Debian source (~6 min); log: $LOG"
   local t0=$SECONDS
   apt_install "${BUILD_DEPS[@]}"
@@ -233,7 +238,7 @@ ln -sfn "$HELM_REAL" "$BIN/helm"
 
 # ---------------------------------------------------------------- report
 # Keep only the newest 10 logs.
-ls -1t "$CACHE"/logs/build-*.log 2>/dev/null | tail -n +11 | xargs -r rm -f
+ls -1t "$CACHE"/logs/build-*.log 2>/dev/null | tail -n +6 | xargs -r rm -f
 echo "KUBE_APISERVER=$BIN/kube-apiserver"
 echo "KUBE_CONTROLLER_MANAGER=$BIN/kube-controller-manager"
 echo "ETCD=$BIN/etcd"

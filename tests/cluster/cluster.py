@@ -194,8 +194,9 @@ class TestCluster:
         binaries: a ``ClusterBinaries``; default: ``ensure_binaries()`` (runs build.sh).
         controllers: the controller-manager's ``--controllers``.
         start_controller_manager: False gives an API server only.
-        wait_for_controllers: wait until the job controller and the garbage collector
-            report synced caches (a second or two) before ``start()`` returns.
+        wait_for_controllers: wait until the job and namespace controllers report synced
+            caches before ``start()`` returns (~0.5 s after the controller-manager starts).
+        wait_for_gc: also wait for the garbage collector's first full sync (~2 s more).
         workdir: parent for the temp dir (default: the system temp dir).
         keep_workdir: leave the temp dir (logs, etcd data) after ``stop()``.
     """
@@ -210,6 +211,7 @@ class TestCluster:
         controllers: str = "job,garbagecollector,namespace",
         start_controller_manager: bool = True,
         wait_for_controllers: bool = True,
+        wait_for_gc: bool = False,
         workdir: str | os.PathLike | None = None,
         keep_workdir: bool = False,
         start_timeout: float = 90.0,
@@ -225,6 +227,7 @@ class TestCluster:
         self.controllers = controllers
         self.start_controller_manager = start_controller_manager
         self.wait_for_controllers = wait_for_controllers
+        self.wait_for_gc = wait_for_gc
         self._workdir_parent = str(workdir) if workdir else None
         self.keep_workdir = keep_workdir
         self.start_timeout = start_timeout
@@ -242,6 +245,9 @@ class TestCluster:
         self._ssl_ctx: ssl.SSLContext | None = None
         self.started = False
         self.start_seconds = 0.0
+        self.timings: dict[str, float] = {}  # seconds since start() per startup phase
+        self.stop_seconds: dict[str, float] = {}
+        self._t0 = 0.0
 
     # ------------------------------------------------------------------ users
     def _add(self, u: TokenUser) -> None:
@@ -315,6 +321,8 @@ class TestCluster:
         return self
 
     def _start_once(self, b: ClusterBinaries) -> None:
+        self._t0 = time.monotonic()
+        self.timings: dict[str, float] = {}
         self.dir = Path(tempfile.mkdtemp(prefix="ftc-cluster-", dir=self._workdir_parent))
         d = self.dir
         (d / "logs").mkdir()
@@ -367,7 +375,9 @@ class TestCluster:
             *self.extra_apiserver_args,
         ])
         self.ca_file = str(cert_dir / "apiserver.crt")
+        self._mark("keys+spawn")
         self._wait_ready()
+        self._mark("apiserver ready")
         self._ssl_ctx = ssl.create_default_context(cafile=self.ca_file)
 
         self.kubeconfig = str(d / "kubeconfig")
@@ -376,6 +386,7 @@ class TestCluster:
 
         if self.crd_files:
             self.apply_crds(self.crd_files)
+            self._mark("crds established")
 
         if self.start_controller_manager:
             self._spawn("kube-controller-manager", [
@@ -390,7 +401,11 @@ class TestCluster:
             ])
             if self.wait_for_controllers:
                 self._wait_controllers()
+                self._mark("controllers synced")
         (d / "pids").write_text("".join(f"{n} {p.pid}\n" for n, p in self._procs.items()))
+
+    def _mark(self, what: str) -> None:
+        self.timings[what] = round(time.monotonic() - self._t0, 3)
 
     def _openssl(self, args: list[str]) -> None:
         p = subprocess.run(["openssl", *args], capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -447,8 +462,12 @@ class TestCluster:
         ctrls = self.controllers.split(",")
         if "job" in ctrls or "*" in ctrls:
             wanted.append("Caches are synced for job")
-        if "garbagecollector" in ctrls or "*" in ctrls:
-            wanted.append("Caches are synced for garbage collector")
+        if "namespace" in ctrls or "*" in ctrls:
+            wanted.append("Caches are synced for namespace")
+        if self.wait_for_gc and ("garbagecollector" in ctrls or "*" in ctrls):
+            # ~2 s more; without it the collector finishes syncing in the background and
+            # then also handles owners deleted meanwhile (it verifies dangling owners).
+            wanted.append("Garbage collector: all resource monitors have synced")
         log = self._logs["kube-controller-manager"]
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -466,25 +485,26 @@ class TestCluster:
             self._remove_dir()
         self.started = False
 
-    def _stop_procs(self) -> None:
-        procs = list(self._procs.items())
-        # controller-manager first, etcd last
-        for name, p in reversed(procs):
+    def _stop_procs(self, grace: float = 3.0) -> None:
+        # controller-manager, then apiserver, then etcd; SIGTERM, SIGKILL after `grace`
+        # (nothing here is worth a long graceful shutdown: the data dir is thrown away).
+        self.stop_seconds = {}
+        for name, p in reversed(list(self._procs.items())):
+            t = time.monotonic()
             if p.poll() is None:
                 try:
                     os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.monotonic() + 10
-        for name, p in reversed(procs):
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
                 try:
-                    os.kill(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait(timeout=10)
+                    p.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    try:
+                        os.kill(p.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    p.wait(timeout=10)
+            self.stop_seconds[name] = round(time.monotonic() - t, 3)
         self._procs.clear()
 
     def _remove_dir(self) -> None:

@@ -53,13 +53,15 @@ class FakeKubelet:
 
     Args:
         api: a ``kubernetes.client.ApiClient`` with rights to bind Pods and write
-            ``pods/status`` (the cluster's admin client).
+            ``pods/status`` (the cluster's admin client), or a ``TestCluster``.
         node_name: the node Pods are bound to (no Node object is needed; see ``ensure_node``).
         host_ip / pod_ip: addresses written to status (loopback by default).
     """
 
     def __init__(self, api: client.ApiClient, node_name: str = "fake-node", host_ip: str = "127.0.0.1",
                  pod_ip: str = "127.0.0.1", runtime: str = "containerd"):
+        if hasattr(api, "api_client") and not isinstance(api, client.ApiClient):  # a TestCluster
+            api = api.api_client()
         self.api = api
         self.core = client.CoreV1Api(api)
         self.node_name = node_name

@@ -8,8 +8,11 @@ import subprocess
 import time
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
+
+from tests.cluster.conftest_plugin import project_crd_files
 
 pytestmark = pytest.mark.k8s
 
@@ -26,7 +29,8 @@ def wait_for(fn, timeout: float = 30, interval: float = 0.05, what: str = "condi
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
-def make_job(name: str, backoff_limit: int = 0, parallelism: int = 1, completions: int = 1) -> client.V1Job:
+def make_job(name: str, backoff_limit: int = 0, parallelism: int = 1, completions: int = 1,
+             restart_policy: str = "Never") -> client.V1Job:
     return client.V1Job(
         metadata=client.V1ObjectMeta(name=name),
         spec=client.V1JobSpec(
@@ -35,7 +39,7 @@ def make_job(name: str, backoff_limit: int = 0, parallelism: int = 1, completion
             completions=completions,
             template=client.V1PodTemplateSpec(
                 spec=client.V1PodSpec(
-                    restart_policy="Never",
+                    restart_policy=restart_policy,
                     containers=[client.V1Container(
                         name="trainer", image="ghcr.io/example/finetune-runner:0.1.0",
                         command=["finetune-runner"],
@@ -55,12 +59,21 @@ def job_condition(batch: client.BatchV1Api, ns: str, name: str, type_: str):
     return None
 
 
-def test_cluster_basics(k8s_cluster, k8s_client):
+def test_cluster_basics(k8s_cluster, k8s_client, fake_kubelet):
     ver = client.VersionApi(k8s_client).get_code()
     assert ver.git_version == "v1.20.2"
     assert k8s_cluster.is_running()
-    crds = client.ApiextensionsV1Api(k8s_client).list_custom_resource_definition().items
-    assert "widgets.clustertest.example.com" in {c.metadata.name for c in crds}
+    crds = {c.metadata.name: c for c in client.ApiextensionsV1Api(k8s_client).list_custom_resource_definition().items}
+    # the project's CRDs (manifests/crds/*.yaml, when present) and the test CRD are served
+    expected = {"widgets.clustertest.example.com"}
+    for f in project_crd_files():
+        expected |= {d["metadata"]["name"] for d in yaml.safe_load_all(f.read_text())
+                     if d and d.get("kind") == "CustomResourceDefinition"}
+    assert expected <= set(crds)
+    for name in expected:
+        assert any(c.type == "Established" and c.status == "True" for c in crds[name].status.conditions)
+    node = fake_kubelet.ensure_node(gpus=1)
+    assert node["status"]["allocatable"]["nvidia.com/gpu"] == "1"
 
 
 def test_job_pod_succeeds_job_complete(k8s_namespace, k8s_client, fake_kubelet):
@@ -116,6 +129,23 @@ def test_job_oom_retries_then_fails(k8s_namespace, k8s_client, fake_kubelet):
     assert cond.reason == "BackoffLimitExceeded"
     assert job.status.failed == 2
     assert len(fake_kubelet.job_pods(ns, "oom")) == 2  # no third attempt
+
+
+def test_job_on_failure_restarts_count_against_backoff_limit(k8s_namespace, k8s_client, fake_kubelet):
+    ns = k8s_namespace
+    batch = client.BatchV1Api(k8s_client)
+    batch.create_namespaced_job(ns, make_job("restarts", backoff_limit=2, restart_policy="OnFailure"))
+    pod = wait_for(lambda: fake_kubelet.job_pods(ns, "restarts"), 20, what="pod")[0]
+    fake_kubelet.running(pod)
+    p = fake_kubelet.restarted(pod, exit_code=137, reason="OOMKilled")
+    cs = p["status"]["containerStatuses"][0]
+    assert cs["restartCount"] == 1 and cs["lastState"]["terminated"]["reason"] == "OOMKilled"
+    assert "running" in cs["state"] and p["status"]["phase"] == "Running"
+    p = fake_kubelet.restarted(pod, exit_code=137, reason="OOMKilled", back_off=True)
+    cs = p["status"]["containerStatuses"][0]
+    assert cs["restartCount"] == 2 and cs["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    job, cond = wait_for(lambda: job_condition(batch, ns, "restarts", "Failed"), 30, what="Job Failed")
+    assert cond.reason == "BackoffLimitExceeded"
 
 
 def test_job_failed_exit_code_and_waiting_states(k8s_namespace, k8s_client, fake_kubelet):
@@ -195,7 +225,7 @@ def test_rbac_token_user_denied_then_allowed(k8s_cluster, k8s_namespace, k8s_cli
         with pytest.raises(ApiException) as e:
             batch_alice.list_namespaced_job(ns)
         assert e.value.status == 403
-        assert 'User "alice" cannot list resource "jobs"' in e.value.body
+        assert 'User "alice" cannot list resource "jobs"' in json.loads(e.value.body)["message"]
 
         rbac = client.RbacAuthorizationV1Api(k8s_client)
         rbac.create_namespaced_role(ns, client.V1Role(
@@ -234,7 +264,7 @@ def test_service_account_token_and_rbac(k8s_cluster, k8s_namespace, k8s_client):
         with pytest.raises(ApiException) as e:
             core_sa.list_namespaced_config_map(ns)
         assert e.value.status == 403
-        assert f"system:serviceaccount:{ns}:operator" in e.value.body
+        assert f'User "system:serviceaccount:{ns}:operator"' in json.loads(e.value.body)["message"]
 
         rbac = client.RbacAuthorizationV1Api(k8s_client)
         rbac.create_namespaced_role(ns, client.V1Role(

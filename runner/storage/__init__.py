@@ -1,0 +1,111 @@
+"""Reading inputs from and publishing outputs to the Hub, S3 (and S3-compatible stores) or local paths.
+
+    loc = Location.parse("s3://bucket/models/run-1")
+    check_destination(loc)                  # before training: fail early on credentials and permissions
+    publish(Path("out"), loc)               # all-or-nothing; complete once finetune-manifest.json exists
+    is_complete(loc)
+
+Every failure is a PermanentError or RetryableError (runner.errors) with reason DownloadFailed or
+UploadFailed and a message that names what is wrong and what to set. boto3 and huggingface_hub are
+imported only when a function needs them, so `import runner.storage` stays cheap.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoints import CheckpointStore
+from .manifest import MANIFEST_NAME
+from .uris import Location
+
+__all__ = [
+    "MANIFEST_NAME",
+    "CheckpointStore",
+    "Location",
+    "check_destination",
+    "check_source",
+    "download",
+    "is_complete",
+    "publish",
+]
+
+
+def check_source(loc: Location, *, repo_type: str = "model") -> None:
+    """Before downloading: the source exists and can be read with the credentials in the environment."""
+    if loc.scheme == "hf":
+        from . import hub
+
+        return hub.check_source(loc, repo_type)
+    if loc.scheme == "s3":
+        from . import s3
+
+        return s3.check_source(loc)
+    from . import local
+
+    return local.check_source(loc)
+
+
+def check_destination(loc: Location) -> None:
+    """Before training: the destination can be written with the credentials in the environment."""
+    if loc.scheme == "hf":
+        from . import hub
+
+        return hub.check_destination(loc)
+    if loc.scheme == "s3":
+        from . import s3
+
+        return s3.check_destination(loc)
+    from . import local
+
+    return local.check_destination(loc)
+
+
+def download(loc: Location, dest: Path, *, repo_type: str = "model", allow_patterns: list[str] | None = None) -> Path:
+    """Fetch the files into the directory `dest`; returns where they are. A local source is used in place
+    (no copy); a single S3 object lands as dest/<its name> and that file's path is returned."""
+    if loc.scheme == "hf":
+        from . import hub
+
+        return hub.download(loc, dest, repo_type, allow_patterns)
+    if loc.scheme == "s3":
+        from . import s3
+
+        return s3.download(loc, dest, allow_patterns)
+    from . import local
+
+    return local.download(loc)
+
+
+def publish(local_dir: Path, loc: Location, *, private: bool = True,
+            commit_message: str = "Upload fine-tuned model") -> str:
+    """Publish a finished output folder all-or-nothing (manifest last, or one Hub commit). Returns the
+    published URI (an https URL for the Hub)."""
+    from runner.errors import UPLOAD_FAILED, PermanentError
+
+    if not Path(local_dir).is_dir():
+        raise PermanentError(f"nothing to publish: {local_dir} is not a directory", reason=UPLOAD_FAILED)
+    if loc.scheme == "hf":
+        from . import hub
+
+        return hub.publish(Path(local_dir), loc, private=private, commit_message=commit_message)
+    if loc.scheme == "s3":
+        from . import s3
+
+        return s3.publish(Path(local_dir), loc)
+    from . import local
+
+    return local.publish(Path(local_dir), loc)
+
+
+def is_complete(loc: Location) -> bool:
+    """Whether a complete output is published there (its finetune-manifest.json exists)."""
+    if loc.scheme == "hf":
+        from . import hub
+
+        return hub.is_complete(loc)
+    if loc.scheme == "s3":
+        from . import s3
+
+        return s3.is_complete(loc)
+    from . import local
+
+    return local.is_complete(loc)

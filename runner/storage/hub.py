@@ -1,0 +1,233 @@
+"""The Hugging Face Hub through huggingface_hub (1.33 or 2.x).
+
+huggingface_hub reads HF_ENDPOINT once, at import. This module reads HF_ENDPOINT and HF_TOKEN from the
+environment at every call and passes them explicitly (endpoint=..., token=...), and builds a new HfApi per
+call, so a changed environment always takes effect.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from runner.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
+
+from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes
+from .uris import Location
+
+TOKEN_HINT = "set HF_TOKEN to a Hugging Face access token (e.g. from a Kubernetes Secret)"
+_TRANSPORT_ERRORS = {"TransportError", "TimeoutException", "NetworkError", "ConnectError", "ProtocolError",
+                     "RemoteProtocolError", "ReadError", "WriteError", "ProxyError"}
+
+
+def endpoint() -> str | None:
+    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
+
+
+def token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+def _base_url() -> str:
+    if endpoint():
+        return endpoint()
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _api():
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=endpoint(), token=token())
+
+
+def _repo_type(loc: Location, default: str) -> str:
+    return loc.repo_type or default or "model"
+
+
+def repo_url(loc: Location, repo_type: str = "model") -> str:
+    prefix = {"dataset": "datasets/", "space": "spaces/"}.get(_repo_type(loc, repo_type), "")
+    tree = f"/tree/{loc.revision}" if loc.revision and loc.revision != "main" else ""
+    return f"{_base_url()}/{prefix}{loc.path}{tree}"
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def translate(exc: BaseException, *, action: str, uri: str, reason: str) -> RunnerError | None:
+    """The RunnerError for a huggingface_hub / HTTP failure, or None when it is none of those."""
+    from huggingface_hub import errors as he
+
+    gated = getattr(he, "GatedRepoError", ())
+    disabled = getattr(he, "DisabledRepoError", ())
+    repo_missing = getattr(he, "RepositoryNotFoundError", ())
+    rev_missing = getattr(he, "RevisionNotFoundError", ())
+    entry_missing = getattr(he, "RemoteEntryNotFoundError", None) or getattr(he, "EntryNotFoundError", ())
+    offline = getattr(he, "OfflineModeIsEnabled", ())
+    no_token = getattr(he, "LocalTokenNotFoundError", ())
+    http_error = getattr(he, "HfHubHTTPError", ())
+    invalid_id = getattr(he, "HFValidationError", ())
+    what = f"cannot {action} {uri}"
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    # snapshot_download hides the HTTP error behind a LocalEntryNotFoundError: walk the chain to find it.
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, RunnerError):
+            return e
+        if isinstance(e, gated):
+            return PermanentError(
+                f"{what}: the repo is gated; accept its conditions on the Hub with the account whose token is in "
+                "HF_TOKEN (or request access), then run again",
+                reason=reason,
+            )
+        if isinstance(e, disabled):
+            return PermanentError(f"{what}: the repo is disabled on the Hub; use another repo", reason=reason)
+        if isinstance(e, rev_missing):
+            return PermanentError(f"{what}: revision not found; fix the @revision (a branch, tag or commit)",
+                                  reason=reason)
+        if isinstance(e, repo_missing):
+            return PermanentError(
+                f"{what}: repo not found, or private and not readable with the token given; check the repo name, "
+                f"and for a private repo {TOKEN_HINT} with read access to it",
+                reason=reason,
+            )
+        if isinstance(e, entry_missing):
+            return PermanentError(f"{what}: file not found in the repo", reason=reason)
+        if isinstance(e, offline):
+            return PermanentError(f"{what}: HF_HUB_OFFLINE is set and the files are not cached; unset HF_HUB_OFFLINE",
+                                  reason=reason)
+        if isinstance(e, no_token):
+            return PermanentError(f"{what}: no Hub token; {TOKEN_HINT}", reason=reason)
+        if isinstance(e, http_error) and getattr(e, "response", None) is not None:
+            status = e.response.status_code
+            if status in (401, 403):
+                return PermanentError(
+                    f"{what}: the Hub refused the request ({status}); the token in HF_TOKEN is missing, invalid or "
+                    f"lacks permission for this repo: {TOKEN_HINT} with {'write' if reason == UPLOAD_FAILED else 'read'} "
+                    "access",
+                    reason=reason,
+                )
+            if status == 429 or status >= 500:
+                return RetryableError(f"{what}: the Hub answered {status} (transient); retrying may help",
+                                      reason=reason)
+            return PermanentError(f"{what}: the Hub answered {status}: {_short(e)}", reason=reason)
+        if isinstance(e, invalid_id):
+            return PermanentError(f"{what}: invalid repo id or revision: {_short(e)}", reason=reason)
+        if _is_transport_error(e):
+            return RetryableError(
+                f"{what}: could not reach the Hub at {_base_url()} ({type(e).__name__}); retrying may help; "
+                "if it persists check HF_ENDPOINT and the network",
+                reason=reason,
+            )
+        e = e.__cause__ or e.__context__
+    # snapshot_download's "check your internet connection" without a recognisable cause: a connection problem.
+    local_missing = getattr(he, "LocalEntryNotFoundError", ())
+    if isinstance(exc, local_missing):
+        return RetryableError(f"{what}: the Hub at {_base_url()} could not be reached: {_short(exc)}", reason=reason)
+    return None
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return any(c.__name__ in _TRANSPORT_ERRORS and c.__module__.split(".")[0].startswith("httpx")
+               for c in type(e).__mro__)
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+@contextlib.contextmanager
+def errors(action: str, uri: str, reason: str) -> Iterator[None]:
+    try:
+        yield
+    except RunnerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
+        err = translate(exc, action=action, uri=uri, reason=reason)
+        if err is None:
+            raise
+        raise err from exc
+
+
+# ---------------------------------------------------------------------------------------------- public
+def check_source(loc: Location, repo_type: str = "model") -> None:
+    with errors("read", str(loc), DOWNLOAD_FAILED):
+        _api().repo_info(loc.path, repo_type=_repo_type(loc, repo_type), revision=loc.revision)
+
+
+def check_destination(loc: Location) -> None:
+    uri = str(loc)
+    if not token():
+        raise PermanentError(f"cannot publish to {uri}: no Hub token; {TOKEN_HINT} with write access",
+                             reason=UPLOAD_FAILED)
+    with errors("publish to", uri, UPLOAD_FAILED):
+        info = _api().whoami()
+    role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise PermanentError(
+            f"cannot publish to {uri}: the token in HF_TOKEN is read-only; {TOKEN_HINT} with write access",
+            reason=UPLOAD_FAILED,
+        )
+
+
+def download(loc: Location, dest: Path, repo_type: str = "model", allow_patterns: list[str] | None = None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    with errors("download", str(loc), DOWNLOAD_FAILED):
+        path = snapshot_download(
+            loc.path,
+            repo_type=_repo_type(loc, repo_type),
+            revision=loc.revision,
+            local_dir=str(dest),
+            token=token(),
+            endpoint=endpoint(),
+            allow_patterns=allow_patterns,
+            max_workers=8,
+        )
+    return Path(path)
+
+
+def publish(local_dir: Path, loc: Location, *, private: bool, commit_message: str) -> str:
+    """Create the repo if needed, then ONE commit with every file and the manifest; files from an earlier
+    publish that this output does not have are deleted in the same commit (.gitattributes is kept)."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    uri = str(loc)
+    rtype = _repo_type(loc, "model")
+    if not token():
+        raise PermanentError(f"cannot publish to {uri}: no Hub token; {TOKEN_HINT} with write access",
+                             reason=UPLOAD_FAILED)
+    files = iter_files(Path(local_dir))
+    manifest = build_manifest(files)
+    with errors("publish to", uri, UPLOAD_FAILED):
+        api = _api()
+        api.create_repo(loc.path, repo_type=rtype, private=private, exist_ok=True)
+        info = api.repo_info(loc.path, repo_type=rtype)
+        if private and info.private is False:
+            raise PermanentError(
+                f"cannot publish to {uri}: the repo already exists and is public, but the output is meant to be "
+                "private; make the repo private on the Hub, publish elsewhere, or set output.private: false",
+                reason=UPLOAD_FAILED,
+            )
+        if loc.revision and loc.revision != "main":
+            api.create_branch(loc.path, branch=loc.revision, repo_type=rtype, exist_ok=True)
+        new = {rel for rel, _ in files} | {MANIFEST_NAME}
+        remote = api.list_repo_files(loc.path, repo_type=rtype, revision=loc.revision)
+        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
+        operations.append(CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=manifest_bytes(manifest)))
+        operations += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in new and p != ".gitattributes"]
+        api.create_commit(loc.path, operations=operations, commit_message=commit_message, repo_type=rtype,
+                          revision=loc.revision)
+    return repo_url(loc, rtype)
+
+
+def is_complete(loc: Location) -> bool:
+    with errors("read", str(loc), DOWNLOAD_FAILED):
+        return bool(_api().file_exists(loc.path, MANIFEST_NAME, repo_type=_repo_type(loc, "model"),
+                                       revision=loc.revision))

@@ -1,0 +1,92 @@
+"""`python -m runner run job.yaml` as a user and a supervisor see it: JSON lines, exit codes, messages."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from runner import errors
+from tests.conftest import job_doc
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hf_SuperSecretTokenValue123456"
+
+
+def run_cli(tmp_path: Path, doc: dict, *, env: dict | None = None, args: tuple = ()) -> tuple[int, list[dict], str, dict | None]:
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    term = tmp_path / "termination-log"
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term), *args],
+        capture_output=True, text=True, env=full_env, timeout=600, cwd=tmp_path,
+    )
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    result = json.loads(term.read_text()) if term.exists() else None
+    return proc.returncode, events, proc.stderr, result
+
+
+def test_success_reports_phases_progress_and_result(tiny_llama, qa_jsonl, tmp_path):
+    code, events, stderr, result = run_cli(tmp_path, job_doc(tiny_llama, qa_jsonl, tmp_path / "out"),
+                                           env={"HF_TOKEN": SECRET})
+    assert code == 0, stderr[-3000:]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "phase" and kinds[-1] == "result"
+    assert [e["phase"] for e in events if e["event"] == "phase"] == [
+        "Validating", "Downloading", "Training", "Merging", "Uploading"]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert {"step", "totalSteps", "epoch", "loss", "learningRate", "tokensPerSecond"} <= set(progress[-1])
+    assert result["phase"] == "Succeeded" and result["exitCode"] == 0
+    assert result["output"] == str(tmp_path / "out") and "train_loss" in result["metrics"]
+    assert SECRET not in stderr and SECRET not in json.dumps(events)
+
+
+def test_invalid_spec_exits_permanent_with_every_problem(tmp_path):
+    doc = {"model": {"source": "./m", "trustRemoteCod": True}, "dataset": {"source": "d.jsonl", "packing": "maybe"},
+           "output": {"destination": "./o"}}
+    code, events, stderr, result = run_cli(tmp_path, doc)
+    assert code == errors.EXIT_PERMANENT
+    assert result["reason"] == "InvalidSpec" and result["retryable"] is False
+    assert "model.trustRemoteCod: unknown field; did you mean `trustRemoteCode`?" in result["message"]
+    assert "dataset.packing" in result["message"]
+
+
+def test_missing_local_model_is_permanent_and_named(qa_jsonl, tmp_path):
+    code, _, _, result = run_cli(tmp_path, job_doc(tmp_path / "no-such-model", qa_jsonl, tmp_path / "o"))
+    assert code == errors.EXIT_PERMANENT
+    assert "no-such-model" in result["message"]
+
+
+def test_wrong_column_is_permanent_and_lists_the_columns(tiny_llama, qa_jsonl, tmp_path):
+    doc = job_doc(tiny_llama, qa_jsonl, tmp_path / "o")
+    doc["spec"]["dataset"] = {"source": str(qa_jsonl), "format": "prompt-completion", "columns": {"prompt": "commands"}}
+    code, events, _, result = run_cli(tmp_path, doc)
+    assert code == errors.EXIT_PERMANENT
+    assert "dataset.columns.prompt: column 'commands' is not in the data (columns: question, answer, topic)" in result["message"]
+    assert "Training" not in [e.get("phase") for e in events]
+
+
+def test_hub_destination_without_token_is_permanent(tiny_llama, qa_jsonl, tmp_path):
+    doc = job_doc(tiny_llama, qa_jsonl, "hf://org/model", output={"destination": "hf://org/model",
+                                                                    "checkpoints": str(tmp_path / "ck")})
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
+    env["HF_TOKEN"] = ""
+    code, _, _, result = run_cli(tmp_path, doc, env=env)
+    assert code == errors.EXIT_PERMANENT
+    assert "HF_TOKEN" in result["message"]
+
+
+def test_unreachable_s3_is_retryable(tiny_llama, qa_jsonl, tmp_path):
+    doc = job_doc(tiny_llama, "s3://bucket/data/qa.jsonl", tmp_path / "o")
+    env = {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value-never-logged",
+           "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_MAX_ATTEMPTS": "1"}
+    code, events, stderr, result = run_cli(tmp_path, doc, env=env)
+    assert code == errors.EXIT_RETRYABLE, stderr[-2000:]
+    assert result["retryable"] is True
+    assert "s3cr3t-value-never-logged" not in stderr + json.dumps(events) + json.dumps(result)
