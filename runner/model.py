@@ -21,13 +21,14 @@ def device() -> torch.device:
 
 
 def compute_dtype(q: QuantizationSpec, dev: torch.device | None = None) -> torch.dtype:
-    """`auto`: bf16 where the GPU supports it, else fp16 (seed 004's check); bf16 on CPU."""
+    """`auto`: bf16 where the GPU supports it, else fp16 (seed 004's check); fp32 on CPU, where 16-bit
+    matmuls are emulated and several times slower."""
     if q.compute_dtype != "auto":
         return _DTYPES[q.compute_dtype]
     dev = dev or device()
     if dev.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
+    return torch.float32
 
 
 def bnb_config(q: QuantizationSpec, cdtype: torch.dtype):

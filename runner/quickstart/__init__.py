@@ -20,7 +20,8 @@ def prepare(directory: Path) -> Path:
     if not (model_dir / "config.json").exists():
         rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
         texts = [f"Q: What is the capital of {r['country']} ?\nA: {r['capital']}" for r in rows]
-        build_tiny_model("llama", model_dir, texts)
+        # A wide init lets the frozen output head express confident answers once LoRA has learned them.
+        build_tiny_model("llama", model_dir, texts, init_std=0.2)
     job = directory / "job.yaml"
     job.write_text(pkg.joinpath("job.yaml").read_text(encoding="utf-8").replace("@DIR@", str(directory)))
     shutil.rmtree(directory / "output.checkpoints", ignore_errors=True)  # a quickstart always starts fresh

@@ -32,7 +32,10 @@ def build_tokenizer(texts: list[str], out_dir: Path):
     return fast
 
 
-def build_tiny_model(arch: str, out_dir: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, seed: int = 0):
+def build_tiny_model(
+    arch: str, out_dir: Path, texts: list[str], *, hidden: int = 64, layers: int = 2, seed: int = 0,
+    init_std: float = 0.02,
+):
     """Save a random `arch` model ("llama", "gpt_neox", "opt") and its tokenizer to out_dir."""
     import torch
     from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig, OPTConfig
@@ -41,7 +44,7 @@ def build_tiny_model(arch: str, out_dir: Path, texts: list[str], *, hidden: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(texts, out_dir)
     vocab = ((len(tok) + 63) // 64) * 64
-    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    common = dict(initializer_range=init_std, vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                   pad_token_id=tok.pad_token_id)
     if arch == "llama":
         config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,

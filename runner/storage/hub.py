@@ -102,10 +102,10 @@ def translate(exc: BaseException, *, action: str, uri: str, reason: str) -> Runn
         if isinstance(e, http_error) and getattr(e, "response", None) is not None:
             status = e.response.status_code
             if status in (401, 403):
+                access = "write" if reason == UPLOAD_FAILED else "read"
                 return PermanentError(
                     f"{what}: the Hub refused the request ({status}); the token in HF_TOKEN is missing, invalid or "
-                    f"lacks permission for this repo: {TOKEN_HINT} with {'write' if reason == UPLOAD_FAILED else 'read'} "
-                    "access",
+                    f"lacks permission for this repo: {TOKEN_HINT} with {access} access",
                     reason=reason,
                 )
             if status == 429 or status >= 500:
@@ -154,7 +154,13 @@ def errors(action: str, uri: str, reason: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- public
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def check_source(loc: Location, repo_type: str = "model") -> None:
+    if offline():  # files come from the local cache; download() says so if they are not there
+        return
     with errors("read", str(loc), DOWNLOAD_FAILED):
         _api().repo_info(loc.path, repo_type=_repo_type(loc, repo_type), revision=loc.revision)
 

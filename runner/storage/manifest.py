@@ -44,7 +44,7 @@ def build_manifest(files: list[tuple[str, Path]]) -> dict:
         digests = list(pool.map(lambda f: sha256_file(f[1]), files))
     entries = [
         {"path": rel, "size": path.stat().st_size, "sha256": digest}
-        for (rel, path), digest in zip(files, digests)
+        for (rel, path), digest in zip(files, digests, strict=True)
     ]
     return {
         "format": MANIFEST_FORMAT,

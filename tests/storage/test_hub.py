@@ -180,3 +180,9 @@ def test_unreachable_hub_is_retryable(hub_server, monkeypatch, tmp_path):
         with pytest.raises(RetryableError) as e:
             call()
         assert f"127.0.0.1:{port}" in str(e.value) and "HF_ENDPOINT" in str(e.value)
+
+
+def test_offline_mode_skips_the_remote_check(hub_server, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    storage.check_source(Location.parse("hf://org/not-even-there"))  # nothing asked of the Hub
+    assert hub_server.requests == []

@@ -1,0 +1,184 @@
+"""The objects a FineTuneJob owns, built as plain dicts (pure functions; the reconciler creates them).
+
+Per job: a ServiceAccount, a Role and a RoleBinding - the runner's identity, allowed only `get` and `patch`
+on `finetunejobs/status` of this one FineTuneJob (`resourceNames: [<ftj>]`) - and one batch/v1 Job per
+attempt. All carry an owner reference to the FineTuneJob, so deleting it garbage-collects them (and the
+Jobs' Pods).
+
+The runner pod reads its job file from the downward API: the pod template carries the manifest as the
+annotation `finetune.dev/spec`, mounted at /etc/finetune/job.yaml (JSON is YAML). So each attempt's Job holds
+exactly the spec it runs, needs no ConfigMap, and is created in one API call.
+"""
+from __future__ import annotations
+
+import json
+
+from controller import api
+from controller.status import child_name, job_name, label_value, runner_manifest, spec_hash
+
+JOB_FILE_DIR = "/etc/finetune"
+JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
+RUNNER_COMMAND = ["python", "-m", "runner", "run", JOB_FILE]
+RUNNER_UID = 1000
+TERMINATION_GRACE_SECONDS = 120  # time to save a checkpoint after SIGTERM (suspend, preemption, delete)
+AWS_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True),
+            ("AWS_DEFAULT_REGION", True), ("AWS_REGION", True), ("AWS_ENDPOINT_URL", True))
+
+
+def identity_name(ftj_name: str) -> str:
+    return child_name(ftj_name, "runner", 253)
+
+
+def owner_reference(ftj: dict) -> dict:
+    md = ftj["metadata"]
+    return {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "name": md["name"], "uid": md["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def labels(ftj: dict) -> dict:
+    md = ftj["metadata"]
+    return {
+        "app.kubernetes.io/name": "finetune-runner",
+        "app.kubernetes.io/managed-by": api.MANAGED_BY,
+        api.LABEL_JOB: label_value(md["name"]),
+        api.LABEL_JOB_UID: md["uid"],
+    }
+
+
+def _meta(ftj: dict, name: str, extra_labels: dict | None = None) -> dict:
+    return {"name": name, "namespace": ftj["metadata"]["namespace"],
+            "labels": {**labels(ftj), **(extra_labels or {})},
+            "annotations": {api.ANNOTATION_JOB_NAME: ftj["metadata"]["name"]},
+            "ownerReferences": [owner_reference(ftj)]}
+
+
+# ----------------------------------------------------------------------------------- identity
+def service_account(ftj: dict) -> dict:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(ftj, identity_name(ftj["metadata"]["name"]))}
+
+
+def role(ftj: dict) -> dict:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _meta(ftj, identity_name(ftj["metadata"]["name"])),
+        "rules": [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"],
+                   "resourceNames": [ftj["metadata"]["name"]], "verbs": ["get", "patch"]}],
+    }
+
+
+def role_binding(ftj: dict) -> dict:
+    md = ftj["metadata"]
+    sa = (ftj.get("spec") or {}).get("serviceAccountName") or identity_name(md["name"])
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _meta(ftj, identity_name(md["name"])),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": identity_name(md["name"])},
+        "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": md["namespace"]}],
+    }
+
+
+# ---------------------------------------------------------------------------------------- job
+def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: int | None = None) -> dict:
+    """The batch/v1 Job of one attempt. `spec` is the spec to run (the original one on retries)."""
+    md = ftj["metadata"]
+    name = job_name(md["name"], attempt)
+    extra = {api.LABEL_ATTEMPT: str(attempt)}
+    if spec.get("queueName"):
+        extra[api.LABEL_KUEUE_QUEUE] = spec["queueName"]
+    meta = _meta(ftj, name, extra)
+    meta["annotations"][api.ANNOTATION_SPEC_HASH] = spec_hash(spec)
+    manifest = json.dumps(runner_manifest(ftj, spec), sort_keys=True, separators=(",", ":"))
+    pod_meta = {"labels": dict(meta["labels"]),
+                "annotations": {api.ANNOTATION_JOB_NAME: md["name"], api.ANNOTATION_SPEC: manifest}}
+
+    pod_spec: dict = {
+        "restartPolicy": "Never",
+        "serviceAccountName": spec.get("serviceAccountName") or identity_name(md["name"]),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": RUNNER_UID, "runAsGroup": RUNNER_UID, "fsGroup": RUNNER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container(ftj, spec, image, attempt)],
+        "volumes": [
+            {"name": "job", "downwardAPI": {"items": [{
+                "path": "job.yaml",
+                "fieldRef": {"fieldPath": f"metadata.annotations['{api.ANNOTATION_SPEC}']"}}]}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "scratch", "emptyDir": {}},
+        ],
+    }
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in spec["imagePullSecrets"]]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        if spec.get(key):
+            pod_spec[key] = spec[key]
+    job_spec: dict = {"backoffLimit": 0, "template": {"metadata": pod_meta, "spec": pod_spec}}
+    if deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = int(deadline_seconds)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def container(ftj: dict, spec: dict, image: str, attempt: int) -> dict:
+    md = ftj["metadata"]
+    res = spec.get("resources") or {}
+    requests: dict = {}
+    limits: dict = {}
+    gpus = int(res.get("gpus", 1))
+    if gpus:
+        gpu = res.get("gpuResourceName") or "nvidia.com/gpu"
+        requests[gpu] = limits[gpu] = str(gpus)
+    if res.get("cpu"):
+        requests["cpu"] = str(res["cpu"])
+    if res.get("memory"):
+        requests["memory"] = limits["memory"] = str(res["memory"])
+    env = [
+        {"name": "FINETUNE_JOB_NAME", "value": md["name"]},
+        {"name": "FINETUNE_JOB_NAMESPACE", "value": md["namespace"]},
+        {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "FINETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "FINETUNE_WORK_DIR", "value": "/scratch/work"},
+        {"name": "HOME", "value": "/scratch/home"},
+        {"name": "TMPDIR", "value": "/scratch"},
+    ]
+    hf = spec.get("hfTokenSecretRef")
+    if hf:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": hf["name"],
+                                                                       "key": hf.get("key") or "token"}}})
+    s3 = spec.get("s3SecretRef")
+    if s3:
+        for key, optional in AWS_KEYS:
+            ref: dict = {"name": s3["name"], "key": key}
+            if optional:
+                ref["optional"] = True
+            env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    env += list(spec.get("env") or [])
+    return {
+        "name": api.RUNNER_CONTAINER,
+        "image": spec.get("image") or image,
+        "command": list(RUNNER_COMMAND),
+        "env": env,
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+        "volumeMounts": [
+            {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "scratch", "mountPath": "/scratch"},
+        ],
+    }
+
+
+def event(ftj: dict, type_: str, reason: str, message: str, now: str, component: str) -> dict:
+    md = ftj["metadata"]
+    return {
+        "apiVersion": "v1", "kind": "Event",
+        "metadata": {"generateName": f"{md['name'][:200]}.", "namespace": md["namespace"]},
+        "involvedObject": {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "name": md["name"],
+                           "namespace": md["namespace"], "uid": md["uid"]},
+        "type": type_, "reason": reason, "message": message[:1024],
+        "source": {"component": component}, "reportingComponent": component,
+        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+    }

@@ -1,0 +1,64 @@
+"""Command line of `python -m controller` (see controller/__main__.py)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+DEFAULT_IMAGE = os.environ.get("FINETUNE_RUNNER_IMAGE", "finetune-runner:latest")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "crd", "rbac", "-h", "--help"):
+        argv.insert(0, "run")
+    p = argparse.ArgumentParser(prog="python -m controller", description="The FineTuneJob operator.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("crd", help="print the CustomResourceDefinition (generated from runner/spec.py)")
+    sub.add_parser("rbac", help="print the controller's ClusterRole")
+    r = sub.add_parser("run", help="run the controller against the current kubeconfig (or in-cluster)")
+    r.add_argument("-n", "--namespace", action="append", default=[],
+                   help="watch this namespace (repeatable); default: all namespaces")
+    r.add_argument("--all-namespaces", action="store_true", help="watch all namespaces (the default)")
+    r.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, "
+                   "or the in-cluster service account)")
+    r.add_argument("--image", default=DEFAULT_IMAGE, help="runner image for jobs that do not set spec.image "
+                   "(default: $FINETUNE_RUNNER_IMAGE or %(default)s)")
+    r.add_argument("--workers", type=int, default=4, help="parallel reconcile passes (default %(default)s)")
+    r.add_argument("--http-port", type=int, default=8080,
+                   help="port of /metrics, /healthz and /readyz; 0 disables (default %(default)s)")
+    r.add_argument("--retry-backoff", type=float, default=10.0,
+                   help="seconds before the first retry of a failed attempt; doubles per failure (default %(default)s)")
+    r.add_argument("--image-pull-timeout", type=float, default=300.0,
+                   help="seconds a pod may fail to pull its image (or to find its Secrets) before the job "
+                   "fails (default %(default)s)")
+    r.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+
+    if args.command == "crd":
+        from controller.crd import render
+
+        sys.stdout.write(render())
+        return 0
+    if args.command == "rbac":
+        from controller.rbac import render
+
+        sys.stdout.write(render())
+        return 0
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("kopf").setLevel(logging.WARNING)
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's login too
+    from controller.operator import Config, run
+    from controller.status import Options
+
+    if args.all_namespaces and args.namespace:
+        p.error("--all-namespaces and --namespace exclude each other")
+    run(Config(image=args.image, workers=args.workers, http_port=args.http_port, kubeconfig=args.kubeconfig,
+               options=Options(retry_backoff=args.retry_backoff, image_pull_timeout=args.image_pull_timeout)),
+        namespaces=args.namespace)
+    return 0

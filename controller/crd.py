@@ -1,0 +1,218 @@
+"""The FineTuneJob CustomResourceDefinition, generated from the runner's pydantic spec.
+
+    python -m controller crd > manifests/crds/finetunejobs.finetune.dev.yaml
+
+`structural()` turns pydantic's JSON schema (draft 2020-12) into a Kubernetes structural OpenAPI v3
+schema: `$ref`s inlined, `anyOf [X, null]` -> X with `nullable: true`, `exclusiveMinimum: n` ->
+`minimum: n, exclusiveMinimum: true`, `additionalProperties: false` dropped (Kubernetes prunes or,
+with strict field validation, rejects unknown fields), `null` defaults dropped, `default: {}` on
+sections whose fields all have defaults (so the API server fills in every default), and
+`x-kubernetes-preserve-unknown-fields` only for free-form mappings (tolerations, affinity, env items).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import yaml
+
+from controller import api
+from runner.spec import FineTuneJobSpec
+
+# Descriptions for spec fields the pydantic model leaves undocumented (used only where it has none).
+FALLBACK_DESCRIPTIONS = {
+    "model": "The base model to fine-tune.",
+    "dataset": "The training data and how its rows become training text.",
+    "quantization": "How the frozen base model is quantized to 4 bits.",
+    "lora": "The LoRA adapter that is trained.",
+    "training": "Optimizer, schedule and checkpointing.",
+    "merge": "Merging the adapter into a 16-bit copy of the base model.",
+    "output": "Where the result and the checkpoints go.",
+    "resources": "Compute for the runner pod (cluster only).",
+    "nodeSelector": "Node labels the runner pod must match (cluster only).",
+    "tolerations": "Pod tolerations, as in a Pod spec (cluster only).",
+    "affinity": "Pod affinity, as in a Pod spec (cluster only).",
+    "priorityClassName": "PriorityClass of the runner pod (cluster only).",
+    "serviceAccountName": "ServiceAccount of the runner pod (default: one made for this job, allowed only to "
+    "report this job's status).",
+    "activeDeadlineSeconds": "Fail with DeadlineExceeded when the job has been running this long (counted from "
+    "status.startTime, across retries).",
+    "ttlSecondsAfterFinished": "Delete the job's Jobs, Pods and runner identity this long after it finished "
+    "(the FineTuneJob and its status stay).",
+    "suspend": "true stops the runner (it saves a checkpoint); false again resumes from that checkpoint.",
+    "backoffLimit": "Retries after retryable failures.",
+}
+
+
+def structural(schema: dict) -> dict:
+    """The structural OpenAPI v3 schema of a pydantic JSON schema (with `$defs`)."""
+    defs = schema.get("$defs", {})
+    return _convert(schema, defs, path=())
+
+
+def _resolve(node: dict, defs: dict) -> dict:
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].rsplit("/", 1)[-1]])
+        extra = {k: v for k, v in node.items() if k != "$ref"}
+        return {**target, **extra}  # the property's own description wins over the model's docstring
+    return node
+
+
+def _convert(node: dict, defs: dict, path: tuple[str, ...]) -> dict:
+    node = _resolve(node, defs)
+    out: dict[str, Any] = {}
+    if "anyOf" in node:
+        members = [m for m in node["anyOf"] if m.get("type") != "null"]
+        nullable = len(members) < len(node["anyOf"])
+        if len(members) != 1:
+            raise ValueError(f"{'.'.join(path)}: unions other than `X | None` cannot be structural")
+        merged = {**{k: v for k, v in node.items() if k != "anyOf"}, **_resolve(members[0], defs)}
+        if "description" in node:
+            merged["description"] = node["description"]
+        out = _convert(merged, defs, path)
+        if nullable:
+            out["nullable"] = True
+        return out
+
+    if "description" in node:
+        out["description"] = " ".join(node["description"].split())
+    elif path and path[-1] in FALLBACK_DESCRIPTIONS and len(path) == 1:
+        out["description"] = FALLBACK_DESCRIPTIONS[path[-1]]
+    if "const" in node:
+        node = {**node, "enum": [node["const"]]}
+    kind = node.get("type")
+    if kind is None and "enum" in node:
+        kind = "string"
+    if kind is None:
+        raise ValueError(f"{'.'.join(path)}: no type in {node}")
+    out["type"] = kind
+    for key in ("enum", "minimum", "maximum", "minLength", "maxLength", "pattern", "minItems", "maxItems",
+                "format"):
+        if key in node:
+            out[key] = node[key]
+    for key, base in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if key in node:
+            out[base] = node[key]
+            out[key] = True
+    if node.get("default") is not None:
+        out["default"] = node["default"]
+
+    if kind == "object":
+        props = node.get("properties")
+        extra = node.get("additionalProperties")
+        if props:
+            out["properties"] = {k: _convert(v, defs, path + (k,)) for k, v in props.items()}
+            if node.get("required"):
+                out["required"] = list(node["required"])
+            elif "default" not in out:
+                out["default"] = {}  # every field has a default: let the API server fill them in
+        elif isinstance(extra, dict):
+            out["additionalProperties"] = _convert(extra, defs, path + ("*",))
+        else:  # dict[str, Any]: a free-form mapping (tolerations, affinity, env items)
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif kind == "array":
+        out["items"] = _convert(node.get("items", {}), defs, path + ("[]",))
+    return out
+
+
+def immutability_rules(spec_schema: dict) -> list[dict]:
+    """CEL transition rules (enforced by Kubernetes 1.25+; older servers ignore them) that reject changes
+    to every spec field but the run policy, once the FineTuneJob exists. The controller reports the same
+    thing as a Warning Event where the server does not enforce them."""
+    rules = []
+    for field in spec_schema["properties"]:
+        if field in api.MUTABLE_SPEC_FIELDS:
+            continue
+        rules.append({
+            "rule": f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
+            "message": f"spec.{field} cannot change after the FineTuneJob was created; delete and re-create it "
+            f"(only {', '.join(api.MUTABLE_SPEC_FIELDS)} may change)",
+        })
+    return rules
+
+
+def spec_schema() -> dict:
+    spec = structural(FineTuneJobSpec.model_json_schema(by_alias=True))
+    spec.pop("default", None)
+    spec["description"] = (
+        "What to fine-tune and how (the runner's job spec), plus fields only the cluster needs: resources, "
+        "image, scheduling, credentials as Secret references, and the run policy (backoffLimit, "
+        "activeDeadlineSeconds, ttlSecondsAfterFinished, suspend)."
+    )
+    spec["x-kubernetes-validations"] = immutability_rules(spec)
+    return spec
+
+
+def _strip_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_strip_defaults(v) for v in node]
+    return node
+
+
+def status_schema() -> dict:
+    # No defaults in status: the API server would otherwise add empty objects on every write.
+    status = _strip_defaults(structural(api.FineTuneJobStatus.model_json_schema(by_alias=True)))
+    status["properties"]["metrics"] = {
+        "description": status["properties"]["metrics"].get("description", ""),
+        "type": "object",
+        "nullable": True,
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    status["description"] = "Observed state, rebuilt by the controller on every pass (see status.runner for what " \
+                            "the runner reports itself)."
+    return status
+
+
+def crd() -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": api.CRD_NAME},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "shortNames": list(api.SHORT_NAMES),
+            },
+            "versions": [{
+                "name": api.VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+                    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+                    {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+                    {"name": "Output", "type": "string", "jsonPath": ".status.output", "priority": 1},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "description": "A QLoRA fine-tuning job: one spec in, a fine-tuned model out.",
+                    "type": "object",
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec_schema(),
+                        "status": status_schema(),
+                    },
+                }},
+            }],
+        },
+    }
+
+
+HEADER = "# Generated by `python -m controller crd` from runner/spec.py; do not edit by hand.\n"
+
+
+def render() -> str:
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120, allow_unicode=True)

@@ -1,0 +1,156 @@
+"""One reconcile pass for one FineTuneJob: assess what is observed, act, write status, post Events.
+
+    Reconciler(kube, image=...).reconcile(Snapshot(ftj, jobs, pods, has_identity)) -> Outcome
+
+The snapshot comes from the operator's watch caches; everything decided here comes from
+`controller.status.assess`. Errors: `kopf.TemporaryError` (retry later: the API said 409/429/5xx, or a
+name is still taken by an object being deleted) and `kopf.PermanentError` (nothing to retry).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from controller import api, children
+from controller.kube import Kube, api_message, ns_path
+from controller.status import Action, Assessment, Options, assess, finalize, format_time
+
+log = logging.getLogger("controller")
+COMPONENT = "finetune-controller"
+
+
+@dataclass
+class Snapshot:
+    ftj: dict
+    jobs: list[dict] = field(default_factory=list)
+    pods: list[dict] = field(default_factory=list)
+    has_identity: bool = False
+
+
+@dataclass
+class Outcome:
+    requeue_after: float | None
+    phase_before: str | None
+    phase_after: str | None
+    patched: bool
+
+
+def _retryable(e: ApiException) -> bool:
+    return e.status in (409, 429) or (e.status or 500) >= 500
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, *, image: str, options: Options = Options(), clock=time.time):
+        self.kube = kube
+        self.image = image
+        self.options = options
+        self.clock = clock
+
+    # ------------------------------------------------------------------------------------- pass
+    def reconcile(self, snap: Snapshot) -> Outcome:
+        ftj = snap.ftj
+        old = ftj.get("status") or {}
+        if ftj["metadata"].get("deletionTimestamp"):  # the garbage collector removes the children
+            return Outcome(None, old.get("phase"), old.get("phase"), False)
+        now = self.clock()
+        a = assess(ftj, snap.jobs, snap.pods, now=now, options=self.options, has_identity=snap.has_identity)
+        try:
+            for action in a.actions:
+                self._act(ftj, action, a)
+        except ApiException as e:
+            if e.status == 422 and any(x.kind == "create-attempt" for x in a.actions):
+                # The API server refused the runner's Job (e.g. malformed tolerations): a spec error.
+                a = self._invalid(ftj, snap, now, f"the runner Job was rejected: {api_message(e)}")
+            elif _retryable(e):
+                raise kopf.TemporaryError(f"{e.status}: {api_message(e)}", delay=1.0) from e
+            else:
+                raise kopf.PermanentError(f"{e.status}: {api_message(e)}") from e
+        patched = self._write_status(ftj, a)
+        if patched:
+            for ev in a.events:
+                self._event(ftj, ev.type, ev.reason, ev.message)
+        return Outcome(a.requeue_after, old.get("phase"), a.status.get("phase"), patched)
+
+    def _invalid(self, ftj: dict, snap: Snapshot, now: float, message: str) -> Assessment:
+        a = Assessment(status={"observedGeneration": ftj["metadata"].get("generation"), "phase": api.FAILED,
+                               "reason": "InvalidSpec", "message": message[:1024],
+                               "completionTime": format_time(now), "failedAttempts": 0})
+        finalize(a, ftj, now)
+        return a
+
+    # ---------------------------------------------------------------------------------- actions
+    def _act(self, ftj: dict, action: Action, a: Assessment) -> None:
+        ns = ftj["metadata"]["namespace"]
+        if action.kind == "create-attempt":
+            self._ensure_identity(ftj)
+            body = children.job(ftj, action.attempt, action.spec or ftj["spec"], image=self.image,
+                                deadline_seconds=action.deadline_seconds)
+            try:
+                self.kube.create(ns_path("batch/v1", ns, "jobs"), body)
+                log.info("%s/%s: created Job %s", ns, ftj["metadata"]["name"], action.name)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                # Taken: ours (the cache has not seen it yet) or a deleted attempt's Job still going away.
+                a.requeue(1.0)
+        elif action.kind == "delete-job":
+            if self.kube.delete(ns_path("batch/v1", ns, "jobs", action.name), propagation="Background"):
+                log.info("%s/%s: deleted Job %s", ns, ftj["metadata"]["name"], action.name)
+        elif action.kind == "revoke-identity":
+            name = children.identity_name(ftj["metadata"]["name"])
+            self.kube.delete(ns_path("rbac.authorization.k8s.io/v1", ns, "rolebindings", name), propagation=None)
+            self.kube.delete(ns_path("rbac.authorization.k8s.io/v1", ns, "roles", name), propagation=None)
+            if not (ftj.get("spec") or {}).get("serviceAccountName"):
+                self.kube.delete(ns_path("v1", ns, "serviceaccounts", name), propagation=None)
+        else:  # pragma: no cover - a programming error
+            raise kopf.PermanentError(f"unknown action {action.kind}")
+
+    def _ensure_identity(self, ftj: dict) -> None:
+        """The runner's ServiceAccount, Role and RoleBinding (already there: fine)."""
+        ns = ftj["metadata"]["namespace"]
+        objs = [("rbac.authorization.k8s.io/v1", "roles", children.role(ftj)),
+                ("rbac.authorization.k8s.io/v1", "rolebindings", children.role_binding(ftj))]
+        if not (ftj.get("spec") or {}).get("serviceAccountName"):
+            objs.insert(0, ("v1", "serviceaccounts", children.service_account(ftj)))
+        for gv, plural, body in objs:
+            try:
+                self.kube.create(ns_path(gv, ns, plural), body)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+
+    # ----------------------------------------------------------------------------------- status
+    def _write_status(self, ftj: dict, a: Assessment) -> bool:
+        old = ftj.get("status") or {}
+        new = {k: a.status.get(k) for k in api.CONTROLLER_STATUS_FIELDS}
+        if all(_same(old.get(k), v) for k, v in new.items()):
+            return False
+        md = ftj["metadata"]
+        path = ns_path(api.API_VERSION_FULL, md["namespace"], api.PLURAL, md["name"], "status")
+        try:
+            self.kube.merge_patch(path, {"status": new})
+        except ApiException as e:
+            if e.status == 404:
+                return False  # deleted meanwhile
+            if _retryable(e):
+                raise kopf.TemporaryError(f"status patch: {e.status}: {api_message(e)}", delay=1.0) from e
+            raise kopf.PermanentError(f"status patch: {e.status}: {api_message(e)}") from e
+        return True
+
+    def _event(self, ftj: dict, type_: str, reason: str, message: str) -> None:
+        body = children.event(ftj, type_, reason, message, format_time(self.clock()), COMPONENT)
+        try:
+            self.kube.create(ns_path("v1", ftj["metadata"]["namespace"], "events"), body)
+        except ApiException as e:  # an Event is best effort: never fail the pass for it
+            log.warning("could not post Event %s on %s: %s", reason, ftj["metadata"]["name"], api_message(e))
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
