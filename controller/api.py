@@ -72,7 +72,7 @@ class Condition(_Status):
     type: str = Field(description="Succeeded, Failed, Running or Suspended.")
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase reason of the last transition.")
-    message: str = ""
+    message: str | None = None
     last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
     observed_generation: int | None = Field(None, description="metadata.generation the condition is based on.")
 

@@ -542,8 +542,11 @@ def _conditions(old: dict, s: dict, generation: int | None, now: float) -> list[
         status = "True" if ok else "False"
         prev = before.get(type_)
         ltt = prev.get("lastTransitionTime") if prev and prev.get("status") == status else None
-        out.append({"type": type_, "status": status, "reason": reason or "Unknown", "message": message or "",
-                    "lastTransitionTime": ltt or format_time(now), "observedGeneration": generation})
+        c = {"type": type_, "status": status, "reason": reason or "Unknown",
+             "lastTransitionTime": ltt or format_time(now), "observedGeneration": generation}
+        if message:  # (an empty string comes back as null from some API servers)
+            c["message"] = message
+        out.append(c)
     return out
 
 
