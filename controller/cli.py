@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                    "or the in-cluster service account)")
     r.add_argument("--image", default=DEFAULT_IMAGE, help="runner image for jobs that do not set spec.image "
                    "(default: $FINETUNE_RUNNER_IMAGE or %(default)s)")
-    r.add_argument("--workers", type=int, default=4, help="parallel reconcile passes (default %(default)s)")
+    r.add_argument("--workers", type=int, default=8, help="parallel reconcile passes (default %(default)s)")
     r.add_argument("--http-port", type=int, default=8080,
                    help="port of /metrics, /healthz and /readyz; 0 disables (default %(default)s)")
     r.add_argument("--retry-backoff", type=float, default=10.0,

@@ -31,7 +31,7 @@ SELECTOR = api.LABEL_JOB_UID  # children are watched with this label only (serve
 @dataclass
 class Config:
     image: str
-    workers: int = 4
+    workers: int = 8
     http_port: int = 8080
     kubeconfig: str | None = None
     options: Options = field(default_factory=Options)

@@ -459,8 +459,8 @@ def _active_phase(a: Assessment, ftj: dict, x: Attempt, now: float, options: Opt
     s.update(reason=None, message=None)
     if pod is None:
         queued = bool((x.job.get("spec") or {}).get("suspend"))
-        s.update(phase=api.PENDING, message=f"attempt {x.index}: " + (
-            "queued (the Job is suspended by its queue)" if queued else "waiting for the Job's pod"))
+        s.update(phase=api.PENDING, message=_waiting(x.index) + (" (queued: the Job is suspended by its queue)"
+                                                                  if queued else ""))
         return
     name = pod["metadata"]["name"]
     st = pod.get("status") or {}
@@ -490,7 +490,11 @@ def _active_phase(a: Assessment, ftj: dict, x: Attempt, now: float, options: Opt
             s.update(reason=reason, message=message)
             a.requeue(give_up - now)
         return
-    s["message"] = f"attempt {x.index}: pod {name} is starting" + (f" ({why})" if why else "")
+    s["message"] = _waiting(x.index)
+
+
+def _waiting(index: int) -> str:
+    return f"attempt {index}: waiting for the runner pod to start"
 
 
 def _next_attempt(a: Assessment, ftj: dict, spec: dict, attempts: list[Attempt], failed: list[Attempt],
@@ -517,10 +521,8 @@ def _next_attempt(a: Assessment, ftj: dict, spec: dict, attempts: list[Attempt],
     remaining = None
     if deadline:
         remaining = max(1, int(deadline - (now - start))) if start else int(deadline)
-    s.update(attempt=index, jobName=job_name(ftj["metadata"]["name"], index),
-             message=f"attempt {index}: created Job {job_name(ftj['metadata']['name'], index)}"
-             + (f" after {last_failure.reason}: {last_failure.message}" if last_failure else ""))
-    s["message"] = _clip(s["message"])
+    # The same message as while the Job's pod starts: one status write per new attempt, not three.
+    s.update(attempt=index, jobName=job_name(ftj["metadata"]["name"], index), message=_waiting(index))
     a.actions.append(Action("create-attempt", name=s["jobName"], attempt=index, spec=spec,
                             deadline_seconds=remaining))
 

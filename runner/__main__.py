@@ -45,11 +45,18 @@ def oom_advice(spec) -> str:
 
 
 def _run(args) -> int:
+    # stdout carries only the runner's JSON events: anything a library prints goes to stderr.
+    events_out, sys.stdout = sys.stdout, sys.stderr
+    try:
+        return _run_job(args, events_out)
+    finally:
+        sys.stdout = events_out
+
+
+def _run_job(args, events_out) -> int:
     from runner.report import Reporter
     from runner.spec import load_job
 
-    # stdout carries only the runner's JSON events: anything a library prints goes to stderr.
-    events_out, sys.stdout = sys.stdout, sys.stderr
     reporter = Reporter(stdout=events_out, termination_log=args.termination_log)
     if not sys.stderr.isatty():
         _quiet_progress_bars()

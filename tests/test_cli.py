@@ -90,3 +90,55 @@ def test_unreachable_s3_is_retryable(tiny_llama, qa_jsonl, tmp_path):
     assert code == errors.EXIT_RETRYABLE, stderr[-2000:]
     assert result["retryable"] is True
     assert "s3cr3t-value-never-logged" not in stderr + json.dumps(events) + json.dumps(result)
+
+
+def test_sigterm_saves_a_checkpoint_exits_retryable_and_a_rerun_resumes(tiny_llama, qa_jsonl, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    doc = job_doc(tiny_llama, qa_jsonl, out, training={"maxSteps": 20, "saveSteps": 1000, "loggingSteps": 1})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    term = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stdout:  # preempt once training is under way (like a node drain)
+        event = json.loads(line)
+        if event["event"] == "progress" and event["step"] >= 2:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == errors.EXIT_RETRYABLE
+    result = json.loads(term.read_text())
+    assert result["retryable"] is True and "SIGTERM" in result["message"]
+    saved = [p for p in (tmp_path / "out.checkpoints").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
+    step = int(saved[0].name.split("-")[1])
+    assert 2 <= step < 20
+
+    code, events, stderr, _ = run_cli(tmp_path, doc)  # the same job again resumes where the first stopped
+    progress = [e["step"] for e in events if e["event"] == "progress"]
+    assert code == 0, stderr[-2000:]
+    assert progress[0] == step + 1 and progress[-1] == 20
+
+
+def test_cuda_out_of_memory_says_which_knobs_to_turn(tiny_llama, qa_jsonl, tmp_path, monkeypatch, capsys):
+    """No GPU here: the OOM is raised where training would raise it, and the CLI's handling is checked."""
+    import torch
+
+    import runner.job
+    from runner.__main__ import main
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(runner.job, "train", oom)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_doc(tiny_llama, qa_jsonl, tmp_path / "o")))
+    code = main(["run", str(job), "--termination-log", str(tmp_path / "term")])
+    assert code == errors.EXIT_OUT_OF_MEMORY
+    result = json.loads((tmp_path / "term").read_text())
+    assert result["reason"] == "OutOfMemory" and result["failedPhase"] == "Training"
+    for knob in ("training.batchSize", "training.gradientAccumulationSteps", "dataset.maxLength"):
+        assert knob in result["message"]

@@ -110,7 +110,7 @@ class TokenUser:
         row = next(csv.reader([line.strip()]))
         if len(row) < 3:
             raise ValueError(f"token line needs token,user,uid[,groups]: {line!r}")
-        groups = tuple(g for g in (row[3].split(",") if len(row) > 3 else []) if g)
+        groups = tuple(g.strip() for field_ in row[3:] for g in field_.split(",") if g.strip())
         return cls(name=row[1], token=row[0], uid=row[2], groups=groups)
 
     def csv_line(self) -> str:
@@ -311,7 +311,8 @@ class TestCluster:
                 last = e
                 port_clash = "address already in use" in str(e).lower()
                 self._stop_procs()
-                self._remove_dir()
+                if not self.keep_workdir:
+                    self._remove_dir()
                 if not port_clash or attempt == 2:
                     raise
         else:  # pragma: no cover
