@@ -34,7 +34,7 @@ def oom_advice(spec) -> str:
         f"(now {t.gradient_accumulation_steps}) to keep the effective batch",
         f"lower dataset.maxLength (now {d.max_length})",
     ]
-    if not t.gradient_checkpointing:
+    if t.gradient_checkpointing is not True:
         tips.append("set training.gradientCheckpointing: true")
     if spec.lora.r > 16:
         tips.append(f"lower lora.r (now {spec.lora.r})")
@@ -154,6 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     p_qs = sub.add_parser("quickstart", help="run the embedded default job (tiny model, CPU)")
     p_qs.add_argument("--dir", default="finetune-quickstart", help="where the model, data and output go")
     sub.add_parser("schema", help="print the spec's JSON schema")
+    p_b = sub.add_parser("bench", help="GPU training benchmark: the seeds' recipe vs the runner's defaults")
+    p_b.add_argument("--shape", default="llama-3-8b", help="tiny, llama-2-7b, llama-3-8b, llama-3-70b")
+    p_b.add_argument("--configs", default="seeds,defaults,lean", help="comma list: seeds, defaults, lean")
+    p_b.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
+    p_b.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
+    p_b.add_argument("--work-dir", default="/tmp/finetune-bench")
+    p_b.add_argument("--model-dir", default=None, help="reuse a saved random model")
+    p_b.add_argument("--out", default=None, help="write the JSON result here")
+    p_b.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge timing")
+    p_b.add_argument("--write-job", default=None, metavar="DIR",
+                     help="instead: write a random model, a dataset and a job.yaml for `runner run`")
     for p in (p_run, p_qs):
         p.add_argument("--work-dir", default=os.environ.get("FINETUNE_WORK_DIR"),
                        help="scratch space for downloads and the trainer (default: a temp dir)")
@@ -165,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args)
     if args.command == "quickstart":
         return _quickstart(args)
+    if args.command == "bench":
+        from runner import bench
+
+        return bench.main(args)
     from runner.spec import schema_doc
 
     print(json.dumps(schema_doc(), indent=2))

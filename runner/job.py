@@ -96,7 +96,7 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
     if packing and not model_phase.packing_is_isolated(model):
         packing = False
         reporter.log("this architecture lets packed examples attend to each other; training unpacked instead")
-    model = model_phase.add_lora(model, spec.lora, gradient_checkpointing=spec.training.gradient_checkpointing)
+    model = model_phase.add_lora(model, spec.lora)
     store = storage.CheckpointStore(ckpt_loc)
     result = train(
         spec, model, tokenizer, data, work_dir=work, store=store, checkpoints_uri=str(ckpt_loc),

@@ -87,8 +87,14 @@ def load_tokenizer(model_dir: Path, m: ModelSpec):
 
 
 def attn_implementation(m: ModelSpec, dev: torch.device) -> str:
+    if m.attn_implementation == "varlen":
+        from runner import attention
+
+        return attention.register()
     if m.attn_implementation != "auto":
         return m.attn_implementation
+    from runner import attention
+
     if dev.type == "cuda":
         try:
             import flash_attn  # noqa: F401
@@ -96,6 +102,8 @@ def attn_implementation(m: ModelSpec, dev: torch.device) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
+        if attention.available():
+            return attention.register()
     # SDPA with position ids that restart per example: transformers builds a block-diagonal mask.
     return "sdpa"
 
@@ -129,16 +137,14 @@ def _keep_training_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(model, lora: LoraSpec, *, gradient_checkpointing: bool):
-    """Freeze the 4-bit base and add trainable adapters. Non-quantized weights keep the compute dtype
-    (no fp32 upcast of the frozen base); adapter weights are fp32 for stable updates."""
+def add_lora(model, lora: LoraSpec):
+    """Freeze the 4-bit base and add trainable adapters. Non-quantized weights keep the compute dtype (no
+    fp32 upcast of the frozen base, unlike prepare_model_for_kbit_training). Gradient checkpointing is
+    switched on by the trainer when chosen."""
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
         p.requires_grad_(False)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     targets = "all-linear" if lora.target_modules == ["all-linear"] else list(lora.target_modules)
     config = LoraConfig(
         r=lora.r,

@@ -36,9 +36,10 @@ class ModelSpec(_Section):
     trust_remote_code: bool = Field(
         False, description="Allow the model repo's own Python code (only for repos you trust)."
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+    attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "auto",
-        description="Attention kernel. `auto` picks the fastest available that keeps packed examples apart.",
+        description="Attention kernel. `auto` picks the fastest available that keeps packed examples apart: "
+        "flash_attention_2 if installed, else PyTorch's varlen flash kernel on GPU, else sdpa.",
     )
 
 
@@ -116,7 +117,9 @@ class QuantizationSpec(_Section):
 class LoraSpec(_Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the LoRA input (0 lets the adapter reuse its input: faster)."
+    )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
     target_modules: list[str] = Field(
         default_factory=lambda: ["all-linear"],
@@ -158,8 +161,15 @@ class TrainingSpec(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     max_grad_norm: float = Field(0.3, ge=0, description="Gradient clipping norm (0 disables).")
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    gradient_checkpointing: bool | None = Field(
+        None,
+        description="Recompute activations in the backward pass: less memory, ~30% slower. Unset: on only "
+        "when one micro-batch's activations would not fit in free GPU memory.",
+    )
+    fused_kernels: bool | None = Field(
+        None,
+        description="Liger's fused RMSNorm/RoPE/SwiGLU kernels and a cross-entropy that never materialises "
+        "the logits. Unset: on when training on a GPU with liger-kernel installed.",
     )
     group_by_length: bool = Field(
         False, description="Batch examples of similar length together (unpacked data only)."

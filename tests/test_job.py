@@ -32,7 +32,8 @@ def test_qlora_job_publishes_a_merged_model_that_matches_base_plus_adapter(arch,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
-    job = parse_job(job_doc(tiny_models[arch], qa_jsonl, out, training={"maxSteps": 8},
+    job = parse_job(job_doc(tiny_models[arch], qa_jsonl, out,
+                            training={"maxSteps": 8, "gradientCheckpointing": arch == "llama"},
                             evalPrompts=["Q: What is 3 plus 4 ?\nA:"]))
     reporter, buf = _reporter(tmp_path)
     result = run_job(job, reporter, work_dir=tmp_path / "work")

@@ -631,7 +631,7 @@ class TestCluster:
         for base, name in names:
             while True:
                 code, cur = self.request("GET", f"{base}/{name}")
-                conds = {c["type"]: c["status"] for c in cur.get("status", {}).get("conditions", [])}
+                conds = {c["type"]: c["status"] for c in (cur.get("status") or {}).get("conditions") or []}
                 if conds.get("Established") == "True":
                     break
                 if time.monotonic() > deadline:

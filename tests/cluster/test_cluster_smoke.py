@@ -122,7 +122,8 @@ def test_job_oom_retries_then_fails(k8s_namespace, k8s_client, fake_kubelet):
         lambda: [p for p in fake_kubelet.job_pods(ns, "oom") if p["metadata"]["name"] != first["metadata"]["name"]],
         60, what="replacement pod",
     )[0]
-    assert batch.read_namespaced_job_status("oom", ns).status.failed == 1
+    # the controller creates the Pod, then writes the Job status: poll
+    wait_for(lambda: batch.read_namespaced_job_status("oom", ns).status.failed == 1, 20, what="status.failed=1")
     fake_kubelet.failed(second, exit_code=137, reason="OOMKilled")
 
     job, cond = wait_for(lambda: job_condition(batch, ns, "oom", "Failed"), 60, what="Job Failed")

@@ -1,0 +1,293 @@
+"""`python -m runner bench`: training throughput and memory of the runner's path vs the seeds' recipe.
+
+Builds a random-initialised model of a real shape on the GPU (throughput and memory do not depend on the
+weights' values, and no weights can be downloaded there), saves it, loads it through the runner's normal
+4-bit path, and trains each configuration on the same synthetic data of realistic lengths:
+
+  seeds     the notebooks' recipe: rows padded to 512, batch 2, prepare_model_for_kbit_training (fp32
+            upcast), gradient checkpointing, paged 8-bit AdamW, LoRA dropout 0.05
+  defaults  the runner's defaults: packed rows of 2048 with document-masked attention, bf16 everywhere,
+            fused kernels, fused AdamW, checkpointing chosen by memory
+  lean      the memory-lean setting: defaults + gradient checkpointing + paged 8-bit AdamW
+
+It reports real (non-padding) tokens/s, model FLOPs utilisation, s/step, peak allocated and reserved
+memory, and the time to merge the adapter into a 16-bit model and save it, as one JSON document.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from runner.spec import parse_job
+
+SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+# ------------------------------------------------------------------------------------------ the model
+def build_model(shape: str, out_dir: Path) -> Path:
+    """Random-initialised model of a real shape, built on the GPU in bf16 and saved with a tokenizer."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from runner.quickstart.tiny import build_tokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer([" ".join(str(i) for i in range(1000))], out_dir)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    del model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out_dir
+
+
+def synthetic_data(vocab: int, n: int, max_length: int, seed: int = 0):
+    """Examples of realistic lengths (log-normal, median ~300 tokens), 30% prompt / 70% completion."""
+    import datasets
+
+    from runner.data import TokenizedData
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.exp(torch.randn(n, generator=g) * 0.8 + math.log(300)).clamp(32, max_length).long().tolist()
+    rows = {"input_ids": [], "completion_mask": []}
+    for length in lengths:
+        rows["input_ids"].append(torch.randint(10, vocab, (length,), generator=g).tolist())
+        prompt = int(length * 0.3)
+        rows["completion_mask"].append([0] * prompt + [1] * (length - prompt))
+    return TokenizedData(datasets.Dataset.from_dict(rows), None, "prompt-completion", lengths, 0, True)
+
+
+# ------------------------------------------------------------------------------------ configurations
+def job_for(config: str, model_dir: Path, shape: str) -> dict:
+    lora = {"r": 32, "alpha": 64, "targetModules": "all-linear"}
+    doc = {"model": {"source": str(model_dir)}, "dataset": {"source": "synthetic.jsonl"},
+           "lora": lora, "output": {"destination": "/tmp/bench-out"}, "training": {}}
+    if config == "seeds":
+        doc["model"]["attnImplementation"] = "sdpa"
+        doc["dataset"].update(maxLength=512, packing=False)
+        doc["lora"]["dropout"] = 0.05
+        doc["training"] = {"batchSize": 2, "gradientCheckpointing": True, "optimizer": "paged_adamw_8bit",
+                           "fusedKernels": False}
+    elif config == "defaults":
+        pass
+    elif config == "lean":
+        doc["training"] = {"batchSize": 2, "gradientCheckpointing": True, "optimizer": "paged_adamw_8bit"}
+    elif config.startswith("{"):  # an inline JSON override, for exploring: '{"training": {"batchSize": 4}}'
+        for k, v in json.loads(config).items():
+            doc[k] = {**doc.get(k, {}), **v}
+    else:
+        raise SystemExit(f"unknown bench config {config!r}: use seeds, defaults, lean or a JSON override")
+    return doc
+
+
+def model_flops_per_token(model_cfg, lengths: list[int]) -> float:
+    """4 x matmul params (forward + input-gradient backward; frozen weights get no weight gradient) plus
+    causal attention (3x its forward: 2 matmuls of 2*d*ctx each, ctx = half the example on average)."""
+    c = model_cfg
+    h, L, kv = c.hidden_size, c.num_hidden_layers, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * c.intermediate_size
+    matmul = L * per_layer + h * c.vocab_size
+    mean_ctx = sum(n * n / 2 for n in lengths) / max(sum(lengths), 1)
+    attention = 3 * L * 4 * h * mean_ctx
+    return 4 * matmul + attention
+
+
+class StepTimer:
+    def __init__(self, warmup: int):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                if state.global_step == warmup:
+                    timer.t0, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+                timer.t1, timer.tokens1, timer.steps = time.perf_counter(), state.num_input_tokens_seen, state.global_step
+
+        self.callback = _CB()
+        self.t0 = self.t1 = 0.0
+        self.tokens0 = self.tokens1 = self.steps = 0
+        self.warmup = warmup
+
+
+def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, work: Path) -> tuple[dict, Path]:
+    from peft import prepare_model_for_kbit_training
+
+    from runner import model as model_phase
+    from runner.train import make_trainer, use_fused_kernels
+
+    job = parse_job(job_for(name, model_dir, shape))
+    spec = job.spec
+    dev = model_phase.device()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t_load = time.perf_counter()
+    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev)
+    load_s = time.perf_counter() - t_load
+    tok = model_phase.load_tokenizer(model_dir, spec.model)
+    if name == "seeds":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = model_phase.add_lora(model, spec.lora)
+    tokens_per_step = spec.training.batch_size * spec.dataset.max_length * spec.training.gradient_accumulation_steps
+    n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3))
+    data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
+    packing = spec.dataset.packing and model_phase.packing_is_isolated(model)
+    timer = StepTimer(warmup)
+    overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 10**6, "shuffle_dataset": False}
+    if name == "seeds":
+        overrides["pad_to_multiple_of"] = 512  # the seeds pad every row to 512
+    trainer = make_trainer(spec, model, tok, data, work / name, packing=packing, callbacks=[timer.callback],
+                           **overrides)
+    trainer.train()
+    measured = timer.steps - timer.warmup
+    seconds = timer.t1 - timer.t0
+    tps = (timer.tokens1 - timer.tokens0) / seconds if seconds > 0 else float("nan")
+    flops = model_flops_per_token(model.config, data.lengths)
+    peak = _peak_tflops()
+    result = {
+        "config": spec.model_dump(by_alias=True, include={"dataset", "lora", "training", "model"},
+                                  exclude_none=True),
+        "packing": packing,
+        "attention": model.config._attn_implementation,
+        "gradientCheckpointing": bool(trainer.args.gradient_checkpointing),
+        "fusedKernels": use_fused_kernels(spec),
+        "measuredSteps": measured,
+        "secondsPerStep": round(seconds / max(measured, 1), 4),
+        "realTokensPerSecond": round(tps, 1),
+        "modelFlopsPerToken": flops,
+        "mfu": round(tps * flops / (peak * 1e12), 4) if peak else None,
+        "loadSeconds": round(load_s, 1),
+        "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peakReservedGiB": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
+        "finalLoss": trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None,
+    }
+    adapter = work / f"{name}-adapter"
+    trainer.model.save_pretrained(adapter)
+    del trainer, model
+    gc.collect()
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return result, adapter
+
+
+def time_merge(model_dir: Path, adapter: Path, work: Path, shape: str) -> dict:
+    from runner import merge as merge_phase
+    from runner import model as model_phase
+
+    spec = parse_job(job_for("defaults", model_dir, shape)).spec
+    tok = model_phase.load_tokenizer(model_dir, spec.model)
+    probe = torch.randint(10, 500, (2, 32))  # every shape has a vocabulary of at least 512
+    out = work / "merged"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    t = time.perf_counter()
+    check = merge_phase.merge(spec, model_dir, adapter, tok, probe, out, [])
+    seconds = time.perf_counter() - t
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"seconds": round(seconds, 1), "dtype": check.dtype, "relativeLogitError": check.relative_error,
+            "savedGiB": round(size / 2**30, 2)}
+
+
+def _peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "liger-kernel", "datasets"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30) -> Path:
+    """A whole job for `python -m runner run`: the random model, a generated dataset, a job file."""
+    import random
+
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    model_dir = build_model(shape, directory / "model")
+    rng = random.Random(0)
+    with open(directory / "data.jsonl", "w") as f:
+        for _ in range(examples):
+            n = int(min(1500, max(24, rng.lognormvariate(math.log(250), 0.8))))
+            words = [str(rng.randrange(1000)) for _ in range(n)]
+            cut = int(n * 0.3)
+            f.write(json.dumps({"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])}) + "\n")
+    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": f"bench-{shape}"},
+           "spec": {"model": {"source": str(model_dir)}, "dataset": {"source": str(directory / "data.jsonl")},
+                    "lora": {"r": 32, "alpha": 64}, "training": {"maxSteps": steps, "saveSteps": steps,
+                                                                 "loggingSteps": 5},
+                    "output": {"destination": str(directory / "output")},
+                    "evalPrompts": ["1 2 3 4"], "evalMaxNewTokens": 8}}
+    path = directory / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def main(args) -> int:
+    if args.write_job:
+        print(write_job(args.shape, Path(args.write_job)))
+        return 0
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model_dir or work / f"model-{args.shape}")
+    t = time.perf_counter()
+    build_model(args.shape, model_dir)
+    result = {
+        "shape": args.shape,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "peakBf16Tflops": _peak_tflops(),
+        "versions": versions(),
+        "buildSeconds": round(time.perf_counter() - t, 1),
+        "configs": {},
+    }
+    adapter = None
+    for name in args.configs.split(","):
+        print(f"[bench] {name} ...", flush=True)
+        res, ad = run_config(name, model_dir, args.shape, args.steps, args.warmup, work)
+        result["configs"][name] = res
+        adapter = ad if name == "defaults" or adapter is None else adapter
+        print(json.dumps({name: {k: res[k] for k in ("realTokensPerSecond", "mfu", "secondsPerStep",
+                                                     "peakAllocatedGiB", "peakReservedGiB")}}), flush=True)
+    if args.merge and adapter is not None:
+        result["merge"] = time_merge(model_dir, adapter, work, args.shape)
+        print(json.dumps({"merge": result["merge"]}), flush=True)
+    text = json.dumps(result, indent=2, default=str)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0

@@ -1,0 +1,178 @@
+"""Fixtures for the controller tests against the real test cluster (tests/cluster).
+
+The controller runs as a real subprocess (`python -m controller --namespace <ns>`), under a ServiceAccount
+bound to the ClusterRole that `python -m controller rbac` prints, so its RBAC is tested too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controller import api, rbac
+from controller.kube import Kube, ns_path
+from tests.cluster.cluster import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTROLLER_NS = "finetune-system"
+
+
+def wait_for(fn, timeout: float = 20, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def ftj_doc(name: str, **spec) -> dict:
+    s = {"model": {"source": "hf://org/base"}, "dataset": {"source": "s3://data/train.jsonl"},
+         "output": {"destination": f"s3://models/{name}"}}
+    s.update(spec)
+    return {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "metadata": {"name": name}, "spec": s}
+
+
+class Api:
+    """Admin access to the test cluster, by path."""
+
+    def __init__(self, kube: Kube, ns: str):
+        self.kube, self.ns = kube, ns
+
+    def create_ftj(self, doc: dict) -> dict:
+        return self.kube.create(ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL), doc)
+
+    def ftj(self, name: str) -> dict:
+        return self.kube.request("GET", ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL, name))
+
+    def status(self, name: str) -> dict:
+        return self.ftj(name).get("status") or {}
+
+    def patch_spec(self, name: str, spec: dict) -> dict:
+        return self.kube.merge_patch(ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL, name), {"spec": spec})
+
+    def delete_ftj(self, name: str) -> None:
+        self.kube.delete(ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL, name))
+
+    def jobs(self, ftj_name: str | None = None) -> list[dict]:
+        items = self.kube.request("GET", ns_path("batch/v1", self.ns, "jobs"))["items"]
+        return sorted((j for j in items if ftj_name is None or
+                       j["metadata"].get("annotations", {}).get(api.ANNOTATION_JOB_NAME) == ftj_name),
+                      key=lambda j: j["metadata"]["name"])
+
+    def list(self, gv: str, plural: str) -> list[dict]:
+        return self.kube.request("GET", ns_path(gv, self.ns, plural))["items"]
+
+    def events(self, name: str) -> list[dict]:
+        items = self.kube.request("GET", ns_path("v1", self.ns, "events"))["items"]
+        return [e for e in items if e["involvedObject"].get("kind") == api.KIND and e["involvedObject"]["name"] == name]
+
+    def event_reasons(self, name: str) -> list[str]:
+        return [e["reason"] for e in sorted(self.events(name), key=lambda e: e["metadata"]["creationTimestamp"])]
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 20, reason: str | None = None) -> dict:
+        def ok():
+            s = self.status(name)
+            return s if s.get("phase") == phase and (reason is None or s.get("reason") == reason) else None
+        return wait_for(ok, timeout, what=f"{name} phase {phase} {reason or ''} (now {self.status(name)})")
+
+
+class Controller:
+    """`python -m controller --namespace <ns>` as a subprocess; kill() is SIGKILL, so a restart is real."""
+
+    def __init__(self, kubeconfig: str, ns: str, log_dir: Path, *extra: str):
+        self.kubeconfig, self.ns, self.extra = kubeconfig, ns, extra
+        self.port = free_port()
+        self.log_path = log_dir / f"controller-{ns}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Controller":
+        env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+        env.update(KUBECONFIG=self.kubeconfig, PYTHONPATH=str(ROOT))
+        log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "controller", "--namespace", self.ns, "--http-port", str(self.port),
+             "--image", "registry.example/finetune-runner:test", "--retry-backoff", "0.5",
+             "--image-pull-timeout", "2", *self.extra],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        wait_for(lambda: self.proc.poll() is not None or self.http("/readyz")[0] == 200, 30,
+                 what="controller /readyz")
+        assert self.proc.poll() is None, self.log()
+        return self
+
+    def http(self, path: str) -> tuple[int, str]:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"http://127.0.0.1:{self.port}{path}", timeout=2) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, ""
+        except OSError:
+            return 0, ""
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:] if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="session")
+def controller_kubeconfig(k8s_cluster) -> str:
+    """A kubeconfig for a ServiceAccount holding exactly the controller's ClusterRole."""
+    k8s_cluster.request("POST", "/apis/rbac.authorization.k8s.io/v1/clusterroles", rbac.cluster_role())
+    k8s_cluster.request("POST", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": rbac.CLUSTER_ROLE},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": rbac.CLUSTER_ROLE},
+        "subjects": [{"kind": "ServiceAccount", "name": "finetune-controller", "namespace": CONTROLLER_NS}]})
+    token = k8s_cluster.service_account_token(CONTROLLER_NS, "finetune-controller", expiration_seconds=7200)
+    return k8s_cluster.kubeconfig_for(token=token)
+
+
+@pytest.fixture
+def kube(k8s_cluster):
+    from tests.cluster.cluster import ADMIN_USER  # noqa: F401 - admin is the default identity
+
+    k = Kube(k8s_cluster.api_client())
+    yield k
+    k.close()
+
+
+@pytest.fixture
+def cluster_api(kube, k8s_namespace) -> Api:
+    return Api(kube, k8s_namespace)
+
+
+@pytest.fixture
+def controller(controller_kubeconfig, k8s_namespace, tmp_path_factory):
+    c = Controller(controller_kubeconfig, k8s_namespace, tmp_path_factory.mktemp("controller-logs")).start()
+    yield c
+    c.stop()
+
+
+def dump(obj) -> str:
+    return yaml.safe_dump(obj) if not isinstance(obj, str) else obj
+
+
+__all__ = ["wait_for", "ftj_doc", "Api", "Controller", "json", "dump"]

@@ -1,0 +1,142 @@
+"""The real runner process (tiny model, CPU) reporting into the real API server under its per-job identity.
+
+FakeKubelet plays the pod's lifecycle; the runner runs here as `python -m tests.controller.runner_entry run
+<job file>` where the job file is the one the controller put in the pod (the pod's `finetune.dev/spec`
+annotation, which the real pod mounts through the downward API), with the pod's env and the token of the
+per-job ServiceAccount. Its termination-log file becomes the pod's termination message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from controller import api
+from tests.conftest import job_doc
+from tests.controller.conftest import ROOT, wait_for
+from tests.controller.test_operator import pod_of
+
+
+class RunnerProcess:
+    def __init__(self, k8s_cluster, ns: str, ftj: str, pod: dict, workdir: Path):
+        annotations = pod["metadata"]["annotations"]
+        self.job_file = workdir / f"{pod['metadata']['name']}.yaml"
+        self.job_file.write_text(annotations[api.ANNOTATION_SPEC])  # what the downward API mounts
+        self.term = workdir / f"{pod['metadata']['name']}.term"
+        token = k8s_cluster.service_account_token(ns, f"{ftj}-runner", create=False)
+        env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+        container = pod["spec"]["containers"][0]
+        for e in container["env"]:  # the pod's env, as the kubelet would set it
+            if "value" in e:
+                env[e["name"]] = e["value"]
+        env.update(FINETUNE_POD_NAME=pod["metadata"]["name"], FINETUNE_STATUS_INTERVAL="0",
+                   KUBECONFIG=k8s_cluster.kubeconfig_for(token=token), PYTHONPATH=str(ROOT),
+                   FINETUNE_WORK_DIR=str(workdir / "work"), HOME=str(workdir), TMPDIR=str(workdir))
+        assert container["command"][-1] == "/etc/finetune/job.yaml"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.controller.runner_entry", "run", str(self.job_file),
+             "--termination-log", str(self.term)],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait(self, timeout: float = 180) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+class PhaseRecorder(threading.Thread):
+    """Every status.phase the FineTuneJob shows while the runner runs."""
+
+    def __init__(self, cluster_api, name: str):
+        super().__init__(daemon=True)
+        self.api, self.name, self.seen, self.progress = cluster_api, name, [], []
+        self.halt = threading.Event()
+
+    def run(self):
+        while not self.halt.is_set():
+            s = self.api.status(self.name)
+            if s.get("phase") and (not self.seen or self.seen[-1] != s["phase"]):
+                self.seen.append(s["phase"])
+            if s.get("progress"):
+                self.progress.append(s["progress"])
+            time.sleep(0.03)
+
+
+def test_happy_path_real_runner_reports_progress(controller, cluster_api, fake_kubelet, k8s_cluster, tiny_llama,
+                                                 qa_jsonl, tmp_path):
+    ns = cluster_api.ns
+    out = tmp_path / "model-out"
+    doc = job_doc(tiny_llama, qa_jsonl, out, resources={"gpus": 0})
+    doc["metadata"]["name"] = "real"
+    cluster_api.create_ftj(doc)
+    pod = pod_of(fake_kubelet, ns, "real-1")
+    fake_kubelet.running(pod)
+    cluster_api.wait_phase("real", "Running")
+    rec = PhaseRecorder(cluster_api, "real")
+    rec.start()
+    runner = RunnerProcess(k8s_cluster, ns, "real", pod, tmp_path)
+    code, stdout, stderr = runner.wait()
+    assert code == 0, stderr[-3000:]
+    assert "status sink failed" not in stderr, stderr[-2000:]
+    s = cluster_api.status("real")
+    # the runner's own reports, through its per-job identity
+    assert s["runner"]["pod"] == pod["metadata"]["name"] and s["runner"]["attempt"] == 1
+    assert s["progress"]["step"] == 6 and s["progress"]["totalSteps"] == 6
+    assert s["progress"]["summary"] == "6/6 (100%)" and isinstance(s["progress"]["loss"], float)
+    assert s["lastCheckpoint"]["name"].startswith("checkpoint-") and s["lastCheckpoint"]["step"] == 6
+    fake_kubelet.succeeded(pod, message=runner.term.read_text())
+    s = cluster_api.wait_phase("real", "Succeeded")
+    rec.halt.set()
+    rec.join()
+    assert s["output"] == str(out) and (out / "config.json").exists()
+    assert "Training" in rec.seen and rec.seen[-1] == "Succeeded", rec.seen
+    assert rec.seen.index("Running") < rec.seen.index("Training")
+    steps = [p["step"] for p in rec.progress]
+    assert steps == sorted(steps) and steps[-1] == 6
+    reasons = cluster_api.event_reasons("real")
+    assert {"Pending", "Running", "Training", "Succeeded"} <= set(reasons), reasons
+    out_lines = k8s_cluster.kubectl_run("get", "ftj", "real", "-n", ns).stdout.splitlines()
+    assert out_lines[1].split()[1:4] == ["Succeeded", "6/6", "(100%)"], out_lines
+
+
+def test_retry_resumes_from_the_checkpoint(controller, cluster_api, fake_kubelet, k8s_cluster, tiny_llama,
+                                           qa_jsonl, tmp_path):
+    """Attempt 1 is preempted (SIGTERM: checkpoint, exit 75); attempt 2 resumes from it and finishes."""
+    ns = cluster_api.ns
+    out = tmp_path / "model-out"
+    doc = job_doc(tiny_llama, qa_jsonl, out, resources={"gpus": 0}, merge={"enabled": False},
+                  training={"maxSteps": 12, "saveSteps": 1000, "loggingSteps": 1})
+    doc["metadata"]["name"] = "resume"
+    cluster_api.create_ftj(doc)
+    pod1 = pod_of(fake_kubelet, ns, "resume-1")
+    fake_kubelet.running(pod1)
+    first = RunnerProcess(k8s_cluster, ns, "resume", pod1, tmp_path)
+    wait_for(lambda: (cluster_api.status("resume").get("progress") or {}).get("step", 0) >= 2, 120, interval=0.02,
+             what="attempt 1 training")
+    first.proc.send_signal(signal.SIGTERM)  # what the kubelet does on preemption
+    code, _, err = first.wait()
+    assert code == 75, err[-2000:]
+    saved = json.loads(first.term.read_text())
+    fake_kubelet.failed(pod1, exit_code=code, message=first.term.read_text())
+    s = wait_for(lambda: cluster_api.status("resume").get("attempt") == 2 and cluster_api.status("resume"), 20,
+                 what="attempt 2")
+    assert s["failedAttempts"] == 1 and saved["retryable"] is True
+    checkpoint = cluster_api.status("resume")["lastCheckpoint"]
+    assert checkpoint["name"].startswith("checkpoint-")
+
+    pod2 = pod_of(fake_kubelet, ns, "resume-2")
+    fake_kubelet.running(pod2)
+    second = RunnerProcess(k8s_cluster, ns, "resume", pod2, tmp_path)
+    code, stdout, err = second.wait()
+    assert code == 0, err[-3000:]
+    assert f"resuming from {checkpoint['name']}" in err
+    steps = [json.loads(line)["step"] for line in stdout.splitlines() if '"progress"' in line]
+    assert steps[0] == checkpoint["step"] + 1 and steps[-1] == 12
+    fake_kubelet.succeeded(pod2, message=second.term.read_text())
+    s = cluster_api.wait_phase("resume", "Succeeded")
+    assert (s["attempt"], s["output"]) == (2, str(out))
+    assert cluster_api.status("resume")["runner"]["pod"] == pod2["metadata"]["name"]
