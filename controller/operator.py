@@ -52,7 +52,7 @@ STATE = _State()
 
 # ------------------------------------------------------------------------------------ caches
 def _slim_meta(md, *, annotations: tuple[str, ...] = ()) -> dict:
-    out = {k: md.get(k) for k in ("name", "namespace", "uid", "generation", "creationTimestamp",
+    out = {k: md.get(k) for k in ("name", "namespace", "uid", "generation", "resourceVersion", "creationTimestamp",
                                   "deletionTimestamp", "labels", "ownerReferences") if md.get(k) is not None}
     ann = md.get("annotations") or {}
     out["annotations"] = {k: ann[k] for k in annotations if k in ann}

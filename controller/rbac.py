@@ -23,10 +23,6 @@ RULES = [
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"],
      "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
-    # kopf discovers the API's resources and watches CRDs for changes
-    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-     "verbs": ["get", "list", "watch"]},
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
 ]
 
 

@@ -53,30 +53,44 @@ class Reconciler:
 
     # ------------------------------------------------------------------------------------- pass
     def reconcile(self, snap: Snapshot) -> Outcome:
+        """Status first, then actions: the status patch carries the snapshot's resourceVersion, so a pass
+        that decided from a stale view of the FineTuneJob fails with a conflict (and is retried) before it
+        can act. Otherwise a pass could miss a verdict it wrote itself a moment ago, after the evidence
+        for it (a deleted Job) is already gone from the cache."""
         ftj = snap.ftj
         old = ftj.get("status") or {}
         if ftj["metadata"].get("deletionTimestamp"):  # the garbage collector removes the children
             return Outcome(None, old.get("phase"), old.get("phase"), False)
         now = self.clock()
         a = assess(ftj, snap.jobs, snap.pods, now=now, options=self.options, has_identity=snap.has_identity)
+        creates = any(x.kind == "create-attempt" for x in a.actions)
+        rv = self._write_status(ftj, a, force=creates)  # never start an attempt from a stale view
+        patched = rv is not None
+        if patched:
+            self._events(ftj, a)
         try:
             for action in a.actions:
                 self._act(ftj, action, a)
         except ApiException as e:
             if e.status == 422 and any(x.kind == "create-attempt" for x in a.actions):
                 # The API server refused the runner's Job (e.g. malformed tolerations): a spec error.
-                a = self._invalid(ftj, snap, now, f"the runner Job was rejected: {api_message(e)}")
+                fresh = {**ftj, "metadata": {**ftj["metadata"], "resourceVersion": rv or
+                                             ftj["metadata"].get("resourceVersion")}, "status": {**old, **a.status}}
+                a = self._invalid(fresh, now, f"the runner Job was rejected: {api_message(e)}")
+                if self._write_status(fresh, a) is not None:
+                    self._events(fresh, a)
+                patched = True
             elif _retryable(e):
                 raise kopf.TemporaryError(f"{e.status}: {api_message(e)}", delay=1.0) from e
             else:
                 raise kopf.PermanentError(f"{e.status}: {api_message(e)}") from e
-        patched = self._write_status(ftj, a)
-        if patched:
-            for ev in a.events:
-                self._event(ftj, ev.type, ev.reason, ev.message)
         return Outcome(a.requeue_after, old.get("phase"), a.status.get("phase"), patched)
 
-    def _invalid(self, ftj: dict, snap: Snapshot, now: float, message: str) -> Assessment:
+    def _events(self, ftj: dict, a: Assessment) -> None:
+        for ev in a.events:
+            self._event(ftj, ev.type, ev.reason, ev.message)
+
+    def _invalid(self, ftj: dict, now: float, message: str) -> Assessment:
         a = Assessment(status={"observedGeneration": ftj["metadata"].get("generation"), "phase": api.FAILED,
                                "reason": "InvalidSpec", "message": message[:1024],
                                "completionTime": format_time(now), "failedAttempts": 0})
@@ -125,22 +139,30 @@ class Reconciler:
                     raise
 
     # ----------------------------------------------------------------------------------- status
-    def _write_status(self, ftj: dict, a: Assessment) -> bool:
+    def _write_status(self, ftj: dict, a: Assessment, force: bool = False) -> str | None:
+        """Merge-patch the controller's status fields if they changed (or `force`: an unchanged patch still
+        checks the resourceVersion, and the API server writes nothing); the new resourceVersion, or None."""
         old = ftj.get("status") or {}
         new = {k: a.status.get(k) for k in api.CONTROLLER_STATUS_FIELDS}
-        if all(_same(old.get(k), v) for k, v in new.items()):
-            return False
+        unchanged = all(_same(old.get(k), v) for k, v in new.items())
+        if unchanged and not force:
+            return None
         md = ftj["metadata"]
         path = ns_path(api.API_VERSION_FULL, md["namespace"], api.PLURAL, md["name"], "status")
+        body: dict = {"status": new}
+        if md.get("resourceVersion"):
+            body["metadata"] = {"resourceVersion": md["resourceVersion"]}  # optimistic concurrency
         try:
-            self.kube.merge_patch(path, {"status": new})
+            rv = self.kube.merge_patch(path, body)["metadata"]["resourceVersion"]
+            return None if unchanged else rv
         except ApiException as e:
             if e.status == 404:
-                return False  # deleted meanwhile
+                raise kopf.PermanentError("the FineTuneJob is gone") from e
+            if e.status == 409:  # decided on a stale view: decide again once the cache has caught up
+                raise kopf.TemporaryError("status changed meanwhile", delay=0.2) from e
             if _retryable(e):
                 raise kopf.TemporaryError(f"status patch: {e.status}: {api_message(e)}", delay=1.0) from e
             raise kopf.PermanentError(f"status patch: {e.status}: {api_message(e)}") from e
-        return True
 
     def _event(self, ftj: dict, type_: str, reason: str, message: str) -> None:
         body = children.event(ftj, type_, reason, message, format_time(self.clock()), COMPONENT)

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("schema", help="print the spec's JSON schema")
     p_b = sub.add_parser("bench", help="GPU training benchmark: the seeds' recipe vs the runner's defaults")
     p_b.add_argument("--shape", default="llama-3-8b", help="tiny, llama-2-7b, llama-3-8b, llama-3-70b")
-    p_b.add_argument("--configs", default="seeds,defaults,lean", help="comma list: seeds, defaults, lean")
+    p_b.add_argument("--configs", default="seeds,defaults,lean", help="comma (or ;) list: seeds, defaults, lean, or JSON spec overrides")
     p_b.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
     p_b.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
     p_b.add_argument("--work-dir", default="/tmp/finetune-bench")

@@ -6,8 +6,8 @@ weights' values, and no weights can be downloaded there), saves it, loads it thr
 
   seeds     the notebooks' recipe: rows padded to 512, batch 2, prepare_model_for_kbit_training (fp32
             upcast), gradient checkpointing, paged 8-bit AdamW, LoRA dropout 0.05
-  defaults  the runner's defaults: packed rows of 2048 with document-masked attention, bf16 everywhere,
-            fused kernels, fused AdamW, checkpointing chosen by memory
+  defaults  the runner's defaults: packed rows of 2048 with document-masked (varlen) attention, bf16
+            everywhere, no LoRA dropout, fused AdamW, checkpointing chosen by memory
   lean      the memory-lean setting: defaults + gradient checkpointing + paged 8-bit AdamW
 
 It reports real (non-padding) tokens/s, model FLOPs utilisation, s/step, peak allocated and reserved
@@ -88,12 +88,12 @@ def job_for(config: str, model_dir: Path, shape: str) -> dict:
         doc["model"]["attnImplementation"] = "sdpa"
         doc["dataset"].update(maxLength=512, packing=False)
         doc["lora"]["dropout"] = 0.05
-        doc["training"] = {"batchSize": 2, "gradientCheckpointing": True, "optimizer": "paged_adamw_8bit",
-                           "fusedKernels": False}
+        doc["training"] = {"batchSize": 2, "gradientCheckpointing": True, "optimizer": "paged_adamw_8bit"}
     elif config == "defaults":
         pass
-    elif config == "lean":
-        doc["training"] = {"batchSize": 2, "gradientCheckpointing": True, "optimizer": "paged_adamw_8bit"}
+    elif config == "lean":  # 2x2048 tokens per optimizer step as two micro-batches of one packed row
+        doc["training"] = {"batchSize": 1, "gradientAccumulationSteps": 2, "gradientCheckpointing": True,
+                           "optimizer": "paged_adamw_8bit"}
     elif config.startswith("{"):  # an inline JSON override, for exploring: '{"training": {"batchSize": 4}}'
         for k, v in json.loads(config).items():
             doc[k] = {**doc.get(k, {}), **v}
@@ -275,9 +275,17 @@ def main(args) -> int:
         "configs": {},
     }
     adapter = None
-    for name in args.configs.split(","):
+    names = args.configs.split(";") if ";" in args.configs else args.configs.split(",")
+    for name in names:
         print(f"[bench] {name} ...", flush=True)
-        res, ad = run_config(name, model_dir, args.shape, args.steps, args.warmup, work)
+        try:
+            res, ad = run_config(name, model_dir, args.shape, args.steps, args.warmup, work)
+        except torch.OutOfMemoryError as e:
+            result["configs"][name] = {"error": f"out of memory: {str(e)[:200]}"}
+            print(json.dumps({name: result["configs"][name]}), flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
         result["configs"][name] = res
         adapter = ad if name == "defaults" or adapter is None else adapter
         print(json.dumps({name: {k: res[k] for k in ("realTokensPerSecond", "mfu", "secondsPerStep",

@@ -71,8 +71,9 @@ class ApiTarget:
         return cls(cluster["server"], lambda: token, context)
 
     @classmethod
-    def in_cluster(cls) -> "ApiTarget | None":
-        host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    def in_cluster(cls, env=None) -> "ApiTarget | None":
+        env = os.environ if env is None else env
+        host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT", "443")
         if not host or not (SA_DIR / "token").exists():
             return None
         if ":" in host:
@@ -169,7 +170,7 @@ def sink_from_env(env: dict | None = None) -> StatusSink | None:
     if kubeconfig:
         target = ApiTarget.from_kubeconfig(kubeconfig.split(os.pathsep)[0])
     else:
-        target = ApiTarget.in_cluster()
+        target = ApiTarget.in_cluster(env)
     if target is None:
         return None
     attempt = env.get("FINETUNE_ATTEMPT")

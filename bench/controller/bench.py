@@ -70,7 +70,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--jobs", type=int, default=1000)
     p.add_argument("--kubeconfig", help="use this running cluster instead of starting the test cluster")
-    p.add_argument("--workers", type=int, default=4, help="controller --workers")
+    p.add_argument("--workers", type=int, default=None, help="controller --workers (default: its own)")
     p.add_argument("--clients", type=int, default=8, help="threads creating FineTuneJobs")
     p.add_argument("--timeout", type=float, default=300)
     args = p.parse_args()
@@ -89,7 +89,7 @@ def main() -> int:
     env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONPATH": str(ROOT)}
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"controller-{ns}.log", "w")
     ctl = subprocess.Popen([sys.executable, "-m", "controller", "--namespace", ns, "--http-port", "0",
-                            "--workers", str(args.workers)], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                            *(["--workers", str(args.workers)] if args.workers else [])], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     sampler = Sampler(ctl.pid)
     sampler.start()
     try:

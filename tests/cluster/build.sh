@@ -130,7 +130,7 @@ build_kube() {
   say "fetching source package $DEB_SRC_PKG=$DEB_SRC_VERSION from $mirror"
   echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bookworm main" >"$work/apt/sources.list"
   local opts=(); mapfile -t opts < <(private_apt_opts "$work/apt")
-  run apt-get -q "${opts[@]}" update || die "apt-get update with the private deb-src list failed"
+  run apt-get -q --error-on=any "${opts[@]}" update || die "apt-get update with the private deb-src list failed"
   ( cd "$work/src" && run apt-get -q "${opts[@]}" source --download-only "$DEB_SRC_PKG=$DEB_SRC_VERSION" ) \
     || die "apt-get source --download-only $DEB_SRC_PKG=$DEB_SRC_VERSION failed"
   local dsc; dsc=$(ls "$work"/src/*.dsc | head -n1)
@@ -204,7 +204,7 @@ fetch_kubectl_sid() {
   say "fetching kubectl from Debian sid ($mirror)"
   echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" >"$d/apt/sources.list"
   local opts=(); mapfile -t opts < <(private_apt_opts "$d/apt")
-  run apt-get -q "${opts[@]}" update || die "apt-get update with the private sid list failed"
+  run apt-get -q --error-on=any "${opts[@]}" update || die "apt-get update with the private sid list failed"
   ( cd "$d/deb" && run apt-get -q "${opts[@]}" download kubectl/sid ) || die "apt-get download kubectl/sid failed"
   run dpkg-deb -x "$(ls "$d"/deb/kubectl_*.deb | head -n1)" "$d/root" || die "dpkg-deb -x kubectl failed"
   rm -rf "$d/apt" "$d/deb"

@@ -179,6 +179,36 @@ def _load_yaml_docs(paths: Iterable[str | os.PathLike]) -> list[dict]:
     return docs
 
 
+def sweep_stale_dirs(parent: str | None = None, min_age_s: float = 600) -> list[str]:
+    """Remove ftc-cluster-* temp dirs left by killed sessions: none of the PIDs in their
+    ``pids`` file is alive, and they are older than ``min_age_s``."""
+    removed = []
+    root = Path(parent or tempfile.gettempdir())
+    now = time.time()
+    for d in root.glob("ftc-cluster-*"):
+        try:
+            if not d.is_dir() or now - d.stat().st_mtime < min_age_s:
+                continue
+            pidfile = d / "pids"
+            pids = [int(line.split()[1]) for line in pidfile.read_text().splitlines() if line.strip()] \
+                if pidfile.exists() else []
+            alive = False
+            for pid in pids:
+                try:
+                    os.kill(pid, 0)
+                    alive = True
+                except ProcessLookupError:
+                    pass
+                except PermissionError:
+                    alive = True
+            if not alive:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(str(d))
+        except (OSError, ValueError, IndexError):
+            continue
+    return removed
+
+
 # --------------------------------------------------------------------------- cluster
 class TestCluster:
     """etcd + kube-apiserver + kube-controller-manager on loopback.
@@ -301,22 +331,19 @@ class TestCluster:
         if self.started:
             return self
         b = self.binaries
+        sweep_stale_dirs(self._workdir_parent)
         t0 = time.monotonic()
-        last: Exception | None = None
         for attempt in range(3):  # a port picked as free may be taken before the server binds it
             try:
                 self._start_once(b)
                 break
-            except ClusterError as e:
-                last = e
-                port_clash = "address already in use" in str(e).lower()
+            except BaseException as e:  # never leave processes behind a failed start
                 self._stop_procs()
                 if not self.keep_workdir:
                     self._remove_dir()
+                port_clash = isinstance(e, ClusterError) and "address already in use" in str(e).lower()
                 if not port_clash or attempt == 2:
                     raise
-        else:  # pragma: no cover
-            raise last  # type: ignore[misc]
         self.started = True
         self.start_seconds = time.monotonic() - t0
         return self
@@ -383,8 +410,6 @@ class TestCluster:
 
         self.kubeconfig = str(d / "kubeconfig")
         self.write_kubeconfig(self.kubeconfig, self.admin_token, ADMIN_USER)
-        (d / "pids").write_text("".join(f"{n} {p.pid}\n" for n, p in self._procs.items()))
-
         if self.crd_files:
             self.apply_crds(self.crd_files)
             self._mark("crds established")
@@ -403,7 +428,6 @@ class TestCluster:
             if self.wait_for_controllers:
                 self._wait_controllers()
                 self._mark("controllers synced")
-        (d / "pids").write_text("".join(f"{n} {p.pid}\n" for n, p in self._procs.items()))
 
     def _mark(self, what: str) -> None:
         self.timings[what] = round(time.monotonic() - self._t0, 3)
@@ -424,6 +448,7 @@ class TestCluster:
                 env={k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")},
             )
         self._procs[name] = p
+        (self.dir / "pids").write_text("".join(f"{n} {q.pid}\n" for n, q in self._procs.items()))
         return p
 
     def _check_alive(self) -> None:
@@ -685,6 +710,10 @@ class TestCluster:
 if __name__ == "__main__":  # python -m tests.cluster.cluster: start, print, wait for Ctrl-C
     import sys
 
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     c = TestCluster(crds=sys.argv[1:])
     c.start()
     print(f"ready in {c.start_seconds:.2f}s\nKUBECONFIG={c.kubeconfig}\nserver={c.server}\npids={c.pids}", flush=True)

@@ -90,10 +90,11 @@ class Api:
 class Controller:
     """`python -m controller --namespace <ns>` as a subprocess; kill() is SIGKILL, so a restart is real."""
 
-    def __init__(self, kubeconfig: str, ns: str, log_dir: Path, *extra: str):
+    def __init__(self, kubeconfig: str, ns: str | None, log_dir: Path, *extra: str):
+        """`ns` None: all namespaces."""
         self.kubeconfig, self.ns, self.extra = kubeconfig, ns, extra
         self.port = free_port()
-        self.log_path = log_dir / f"controller-{ns}.log"
+        self.log_path = log_dir / f"controller-{ns or 'all'}.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Controller":
@@ -101,7 +102,8 @@ class Controller:
         env.update(KUBECONFIG=self.kubeconfig, PYTHONPATH=str(ROOT))
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "controller", "--namespace", self.ns, "--http-port", str(self.port),
+            [sys.executable, "-m", "controller", *(["--namespace", self.ns] if self.ns else []),
+             "--http-port", str(self.port),
              "--image", "registry.example/finetune-runner:test", "--retry-backoff", "0.5",
              "--image-pull-timeout", "2", *self.extra],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -60,11 +60,13 @@ def test_each_failure_reason(controller, cluster_api, fake_kubelet):
     ns = cluster_api.ns
     exits = {"dl": ("DownloadFailed", 2), "tr": ("TrainingFailed", 2), "mg": ("MergeFailed", 2),
              "up": ("UploadFailed", 2), "spec": ("InvalidSpec", 2), "cuda": ("OutOfMemory", 3)}
-    for name in [*exits, "oom", "pull", "sched", "late", "hub"]:
-        extra = {"activeDeadlineSeconds": 2} if name == "late" else {}
-        if name == "hub":  # a spec the schema accepts but the runner's cross-field rules do not
-            extra = {"output": {"destination": "hf://org/model"}}
-        cluster_api.create_ftj(ftj_doc(name, **extra))
+    extras = {
+        "late": {"activeDeadlineSeconds": 2},
+        "hub": {"output": {"destination": "hf://org/model"}},  # the schema allows it, the runner's rules do not
+        "tol": {"tolerations": [{"key": "gpu", "operator": "Sometimes"}]},  # free-form: the Job is refused
+    }
+    for name in [*exits, "oom", "pull", "sched", "late", "hub", "tol"]:
+        cluster_api.create_ftj(ftj_doc(name, **extras.get(name, {})))
     pods = {name: pod_of(fake_kubelet, ns, f"{name}-1") for name in [*exits, "oom", "pull", "sched", "late"]}
     for name, (reason, code) in exits.items():
         fake_kubelet.running(pods[name])
@@ -87,9 +89,11 @@ def test_each_failure_reason(controller, cluster_api, fake_kubelet):
     cluster_api.wait_phase("late", "Failed", reason="DeadlineExceeded")
     s = cluster_api.wait_phase("hub", "Failed", reason="InvalidSpec")
     assert "output.checkpoints" in s["message"]
+    s = cluster_api.wait_phase("tol", "Failed", reason="InvalidSpec")
+    assert "tolerations" in s["message"] and "Sometimes" in s["message"], s["message"]
 
     time.sleep(1.5)  # longer than the retry back-off: a retry would have started by now
-    assert not cluster_api.jobs("hub")
+    assert not cluster_api.jobs("hub") and not cluster_api.jobs("tol")
     for name in [*exits, "oom"]:
         assert [j["metadata"]["name"] for j in cluster_api.jobs(name)] == [f"{name}-1"], name
         assert cluster_api.status(name)["attempt"] == 1
@@ -254,3 +258,15 @@ def test_runner_identity_is_limited_to_its_own_job(controller, cluster_api, k8s_
     assert call("GET", path) == 403
     assert call("GET", f"/apis/batch/v1/namespaces/{ns}/jobs") == 403
     assert "progress" not in cluster_api.status("other")
+
+
+def test_all_namespaces_mode(controller_kubeconfig, cluster_api, fake_kubelet, tmp_path):
+    """Without --namespace the controller watches every namespace (with the same ClusterRole)."""
+    ctl = Controller(controller_kubeconfig, None, tmp_path).start()
+    try:
+        cluster_api.create_ftj(ftj_doc("anywhere"))
+        pod = pod_of(fake_kubelet, cluster_api.ns, "anywhere-1")
+        fake_kubelet.running(pod)
+        cluster_api.wait_phase("anywhere", "Running")
+    finally:
+        ctl.stop()
