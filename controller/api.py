@@ -99,6 +99,7 @@ class RunnerReport(_Status):
     phase: str | None = Field(None, description="Validating, Downloading, Training, Merging, Uploading, ...")
     pod: str | None = Field(None, description="The pod the runner runs in.")
     attempt: int | None = None
+    result: str | None = Field(None, description="Succeeded or Failed, once the runner has finished.")
     updated: str | None = None
 
 

@@ -15,7 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "run")
     p = argparse.ArgumentParser(prog="python -m controller", description="The FineTuneJob operator.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("crd", help="print the CustomResourceDefinition (generated from runner/spec.py)")
+    c = sub.add_parser("crd", help="print the CustomResourceDefinition (generated from runner/spec.py)")
+    c.add_argument("--without-cel", action="store_true",
+                   help="leave out the CEL immutability rules (for Kubernetes < 1.25, where kubectl's "
+                   "client-side validation refuses them)")
     sub.add_parser("rbac", help="print the controller's ClusterRole")
     r = sub.add_parser("run", help="run the controller against the current kubeconfig (or in-cluster)")
     r.add_argument("-n", "--namespace", action="append", default=[],
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "crd":
         from controller.crd import render
 
-        sys.stdout.write(render())
+        sys.stdout.write(render(cel=not args.without_cel))
         return 0
     if args.command == "rbac":
         from controller.rbac import render

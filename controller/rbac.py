@@ -23,6 +23,10 @@ RULES = [
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["rolebindings"],
      "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # kopf watches CRDs and namespaces to discover what to watch (also with --namespace)
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+     "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
 ]
 
 

@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p_b.add_argument("--model-dir", default=None, help="reuse a saved random model")
     p_b.add_argument("--out", default=None, help="write the JSON result here")
     p_b.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge timing")
+    p_b.add_argument("--single", default=None, help=argparse.SUPPRESS)
+    p_b.add_argument("--single-out", default=None, help=argparse.SUPPRESS)
     p_b.add_argument("--write-job", default=None, metavar="DIR",
                      help="instead: write a random model, a dataset and a job.yaml for `runner run`")
     for p in (p_run, p_qs):

@@ -20,6 +20,8 @@ import json
 import math
 import platform
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -257,7 +259,20 @@ def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30
     return path
 
 
+def run_single(args) -> int:
+    try:
+        res, adapter = run_config(args.single, Path(args.model_dir), args.shape, args.steps, args.warmup,
+                                  Path(args.work_dir))
+        res["adapter"] = str(adapter)
+    except torch.OutOfMemoryError as e:
+        res = {"error": f"out of memory: {str(e)[:300]}"}
+    Path(args.single_out).write_text(json.dumps(res, default=str))
+    return 0
+
+
 def main(args) -> int:
+    if args.single:
+        return run_single(args)
     if args.write_job:
         print(write_job(args.shape, Path(args.write_job)))
         return 0
@@ -276,20 +291,27 @@ def main(args) -> int:
     }
     adapter = None
     names = args.configs.split(";") if ";" in args.configs else args.configs.split(",")
+    adapter = None
     for name in names:
+        # Each configuration runs in its own process: nothing of one (paged optimizer pages, allocator
+        # caches, a model kept alive by a library) can change the next one's speed or memory.
         print(f"[bench] {name} ...", flush=True)
-        try:
-            res, ad = run_config(name, model_dir, args.shape, args.steps, args.warmup, work)
-        except torch.OutOfMemoryError as e:
-            result["configs"][name] = {"error": f"out of memory: {str(e)[:200]}"}
-            print(json.dumps({name: result["configs"][name]}), flush=True)
-            gc.collect()
-            torch.cuda.empty_cache()
-            continue
+        out_file = work / "config-result.json"
+        out_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "runner", "bench", "--shape", args.shape, "--model-dir", str(model_dir),
+               "--work-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--single", name, "--single-out", str(out_file)]
+        proc = subprocess.run(cmd)
+        if out_file.exists():
+            res = json.loads(out_file.read_text())
+        else:
+            res = {"error": f"exited with {proc.returncode}"}
         result["configs"][name] = res
-        adapter = ad if name == "defaults" or adapter is None else adapter
-        print(json.dumps({name: {k: res[k] for k in ("realTokensPerSecond", "mfu", "secondsPerStep",
-                                                     "peakAllocatedGiB", "peakReservedGiB")}}), flush=True)
+        if "error" not in res and (name == "defaults" or adapter is None):
+            adapter = Path(res["adapter"])
+        print(json.dumps({name: {k: res.get(k) for k in ("realTokensPerSecond", "mfu", "secondsPerStep",
+                                                         "peakAllocatedGiB", "peakReservedGiB", "error")}}),
+              flush=True)
     if args.merge and adapter is not None:
         result["merge"] = time_merge(model_dir, adapter, work, args.shape)
         print(json.dumps({"merge": result["merge"]}), flush=True)

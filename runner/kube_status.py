@@ -7,7 +7,8 @@ The controller starts the runner with FINETUNE_JOB_NAME, FINETUNE_JOB_NAMESPACE,
 FINETUNE_ATTEMPT, under a ServiceAccount whose Role allows only `get`/`patch` on the `status` of that one
 FineTuneJob. The sink writes only the runner's part of the status (see controller/api.py):
 
-  status.runner          {phase, pod, attempt, updated}        on every phase event and on the result
+  status.runner          {phase, pod, attempt, updated}        on every phase event; plus `result`
+                                                               (Succeeded/Failed) at the end
   status.progress        {step, totalSteps, percent, summary, epoch, loss, evalLoss, learningRate,
                           tokensPerSecond, eta, updated}      at most every FINETUNE_STATUS_INTERVAL s
   status.lastCheckpoint  {name, step, time}                    on every durable checkpoint
@@ -94,12 +95,16 @@ class StatusSink:
         self._paused_until = -1e18
         self._first: tuple[float, int] | None = None  # (time, step) of the first progress report, for the eta
         self._eval_loss: float | None = None
+        self._phase: str | None = None
         self.patches = 0
 
     def __call__(self, event: dict) -> None:
         kind = event.get("event")
-        if kind == "phase" or kind == "result":
-            self._patch({"runner": self._runner(event.get("phase"))}, force=True)
+        if kind == "phase":
+            self._phase = event.get("phase")
+            self._patch({"runner": self._runner()}, force=True)
+        elif kind == "result":  # the stage stays what it was; the pod's exit decides the job's phase
+            self._patch({"runner": {**self._runner(), "result": event.get("phase")}}, force=True)
         elif kind == "progress":
             last = event.get("step") is not None and event.get("step") == event.get("totalSteps")
             if last or self.clock() - self._last_progress >= self.interval:
@@ -111,8 +116,8 @@ class StatusSink:
             self._patch({"lastCheckpoint": {"name": event.get("name"), "step": event.get("step"),
                                             "time": event.get("time") or _now()}}, force=True)
 
-    def _runner(self, phase: str | None) -> dict:
-        r: dict = {"phase": phase, "updated": _now()}
+    def _runner(self) -> dict:
+        r: dict = {"phase": self._phase, "updated": _now()}
         if self.pod:
             r["pod"] = self.pod
         if self.attempt is not None:

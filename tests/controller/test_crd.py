@@ -117,3 +117,19 @@ def test_kubectl_explain_shows_the_descriptions(k8s_cluster):
 
     out = wait_for(explain, 30, interval=1, what="kubectl explain ftj.spec.lora")
     assert "targetModules" in out and "scaling numerator" in out
+
+
+def test_examples_are_valid_for_the_api_server_and_the_runner(cluster_api):
+    from runner.spec import parse_job
+
+    examples = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc.get("kind") != api.KIND:
+                continue
+            parse_job(doc)  # the runner's own validation, cross-field rules included
+            created = cluster_api.kube.request(
+                "POST", f"/apis/{api.API_VERSION_FULL}/namespaces/{cluster_api.ns}/{api.PLURAL}", doc,
+                query=[("dryRun", "All")])
+            assert created["spec"]["resources"]["gpuResourceName"] == "nvidia.com/gpu", path

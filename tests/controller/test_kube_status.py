@@ -56,7 +56,7 @@ def test_events_map_to_the_runners_own_status_fields():
     p = s.sent[2]["progress"]
     assert (p["step"], p["totalSteps"], p["percent"], p["summary"], p["evalLoss"]) == (10, 100, 10, "10/100 (10%)",
                                                                                       1.5)
-    assert s.sent[3]["runner"]["phase"] == "Succeeded"
+    assert (s.sent[3]["runner"]["phase"], s.sent[3]["runner"]["result"]) == ("Training", "Succeeded")
     assert all(set(x) <= {"runner", "progress", "lastCheckpoint"} for x in s.sent)  # never controller fields
 
 
