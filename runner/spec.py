@@ -168,8 +168,8 @@ class TrainingSpec(_Section):
     )
     fused_kernels: bool | None = Field(
         None,
-        description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (GPU, needs liger-kernel). Off by default: "
-        "measured no faster than PyTorch's ops here; the loss never materialises the full logits either way.",
+        description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (GPU, needs liger-kernel). Unset: on where "
+        "installed (~25% faster, ~20% less activation memory measured on an H100).",
     )
     group_by_length: bool = Field(
         False, description="Batch examples of similar length together (unpacked data only)."
