@@ -121,7 +121,9 @@ def _snapshot(key) -> Snapshot | None:
     """Copy what the caches hold for one FineTuneJob (in the event loop, where the caches change)."""
     idx = STATE.indices
     store = idx["ftj_cache"].get(key)
-    ftj = next(iter(store), None) if store else None
+    # (briefly two objects under one name: a deleted FineTuneJob and its re-creation; the live one wins)
+    ftj = max(store, key=lambda f: (not f["metadata"].get("deletionTimestamp"),
+                                     f["metadata"].get("creationTimestamp") or "")) if store else None
     if ftj is None:
         return None
     uid = ftj["metadata"]["uid"]

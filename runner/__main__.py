@@ -57,7 +57,10 @@ def _run_job(args, events_out) -> int:
     from runner.report import Reporter
     from runner.spec import load_job
 
-    reporter = Reporter(stdout=events_out, termination_log=args.termination_log)
+    from runner.kube_status import sink_from_env
+
+    sink = sink_from_env()  # under the controller: live phase and progress into this job's status
+    reporter = Reporter(stdout=events_out, termination_log=args.termination_log, sinks=[sink] if sink else None)
     if not sys.stderr.isatty():
         _quiet_progress_bars()
     job = None

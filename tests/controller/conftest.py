@@ -5,7 +5,6 @@ bound to the ClusterRole that `python -m controller rbac` prints, so its RBAC is
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
 from controller import api, rbac
 from controller.kube import Kube, ns_path
@@ -154,8 +152,6 @@ def controller_kubeconfig(k8s_cluster) -> str:
 
 @pytest.fixture
 def kube(k8s_cluster):
-    from tests.cluster.cluster import ADMIN_USER  # noqa: F401 - admin is the default identity
-
     k = Kube(k8s_cluster.api_client())
     yield k
     k.close()
@@ -172,9 +168,3 @@ def controller(controller_kubeconfig, k8s_namespace, tmp_path_factory):
     yield c
     c.stop()
 
-
-def dump(obj) -> str:
-    return yaml.safe_dump(obj) if not isinstance(obj, str) else obj
-
-
-__all__ = ["wait_for", "ftj_doc", "Api", "Controller", "json", "dump"]

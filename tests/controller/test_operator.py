@@ -52,6 +52,7 @@ def test_runs_a_job_and_reports_success(controller, cluster_api, fake_kubelet, k
     code, text = controller.http("/metrics")
     assert code == 200 and 'finetune_jobs{phase="Succeeded"} 1.0' in text
     assert 'finetune_phase_transitions_total{phase="Succeeded"}' in text
+    assert "finetune_reconcile_duration_seconds_count" in text and "finetune_workqueue_depth" in text
     assert controller.http("/healthz")[0] == 200
 
 
