@@ -57,15 +57,24 @@ def _run_job(args, events_out) -> int:
     from runner.report import Reporter
     from runner.spec import load_job
 
+    from runner import distributed
     from runner.kube_status import sink_from_env
 
-    sink = sink_from_env()  # under the controller: live phase and progress into this job's status
-    reporter = Reporter(stdout=events_out, termination_log=args.termination_log, sinks=[sink] if sink else None)
+    if distributed.is_main():
+        sink = sink_from_env()  # under the controller: live phase and progress into this job's status
+        reporter = Reporter(stdout=events_out, termination_log=args.termination_log, sinks=[sink] if sink else None)
+    else:  # ranks > 0 train silently; rank 0 reports for all
+        reporter = Reporter(stdout=open(os.devnull, "w"), termination_log=os.devnull)
     if not sys.stderr.isatty():
         _quiet_progress_bars()
     job = None
     try:
         job = load_job(args.job)
+        from runner import distributed
+
+        nproc = distributed.processes_for(job.spec)
+        if nproc > 1 and not os.environ.get(distributed.LAUNCHED_ENV):
+            return distributed.launch(args.job, nproc, work_dir=args.work_dir, reporter=reporter)
         from runner.job import run_job
         from runner.train import StopFlag
 
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p_b.add_argument("--model-dir", default=None, help="reuse a saved random model")
     p_b.add_argument("--out", default=None, help="write the JSON result here")
     p_b.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge timing")
+    p_b.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per configuration: data parallel")
     p_b.add_argument("--single", default=None, help=argparse.SUPPRESS)
     p_b.add_argument("--single-out", default=None, help=argparse.SUPPRESS)
     p_b.add_argument("--write-job", default=None, metavar="DIR",

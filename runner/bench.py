@@ -156,7 +156,9 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = model_phase.add_lora(model, spec.lora)
     tokens_per_step = spec.training.batch_size * spec.dataset.max_length * spec.training.gradient_accumulation_steps
-    n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3))
+    from runner import distributed
+
+    n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3)) * distributed.world_size()
     data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
     packing = spec.dataset.packing and model_phase.packing_is_isolated(model)
     timer = StepTimer(warmup)
@@ -189,7 +191,8 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         "finalLoss": trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None,
     }
     adapter = work / f"{name}-adapter"
-    trainer.model.save_pretrained(adapter)
+    if distributed.is_main():
+        trainer.model.save_pretrained(adapter)
     del trainer, model
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -260,13 +263,17 @@ def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30
 
 
 def run_single(args) -> int:
+    from runner import distributed
+
     try:
         res, adapter = run_config(args.single, Path(args.model_dir), args.shape, args.steps, args.warmup,
                                   Path(args.work_dir))
         res["adapter"] = str(adapter)
+        res["processes"] = distributed.world_size()
     except torch.OutOfMemoryError as e:
         res = {"error": f"out of memory: {str(e)[:300]}"}
-    Path(args.single_out).write_text(json.dumps(res, default=str))
+    if distributed.is_main():
+        Path(args.single_out).write_text(json.dumps(res, default=str))
     return 0
 
 
@@ -283,6 +290,7 @@ def main(args) -> int:
     build_model(args.shape, model_dir)
     result = {
         "shape": args.shape,
+        "processes": args.nproc,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "peakBf16Tflops": _peak_tflops(),
         "versions": versions(),
@@ -298,7 +306,9 @@ def main(args) -> int:
         print(f"[bench] {name} ...", flush=True)
         out_file = work / "config-result.json"
         out_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "runner", "bench", "--shape", args.shape, "--model-dir", str(model_dir),
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
+        cmd = [sys.executable, *(launcher if args.nproc > 1 else []),
+               "-m", "runner", "bench", "--shape", args.shape, "--model-dir", str(model_dir),
                "--work-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--single", name, "--single-out", str(out_file)]
         proc = subprocess.run(cmd)

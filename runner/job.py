@@ -5,13 +5,14 @@ Each phase lives in its own module; this file only orders them and carries their
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from runner import artifacts, data as data_phase, merge as merge_phase, model as model_phase, storage
+from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, storage
 from runner.errors import INVALID_SPEC, PermanentError
 from runner.report import Reporter
 from runner.spec import FineTuneJobSpec, Job
@@ -33,6 +34,40 @@ def _uri_problem(field: str, value: str) -> storage.Location:
         raise PermanentError(f"{field}: {e}", reason=INVALID_SPEC) from e
 
 
+def _validate(spec: FineTuneJobSpec) -> dict:
+    """Sources reachable, credentials present, destination writable - before any GPU time is spent."""
+    locations = {
+        "model": _uri_problem("model.source", spec.model.source),
+        "data": _uri_problem("dataset.source", spec.dataset.source),
+        "eval": _uri_problem("dataset.evalSource", spec.dataset.eval_source) if spec.dataset.eval_source else None,
+    }
+    dest = _uri_problem("output.destination", spec.output.destination)
+    ckpt_loc = checkpoint_location(spec)
+    storage.check_source(locations["model"], repo_type="model")
+    storage.check_source(locations["data"], repo_type="dataset")
+    if locations["eval"]:
+        storage.check_source(locations["eval"], repo_type="dataset")
+    storage.check_destination(dest)
+    if ckpt_loc.scheme == "s3":
+        storage.check_destination(ckpt_loc)
+    return locations
+
+
+def _download(spec: FineTuneJobSpec, loc: dict, work: Path, reporter: Reporter) -> dict:
+    """Data first, checked against the format before the (large) model download; then the model, whose
+    layers are checked against lora.targetModules."""
+    d = spec.dataset
+    paths = {"data": storage.download(loc["data"], work / "data", repo_type="dataset"), "eval": None}
+    rows = data_phase.load_rows(paths["data"], split=d.split, subset=d.subset)
+    data_phase.build_formatter(d, list(rows.column_names), chat_template=lambda *a, **k: "")
+    reporter.log(f"data: {len(rows)} training rows")
+    if loc["eval"]:
+        paths["eval"] = storage.download(loc["eval"], work / "eval-data", repo_type="dataset")
+    paths["model"] = storage.download(loc["model"], work / "model", repo_type="model")
+    model_phase.check_target_modules(spec.lora, model_phase.linear_module_names(paths["model"], spec.model))
+    return paths
+
+
 def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop: StopFlag | None = None) -> dict:
     spec = job.spec
     stop = stop or StopFlag()
@@ -47,51 +82,38 @@ def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop:
 
 
 def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: StopFlag) -> dict:
-    # ------------------------------------------------------------------ Validating
-    reporter.phase("Validating")
-    model_loc = _uri_problem("model.source", spec.model.source)
-    data_loc = _uri_problem("dataset.source", spec.dataset.source)
-    eval_loc = _uri_problem("dataset.evalSource", spec.dataset.eval_source) if spec.dataset.eval_source else None
-    dest = _uri_problem("output.destination", spec.output.destination)
-    ckpt_loc = checkpoint_location(spec)
-    storage.check_source(model_loc, repo_type="model")
-    storage.check_source(data_loc, repo_type="dataset")
-    if eval_loc:
-        storage.check_source(eval_loc, repo_type="dataset")
-    storage.check_destination(dest)
-    if ckpt_loc.scheme == "s3":
-        storage.check_destination(ckpt_loc)
-
-    # ------------------------------------------------------------------ Downloading
-    reporter.phase("Downloading")
+    distributed.init()
+    with distributed.main_first():  # rank 0 validates and downloads; the other ranks reuse its files
+        if distributed.is_main():
+            reporter.phase("Validating")
+            locations = _validate(spec)
+            reporter.phase("Downloading")
+            paths = _download(spec, locations, work, reporter)
+            (work / "downloads.json").write_text(json.dumps({k: str(v) if v else None for k, v in paths.items()}))
+        else:
+            paths = {k: Path(v) if v else None for k, v in json.loads((work / "downloads.json").read_text()).items()}
     d = spec.dataset
-    train_rows = data_phase.load_rows(
-        storage.download(data_loc, work / "data", repo_type="dataset"), split=d.split, subset=d.subset
-    )
+    train_rows = data_phase.load_rows(paths["data"], split=d.split, subset=d.subset)
     eval_rows = None
-    if eval_loc:
-        eval_path = storage.download(eval_loc, work / "eval-data", repo_type="dataset")
-        eval_rows = data_phase.load_rows(eval_path, split="train" if eval_path.is_file() else d.split)
+    if paths["eval"]:
+        eval_rows = data_phase.load_rows(paths["eval"], split="train" if paths["eval"].is_file() else d.split)
     elif d.eval_split:
-        eval_rows = data_phase.load_rows(
-            storage.download(data_loc, work / "data", repo_type="dataset"), split=d.eval_split, subset=d.subset
-        )
-    # Formats, columns and templates are checked before the (large) model download.
-    data_phase.build_formatter(d, list(train_rows.column_names), chat_template=lambda *a, **k: "")
-    reporter.log(f"data: {len(train_rows)} training rows" + (f", {len(eval_rows)} eval rows" if eval_rows else ""))
-    model_dir = storage.download(model_loc, work / "model", repo_type="model")
-    model_phase.check_target_modules(spec.lora, model_phase.linear_module_names(model_dir, spec.model))
+        eval_rows = data_phase.load_rows(paths["data"], split=d.eval_split, subset=d.subset)
+    model_dir = paths["model"]
     tokenizer = model_phase.load_tokenizer(model_dir, spec.model)
     data = data_phase.prepare(d, train_rows, eval_rows, tokenizer, seed=spec.training.seed)
     reporter.log(
         f"tokenized {len(data.train)} examples as {data.fmt}; {data.truncated} truncated to {d.max_length} tokens"
     )
+    ckpt_loc = checkpoint_location(spec)
+    dest = storage.Location.parse(spec.output.destination)
 
     # ------------------------------------------------------------------ Training
     reporter.phase("Training")
     dev = model_phase.device()
     model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev)
-    before = model_phase.generate(model, tokenizer, spec.eval_prompts, spec.eval_max_new_tokens)
+    prompts = spec.eval_prompts if distributed.is_main() else []
+    before = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
     packing = spec.dataset.packing
     if packing and not model_phase.packing_is_isolated(model):
         packing = False
@@ -104,11 +126,14 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
     )
     after = None
     if not spec.merge.enabled:
-        after = model_phase.generate(model, tokenizer, spec.eval_prompts, spec.eval_max_new_tokens)
+        after = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    distributed.leave_group()
+    if not distributed.is_main():
+        return {}  # rank 0 merges and publishes
 
     # ------------------------------------------------------------------ Merging
     staging = work / "publish"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from runner import distributed
 from runner.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.model import compute_dtype
 from runner.report import Reporter
@@ -113,7 +114,7 @@ def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag):
 
         def on_save(self, args, state, control, **kw):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if local.is_dir():
+            if state.is_world_process_zero and local.is_dir():
                 name = store.save(local)
                 store.prune(keep)
                 reporter.emit({"event": "checkpoint", "name": name, "step": state.global_step})
@@ -180,6 +181,8 @@ def _training_args(
         shuffle_dataset=True,
         dataset_num_proc=None,
         remove_unused_columns=True,
+        ddp_find_unused_parameters=False,  # every LoRA parameter is used in every step
+        ddp_timeout=1800,
     )
     # Across the transformers versions we support: warmup_ratio became a float warmup_steps, and
     # group_by_length became train_sampling_strategy.
@@ -248,14 +251,18 @@ def train(
     stop: StopFlag,
     packing: bool,
 ) -> TrainResult:
-    check_fingerprint(store, spec, checkpoints_uri)
     scratch = work_dir / "trainer"
-    scratch.mkdir(parents=True, exist_ok=True)
-    resume = None
-    complete = store.list_complete()
-    if complete:
-        resume = store.fetch(complete[-1], scratch)
-        reporter.log(f"resuming from {complete[-1]} in {checkpoints_uri}")
+    with distributed.main_first():  # rank 0 checks and fetches; the others read its copy
+        if distributed.is_main():
+            check_fingerprint(store, spec, checkpoints_uri)
+            scratch.mkdir(parents=True, exist_ok=True)
+            complete = store.list_complete()
+            if complete:
+                store.fetch(complete[-1], scratch)
+                reporter.log(f"resuming from {complete[-1]} in {checkpoints_uri}")
+            (scratch / "resume.json").write_text(json.dumps(complete[-1] if complete else None))
+    name = json.loads((scratch / "resume.json").read_text())
+    resume = scratch / name if name else None
 
     progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop)
     trainer = make_trainer(spec, model, tokenizer, data, scratch, packing=packing, callbacks=[progress, durable])
@@ -272,8 +279,9 @@ def train(
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     metrics["global_step"] = trainer.state.global_step
     adapter_dir = work_dir / "adapter"
-    trainer.model.save_pretrained(adapter_dir)
-    return TrainResult(adapter_dir, progress.history, metrics, complete[-1] if complete else None)
+    if distributed.is_main():
+        trainer.model.save_pretrained(adapter_dir)
+    return TrainResult(adapter_dir, progress.history, metrics, name)
 
 
 def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, *, packing: bool, callbacks=(),

@@ -26,7 +26,8 @@ def test_runs_a_job_and_reports_success(controller, cluster_api, fake_kubelet, k
                                    hfTokenSecretRef={"name": "hf"}))
     s = cluster_api.wait_phase("ok", "Pending")
     assert (s["attempt"], s["jobName"]) == (1, "ok-1")
-    job = cluster_api.jobs("ok")[0]
+    # status is written before the Job is created (a stale cache then conflicts instead of acting twice)
+    job = wait_for(lambda: cluster_api.jobs("ok"), 20, what="Job ok-1")[0]
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTuneJob", "ok", True)
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/finetune-runner:test"
@@ -194,7 +195,7 @@ def test_ttl_cleans_up_children_and_keeps_the_status(controller, cluster_api, fa
 def test_spec_change_after_start_is_ignored_with_an_event(controller, cluster_api, fake_kubelet):
     cluster_api.create_ftj(ftj_doc("fixed"))
     cluster_api.wait_phase("fixed", "Pending")
-    job = cluster_api.jobs("fixed")[0]
+    job = wait_for(lambda: cluster_api.jobs("fixed"), 20, what="Job fixed-1")[0]
     cluster_api.patch_spec("fixed", {"lora": {"r": 64}})  # 1.20 does not enforce the CEL rule
     ev = wait_for(lambda: [e for e in cluster_api.events("fixed") if e["reason"] == "SpecChangeIgnored"], 10,
                   what="SpecChangeIgnored event")
