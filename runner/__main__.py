@@ -75,6 +75,8 @@ def _run_job(args, events_out) -> int:
         nproc = distributed.processes_for(job.spec)
         if nproc > 1 and not os.environ.get(distributed.LAUNCHED_ENV):
             return distributed.launch(args.job, nproc, work_dir=args.work_dir, reporter=reporter)
+        if distributed.world_size() == 1:
+            distributed.pin_one_gpu()
         from runner.job import run_job
         from runner.train import StopFlag
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import platform
 import shutil
 import subprocess
@@ -184,7 +185,8 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         "secondsPerStep": round(seconds / max(measured, 1), 4),
         "realTokensPerSecond": round(tps, 1),
         "modelFlopsPerToken": flops,
-        "mfu": round(tps * flops / (peak * 1e12), 4) if peak else None,
+        # per GPU: the tokens of all ranks over the peak of all GPUs
+        "mfu": round(tps * flops / (peak * 1e12 * distributed.world_size()), 4) if peak else None,
         "loadSeconds": round(load_s, 1),
         "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "peakReservedGiB": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
@@ -311,7 +313,10 @@ def main(args) -> int:
                "-m", "runner", "bench", "--shape", args.shape, "--model-dir", str(model_dir),
                "--work-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--single", name, "--single-out", str(out_file)]
-        proc = subprocess.run(cmd)
+        env = dict(os.environ)
+        if args.nproc == 1:  # one process, one GPU (see distributed.pin_one_gpu)
+            env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        proc = subprocess.run(cmd, env=env)
         if out_file.exists():
             res = json.loads(out_file.read_text())
         else:

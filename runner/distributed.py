@@ -70,6 +70,17 @@ def leave_group() -> None:
             dist.destroy_process_group()
 
 
+def pin_one_gpu() -> None:
+    """A single process uses one GPU. With several visible (docker run --gpus all on a multi-GPU host),
+    transformers would wrap the model in nn.DataParallel, which trl refuses; resources.gpus > 1 is the way
+    to use more than one. Must run before CUDA is initialised."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = "0"
+    elif "," in visible:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible.split(",")[0]
+
+
 def processes_for(spec) -> int:
     override = os.environ.get(NPROC_ENV)
     if override:

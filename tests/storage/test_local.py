@@ -63,7 +63,11 @@ def test_publish_replaces_an_existing_output_only_when_complete(tmp_path, monkey
             raise OSError(28, "No space left on device")
         return real_copy(src, dst, *a, **k)
 
+    def cross_device(src, dst):  # staging on another filesystem: publish copies instead of linking
+        raise OSError(18, "Invalid cross-device link")
+
     monkeypatch.setattr(shutil, "copy2", failing_copy)
+    monkeypatch.setattr(os, "link", cross_device)
     with pytest.raises(PermanentError) as e:
         storage.publish(v2, Location.parse(str(dest_dir)))
     assert e.value.reason == UPLOAD_FAILED and "No space left" in str(e.value)
@@ -108,3 +112,11 @@ def test_check_destination_not_writable():
 def test_publish_nothing(tmp_path):
     with pytest.raises(PermanentError, match="not a directory"):
         storage.publish(tmp_path / "missing", Location.parse(str(tmp_path / "dest")))
+
+
+def test_publish_on_the_same_filesystem_links_instead_of_copying(tmp_path):
+    src = make_output(tmp_path / "staged")
+    dest = tmp_path / "published"
+    storage.publish(src, Location.parse(str(dest)))
+    assert (dest / "model.safetensors").stat().st_ino == (src / "model.safetensors").stat().st_ino
+    assert storage.is_complete(Location.parse(str(dest)))
