@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def test_quickstart_trains_merges_and_answers_better(tmp_path):
     capitals = {json.loads(l)["country"]: json.loads(l)["capital"]
                 for l in (tmp_path / "qs" / "capitals.jsonl").read_text().splitlines()}
     samples = json.loads((out / "report" / "samples.json").read_text())
-    right_before = sum(s["before"].split()[:1] == [capitals[s["prompt"].split()[-2]]] for s in samples)
-    right_after = sum(s["after"].split()[:1] == [capitals[s["prompt"].split()[-2]]] for s in samples)
+    def right(answer_key: str) -> int:
+        return sum(s[answer_key].split()[:1] == [capitals[re.search(r"capital of (\S+)", s["prompt"])[1]]]
+                   for s in samples)
+
+    right_before, right_after = right("before"), right("after")
     assert right_after >= 2 and right_after > right_before, samples
     history = json.loads((out / "report" / "history.json").read_text())
     assert history[-1]["loss"] < history[0]["loss"] / 3

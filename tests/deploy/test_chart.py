@@ -26,7 +26,6 @@ VALUE_SETS = {
     "namespaced": ("watchNamespaces={team-a,team-b}", "runner.gpuResourceName=amd.com/gpu",
                    "runner.imagePullSecrets={regcred}", "controller.verbose=true",
                    "controller.extraArgs={--retry-backoff=5}"),
-    "namespaced-no-discovery": ("watchNamespaces={team-a}", "rbac.clusterDiscovery=false"),
     "everything": ("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom",
                    "--set-string=metrics.service.annotations.prometheus\\.io/scrape=true", "imagePullSecrets={ctl-pull}",
                    "nodeSelector.pool=system", "tolerations[0].key=dedicated", "tolerations[0].operator=Exists",
@@ -211,9 +210,6 @@ def test_rbac_matches_the_controllers_own_rules(rendered):
     [cluster_role] = by_kind(objs, "ClusterRole")
     assert _rules(cluster_role) == discovery
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster_role["rules"])
-
-    no_discovery = rendered["namespaced-no-discovery"]
-    assert not by_kind(no_discovery, "ClusterRole") and not by_kind(no_discovery, "ClusterRoleBinding")
     assert not by_kind(rendered["no-crd-no-service"], "ClusterRole")
 
 

@@ -178,15 +178,19 @@ def test_helm_install_all_namespaces_runs_a_finetunejob_and_uninstall_keeps_the_
     assert k8s_cluster.kubectl_run("get", "clusterrole", release + "-finetune-operator", check=False).returncode != 0
 
 
-def test_helm_install_namespaced_needs_no_cluster_role_and_applies_runner_defaults(k8s_cluster, tmp_path):
+def test_helm_install_namespaced_needs_no_cluster_permission_on_jobs_and_applies_runner_defaults(k8s_cluster,
+                                                                                                 tmp_path):
     release_ns = namespace(k8s_cluster, "ftc-operator")
     watched, other = namespace(k8s_cluster, "ftc-watched"), namespace(k8s_cluster, "ftc-other")
     release = "ftc-ns"
-    helm_install(k8s_cluster, release, release_ns, f"watchNamespaces={{{watched}}}", "rbac.clusterDiscovery=false",
+    helm_install(k8s_cluster, release, release_ns, f"watchNamespaces={{{watched}}}",
                  "runner.gpuResourceName=example.com/gpu", "runner.imagePullSecrets={regcred}")
-    manifest = k8s_cluster.helm_run("get", "manifest", release, "-n", release_ns).stdout
-    kinds = {line.split(":", 1)[1].strip() for line in manifest.splitlines() if line.startswith("kind:")}
-    assert "Role" in kinds and not kinds & {"ClusterRole", "ClusterRoleBinding"}, kinds
+    # the only cluster-wide grant: reading CRDs and Namespaces
+    role = json.loads(k8s_cluster.kubectl_run("get", "clusterrole", release + "-finetune-operator-discovery",
+                                              "-o", "json").stdout)
+    assert {r for rule in role["rules"] for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
+    assert {v for rule in role["rules"] for v in rule["verbs"]} == {"get", "list", "watch"}
+    assert k8s_cluster.kubectl_run("get", "clusterrole", release + "-finetune-operator", check=False).returncode
 
     controller = InstalledController(k8s_cluster, release_ns, release + "-finetune-operator", tmp_path).start()
     try:
