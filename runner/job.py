@@ -8,6 +8,7 @@ import gc
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,7 +84,28 @@ def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop:
 
 def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: StopFlag) -> dict:
     distributed.init()
-    with distributed.main_first():  # rank 0 validates and downloads; the other ranks reuse its files
+    paths = _fetch(spec, work, reporter)
+    tokenizer, data = _tokenize(spec, paths, reporter)
+    trained = _train(spec, paths["model"], tokenizer, data, work, reporter, stop)
+    if not distributed.is_main():
+        return {}  # rank 0 merges and publishes
+    staging = _assemble(job, spec, paths["model"], tokenizer, data, trained, work, reporter)
+    return _upload(job, spec, staging, trained.metrics, reporter)
+
+
+@dataclass
+class _Trained:
+    adapter_dir: Path
+    history: list[dict]
+    metrics: dict
+    samples_before: list[str]
+    samples_after: list[str] | None
+    packing: bool
+
+
+def _fetch(spec: FineTuneJobSpec, work: Path, reporter: Reporter) -> dict:
+    """Validating and Downloading, by rank 0 first; the other ranks reuse its files."""
+    with distributed.main_first():
         if distributed.is_main():
             reporter.phase("Validating")
             locations = _validate(spec)
@@ -92,6 +114,10 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
             (work / "downloads.json").write_text(json.dumps({k: str(v) if v else None for k, v in paths.items()}))
         else:
             paths = {k: Path(v) if v else None for k, v in json.loads((work / "downloads.json").read_text()).items()}
+    return paths
+
+
+def _tokenize(spec: FineTuneJobSpec, paths: dict, reporter: Reporter):
     d = spec.dataset
     train_rows = data_phase.load_rows(paths["data"], split=d.split, subset=d.subset)
     eval_rows = None
@@ -99,19 +125,18 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
         eval_rows = data_phase.load_rows(paths["eval"], split="train" if paths["eval"].is_file() else d.split)
     elif d.eval_split:
         eval_rows = data_phase.load_rows(paths["data"], split=d.eval_split, subset=d.subset)
-    model_dir = paths["model"]
-    tokenizer = model_phase.load_tokenizer(model_dir, spec.model)
+    tokenizer = model_phase.load_tokenizer(paths["model"], spec.model)
     data = data_phase.prepare(d, train_rows, eval_rows, tokenizer, seed=spec.training.seed)
     reporter.log(
         f"tokenized {len(data.train)} examples as {data.fmt}; {data.truncated} truncated to {d.max_length} tokens"
     )
-    ckpt_loc = checkpoint_location(spec)
-    dest = storage.Location.parse(spec.output.destination)
+    return tokenizer, data
 
-    # ------------------------------------------------------------------ Training
+
+def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,
+           stop: StopFlag) -> _Trained:
     reporter.phase("Training")
-    dev = model_phase.device()
-    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev)
+    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, model_phase.device())
     prompts = spec.eval_prompts if distributed.is_main() else []
     before = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
     packing = spec.dataset.packing
@@ -119,32 +144,33 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
         packing = False
         reporter.log("this architecture lets packed examples attend to each other; training unpacked instead")
     model = model_phase.add_lora(model, spec.lora)
-    store = storage.CheckpointStore(ckpt_loc)
+    ckpt_loc = checkpoint_location(spec)
     result = train(
-        spec, model, tokenizer, data, work_dir=work, store=store, checkpoints_uri=str(ckpt_loc),
-        reporter=reporter, stop=stop, packing=packing,
+        spec, model, tokenizer, data, work_dir=work, store=storage.CheckpointStore(ckpt_loc),
+        checkpoints_uri=str(ckpt_loc), reporter=reporter, stop=stop, packing=packing,
     )
-    after = None
-    if not spec.merge.enabled:
-        after = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
+    after = None if spec.merge.enabled else model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
     del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     distributed.leave_group()
-    if not distributed.is_main():
-        return {}  # rank 0 merges and publishes
+    metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt, "packing": packing,
+               "examples": len(data.train), "truncatedExamples": data.truncated, "checkpoints": str(ckpt_loc)}
+    return _Trained(result.adapter_dir, result.history, metrics, before, after, packing)
 
-    # ------------------------------------------------------------------ Merging
+
+def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, trained: _Trained, work: Path,
+              reporter: Reporter) -> Path:
+    """Merging (when enabled), then the folder to publish: model or adapter, report, model card."""
     staging = work / "publish"
     staging.mkdir()
-    metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt,
-               "examples": len(data.train), "truncatedExamples": data.truncated, "packing": packing}
+    metrics, after = trained.metrics, trained.samples_after
     if spec.merge.enabled:
         reporter.phase("Merging")
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in data.train[:4]["input_ids"]]
         probe = merge_phase.probe_inputs(tokenizer, texts)
-        check = merge_phase.merge(spec, model_dir, result.adapter_dir, tokenizer, probe, staging, spec.eval_prompts)
+        check = merge_phase.merge(spec, model_dir, trained.adapter_dir, tokenizer, probe, staging, spec.eval_prompts)
         after = check.samples
         metrics["mergeCheck"] = {
             "dtype": check.dtype, "relativeLogitError": check.relative_error,
@@ -152,22 +178,25 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
             "maxAbsWeight": check.max_abs_weight,
         }
         if spec.output.push_adapter:
-            shutil.copytree(result.adapter_dir, staging / "adapter")
+            shutil.copytree(trained.adapter_dir, staging / "adapter")
     else:
-        shutil.copytree(result.adapter_dir, staging, dirs_exist_ok=True)
+        shutil.copytree(trained.adapter_dir, staging, dirs_exist_ok=True)
         tokenizer.save_pretrained(staging)
-
     metrics["phaseSeconds"] = dict(reporter.phase_seconds)
-    samples = [{"prompt": p, "before": b, "after": a} for p, b, a in zip(spec.eval_prompts, before, after or [])]
-    artifacts.write_report(
-        staging / "report", job=job, metrics=metrics, history=result.history, lengths=data.lengths, samples=samples
-    )
+    samples = [{"prompt": p, "before": b, "after": a}
+               for p, b, a in zip(spec.eval_prompts, trained.samples_before, after or [])]
+    artifacts.write_report(staging / "report", job=job, metrics=metrics, history=trained.history,
+                           lengths=data.lengths, samples=samples)
     (staging / "README.md").write_text(artifacts.model_card(job, metrics, merged=spec.merge.enabled))
+    return staging
 
-    # ------------------------------------------------------------------ Uploading
+
+def _upload(job: Job, spec: FineTuneJobSpec, staging: Path, metrics: dict, reporter: Reporter) -> dict:
     reporter.phase("Uploading")
-    published = storage.publish(staging, dest, private=spec.output.private,
+    published = storage.publish(staging, storage.Location.parse(spec.output.destination),
+                                private=spec.output.private,
                                 commit_message=f"FineTuneJob {job.name}: QLoRA fine-tune of {spec.model.source}")
     summary = {k: metrics[k] for k in ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen",
                                        "train_runtime") if k in metrics}
-    return {"output": published, "metrics": summary, "samples": len(samples), "checkpoints": str(ckpt_loc)}
+    return {"output": published, "metrics": summary, "samples": len(spec.eval_prompts),
+            "checkpoints": metrics["checkpoints"]}
