@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     p_b.add_argument("--out", default=None, help="write the JSON result here")
     p_b.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge timing")
     p_b.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per configuration: data parallel")
+    p_b.add_argument("--loss-check", action="store_true",
+                     help="log every step's loss and compare the first two configurations (fast vs reference)")
     p_b.add_argument("--single", default=None, help=argparse.SUPPRESS)
     p_b.add_argument("--single-out", default=None, help=argparse.SUPPRESS)
     p_b.add_argument("--write-job", default=None, metavar="DIR",

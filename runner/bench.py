@@ -131,13 +131,19 @@ class StepTimer:
                     timer.t0, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
                 timer.t1, timer.tokens1, timer.steps = time.perf_counter(), state.num_input_tokens_seen, state.global_step
 
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    timer.losses.append(round(float(logs["loss"]), 5))
+
         self.callback = _CB()
+        self.losses: list[float] = []
         self.t0 = self.t1 = 0.0
         self.tokens0 = self.tokens1 = self.steps = 0
         self.warmup = warmup
 
 
-def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, work: Path) -> tuple[dict, Path]:
+def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, work: Path,
+               log_every_step: bool = False) -> tuple[dict, Path]:
     from peft import prepare_model_for_kbit_training
 
     from runner import model as model_phase
@@ -163,7 +169,8 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
     packing = spec.dataset.packing and model_phase.packing_is_isolated(model)
     timer = StepTimer(warmup)
-    overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 10**6, "shuffle_dataset": False}
+    overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 1 if log_every_step else 10**6,
+                 "shuffle_dataset": False}
     if name == "seeds":
         overrides["pad_to_multiple_of"] = 512  # the seeds pad every row to 512
     trainer = make_trainer(spec, model, tok, data, work / name, packing=packing, callbacks=[timer.callback],
@@ -191,6 +198,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "peakReservedGiB": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         "finalLoss": trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None,
+        "stepLosses": timer.losses,
     }
     adapter = work / f"{name}-adapter"
     if distributed.is_main():
@@ -217,6 +225,21 @@ def time_merge(model_dir: Path, adapter: Path, work: Path, shape: str) -> dict:
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return {"seconds": round(seconds, 1), "dtype": check.dtype, "relativeLogitError": check.relative_error,
             "savedGiB": round(size / 2**30, 2)}
+
+
+# The fast path (varlen attention, fused kernels) against the reference path (SDPA with a block-diagonal
+# mask, PyTorch ops), same data, seed and packing: bf16 kernels reorder sums, so losses agree to ~1e-2.
+LOSS_TOLERANCE = 0.02
+REFERENCE = '{"model": {"attnImplementation": "sdpa"}, "training": {"fusedKernels": false}}'
+
+
+def loss_check(configs: dict, names: list[str]) -> dict:
+    fast, ref = configs[names[0]].get("stepLosses") or [], configs[names[1]].get("stepLosses") or []
+    n = min(len(fast), len(ref))
+    diffs = [abs(a - b) / max(abs(b), 1e-6) for a, b in zip(fast[:n], ref[:n])]
+    worst = max(diffs) if diffs else float("nan")
+    return {"fast": names[0], "reference": names[1], "steps": n, "maxRelativeDifference": round(worst, 5),
+            "tolerance": LOSS_TOLERANCE, "passed": bool(diffs) and worst <= LOSS_TOLERANCE}
 
 
 def _peak_tflops() -> float | None:
@@ -269,7 +292,7 @@ def run_single(args) -> int:
 
     try:
         res, adapter = run_config(args.single, Path(args.model_dir), args.shape, args.steps, args.warmup,
-                                  Path(args.work_dir))
+                                  Path(args.work_dir), log_every_step=args.loss_check)
         res["adapter"] = str(adapter)
         res["processes"] = distributed.world_size()
     except torch.OutOfMemoryError as e:
@@ -312,7 +335,7 @@ def main(args) -> int:
         cmd = [sys.executable, *(launcher if args.nproc > 1 else []),
                "-m", "runner", "bench", "--shape", args.shape, "--model-dir", str(model_dir),
                "--work-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--single", name, "--single-out", str(out_file)]
+               "--single", name, "--single-out", str(out_file), *(["--loss-check"] if args.loss_check else [])]
         env = dict(os.environ)
         if args.nproc == 1:  # one process, one GPU (see distributed.pin_one_gpu)
             env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
@@ -327,6 +350,9 @@ def main(args) -> int:
         print(json.dumps({name: {k: res.get(k) for k in ("realTokensPerSecond", "mfu", "secondsPerStep",
                                                          "peakAllocatedGiB", "peakReservedGiB", "error")}}),
               flush=True)
+    if args.loss_check:
+        result["lossCheck"] = loss_check(result["configs"], names)
+        print(json.dumps({"lossCheck": result["lossCheck"]}), flush=True)
     if args.merge and adapter is not None:
         result["merge"] = time_merge(model_dir, adapter, work, args.shape)
         print(json.dumps({"merge": result["merge"]}), flush=True)

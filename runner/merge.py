@@ -12,8 +12,10 @@ from runner.model import device
 from runner.spec import FineTuneJobSpec
 
 FP16_MAX = 65504.0
-# Relative mean |logit difference| allowed between base+adapter and the merged weights.
-TOLERANCE = {"float16": 1e-2, "bfloat16": 3e-2}
+# Relative mean |logit difference| allowed between base+adapter and the merged weights. A broken merge
+# (wrong scale, wrong layers, 4-bit rounding) is off by O(1); 16-bit rounding of W + BA is measured at
+# ~1e-3 on tiny models and ~9e-3 (fp16) on a random-initialised Llama-3-8B, whose logits are near-uniform.
+TOLERANCE = {"float16": 3e-2, "bfloat16": 8e-2}
 
 
 @dataclass

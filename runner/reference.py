@@ -34,8 +34,9 @@ def markdown() -> str:
         f"<!-- Generated from runner/spec.py by `{COMMAND}`; do not edit by hand. -->",
         "",
         "Every field of a FineTuneJob's `spec` (the same file runs under `kubectl apply` and `python -m runner "
-        "run`). Field names are camelCase; unknown fields are rejected by `python -m runner validate` and "
-        "dropped by the API server. `kubectl explain ftj.spec.<field>` shows the same descriptions.",
+        "run`). Field names are camelCase. Unknown fields are rejected by `python -m runner validate`, and by "
+        "`kubectl apply` on Kubernetes 1.27+ (strict field validation). `kubectl explain ftj.spec.<field>` shows "
+        "the same descriptions.",
     ]
     lines += _section("spec", "What the runner does. The runner and the cluster read these.", FineTuneJobSpec,
                       {k: v for k, v in props.items() if k not in cluster}, defs)

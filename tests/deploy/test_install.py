@@ -46,12 +46,23 @@ def restore_crd(k8s_cluster):
     k8s_cluster.apply_crds(project_crd_files())
 
 
-def namespace(cluster, prefix: str) -> str:
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    code, body = cluster.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                                  "metadata": {"name": name}})
-    assert code == 201, body
-    return name
+@pytest.fixture
+def namespace(k8s_cluster):
+    """namespace(prefix) -> a fresh namespace, deleted after the test."""
+    made = []
+
+    def make(prefix: str) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        code, body = k8s_cluster.request("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                                          "metadata": {"name": name}})
+        assert code == 201, body
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:  # no kubelet: pods go at once, so the namespaces do too
+        k8s_cluster.request("DELETE", f"/api/v1/namespaces/{name}/pods?gracePeriodSeconds=0")
+        k8s_cluster.request("DELETE", f"/api/v1/namespaces/{name}")
 
 
 def helm_install(cluster, release: str, ns: str, *sets: str) -> None:
@@ -147,8 +158,9 @@ def wait_pending_with_job(cluster, controller, ns: str, name: str) -> dict:
     return job
 
 
-def test_helm_install_all_namespaces_runs_a_finetunejob_and_uninstall_keeps_the_crd(k8s_cluster, tmp_path):
-    release_ns, jobs_ns = namespace(k8s_cluster, "ftc-operator"), namespace(k8s_cluster, "ftc-team")
+def test_helm_install_all_namespaces_runs_a_finetunejob_and_uninstall_keeps_the_crd(k8s_cluster, namespace,
+                                                                                    tmp_path):
+    release_ns, jobs_ns = namespace("ftc-operator"), namespace("ftc-team")
     release = "ftc-all"
     helm_install(k8s_cluster, release, release_ns, "runner.image.tag=v1")
     status = json.loads(k8s_cluster.helm_run("status", release, "-n", release_ns, "-o", "json").stdout)
@@ -178,10 +190,10 @@ def test_helm_install_all_namespaces_runs_a_finetunejob_and_uninstall_keeps_the_
     assert k8s_cluster.kubectl_run("get", "clusterrole", release + "-finetune-operator", check=False).returncode != 0
 
 
-def test_helm_install_namespaced_needs_no_cluster_permission_on_jobs_and_applies_runner_defaults(k8s_cluster,
-                                                                                                 tmp_path):
-    release_ns = namespace(k8s_cluster, "ftc-operator")
-    watched, other = namespace(k8s_cluster, "ftc-watched"), namespace(k8s_cluster, "ftc-other")
+def test_helm_install_namespaced_needs_no_cluster_permission_on_jobs_and_applies_runner_defaults(
+        k8s_cluster, namespace, tmp_path):
+    release_ns = namespace("ftc-operator")
+    watched, other = namespace("ftc-watched"), namespace("ftc-other")
     release = "ftc-ns"
     helm_install(k8s_cluster, release, release_ns, f"watchNamespaces={{{watched}}}",
                  "runner.gpuResourceName=example.com/gpu", "runner.imagePullSecrets={regcred}")

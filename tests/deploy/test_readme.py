@@ -1,0 +1,75 @@
+"""README.md: the spec reference is the model's, and what it tells a platform team to run exists and works."""
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from runner import reference
+from tests.deploy.tools import CHART, README, ROOT, docs, template
+
+
+def test_spec_reference_is_generated_from_the_model():
+    block = reference.readme_block(README.read_text(encoding="utf-8"))
+    assert block == reference.markdown(), (
+        "README.md's spec reference is out of date with runner/spec.py; regenerate it: "
+        f"{reference.COMMAND}")
+
+
+def test_spec_reference_covers_every_field():
+    from runner.spec import FineTuneJobSpec
+
+    text = reference.markdown()
+
+    def walk(model, path):
+        for name, f in model.model_fields.items():
+            alias = f.alias or name
+            assert f"| `{alias}` |" in text, f"{path}.{alias} missing from the reference"
+            sub = reference._submodel(f.annotation)
+            if sub is not None:
+                assert f"### `{path}.{alias}`" in text
+                walk(sub, f"{path}.{alias}")
+
+    walk(FineTuneJobSpec, "spec")
+    lora = text.split("### `spec.lora`")[1].split("###")[0]
+    assert "| `r` | integer | `16` | ≥ 1, ≤ 1024 | LoRA rank. |" in lora
+    assert "| `bias` | string | `\"none\"` | `none`, `all`, `lora_only` |" in lora
+    assert "| `model` | object ([`spec.model`](#specmodel)) | **required** |" in text
+
+
+def test_write_readme_replaces_only_the_block(tmp_path):
+    p = tmp_path / "README.md"
+    p.write_text(f"# T\nintro\n{reference.START}\nold\n{reference.END}\ntail\n")
+    assert reference.write_readme(p) is True
+    text = p.read_text()
+    assert text.startswith("# T\nintro\n") and text.endswith(f"{reference.END}\ntail\n")
+    assert reference.readme_block(text) == reference.markdown()
+    assert reference.write_readme(p) is False
+
+
+def test_files_the_readme_points_to_exist():
+    text = README.read_text(encoding="utf-8")
+    paths = set(re.findall(r"\]\(((?:manifests|charts)/[^)#]+)\)", text))
+    paths |= set(re.findall(r"(?<![\w/])((?:manifests|charts)/[\w./-]+\.ya?ml)", text))
+    assert len(paths) >= 8, paths
+    for rel in paths:
+        assert (ROOT / rel).exists(), f"README.md names {rel}, which does not exist"
+
+
+def test_helm_commands_in_the_readme_render(helm_bin):
+    """Every `--set key=value` the README shows is accepted by the chart's schema."""
+    text = README.read_text(encoding="utf-8")
+    sets = re.findall(r"--set ([\w.]+=[^\s\\`]+)", text)
+    assert {s.split("=")[0] for s in sets} >= {"image.repository", "runner.image.repository"}
+    objs = docs(template(helm_bin, *sets).stdout)
+    deploy = next(d for d in objs if d["kind"] == "Deployment")
+    assert "--image=registry.example.com/finetune-runner:0.1.0" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    table = text.split("| value | what it does |")[1].split("\n\n")[0]
+    keys = {k for row in table.splitlines()[2:] for k in re.findall(r"`([\w.]+)[`:]", row.split(" | ")[0])}
+    assert {"watchNamespaces", "runner.gpuResourceName", "crds.keep", "tolerations"} <= keys, keys
+    for key in keys:
+        node = values
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"README's values table names {key}, not in values.yaml"
+            node = node[part]
