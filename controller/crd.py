@@ -20,28 +20,6 @@ from controller import api
 from runner.spec import FineTuneJobSpec
 
 # Descriptions for spec fields the pydantic model leaves undocumented (used only where it has none).
-FALLBACK_DESCRIPTIONS = {
-    "model": "The base model to fine-tune.",
-    "dataset": "The training data and how its rows become training text.",
-    "quantization": "How the frozen base model is quantized to 4 bits.",
-    "lora": "The LoRA adapter that is trained.",
-    "training": "Optimizer, schedule and checkpointing.",
-    "merge": "Merging the adapter into a 16-bit copy of the base model.",
-    "output": "Where the result and the checkpoints go.",
-    "resources": "Compute for the runner pod (cluster only).",
-    "nodeSelector": "Node labels the runner pod must match (cluster only).",
-    "tolerations": "Pod tolerations, as in a Pod spec (cluster only).",
-    "affinity": "Pod affinity, as in a Pod spec (cluster only).",
-    "priorityClassName": "PriorityClass of the runner pod (cluster only).",
-    "serviceAccountName": "ServiceAccount of the runner pod (default: one made for this job, allowed only to "
-    "report this job's status).",
-    "activeDeadlineSeconds": "Fail with DeadlineExceeded when the job has been running this long (counted from "
-    "status.startTime, across retries).",
-    "ttlSecondsAfterFinished": "Delete the job's Jobs, Pods and runner identity this long after it finished "
-    "(the FineTuneJob and its status stay).",
-    "suspend": "true stops the runner (it saves a checkpoint); false again resumes from that checkpoint.",
-    "backoffLimit": "Retries after retryable failures.",
-}
 
 
 def structural(schema: dict) -> dict:
@@ -76,8 +54,6 @@ def _convert(node: dict, defs: dict, path: tuple[str, ...]) -> dict:
 
     if "description" in node:
         out["description"] = " ".join(node["description"].split())
-    elif path and path[-1] in FALLBACK_DESCRIPTIONS and len(path) == 1:
-        out["description"] = FALLBACK_DESCRIPTIONS[path[-1]]
     if "const" in node:
         node = {**node, "enum": [node["const"]]}
     kind = node.get("type")

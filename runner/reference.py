@@ -1,6 +1,6 @@
 """The spec reference in the README, rendered from the pydantic model (runner/spec.py), so it cannot drift.
 
-    python -c 'from runner.reference import write_readme; write_readme()'   # after changing runner/spec.py
+    python -m tests.deploy.tools   # after changing runner/spec.py: CRD, chart, install.yaml, README
 
 `markdown()` renders every field of `FineTuneJobSpec`, nested sections included, with its type, default,
 allowed values or bounds, and description. `write_readme()` puts it into README.md between the markers
@@ -21,7 +21,7 @@ from runner.spec import ClusterFields, FineTuneJobSpec
 START = "<!-- spec-reference:start -->"
 END = "<!-- spec-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMAND = "python -c 'from runner.reference import write_readme; write_readme()'"
+COMMAND = "python -m tests.deploy.tools  # regenerates every file made from runner/spec.py"
 
 
 def markdown() -> str:
@@ -57,7 +57,7 @@ def _section(path: str, intro: str, model: type[BaseModel], props: dict, defs: d
         node = _resolve(raw, defs)
         sub = _submodel(info.annotation)
         field_path = f"{path}.{name}"
-        description = _description(name, raw, node, top_level=path == "spec")
+        description = _description(raw, node)
         if sub is not None:  # a nested section: a row that links to its own table
             kind = f"object ([`{field_path}`](#{_anchor(field_path)}))"
             nested.append((field_path, sub, node, description))
@@ -141,13 +141,8 @@ def _number(v: Any) -> str:
     return f"{v:,}".replace(",", " ") if isinstance(v, int) and abs(v) >= 10_000 else str(v)
 
 
-def _description(name: str, raw: dict, node: dict, top_level: bool) -> str:
+def _description(raw: dict, node: dict) -> str:
     text = raw.get("description") or node.get("description") or ""
-    if not text and top_level:
-        # Top-level fields the model leaves undocumented: the same text the CRD (`kubectl explain`) uses.
-        from controller.crd import FALLBACK_DESCRIPTIONS
-
-        text = FALLBACK_DESCRIPTIONS.get(name, "")
     return " ".join(text.split())
 
 

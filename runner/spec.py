@@ -223,35 +223,59 @@ class ResourcesSpec(_Section):
 class ClusterFields(_Section):
     """Fields only the cluster needs; the runner ignores them."""
 
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Compute for the runner pod (cluster only)."
+    )
     image: str | None = Field(None, description="Runner image (default: the operator's).")
     image_pull_secrets: list[str] = Field(default_factory=list, description="Pull secret names.")
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    affinity: dict[str, Any] | None = None
-    priority_class_name: str | None = None
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the runner pod must match (cluster only)."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod tolerations, as in a Pod spec (cluster only)."
+    )
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity, as in a Pod spec (cluster only).")
+    priority_class_name: str | None = Field(None, description="PriorityClass of the runner pod (cluster only).")
     queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
-    service_account_name: str | None = None
+    service_account_name: str | None = Field(
+        None,
+        description="ServiceAccount of the runner pod (default: one made for this job, allowed only to report "
+        "this job's status).",
+    )
     env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container env vars.")
     hf_token_secret_ref: SecretKeyRef | None = Field(None, description="Secret holding HF_TOKEN.")
     s3_secret_ref: SecretRef | None = Field(None, description="Secret holding AWS_* variables.")
     backoff_limit: int = Field(3, ge=0, description="Retries after retryable failures.")
-    active_deadline_seconds: int | None = Field(None, ge=1)
-    ttl_seconds_after_finished: int | None = Field(None, ge=0)
-    suspend: bool = False
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Fail with DeadlineExceeded when the job has been running this long (counted "
+        "from status.startTime, across retries).",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, description="Delete the job's Jobs, Pods and runner identity this long after it finished "
+        "(the FineTuneJob and its status stay).",
+    )
+    suspend: bool = Field(
+        False, description="true stops the runner (it saves a checkpoint); false again resumes from that checkpoint."
+    )
 
 
 # ------------------------------------------------------------------------------------------ the job
 class FineTuneJobSpec(ClusterFields):
     """Everything a FineTuneJob's `spec` may hold."""
 
-    model: ModelSpec
-    dataset: DatasetSpec
-    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    merge: MergeSpec = Field(default_factory=MergeSpec)
-    output: OutputSpec
+    model: ModelSpec = Field(description="The base model to fine-tune.")
+    dataset: DatasetSpec = Field(description="The training data and how its rows become training text.")
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec, description="How the frozen base model is quantized to 4 bits."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="The LoRA adapter that is trained.")
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="Optimizer, schedule, batching and checkpointing."
+    )
+    merge: MergeSpec = Field(
+        default_factory=MergeSpec, description="Merging the adapter into a 16-bit copy of the base model."
+    )
+    output: OutputSpec = Field(description="Where the result and the checkpoints go.")
     eval_prompts: list[str] = Field(
         default_factory=list,
         description="Prompts answered by the base model before training and the merged model after.",

@@ -723,3 +723,15 @@ if __name__ == "__main__":  # python -m tests.cluster.cluster: start, print, wai
         pass
     finally:
         c.stop()
+
+
+def wait_for(fn, timeout: float = 30, interval: float = 0.05, what: str = "condition"):
+    """Poll fn() until it returns something truthy; return that (shared by every cluster test)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

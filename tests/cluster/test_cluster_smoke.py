@@ -5,28 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from tests.cluster.cluster import wait_for
 from tests.cluster.conftest_plugin import project_crd_files
 
 pytestmark = pytest.mark.k8s
-
-
-def wait_for(fn, timeout: float = 30, interval: float = 0.05, what: str = "condition"):
-    """Poll fn() until it returns something truthy; return that."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def make_job(name: str, backoff_limit: int = 0, parallelism: int = 1, completions: int = 1,

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,21 +16,10 @@ import pytest
 
 from controller import api, rbac
 from controller.kube import Kube, ns_path
-from tests.cluster.cluster import free_port
+from tests.cluster.cluster import free_port, wait_for  # noqa: F401 - re-exported to the controller tests
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTROLLER_NS = "finetune-system"
-
-
-def wait_for(fn, timeout: float = 20, interval: float = 0.1, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def ftj_doc(name: str, **spec) -> dict:

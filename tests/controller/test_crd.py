@@ -22,7 +22,7 @@ def test_committed_crd_matches_the_model():
     committed = yaml.safe_load(CRD_FILE.read_text())
     assert committed == crd.crd(), (
         f"{CRD_FILE.relative_to(ROOT)} is out of date with runner/spec.py; regenerate it with "
-        f"`python -m controller crd > {CRD_FILE.relative_to(ROOT)}`")
+        "`python -m tests.deploy.tools` (the CRD, the chart's copy, install.yaml and the README reference)")
 
 
 def test_cli_prints_the_committed_crd():

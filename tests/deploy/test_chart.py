@@ -27,7 +27,8 @@ VALUE_SETS = {
                    "runner.imagePullSecrets={regcred}", "controller.verbose=true",
                    "controller.extraArgs={--retry-backoff=5}"),
     "everything": ("metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=prom",
-                   "--set-string=metrics.service.annotations.prometheus\\.io/scrape=true", "imagePullSecrets={ctl-pull}",
+                   "--set-string=metrics.service.annotations.prometheus\\.io/scrape=true",
+                   "imagePullSecrets={ctl-pull}",
                    "nodeSelector.pool=system", "tolerations[0].key=dedicated", "tolerations[0].operator=Exists",
                    "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0]"
                    ".matchExpressions[0].key=pool",

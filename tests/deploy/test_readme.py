@@ -63,7 +63,8 @@ def test_helm_commands_in_the_readme_render(helm_bin):
     assert {s.split("=")[0] for s in sets} >= {"image.repository", "runner.image.repository"}
     objs = docs(template(helm_bin, *sets).stdout)
     deploy = next(d for d in objs if d["kind"] == "Deployment")
-    assert "--image=registry.example.com/finetune-runner:0.1.0" in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--image=registry.example.com/finetune-runner:0.1.0" in args
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     table = text.split("| value | what it does |")[1].split("\n\n")[0]
     keys = {k for row in table.splitlines()[2:] for k in re.findall(r"`([\w.]+)[`:]", row.split(" | ")[0])}

@@ -106,6 +106,23 @@ def hadolint_binary() -> str:
     return str(binary)
 
 
-if __name__ == "__main__":
+def regenerate() -> None:
+    """Every file generated from runner/spec.py, in dependency order: the CRD, the chart's copy of it, the
+    rendered install manifest, the README's spec reference. Run after changing the spec:
+        python -m tests.deploy.tools
+    """
+    from controller.crd import render
+    from runner.reference import write_readme
+
+    crd = render()
+    for path in (ROOT / "manifests/crds/finetunejobs.finetune.dev.yaml", CHART / "files/crd.yaml"):
+        path.write_text(crd)
+        print(f"wrote {path.relative_to(ROOT)}")
     INSTALL.write_text(render_install(helm_binary()))
     print(f"wrote {INSTALL.relative_to(ROOT)}")
+    write_readme()
+    print("wrote README.md (spec reference)")
+
+
+if __name__ == "__main__":
+    regenerate()
