@@ -1,6 +1,6 @@
 """The real runner process (tiny model, CPU) reporting into the real API server under its per-job identity.
 
-FakeKubelet plays the pod's lifecycle; the runner runs here as `python -m tests.controller.runner_entry run
+FakeKubelet plays the pod's lifecycle; the runner runs here as `python -m runner run
 <job file>` where the job file is the one the controller put in the pod (the pod's `finetune.dev/spec`
 annotation, which the real pod mounts through the downward API), with the pod's env and the token of the
 per-job ServiceAccount. Its termination-log file becomes the pod's termination message.
@@ -39,7 +39,7 @@ class RunnerProcess:
                    FINETUNE_WORK_DIR=str(workdir / "work"), HOME=str(workdir), TMPDIR=str(workdir))
         assert container["command"][-1] == "/etc/finetune/job.yaml"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.controller.runner_entry", "run", str(self.job_file),
+            [sys.executable, "-m", "runner", "run", str(self.job_file),
              "--termination-log", str(self.term)],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
