@@ -95,25 +95,26 @@ async def ftj_changed(namespace, name, **_):
     _queue((namespace, name))
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={SELECTOR: kopf.PRESENT})
-async def job_changed(namespace, body, **_):
+def _queue_owner(namespace, body) -> None:
+    """A child (Job, Pod, RoleBinding) changed: reconcile the FineTuneJob named in its annotation."""
     owner = body.metadata.get("annotations", {}).get(api.ANNOTATION_JOB_NAME)
     if owner:
         _queue((namespace, owner))
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={SELECTOR: kopf.PRESENT})
+async def job_changed(namespace, body, **_):
+    _queue_owner(namespace, body)
 
 
 @kopf.on.event("v1", "pods", labels={SELECTOR: kopf.PRESENT})
 async def pod_changed(namespace, body, **_):
-    owner = body.metadata.get("annotations", {}).get(api.ANNOTATION_JOB_NAME)
-    if owner:
-        _queue((namespace, owner))
+    _queue_owner(namespace, body)
 
 
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels={SELECTOR: kopf.PRESENT})
 async def identity_changed(namespace, body, **_):
-    owner = body.metadata.get("annotations", {}).get(api.ANNOTATION_JOB_NAME)
-    if owner:
-        _queue((namespace, owner))
+    _queue_owner(namespace, body)
 
 
 # ------------------------------------------------------------------------------------ workers

@@ -22,21 +22,11 @@ import pytest
 
 from tests.cluster.cluster import free_port
 from tests.cluster.conftest_plugin import project_crd_files
+from tests.cluster.cluster import wait_for
 from tests.deploy.tools import CHART, EXAMPLES, ROOT
 
 CRD = "customresourcedefinition/finetunejobs.finetune.dev"
 RUNNER_IMAGE = "registry.example/finetune-runner"
-
-
-def wait_for(fn, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,7 +89,7 @@ class InstalledController:
             self.proc = subprocess.Popen([sys.executable, "-m", "controller", *self.args, f"--http-port={self.port}"],
                                          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
-        wait_for(lambda: self.proc.poll() is not None or self.http("/readyz") == 200, 40, "controller /readyz")
+        wait_for(lambda: self.proc.poll() is not None or self.http("/readyz") == 200, 40, what="controller /readyz")
         assert self.proc.poll() is None, self.log()
         return self
 
@@ -151,7 +141,7 @@ def wait_pending_with_job(cluster, controller, ns: str, name: str) -> dict:
         s = ftj(cluster, ns, name).get("status") or {}
         return s.get("phase") == "Pending" and jobs(cluster, ns) and s
     try:
-        wait_for(ready, 30, f"{ns}/{name} Pending with a Job")
+        wait_for(ready, 30, what=f"{ns}/{name} Pending with a Job")
     except AssertionError as e:
         raise AssertionError(f"{e}\ncontroller log:\n{controller.log()}") from None
     [job] = jobs(cluster, ns)
