@@ -203,7 +203,7 @@ def _training_args(
 def use_fused_kernels(spec: FineTuneJobSpec) -> bool:
     """Liger's fused RMSNorm/RoPE/SwiGLU kernels: on by default on a GPU where liger-kernel is installed
     (the runner image has it). Measured on an H100 at 4x2048, Llama-3-8B shape, each in its own process:
-    13,055 real tokens/s and 43 GB with them, 10,468 and 55 GB without (bench/)."""
+    12,394 real tokens/s and 43 GB with them, 10,250 and 55 GB without (bench/results/h100-llama-3-8b.json)."""
     if spec.training.fused_kernels is not None and not spec.training.fused_kernels:
         return False
     try:
