@@ -203,7 +203,7 @@ def build_formatter(spec: DatasetSpec, columns: list[str], *, chat_template: Cal
         messages = row[mc]
         if isinstance(messages, str):
             messages = json.loads(messages)
-        spans, text = [], ""
+        spans = []
         for i, msg in enumerate(messages):
             if msg.get("role") == "assistant":
                 before = chat_template(messages[:i], add_generation_prompt=True) if i else ""
@@ -211,7 +211,6 @@ def build_formatter(spec: DatasetSpec, columns: list[str], *, chat_template: Cal
                 if not after.startswith(before):  # template renders prefixes differently: fall back
                     before = chat_template(messages[:i], add_generation_prompt=False) if i else ""
                 spans.append((len(before), len(after)))
-                text = after
         text = chat_template(messages, add_generation_prompt=False)
         if not spans:
             raise DataError(f"dataset.columns.messages: a conversation has no assistant turn: {messages!r:.200}")

@@ -118,7 +118,7 @@ def launch(job_path: str, nproc: int, *, work_dir: str | None, reporter) -> int:
     code = proc.wait()
     if result_file.exists():
         result = json.loads(result_file.read_text())
-        reporter._write_termination(result)
+        reporter.write_termination(result)
         return int(result.get("exitCode", code))
     err = errors.RetryableError(
         f"a training process died before rank 0 reported (torchrun exit code {code}); see the pod log",

@@ -115,10 +115,10 @@ class Reporter:
         event = {"event": "result", "phase": phase, "exitCode": exit_code, "phaseSeconds": self.phase_seconds}
         event.update(fields)
         self.emit(event)
-        self._write_termination(event)
+        self.write_termination(event)
         return event
 
-    def _write_termination(self, event: dict) -> None:
+    def write_termination(self, event: dict) -> None:
         """Kubernetes shows this file as the container's termination message (4 KiB kept)."""
         message = json.dumps(_clean(event), ensure_ascii=False)
         if len(message.encode()) > _TERMINATION_LIMIT:
