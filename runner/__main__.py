@@ -177,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     p_b.add_argument("--model-dir", default=None, help="reuse a saved random model")
     p_b.add_argument("--out", default=None, help="write the JSON result here")
     p_b.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge timing")
-    p_b.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per configuration: data parallel")
+    p_b.add_argument("--nproc", type=int, default=1,
+                     help="processes (GPUs) per configuration; the strategy is the spec's (auto, data, fsdp)")
+    p_b.add_argument("--prequantize", choices=["auto", "yes", "no"], default="auto",
+                     help="write the random model already in 4-bit, a layer at a time (auto: for shapes whose "
+                          "bf16 weights exceed 64 GiB, e.g. llama-3-70b)")
     p_b.add_argument("--loss-check", action="store_true",
                      help="log every step's loss and compare the first two configurations (fast vs reference)")
     p_b.add_argument("--single", default=None, help=argparse.SUPPRESS)

@@ -44,8 +44,16 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 
 
 # ------------------------------------------------------------------------------------------ the model
-def build_model(shape: str, out_dir: Path) -> Path:
-    """Random-initialised model of a real shape, built on the GPU in bf16 and saved with a tokenizer."""
+def bf16_bytes(shape: str) -> int:
+    s = SHAPES[shape]
+    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
+    return 2 * (layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * h * s["vocab_size"])
+
+
+def build_model(shape: str, out_dir: Path, prequantize: str = "no") -> Path:
+    """Random-initialised model of a real shape, built on the GPU and saved with a tokenizer: in bf16, or
+    (`prequantize`) already in 4-bit, a layer at a time, so a 70B never exists as 140 GB of bf16."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from runner.quickstart.tiny import build_tokenizer
@@ -58,6 +66,14 @@ def build_model(shape: str, out_dir: Path) -> Path:
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if prequantize == "yes" or (prequantize == "auto" and bf16_bytes(shape) > 64 * 2**30):
+        from transformers import BitsAndBytesConfig
+
+        from runner import prequantize as pq
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+        return pq.write(config, out_dir, quant, device=torch.device(dev))
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -147,7 +163,8 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     from peft import prepare_model_for_kbit_training
 
     from runner import model as model_phase
-    from runner.train import make_trainer, use_fused_kernels
+    from runner import parallel
+    from runner.train import make_trainer
 
     job = parse_job(job_for(name, model_dir, shape))
     spec = job.spec
@@ -155,8 +172,12 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    strategy = parallel.choose(spec, model_dir)
+    cdtype = model_phase.compute_dtype(spec.quantization, dev)
     t_load = time.perf_counter()
-    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev)
+    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev,
+                                       storage=parallel.storage_dtype(spec, strategy, cdtype),
+                                       load_on=torch.device("cpu") if strategy == "fsdp" else None)
     load_s = time.perf_counter() - t_load
     tok = model_phase.load_tokenizer(model_dir, spec.model)
     if name == "seeds":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
@@ -167,14 +188,17 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
 
     n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3)) * distributed.world_size()
     data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
-    packing = spec.dataset.packing and model_phase.packing_is_isolated(model)
+    if strategy == "fsdp":
+        packing = spec.dataset.packing and model_phase.isolates_packed_examples(model)
+    else:
+        packing = spec.dataset.packing and model_phase.packing_is_isolated(model)
     timer = StepTimer(warmup)
     overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 1 if log_every_step else 10**6,
                  "shuffle_dataset": False}
     if name == "seeds":
         overrides["pad_to_multiple_of"] = 512  # the seeds pad every row to 512
     trainer = make_trainer(spec, model, tok, data, work / name, packing=packing, callbacks=[timer.callback],
-                           **overrides)
+                           strategy=strategy, **overrides)
     trainer.train()
     measured = timer.steps - timer.warmup
     seconds = timer.t1 - timer.t0
@@ -185,9 +209,10 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         "config": spec.model_dump(by_alias=True, include={"dataset", "lora", "training", "model"},
                                   exclude_none=True),
         "packing": packing,
+        "strategy": strategy,
         "attention": model.config._attn_implementation,
         "gradientCheckpointing": bool(trainer.args.gradient_checkpointing),
-        "fusedKernels": use_fused_kernels(spec),
+        "fusedKernels": bool(trainer.args.use_liger_kernel),
         "measuredSteps": measured,
         "secondsPerStep": round(seconds / max(measured, 1), 4),
         "realTokensPerSecond": round(tps, 1),
@@ -201,8 +226,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         "stepLosses": timer.losses,
     }
     adapter = work / f"{name}-adapter"
-    if distributed.is_main():
-        trainer.model.save_pretrained(adapter)
+    parallel.save_adapter(trainer, adapter)
     del trainer, model
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -261,14 +285,14 @@ def versions() -> dict:
     return out
 
 
-def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30) -> Path:
+def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30, prequantize: str = "no") -> Path:
     """A whole job for `python -m runner run`: the random model, a generated dataset, a job file."""
     import random
 
     import yaml
 
     directory.mkdir(parents=True, exist_ok=True)
-    model_dir = build_model(shape, directory / "model")
+    model_dir = build_model(shape, directory / "model", prequantize)
     rng = random.Random(0)
     with open(directory / "data.jsonl", "w") as f:
         for _ in range(examples):
@@ -306,13 +330,13 @@ def main(args) -> int:
     if args.single:
         return run_single(args)
     if args.write_job:
-        print(write_job(args.shape, Path(args.write_job)))
+        print(write_job(args.shape, Path(args.write_job), prequantize=args.prequantize))
         return 0
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model_dir or work / f"model-{args.shape}")
     t = time.perf_counter()
-    build_model(args.shape, model_dir)
+    build_model(args.shape, model_dir, args.prequantize)
     result = {
         "shape": args.shape,
         "processes": args.nproc,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, storage
+from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, parallel
+from runner import storage
 from runner.errors import INVALID_SPEC, PermanentError
 from runner.report import Reporter
 from runner.spec import FineTuneJobSpec, Job
@@ -136,18 +137,27 @@ def _tokenize(spec: FineTuneJobSpec, paths: dict, reporter: Reporter):
 def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,
            stop: StopFlag) -> _Trained:
     reporter.phase("Training")
-    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, model_phase.device())
-    prompts = spec.eval_prompts if distributed.is_main() else []
-    before = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
+    model, strategy = _load_model(spec, model_dir, reporter)
     packing = spec.dataset.packing
-    if packing and not model_phase.packing_is_isolated(model):
-        packing = False
-        reporter.log("this architecture lets packed examples attend to each other; training unpacked instead")
+    if strategy == "fsdp":
+        # The base sits unsharded in CPU memory until FSDP places it: no samples or probe there.
+        prompts = spec.eval_prompts  # after training, every rank takes part in generating them
+        before = [None] * len(spec.eval_prompts)
+        if packing and not model_phase.isolates_packed_examples(model):
+            packing = False
+            reporter.log(f"FSDP with {model.config._attn_implementation} attention: training unpacked (packing "
+                         "needs varlen or flash attention here)")
+    else:
+        prompts = spec.eval_prompts if distributed.is_main() else []
+        before = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
+        if packing and not model_phase.packing_is_isolated(model):
+            packing = False
+            reporter.log("this architecture lets packed examples attend to each other; training unpacked instead")
     model = model_phase.add_lora(model, spec.lora)
     ckpt_loc = checkpoint_location(spec)
     result = train(
         spec, model, tokenizer, data, work_dir=work, store=storage.CheckpointStore(ckpt_loc),
-        checkpoints_uri=str(ckpt_loc), reporter=reporter, stop=stop, packing=packing,
+        checkpoints_uri=str(ckpt_loc), reporter=reporter, stop=stop, packing=packing, strategy=strategy,
     )
     after = None if spec.merge.enabled else model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
     del model
@@ -156,8 +166,24 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
         torch.cuda.empty_cache()
     distributed.leave_group()
     metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt, "packing": packing,
+               "strategy": strategy, "processes": distributed.world_size(),
                "examples": len(data.train), "truncatedExamples": data.truncated, "checkpoints": str(ckpt_loc)}
     return _Trained(result.adapter_dir, result.history, metrics, before, after, packing)
+
+
+def _load_model(spec: FineTuneJobSpec, model_dir: Path, reporter: Reporter):
+    """The 4-bit base where the strategy wants it: on this rank's GPU, or in CPU memory for FSDP to shard."""
+    dev = model_phase.device()
+    strategy = parallel.choose(spec, model_dir)
+    cdtype = model_phase.compute_dtype(spec.quantization, dev)
+    model = model_phase.load_quantized(
+        model_dir, spec.model, spec.quantization, dev, storage=parallel.storage_dtype(spec, strategy, cdtype),
+        load_on=torch.device("cpu") if strategy == "fsdp" else None,
+    )
+    parallel.check_prequantized(model, strategy, cdtype)
+    if strategy != "single":
+        reporter.log(f"{distributed.world_size()} processes, strategy {strategy}")
+    return model, strategy
 
 
 def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, trained: _Trained, work: Path,

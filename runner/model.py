@@ -9,9 +9,9 @@ import torch
 from runner.errors import PermanentError, INVALID_SPEC
 from runner.spec import LoraSpec, ModelSpec, QuantizationSpec
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Output heads never get LoRA under "all-linear" (peft excludes them too).
-_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
+HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 
 
 def device() -> torch.device:
@@ -24,17 +24,18 @@ def compute_dtype(q: QuantizationSpec, dev: torch.device | None = None) -> torch
     """`auto`: bf16 where the GPU supports it, else fp16 (seed 004's check); fp32 on CPU, where 16-bit
     matmuls are emulated and several times slower."""
     if q.compute_dtype != "auto":
-        return _DTYPES[q.compute_dtype]
+        return DTYPES[q.compute_dtype]
     dev = dev or device()
     if dev.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
 
 
-def bnb_config(q: QuantizationSpec, cdtype: torch.dtype):
+def bnb_config(q: QuantizationSpec, cdtype: torch.dtype, storage: torch.dtype | None = None):
     from transformers import BitsAndBytesConfig
 
-    storage = torch.uint8 if q.storage_dtype == "uint8" else _DTYPES[q.storage_dtype]
+    if storage is None:
+        storage = torch.uint8 if q.storage_dtype in ("auto", "uint8") else DTYPES[q.storage_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -55,7 +56,7 @@ def linear_module_names(model_dir: Path, m: ModelSpec) -> set[str]:
     return {
         name.rsplit(".", 1)[-1]
         for name, mod in skeleton.named_modules()
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in _HEADS
+        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS
     }
 
 
@@ -108,20 +109,24 @@ def attn_implementation(m: ModelSpec, dev: torch.device) -> str:
     return "sdpa"
 
 
-def load_quantized(model_dir: Path, m: ModelSpec, q: QuantizationSpec, dev: torch.device):
+def load_quantized(model_dir: Path, m: ModelSpec, q: QuantizationSpec, dev: torch.device, *,
+                   storage: torch.dtype | None = None, load_on: torch.device | None = None):
+    """The 4-bit base for training on `dev`. `load_on` (FSDP: the CPU) is where its weights are put; a base
+    saved already in 4-bit keeps its own quantization settings."""
     from transformers import AutoModelForCausalLM
 
     cdtype = compute_dtype(q, dev)
+    load_on = load_on or dev
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        quantization_config=bnb_config(q, cdtype),
+        quantization_config=bnb_config(q, cdtype, storage),
         dtype=cdtype,
-        device_map={"": dev},
+        device_map={"": load_on},
         trust_remote_code=m.trust_remote_code,
         attn_implementation=attn_implementation(m, dev),
     )
     model.config.use_cache = False
-    if dev.type == "cpu":
+    if load_on.type == "cpu":
         _keep_training_layout(model)
     return model
 
@@ -179,6 +184,12 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
     model.config.use_cache = use_cache
     model.train(was_training)
     return answers
+
+
+def isolates_packed_examples(model) -> bool:
+    """Attention kernels that take sequence boundaries from restarting position ids (cu_seqlens): packed
+    examples cannot attend to each other, whatever the architecture."""
+    return model.config._attn_implementation in ("varlen", "flash_attention_2")
 
 
 @torch.no_grad()

@@ -107,9 +107,10 @@ class QuantizationSpec(_Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype of the matmuls. `auto`: bfloat16 where the GPU supports it, else float16."
     )
-    storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
-        "uint8",
-        description="Dtype the packed 4-bit weights are stored in (bfloat16 lets FSDP shard them).",
+    storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="Dtype the packed 4-bit weights are stored in. `auto`: uint8, or the compute dtype under "
+        "FSDP (which shards only floating-point tensors and casts every shard to the compute dtype).",
     )
 
 
@@ -173,6 +174,12 @@ class TrainingSpec(_Section):
     )
     group_by_length: bool = Field(
         False, description="Batch examples of similar length together (unpacked data only)."
+    )
+    strategy: Literal["auto", "data", "fsdp"] = Field(
+        "auto",
+        description="With resources.gpus > 1: `data` (every GPU holds the whole 4-bit model and trains on its "
+        "own batches) or `fsdp` (the 4-bit weights are sharded across the GPUs, for models that do not fit "
+        "one). `auto`: data parallel when the 4-bit model and a micro-batch fit one GPU, else FSDP.",
     )
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
     logging_steps: int = Field(10, ge=1, description="Report loss and progress every N steps.")

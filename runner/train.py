@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from runner import distributed
+from runner import distributed, parallel
 from runner.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.model import compute_dtype
 from runner.report import Reporter
@@ -133,13 +133,13 @@ class TrainResult:
 
 def _training_args(
     spec: FineTuneJobSpec, out_dir: Path, cdtype: torch.dtype, has_eval: bool, has_mask: bool, packing: bool,
-    *, model=None, **overrides,
+    *, model=None, strategy: str = "single", **overrides,
 ):
     from trl import SFTConfig
 
     t, d = spec.training, spec.dataset
     on_cuda = torch.cuda.is_available()
-    gc = use_gradient_checkpointing(spec, model)
+    gc = use_gradient_checkpointing(spec, model, strategy)
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     kwargs = dict(
         output_dir=str(out_dir),
@@ -155,7 +155,7 @@ def _training_args(
         optim=t.optimizer,
         gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
-        use_liger_kernel=use_fused_kernels(spec),
+        use_liger_kernel=use_fused_kernels(spec, strategy),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -195,16 +195,22 @@ def _training_args(
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
             kwargs["group_by_length"] = True
+    if strategy == "fsdp":
+        kwargs.update(parallel.trainer_args(model))
     kwargs.update(overrides)
     return SFTConfig(**{k: v for k, v in kwargs.items() if k in fields})
 
 
 # ------------------------------------------------------------------------------- performance choices
-def use_fused_kernels(spec: FineTuneJobSpec) -> bool:
+def use_fused_kernels(spec: FineTuneJobSpec, strategy: str = "single") -> bool:
     """Liger's fused RMSNorm/RoPE/SwiGLU kernels: on by default on a GPU where liger-kernel is installed
     (the runner image has it). Measured on an H100 at 4x2048, Llama-3-8B shape, each in its own process:
-    12,394 real tokens/s and 43 GB with them, 10,250 and 55 GB without (bench/results/h100-llama-3-8b.json)."""
+    12,394 real tokens/s and 43 GB with them, 10,250 and 55 GB without (bench/results/h100-llama-3-8b.json).
+    Off by default under FSDP: the fused loss reads the LM head's weight outside the head's forward, where
+    FSDP holds only a shard of it."""
     if spec.training.fused_kernels is not None and not spec.training.fused_kernels:
+        return False
+    if strategy == "fsdp" and spec.training.fused_kernels is None:
         return False
     try:
         import liger_kernel  # noqa: F401
@@ -221,11 +227,12 @@ def use_fused_kernels(spec: FineTuneJobSpec) -> bool:
 
 # Activation bytes per token, per layer, per hidden unit without checkpointing (bf16, trl's chunked LM
 # head), measured on an H100 for the Llama-3-8B shape (bench/): ~35 with fused kernels, ~46 without.
-_ACT_BYTES = {True: 40, False: 52}
+ACT_BYTES = {True: 40, False: 52}
 
 
-def use_gradient_checkpointing(spec: FineTuneJobSpec, model=None) -> bool:
-    """Unset = chosen by memory: off (faster) when the activations of one micro-batch fit in free GPU memory."""
+def use_gradient_checkpointing(spec: FineTuneJobSpec, model=None, strategy: str = "single") -> bool:
+    """Unset = chosen by memory: off (faster) when the activations of one micro-batch fit in free GPU memory.
+    Under FSDP the model is still in CPU memory here: its shard and one gathered layer will take GPU memory."""
     t = spec.training
     if t.gradient_checkpointing is not None:
         return t.gradient_checkpointing
@@ -233,8 +240,11 @@ def use_gradient_checkpointing(spec: FineTuneJobSpec, model=None) -> bool:
         return False  # CPU runs are small; recomputation only costs time there
     cfg = model.config.get_text_config()
     tokens = t.batch_size * spec.dataset.max_length
-    need = tokens * cfg.num_hidden_layers * cfg.hidden_size * _ACT_BYTES[use_fused_kernels(spec)]
+    need = tokens * cfg.num_hidden_layers * cfg.hidden_size * ACT_BYTES[use_fused_kernels(spec, strategy)]
     free, _total = torch.cuda.mem_get_info()
+    if strategy == "fsdp":
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        need += weights // distributed.world_size() + 2 * weights // cfg.num_hidden_layers
     return need > 0.85 * free - 2 * 2**30
 
 
@@ -250,6 +260,7 @@ def train(
     reporter: Reporter,
     stop: StopFlag,
     packing: bool,
+    strategy: str = "single",
 ) -> TrainResult:
     scratch = work_dir / "trainer"
     with distributed.main_first():  # rank 0 checks and fetches; the others read its copy
@@ -265,9 +276,11 @@ def train(
     resume = scratch / name if name else None
 
     progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop)
-    trainer = make_trainer(spec, model, tokenizer, data, scratch, packing=packing, callbacks=[progress, durable])
+    trainer = make_trainer(spec, model, tokenizer, data, scratch, packing=packing, callbacks=[progress, durable],
+                           strategy=strategy)
     reporter.log(
-        f"training: packing={packing}, gradient checkpointing={trainer.args.gradient_checkpointing}, "
+        f"training: strategy={strategy}, packing={packing}, "
+        f"gradient checkpointing={trainer.args.gradient_checkpointing}, "
         f"fused kernels={trainer.args.use_liger_kernel}, attention={model.config._attn_implementation}"
     )
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -279,21 +292,19 @@ def train(
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     metrics["global_step"] = trainer.state.global_step
     adapter_dir = work_dir / "adapter"
-    if distributed.is_main():
-        trainer.model.save_pretrained(adapter_dir)
+    parallel.save_adapter(trainer, adapter_dir)
     return TrainResult(adapter_dir, progress.history, metrics, name)
 
 
 def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, *, packing: bool, callbacks=(),
-                 **overrides):
+                 strategy: str = "single", **overrides):
     """trl's SFTTrainer configured from the spec (the benchmark passes `overrides` for the seeds' recipe)."""
     from transformers import PrinterCallback
-    from trl import SFTTrainer
 
     cdtype = compute_dtype(spec.quantization)
     args = _training_args(spec, out_dir, cdtype, data.eval is not None, data.has_completion_mask, packing,
-                          model=model, **overrides)
-    trainer = SFTTrainer(
+                          model=model, strategy=strategy, **overrides)
+    trainer = parallel.sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=data.train,

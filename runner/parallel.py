@@ -1,0 +1,207 @@
+"""More than one GPU: which strategy, and what FSDP-QLoRA needs from the loader and the trainer.
+
+  single  one process (resources.gpus <= 1)
+  data    data parallel: every rank holds the whole 4-bit model on its GPU and trains on its own batches
+  fsdp    FSDP2-QLoRA: every rank loads the 4-bit model into CPU memory; FSDP moves only its shard of each
+          decoder layer to the GPU and all-gathers a layer at a time for compute. The packed 4-bit weights
+          are stored as the compute dtype (bfloat16), since FSDP shards and casts only floating-point tensors.
+
+`auto` takes data parallel when the 4-bit weights plus a checkpointed micro-batch fit one GPU (it is faster:
+no all-gathers), FSDP when they do not. Under FSDP the adapter is gathered from its shards (only the LoRA
+tensors, never the 4-bit base) for checkpoints and the result, so checkpoints have the same format as on one
+GPU and resume the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from runner import distributed
+from runner.errors import INVALID_SPEC, PermanentError
+from runner.spec import FineTuneJobSpec
+
+GiB = 2**30
+# Bytes per parameter of a 4-bit layer: 0.5 for the weight, plus NF4 block constants (double quantized:
+# one byte per 64 weights, fp32 per 256 blocks).
+_NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+_RESERVED = 3 * GiB  # CUDA context, allocator slack, LoRA tensors and their optimizer state
+
+
+def quantized_bytes(model_dir: Path, spec: FineTuneJobSpec) -> int:
+    """The 4-bit model's size in memory, from its config alone (meta device: no weights read)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from runner.model import HEADS
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
+    total = 0.0
+    for name, module in skeleton.named_modules():
+        for p in module.parameters(recurse=False):
+            quantized = isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS and p.ndim == 2
+            total += p.numel() * (_NF4_BYTES if quantized else 2)
+    return int(total)
+
+
+def step_bytes(spec: FineTuneJobSpec, model_dir: Path) -> int:
+    """Least activation memory of one micro-batch: with gradient checkpointing, each layer's input is kept
+    (bf16) and one layer's activations are live at a time."""
+    from transformers import AutoConfig
+
+    from runner.train import ACT_BYTES
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code).get_text_config()
+    tokens = spec.training.batch_size * spec.dataset.max_length
+    return tokens * cfg.hidden_size * (2 * cfg.num_hidden_layers + ACT_BYTES[False])
+
+
+def choose(spec: FineTuneJobSpec, model_dir: Path, world: int | None = None,
+           gpu_bytes: int | None = None) -> str:
+    """`single`, `data` or `fsdp` for this job on this machine (every rank decides the same)."""
+    world = distributed.world_size() if world is None else world
+    wanted = spec.training.strategy
+    if world <= 1:
+        return "single"
+    if gpu_bytes is None and torch.cuda.is_available():
+        gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if wanted == "fsdp":
+        if gpu_bytes is None:
+            raise PermanentError("training.strategy: fsdp shards the model across GPUs and needs them; on CPU "
+                                 "use data (or auto)", reason=INVALID_SPEC)
+        return "fsdp"
+    if wanted == "data" or gpu_bytes is None:
+        return "data"
+    need = quantized_bytes(model_dir, spec) + step_bytes(spec, model_dir) + _RESERVED
+    return "data" if need <= 0.9 * gpu_bytes else "fsdp"
+
+
+def storage_dtype(spec: FineTuneJobSpec, strategy: str, compute: torch.dtype) -> torch.dtype:
+    """What the packed 4-bit weights are stored as: uint8, or the compute dtype under FSDP."""
+    from runner.model import DTYPES
+
+    chosen = spec.quantization.storage_dtype
+    if strategy != "fsdp":
+        return torch.uint8 if chosen in ("auto", "uint8") else DTYPES[chosen]
+    if chosen != "auto" and DTYPES.get(chosen) != compute:
+        name = str(compute).removeprefix("torch.")
+        raise PermanentError(
+            f"quantization.storageDtype: FSDP needs the 4-bit weights stored as the compute dtype ({name}), "
+            f"not {chosen}; set it to {name} or auto", reason=INVALID_SPEC)
+    return compute
+
+
+def check_prequantized(model, strategy: str, compute: torch.dtype) -> None:
+    """A base saved already in 4-bit keeps its own storage dtype; FSDP cannot shard uint8 storage."""
+    if strategy != "fsdp":
+        return
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if module.weight.dtype != compute:
+                raise PermanentError(
+                    f"model.source: this base is saved already quantized, with its 4-bit weights stored as "
+                    f"{str(module.weight.dtype).removeprefix('torch.')}; FSDP needs "
+                    f"{str(compute).removeprefix('torch.')}. Use the 16-bit base, or training.strategy: data",
+                    reason=INVALID_SPEC)
+            return
+
+
+def layer_classes(model) -> list[str]:
+    """The decoder-layer classes FSDP wraps one by one (transformers names them in `_no_split_modules`)."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    found = sorted(names & present)
+    if not found:
+        raise PermanentError(f"training.strategy: fsdp does not know the layers of {type(model).__name__}; "
+                             f"use training.strategy: data", reason=INVALID_SPEC)
+    return found
+
+
+def trainer_args(model) -> dict:
+    """TrainingArguments for FSDP2 through accelerate: full sharding, one unit per decoder layer."""
+    return {
+        "fsdp": "full_shard auto_wrap",
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": layer_classes(model),
+            "reshard_after_forward": True,
+            "cpu_ram_efficient_loading": False,  # every rank loads the 4-bit model into CPU memory itself
+            "state_dict_type": "FULL_STATE_DICT",
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------- adapter tensors
+def _trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def gather_adapter(model) -> dict[str, torch.Tensor]:
+    """The LoRA tensors in full, on every rank (a collective: all ranks call it, in the same order)."""
+    out = {}
+    for name, p in _trainable(model):
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name] = full.detach().to("cpu").contiguous()
+    return out
+
+
+def save_adapter(trainer, out_dir: Path) -> None:
+    """Write the adapter in peft's format. Under FSDP every rank must call this; rank 0 writes."""
+    out_dir = Path(out_dir)
+    if not trainer.is_fsdp_enabled:
+        if distributed.is_main():
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out_dir)
+        return
+    state = gather_adapter(trainer.model)
+    if distributed.is_main():
+        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out_dir, state_dict=state)
+
+
+def load_adapter(model, checkpoint: Path, adapter_name: str = "default") -> None:
+    """Copy a saved adapter into the (sharded) LoRA tensors: each rank keeps its own shard."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+    missing = []
+    with torch.no_grad():
+        for name, p in _trainable(model):
+            key = name.replace(f".{adapter_name}.", ".")
+            if key not in saved:
+                missing.append(key)
+                continue
+            full = saved[key].to(device=p.device, dtype=p.dtype)
+            if hasattr(p, "device_mesh"):  # a DTensor shard: take this rank's part of the full tensor
+                from torch.distributed.tensor import distribute_tensor
+
+                full = distribute_tensor(full, p.device_mesh, p.placements)
+            p.copy_(full)
+    if missing:
+        raise PermanentError(f"output.checkpoints: checkpoint {checkpoint} lacks {len(missing)} adapter tensors "
+                             f"(e.g. {missing[0]}); delete it to start over", reason=INVALID_SPEC)
+
+
+def sft_trainer_class():
+    """trl's SFTTrainer, saving and resuming only the adapter under FSDP (the base is frozen and large)."""
+    from trl import SFTTrainer
+
+    class QLoRATrainer(SFTTrainer):
+        def save_model(self, output_dir=None, _internal_call=False):
+            if not self.is_fsdp_enabled:
+                return super().save_model(output_dir, _internal_call)
+            output_dir = Path(output_dir or self.args.output_dir)
+            save_adapter(self, output_dir)
+            if distributed.is_main() and self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if not self.is_fsdp_enabled:
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            load_adapter(model if model is not None else self.model, Path(resume_from_checkpoint))
+
+    return QLoRATrainer
