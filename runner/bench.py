@@ -200,6 +200,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     trainer = make_trainer(spec, model, tok, data, work / name, packing=packing, callbacks=[timer.callback],
                            strategy=strategy, **overrides)
     trainer.train()
+    peaks = _per_rank(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
     measured = timer.steps - timer.warmup
     seconds = timer.t1 - timer.t0
     tps = (timer.tokens1 - timer.tokens0) / seconds if seconds > 0 else float("nan")
@@ -221,6 +222,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         "mfu": round(tps * flops / (peak * 1e12 * distributed.world_size()), 4) if peak else None,
         "loadSeconds": round(load_s, 1),
         "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peakAllocatedGiBPerRank": [round(p, 2) for p in peaks],
         "peakReservedGiB": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         "finalLoss": trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None,
         "stepLosses": timer.losses,
@@ -231,6 +233,16 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     gc.collect()
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result, adapter
+
+
+def _per_rank(value: float) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def time_merge(model_dir: Path, adapter: Path, work: Path, shape: str) -> dict:

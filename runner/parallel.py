@@ -126,11 +126,12 @@ def layer_classes(model) -> list[str]:
 def trainer_args(model) -> dict:
     """TrainingArguments for FSDP2 through accelerate: full sharding, one unit per decoder layer."""
     return {
-        "fsdp": "full_shard auto_wrap",
+        "fsdp": True,
         "fsdp_config": {
             "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": layer_classes(model),
-            "reshard_after_forward": True,
+            "reshard_after_forward": True,  # full sharding: a layer is gathered only while it computes
             "cpu_ram_efficient_loading": False,  # every rank loads the 4-bit model into CPU memory itself
             "state_dict_type": "FULL_STATE_DICT",
         },
