@@ -37,6 +37,22 @@ def probe_inputs(tokenizer, texts: list[str], n: int = 4, max_tokens: int = 64) 
 
 
 @torch.no_grad()
+def _dequantized(quantized, dtype: torch.dtype, dev, trust_remote_code: bool):
+    """A base saved already in 4-bit has no 16-bit weights: merge into its dequantized weights (what the
+    adapter was trained against), in a plain 16-bit model that saves without any 4-bit loading state."""
+    from transformers import AutoModelForCausalLM
+
+    state = quantized.dequantize().to(dtype).state_dict()  # also drops config.quantization_config
+    with torch.device(dev):
+        base = AutoModelForCausalLM.from_config(quantized.config, dtype=dtype, trust_remote_code=trust_remote_code)
+    missing, unexpected = base.load_state_dict(state, strict=False)  # tied weights appear once
+    if unexpected or (missing and not getattr(base.config.get_text_config(), "tie_word_embeddings", False)):
+        raise PermanentError(f"merge: the dequantized base does not fit its own architecture (missing "
+                             f"{missing[:3]}, unexpected {unexpected[:3]}); set merge.enabled: false to publish "
+                             "the adapter alone", reason=MERGE_FAILED)
+    return base
+
+
 def merge(
     spec: FineTuneJobSpec,
     base_dir: Path,
@@ -57,6 +73,8 @@ def merge(
     base = AutoModelForCausalLM.from_pretrained(
         base_dir, dtype=dtype, device_map={"": dev}, trust_remote_code=spec.model.trust_remote_code
     )
+    if getattr(base.config, "quantization_config", None) is not None:
+        base = _dequantized(base, dtype, dev, spec.model.trust_remote_code)
     model = PeftModel.from_pretrained(base, adapter_dir)
     model.eval()
     probe = probe.to(dev)

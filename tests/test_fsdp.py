@@ -1,0 +1,160 @@
+"""FSDP-QLoRA and the strategy choice: what runs without GPUs.
+
+The sharded path itself runs here on real bitsandbytes 4-bit layers with FSDP2 over gloo (2 processes);
+the full trainer path under FSDP needs GPUs (accelerate enables FSDP only there) and is measured by
+`bash bench/gpu/fsdp-job.sh` and `bench/gpu/fsdp-70b.sh`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runner import parallel
+from runner.errors import PermanentError
+from runner.spec import parse_job
+from tests.conftest import job_doc
+from tests.test_cli import ROOT, run_cli
+
+GiB = 2**30
+
+
+def _spec(model, max_length: int = 32, **training):
+    return parse_job(job_doc(model, "data.jsonl", "/tmp/out", training=training,
+                             dataset={"maxLength": max_length})).spec
+
+
+def test_two_processes_shard_the_4bit_model_and_compute_what_one_process_does(tiny_llama, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "tests" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # Each rank holds half of every 4-bit weight...
+        assert r["baseWeightSharded"] and r["localRows"] * 2 == r["fullRows"]
+        # ...and gets the loss and LoRA gradients of the unsharded model.
+        assert r["loss"] == pytest.approx(r["referenceLoss"], rel=1e-5)
+        assert r["maxGradDiff"] < 1e-5
+        # The adapter gathered from the shards is the model's, and it survives save + load into shards.
+        assert r["adapterTensors"] == 2 * 7 * 2  # lora_A and lora_B on 7 projections in 2 layers
+        assert r["maxAdapterDiff"] == 0.0 and r["maxReloadDiff"] == 0.0
+    saved = tmp_path / "adapter"
+    assert (saved / "adapter_model.safetensors").is_file() and (saved / "adapter_config.json").is_file()
+
+
+def test_one_process_is_single_and_cpu_ranks_are_data_parallel(tiny_llama):
+    spec = _spec(tiny_llama)
+    assert parallel.choose(spec, tiny_llama, world=1, gpu_bytes=80 * GiB) == "single"
+    assert parallel.choose(spec, tiny_llama, world=2, gpu_bytes=None) == "data"
+    assert parallel.choose(_spec(tiny_llama, strategy="fsdp"), tiny_llama, world=2, gpu_bytes=80 * GiB) == "fsdp"
+
+
+def test_fsdp_without_gpus_is_refused_naming_the_field(tiny_llama):
+    with pytest.raises(PermanentError, match="training.strategy: fsdp .* needs them"):
+        parallel.choose(_spec(tiny_llama, strategy="fsdp"), tiny_llama, world=2, gpu_bytes=None)
+
+
+@pytest.fixture(scope="module")
+def llama_70b_config(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig
+
+    from runner.bench import SHAPES
+
+    d = tmp_path_factory.mktemp("llama-3-70b")
+    LlamaConfig(**SHAPES["llama-3-70b"], tie_word_embeddings=False).save_pretrained(d)
+    return d
+
+
+def test_auto_picks_data_parallel_where_the_4bit_70b_fits_and_fsdp_where_it_does_not(llama_70b_config):
+    spec = _spec(llama_70b_config, max_length=2048, batchSize=4)  # 4 packed rows of 2048 per step
+    size = parallel.quantized_bytes(llama_70b_config, spec)
+    assert 36 * GiB < size < 40 * GiB  # 4-bit layers (~0.52 B/param) + bf16 embeddings and head
+    assert parallel.choose(spec, llama_70b_config, world=2, gpu_bytes=141 * GiB) == "data"  # H200
+    assert parallel.choose(spec, llama_70b_config, world=2, gpu_bytes=80 * GiB) == "data"  # H100
+    assert parallel.choose(spec, llama_70b_config, world=4, gpu_bytes=48 * GiB) == "fsdp"  # L40S
+    assert parallel.choose(spec, llama_70b_config, world=8, gpu_bytes=24 * GiB) == "fsdp"  # L4
+    forced = _spec(llama_70b_config, max_length=2048, strategy="data")
+    assert parallel.choose(forced, llama_70b_config, world=8, gpu_bytes=24 * GiB) == "data"
+
+
+def test_storage_dtype_follows_the_strategy():
+    spec = parse_job(job_doc("m", "d.jsonl", "/o")).spec
+    assert parallel.storage_dtype(spec, "data", torch.bfloat16) == torch.uint8
+    assert parallel.storage_dtype(spec, "fsdp", torch.bfloat16) == torch.bfloat16
+    explicit = parse_job(job_doc("m", "d.jsonl", "/o", quantization={"storageDtype": "uint8"})).spec
+    with pytest.raises(PermanentError, match="quantization.storageDtype: .*bfloat16.*set it to bfloat16 or auto"):
+        parallel.storage_dtype(explicit, "fsdp", torch.bfloat16)
+
+
+def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tmp_path, monkeypatch):
+    from runner import data as data_phase, model as model_phase
+    from runner.train import _training_args
+
+    for var in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # TrainingArguments sets these
+        monkeypatch.setenv(var, os.environ.get(var, "false"))
+    spec = _spec(tiny_llama, strategy="fsdp")
+    model = model_phase.load_quantized(tiny_llama, spec.model, spec.quantization, torch.device("cpu"))
+    args = _training_args(spec, tmp_path, torch.float32, False, True, True, model=model, strategy="fsdp")
+    assert args.fsdp_config["version"] == 2
+    assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert args.fsdp_config["reshard_after_forward"] is True
+    assert not args.use_liger_kernel  # the fused loss would read a sharded LM head
+    del data_phase
+
+
+def test_prequantized_model_loads_without_missing_weights_and_matches_its_bf16_layers(tmp_path):
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+
+    from runner import prequantize
+    from runner.bench import SHAPES
+
+    config = LlamaConfig(**SHAPES["tiny"], tie_word_embeddings=False)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    prequantize.write(config, tmp_path / "pq", quant, device=torch.device("cpu"), seed=3)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "pq", device_map={"": "cpu"},
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    layer = model.model.layers[1].mlp.down_proj
+    assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.dtype == torch.bfloat16  # FSDP-shardable
+
+    # The same unit rebuilt in bf16 with the same seed: the 4-bit weights are its NF4 rounding.
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    names = [n for n, _ in prequantize.units(skeleton)]
+    unit = skeleton.model.layers[1]
+    prequantize.materialise(unit, torch.device("cpu"), config.initializer_range, 3 + names.index("model.layers.1"))
+    want = unit.mlp.down_proj.weight.float()
+    got = F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    assert (got - want).norm() / want.norm() < 0.12  # NF4's rounding error on normal weights is ~10%
+    assert torch.equal(model.model.layers[1].input_layernorm.weight, unit.input_layernorm.weight)
+
+
+def test_a_job_on_a_prequantized_base_publishes_a_16bit_merged_model(qa_jsonl, tmp_path):
+    from runner.bench import build_model
+    from runner.quickstart.tiny import build_tokenizer
+    from tests.conftest import corpus
+
+    base = build_model("tiny", tmp_path / "base", prequantize="yes")
+    build_tokenizer(corpus(), base)  # words the QA data uses
+    code, events, stderr, result = run_cli(tmp_path, job_doc(base, qa_jsonl, tmp_path / "out"))
+    assert code == 0, stderr[-3000:]
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in out and out["dtype"] == "float16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        w = f.get_tensor("model.layers.0.mlp.down_proj.weight")
+    assert w.dtype == torch.float16 and tuple(w.shape) == (64, 128)
