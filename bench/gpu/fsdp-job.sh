@@ -1,5 +1,5 @@
 # FSDP-QLoRA as a user runs it: `runner run` with resources.gpus 2 and training.strategy fsdp on an 8B
-# (pre-quantized, random) model; then a resume from the older checkpoint. Usage: bash bench/gpu/fsdp-job.sh
+# (pre-quantized, random) model; then a resume from the older checkpoint, this time merging (rank 0) into fp16. Usage: bash bench/gpu/fsdp-job.sh
 source bench/gpu/setup.sh
 J=/tmp/fsdp-job
 python -m runner bench --shape llama-3-8b --write-job $J --prequantize yes >/dev/null
@@ -16,7 +16,8 @@ PY
 timeout 280 python -m runner run $J/job.yaml > $OUT/run1.jsonl 2> $OUT/run1.err; echo "run1 rc=$?"
 ls $J/output.checkpoints $J/output | tee $OUT/ls1.txt
 rm -rf $J/output $J/output.checkpoints/checkpoint-4
+sed -i 's/enabled: false/enabled: true/' $J/job.yaml  # merge is not part of the checkpoint fingerprint
 timeout 200 python -m runner run $J/job.yaml > $OUT/run2.jsonl 2> $OUT/run2.err; echo "run2 rc=$?"
 ls -la $J/output | tee $OUT/ls2.txt
 grep -h '"progress"\|resuming\|"result"\|strategy' $OUT/run1.jsonl $OUT/run2.jsonl | cut -c1-300
-tail -5 $OUT/run1.err $OUT/run2.err
+tail -n 5 $OUT/run1.err $OUT/run2.err
