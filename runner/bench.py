@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -44,11 +45,15 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 
 
 # ------------------------------------------------------------------------------------------ the model
+def matmul_params(c) -> int:
+    """Parameters of the decoder layers' projections and the LM head (a config, or a SHAPES namespace)."""
+    h, L, kv = c.hidden_size, c.num_hidden_layers, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    return L * (h * h * 2 + h * kv * 2 + 3 * h * c.intermediate_size) + h * c.vocab_size
+
+
 def bf16_bytes(shape: str) -> int:
-    s = SHAPES[shape]
-    h, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
-    kv = s["num_key_value_heads"] * h // s["num_attention_heads"]
-    return 2 * (layers * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * h * s["vocab_size"])
+    c = SimpleNamespace(**SHAPES[shape])
+    return 2 * (matmul_params(c) + c.hidden_size * c.vocab_size)  # + the input embeddings
 
 
 def build_model(shape: str, out_dir: Path, prequantize: str = "no") -> Path:
@@ -125,9 +130,8 @@ def model_flops_per_token(model_cfg, lengths: list[int]) -> float:
     """4 x matmul params (forward + input-gradient backward; frozen weights get no weight gradient) plus
     causal attention (3x its forward: 2 matmuls of 2*d*ctx each, ctx = half the example on average)."""
     c = model_cfg
-    h, L, kv = c.hidden_size, c.num_hidden_layers, c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * c.intermediate_size
-    matmul = L * per_layer + h * c.vocab_size
+    h, L = c.hidden_size, c.num_hidden_layers
+    matmul = matmul_params(c)
     mean_ctx = sum(n * n / 2 for n in lengths) / max(sum(lengths), 1)
     attention = 3 * L * 4 * h * mean_ctx
     return 4 * matmul + attention
@@ -168,16 +172,11 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
 
     job = parse_job(job_for(name, model_dir, shape))
     spec = job.spec
-    dev = model_phase.device()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    strategy = parallel.choose(spec, model_dir)
-    cdtype = model_phase.compute_dtype(spec.quantization, dev)
     t_load = time.perf_counter()
-    model = model_phase.load_quantized(model_dir, spec.model, spec.quantization, dev,
-                                       storage=parallel.storage_dtype(spec, strategy, cdtype),
-                                       load_on=torch.device("cpu") if strategy == "fsdp" else None)
+    model, strategy = parallel.load_base(spec, model_dir)
     load_s = time.perf_counter() - t_load
     tok = model_phase.load_tokenizer(model_dir, spec.model)
     if name == "seeds":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
@@ -188,10 +187,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
 
     n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3)) * distributed.world_size()
     data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
-    if strategy == "fsdp":
-        packing = spec.dataset.packing and model_phase.isolates_packed_examples(model)
-    else:
-        packing = spec.dataset.packing and model_phase.packing_is_isolated(model)
+    packing = spec.dataset.packing and model_phase.can_pack(model, strategy)
     timer = StepTimer(warmup)
     overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 1 if log_every_step else 10**6,
                  "shuffle_dataset": False}
@@ -221,7 +217,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         # per GPU: the tokens of all ranks over the peak of all GPUs
         "mfu": round(tps * flops / (peak * 1e12 * distributed.world_size()), 4) if peak else None,
         "loadSeconds": round(load_s, 1),
-        "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peakAllocatedGiB": round(peaks[0], 2) if torch.cuda.is_available() else None,
         "peakAllocatedGiBPerRank": [round(p, 2) for p in peaks],
         "peakReservedGiB": round(torch.cuda.max_memory_reserved() / 2**30, 2) if torch.cuda.is_available() else None,
         "finalLoss": trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None,

@@ -137,22 +137,22 @@ def _tokenize(spec: FineTuneJobSpec, paths: dict, reporter: Reporter):
 def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,
            stop: StopFlag) -> _Trained:
     reporter.phase("Training")
-    model, strategy = _load_model(spec, model_dir, reporter)
-    packing = spec.dataset.packing
-    if strategy == "fsdp":
-        # The base sits unsharded in CPU memory until FSDP places it: no samples or probe there.
-        prompts = spec.eval_prompts  # after training, every rank takes part in generating them
-        before = [None] * len(spec.eval_prompts)
-        if packing and not model_phase.isolates_packed_examples(model):
-            packing = False
-            reporter.log(f"FSDP with {model.config._attn_implementation} attention: training unpacked (packing "
-                         "needs varlen or flash attention here)")
+    model, strategy = parallel.load_base(spec, model_dir)
+    if strategy != "single":
+        reporter.log(f"{distributed.world_size()} processes, strategy {strategy}")
+    fsdp = strategy == "fsdp"
+    # Under FSDP every rank takes part in generating (after training); the base sits unsharded in CPU
+    # memory until FSDP places it, so there are no before-training samples.
+    prompts = spec.eval_prompts if fsdp or distributed.is_main() else []
+    if fsdp:
+        before = [None] * len(prompts)
     else:
-        prompts = spec.eval_prompts if distributed.is_main() else []
         before = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
-        if packing and not model_phase.packing_is_isolated(model):
-            packing = False
-            reporter.log("this architecture lets packed examples attend to each other; training unpacked instead")
+    packing = spec.dataset.packing
+    if packing and not model_phase.can_pack(model, strategy):
+        packing = False
+        reporter.log(f"packed examples could attend to each other here ({model.config._attn_implementation} "
+                     f"attention, strategy {strategy}); training unpacked instead")
     model = model_phase.add_lora(model, spec.lora)
     ckpt_loc = checkpoint_location(spec)
     result = train(
@@ -169,21 +169,6 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
                "strategy": strategy, "processes": distributed.world_size(),
                "examples": len(data.train), "truncatedExamples": data.truncated, "checkpoints": str(ckpt_loc)}
     return _Trained(result.adapter_dir, result.history, metrics, before, after, packing)
-
-
-def _load_model(spec: FineTuneJobSpec, model_dir: Path, reporter: Reporter):
-    """The 4-bit base where the strategy wants it: on this rank's GPU, or in CPU memory for FSDP to shard."""
-    dev = model_phase.device()
-    strategy = parallel.choose(spec, model_dir)
-    cdtype = model_phase.compute_dtype(spec.quantization, dev)
-    model = model_phase.load_quantized(
-        model_dir, spec.model, spec.quantization, dev, storage=parallel.storage_dtype(spec, strategy, cdtype),
-        load_on=torch.device("cpu") if strategy == "fsdp" else None,
-    )
-    parallel.check_prequantized(model, strategy, cdtype)
-    if strategy != "single":
-        reporter.log(f"{distributed.world_size()} processes, strategy {strategy}")
-    return model, strategy
 
 
 def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, trained: _Trained, work: Path,

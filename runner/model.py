@@ -31,32 +31,44 @@ def compute_dtype(q: QuantizationSpec, dev: torch.device | None = None) -> torch
     return torch.float32
 
 
+def storage_dtype(q: QuantizationSpec) -> torch.dtype:
+    """The spec's storage dtype for the packed 4-bit weights outside FSDP: `auto` is uint8."""
+    return torch.uint8 if q.storage_dtype in ("auto", "uint8") else DTYPES[q.storage_dtype]
+
+
 def bnb_config(q: QuantizationSpec, cdtype: torch.dtype, storage: torch.dtype | None = None):
     from transformers import BitsAndBytesConfig
 
-    if storage is None:
-        storage = torch.uint8 if q.storage_dtype in ("auto", "uint8") else DTYPES[q.storage_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=cdtype,
-        bnb_4bit_quant_storage=storage,
+        bnb_4bit_quant_storage=storage or storage_dtype(q),
     )
 
 
-def linear_module_names(model_dir: Path, m: ModelSpec) -> set[str]:
-    """Leaf names of every nn.Linear in the architecture, found on the meta device (no weights read)."""
+def skeleton(model_dir: Path, m: ModelSpec):
+    """The architecture on the meta device, from its config alone (no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=m.trust_remote_code)
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+
+
+def is_quantized_linear(name: str, module: torch.nn.Module) -> bool:
+    """The layers that are stored in 4 bits and get LoRA: every nn.Linear but the output heads."""
+    return isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS
+
+
+def linear_module_names(model_dir: Path, m: ModelSpec) -> set[str]:
+    """Leaf names of every nn.Linear in the architecture, found on the meta device (no weights read)."""
     return {
         name.rsplit(".", 1)[-1]
-        for name, mod in skeleton.named_modules()
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS
+        for name, mod in skeleton(model_dir, m).named_modules()
+        if is_quantized_linear(name, mod)
     }
 
 
@@ -190,6 +202,14 @@ def isolates_packed_examples(model) -> bool:
     """Attention kernels that take sequence boundaries from restarting position ids (cu_seqlens): packed
     examples cannot attend to each other, whatever the architecture."""
     return model.config._attn_implementation in ("varlen", "flash_attention_2")
+
+
+def can_pack(model, strategy: str) -> bool:
+    """Whether packed examples stay apart in this model: probed on the real model, or, under FSDP (the base
+    sits unsharded in CPU memory, where a probe would be slow), judged by the attention kernel."""
+    if strategy == "fsdp":
+        return isolates_packed_examples(model)
+    return packing_is_isolated(model)
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from runner import distributed
+from runner import distributed, model as model_phase
 from runner.errors import INVALID_SPEC, PermanentError
 from runner.spec import FineTuneJobSpec
 
@@ -30,18 +30,10 @@ _RESERVED = 3 * GiB  # CUDA context, allocator slack, LoRA tensors and their opt
 
 def quantized_bytes(model_dir: Path, spec: FineTuneJobSpec) -> int:
     """The 4-bit model's size in memory, from its config alone (meta device: no weights read)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from runner.model import HEADS
-
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code)
     total = 0.0
-    for name, module in skeleton.named_modules():
+    for name, module in model_phase.skeleton(model_dir, spec.model).named_modules():
         for p in module.parameters(recurse=False):
-            quantized = isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS and p.ndim == 2
+            quantized = model_phase.is_quantized_linear(name, module) and p.ndim == 2
             total += p.numel() * (_NF4_BYTES if quantized else 2)
     return int(total)
 
@@ -79,18 +71,30 @@ def choose(spec: FineTuneJobSpec, model_dir: Path, world: int | None = None,
 
 
 def storage_dtype(spec: FineTuneJobSpec, strategy: str, compute: torch.dtype) -> torch.dtype:
-    """What the packed 4-bit weights are stored as: uint8, or the compute dtype under FSDP."""
-    from runner.model import DTYPES
-
-    chosen = spec.quantization.storage_dtype
+    """What the packed 4-bit weights are stored as: the spec's choice, or the compute dtype under FSDP."""
     if strategy != "fsdp":
-        return torch.uint8 if chosen in ("auto", "uint8") else DTYPES[chosen]
-    if chosen != "auto" and DTYPES.get(chosen) != compute:
+        return model_phase.storage_dtype(spec.quantization)
+    chosen = spec.quantization.storage_dtype
+    if chosen != "auto" and model_phase.DTYPES.get(chosen) != compute:
         name = str(compute).removeprefix("torch.")
         raise PermanentError(
             f"quantization.storageDtype: FSDP needs the 4-bit weights stored as the compute dtype ({name}), "
             f"not {chosen}; set it to {name} or auto", reason=INVALID_SPEC)
     return compute
+
+
+def load_base(spec: FineTuneJobSpec, model_dir: Path):
+    """The 4-bit base where the strategy wants it: on this rank's GPU, or in CPU memory for FSDP to shard.
+    Returns (model, strategy)."""
+    dev = model_phase.device()
+    strategy = choose(spec, model_dir)
+    cdtype = model_phase.compute_dtype(spec.quantization, dev)
+    model = model_phase.load_quantized(
+        model_dir, spec.model, spec.quantization, dev, storage=storage_dtype(spec, strategy, cdtype),
+        load_on=torch.device("cpu") if strategy == "fsdp" else None,
+    )
+    check_prequantized(model, strategy, cdtype)
+    return model, strategy
 
 
 def check_prequantized(model, strategy: str, compute: torch.dtype) -> None:

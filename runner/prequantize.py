@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runner.model import HEADS
+from runner.model import is_quantized_linear
 
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -58,8 +58,7 @@ def quantized_tensors(unit_name: str, unit: nn.Module, quant) -> dict[str, torch
         prefix = f"{unit_name}.{name}" if name else unit_name
         for pname, p in module.named_parameters(recurse=False):
             key = f"{prefix}.{pname}"
-            leaf = prefix.rsplit(".", 1)[-1]
-            if isinstance(module, nn.Linear) and pname == "weight" and leaf not in HEADS:
+            if pname == "weight" and is_quantized_linear(prefix, module):
                 packed, state = F.quantize_4bit(
                     p.data, blocksize=64, compress_statistics=quant.bnb_4bit_use_double_quant,
                     quant_type=quant.bnb_4bit_quant_type, quant_storage=quant.bnb_4bit_quant_storage,

@@ -96,7 +96,7 @@ def test_storage_dtype_follows_the_strategy():
 
 
 def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tmp_path, monkeypatch):
-    from runner import data as data_phase, model as model_phase
+    from runner import model as model_phase
     from runner.train import _training_args
 
     for var in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # TrainingArguments sets these
@@ -108,7 +108,6 @@ def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tm
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert args.fsdp_config["reshard_after_forward"] is True
     assert not args.use_liger_kernel  # the fused loss would read a sharded LM head
-    del data_phase
 
 
 def test_prequantized_model_loads_without_missing_weights_and_matches_its_bf16_layers(tmp_path):
