@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 
-from controller import api
-from controller.status import child_name, job_name, label_value, runner_manifest, spec_hash
+from controller import naming
+from controller.naming import identity_name, job_name, label_value, runner_manifest, spec_hash
+from runner.api import names
 
 JOB_FILE_DIR = "/etc/finetune"
 JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
@@ -25,13 +26,9 @@ AWS_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AW
             ("AWS_DEFAULT_REGION", True), ("AWS_REGION", True), ("AWS_ENDPOINT_URL", True))
 
 
-def identity_name(ftj_name: str) -> str:
-    return child_name(ftj_name, "runner", 253)
-
-
 def owner_reference(ftj: dict) -> dict:
     md = ftj["metadata"]
-    return {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "name": md["name"], "uid": md["uid"],
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND, "name": md["name"], "uid": md["uid"],
             "controller": True, "blockOwnerDeletion": True}
 
 
@@ -39,16 +36,16 @@ def labels(ftj: dict) -> dict:
     md = ftj["metadata"]
     return {
         "app.kubernetes.io/name": "finetune-runner",
-        "app.kubernetes.io/managed-by": api.MANAGED_BY,
-        api.LABEL_JOB: label_value(md["name"]),
-        api.LABEL_JOB_UID: md["uid"],
+        "app.kubernetes.io/managed-by": naming.MANAGED_BY,
+        naming.LABEL_JOB: label_value(md["name"]),
+        naming.LABEL_JOB_UID: md["uid"],
     }
 
 
 def _meta(ftj: dict, name: str, extra_labels: dict | None = None) -> dict:
     return {"name": name, "namespace": ftj["metadata"]["namespace"],
             "labels": {**labels(ftj), **(extra_labels or {})},
-            "annotations": {api.ANNOTATION_JOB_NAME: ftj["metadata"]["name"]},
+            "annotations": {naming.ANNOTATION_JOB_NAME: ftj["metadata"]["name"]},
             "ownerReferences": [owner_reference(ftj)]}
 
 
@@ -61,7 +58,7 @@ def role(ftj: dict) -> dict:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": _meta(ftj, identity_name(ftj["metadata"]["name"])),
-        "rules": [{"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"],
+        "rules": [{"apiGroups": [names.GROUP], "resources": [names.STATUS_SUBRESOURCE],
                    "resourceNames": [ftj["metadata"]["name"]], "verbs": ["get", "patch"]}],
     }
 
@@ -82,14 +79,14 @@ def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: in
     """The batch/v1 Job of one attempt. `spec` is the spec to run (the original one on retries)."""
     md = ftj["metadata"]
     name = job_name(md["name"], attempt)
-    extra = {api.LABEL_ATTEMPT: str(attempt)}
+    extra = {naming.LABEL_ATTEMPT: str(attempt)}
     if spec.get("queueName"):
-        extra[api.LABEL_KUEUE_QUEUE] = spec["queueName"]
+        extra[naming.LABEL_KUEUE_QUEUE] = spec["queueName"]
     meta = _meta(ftj, name, extra)
-    meta["annotations"][api.ANNOTATION_SPEC_HASH] = spec_hash(spec)
+    meta["annotations"][naming.ANNOTATION_SPEC_HASH] = spec_hash(spec)
     manifest = json.dumps(runner_manifest(ftj, spec), sort_keys=True, separators=(",", ":"))
     pod_meta = {"labels": dict(meta["labels"]),
-                "annotations": {api.ANNOTATION_JOB_NAME: md["name"], api.ANNOTATION_SPEC: manifest}}
+                "annotations": {naming.ANNOTATION_JOB_NAME: md["name"], naming.ANNOTATION_SPEC: manifest}}
 
     pod_spec: dict = {
         "restartPolicy": "Never",
@@ -103,7 +100,7 @@ def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: in
         "volumes": [
             {"name": "job", "downwardAPI": {"items": [{
                 "path": "job.yaml",
-                "fieldRef": {"fieldPath": f"metadata.annotations['{api.ANNOTATION_SPEC}']"}}]}},
+                "fieldRef": {"fieldPath": f"metadata.annotations['{naming.ANNOTATION_SPEC}']"}}]}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "scratch", "emptyDir": {}},
         ],
@@ -133,11 +130,11 @@ def container(ftj: dict, spec: dict, image: str, attempt: int) -> dict:
     if res.get("memory"):
         requests["memory"] = limits["memory"] = str(res["memory"])
     env = [
-        {"name": "FINETUNE_JOB_NAME", "value": md["name"]},
-        {"name": "FINETUNE_JOB_NAMESPACE", "value": md["namespace"]},
-        {"name": "FINETUNE_ATTEMPT", "value": str(attempt)},
-        {"name": "FINETUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "FINETUNE_WORK_DIR", "value": "/scratch/work"},
+        {"name": names.ENV_JOB_NAME, "value": md["name"]},
+        {"name": names.ENV_JOB_NAMESPACE, "value": md["namespace"]},
+        {"name": names.ENV_ATTEMPT, "value": str(attempt)},
+        {"name": names.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": names.ENV_WORK_DIR, "value": "/scratch/work"},
         {"name": "HOME", "value": "/scratch/home"},
         {"name": "TMPDIR", "value": "/scratch"},
     ]
@@ -154,12 +151,12 @@ def container(ftj: dict, spec: dict, image: str, attempt: int) -> dict:
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     env += list(spec.get("env") or [])
     return {
-        "name": api.RUNNER_CONTAINER,
+        "name": naming.RUNNER_CONTAINER,
         "image": spec.get("image") or image,
         "command": list(RUNNER_COMMAND),
         "env": env,
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": names.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
                             "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
@@ -176,7 +173,7 @@ def event(ftj: dict, type_: str, reason: str, message: str, now: str, component:
     return {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": f"{md['name'][:200]}.", "namespace": md["namespace"]},
-        "involvedObject": {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "name": md["name"],
+        "involvedObject": {"apiVersion": names.API_VERSION, "kind": names.KIND, "name": md["name"],
                            "namespace": md["namespace"], "uid": md["uid"]},
         "type": type_, "reason": reason, "message": message[:1024],
         "source": {"component": component}, "reportingComponent": component,

@@ -6,7 +6,9 @@ import logging
 import os
 import sys
 
-DEFAULT_IMAGE = os.environ.get("FINETUNE_RUNNER_IMAGE", "finetune-runner:latest")
+from runner.api import names
+
+DEFAULT_IMAGE = os.environ.get(names.ENV_RUNNER_IMAGE, "finetune-runner:latest")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "run")
     p = argparse.ArgumentParser(prog="python -m controller", description="The FineTuneJob operator.")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("crd", help="print the CustomResourceDefinition (generated from runner/spec.py)")
+    c = sub.add_parser("crd", help="print the CustomResourceDefinition (generated from runner/api/spec.py)")
     c.add_argument("--without-cel", action="store_true",
                    help="leave out the CEL immutability rules (for Kubernetes < 1.25, where kubectl's "
                    "client-side validation refuses them)")
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--kubeconfig", default=None, help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config, "
                    "or the in-cluster service account)")
     r.add_argument("--image", default=DEFAULT_IMAGE, help="runner image for jobs that do not set spec.image "
-                   "(default: $FINETUNE_RUNNER_IMAGE or %(default)s)")
+                   f"(default: ${names.ENV_RUNNER_IMAGE} or %(default)s)")
     r.add_argument("--workers", type=int, default=8, help="parallel reconcile passes (default %(default)s)")
     r.add_argument("--http-port", type=int, default=8080,
                    help="port of /metrics, /healthz and /readyz; 0 disables (default %(default)s)")

@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from controller import api
-from runner.spec import FineTuneJobSpec
+from runner.api import names, status as contract
+from runner.api.spec import FineTuneJobSpec
 
 # Descriptions for spec fields the pydantic model leaves undocumented (used only where it has none).
 
@@ -97,12 +97,12 @@ def immutability_rules(spec_schema: dict) -> list[dict]:
     thing as a Warning Event where the server does not enforce them."""
     rules = []
     for field in spec_schema["properties"]:
-        if field in api.MUTABLE_SPEC_FIELDS:
+        if field in contract.MUTABLE_SPEC_FIELDS:
             continue
         rules.append({
             "rule": f"has(self.{field}) == has(oldSelf.{field}) && (!has(self.{field}) || self.{field} == oldSelf.{field})",
             "message": f"spec.{field} cannot change after the FineTuneJob was created; delete and re-create it "
-            f"(only {', '.join(api.MUTABLE_SPEC_FIELDS)} may change)",
+            f"(only {', '.join(contract.MUTABLE_SPEC_FIELDS)} may change)",
         })
     return rules
 
@@ -129,7 +129,7 @@ def _strip_defaults(node: Any) -> Any:
 
 def status_schema() -> dict:
     # No defaults in status: the API server would otherwise add empty objects on every write.
-    status = _strip_defaults(structural(api.FineTuneJobStatus.model_json_schema(by_alias=True)))
+    status = _strip_defaults(structural(contract.FineTuneJobStatus.model_json_schema(by_alias=True)))
     status["properties"]["metrics"] = {
         "description": status["properties"]["metrics"].get("description", ""),
         "type": "object",
@@ -151,19 +151,19 @@ def crd(cel: bool = True) -> dict:
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": api.CRD_NAME},
+        "metadata": {"name": names.CRD_NAME},
         "spec": {
-            "group": api.GROUP,
+            "group": names.GROUP,
             "scope": "Namespaced",
             "names": {
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "shortNames": list(api.SHORT_NAMES),
+                "plural": names.PLURAL,
+                "singular": names.SINGULAR,
+                "kind": names.KIND,
+                "listKind": f"{names.KIND}List",
+                "shortNames": list(names.SHORT_NAMES),
             },
             "versions": [{
-                "name": api.VERSION,
+                "name": names.VERSION,
                 "served": True,
                 "storage": True,
                 "subresources": {"status": {}},

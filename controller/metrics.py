@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from controller import api
+from runner.api import status as contract
 
 REGISTRY = CollectorRegistry()
 TRANSITIONS = Counter("finetune_phase_transitions_total", "FineTuneJob phase changes written by the controller.",
@@ -29,7 +29,7 @@ class _Live:
     def collect(self):
         jobs = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by status.phase.", labels=["phase"])
         tally = _Tally(p or "Unknown" for p in self.phases())
-        for phase in (*api.PHASES, "Unknown"):
+        for phase in (*contract.PHASES, "Unknown"):
             jobs.add_metric([phase], tally.get(phase, 0))
         yield jobs
         yield GaugeMetricFamily("finetune_workqueue_depth", "FineTuneJobs waiting for a reconcile pass.",

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from controller import api, metrics
+from controller import metrics, naming
 from controller.kube import Kube, load_configuration
 from controller.reconciler import Reconciler, Snapshot
 from controller.status import Options
 from controller.workqueue import WorkQueue
+from runner.api import names
 
 log = logging.getLogger("controller")
-SELECTOR = api.LABEL_JOB_UID  # children are watched with this label only (server-side)
+SELECTOR = naming.LABEL_JOB_UID  # children are watched with this label only (server-side)
 
 
 @dataclass
@@ -59,7 +60,7 @@ def _slim_meta(md, *, annotations: tuple[str, ...] = ()) -> dict:
     return out
 
 
-@kopf.index(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.index(names.GROUP, names.VERSION, names.PLURAL)
 async def ftj_cache(namespace, name, body, **_):
     return {(namespace, name): {"metadata": _slim_meta(body.metadata), "spec": dict(body.spec),
                                 "status": dict(body.status)}}
@@ -70,8 +71,8 @@ async def job_cache(body, labels, **_):
     tmpl = (body.spec.get("template") or {}).get("metadata") or {}
     spec = {"activeDeadlineSeconds": body.spec.get("activeDeadlineSeconds"), "suspend": body.spec.get("suspend"),
             "template": {"metadata": {"annotations": {k: v for k, v in (tmpl.get("annotations") or {}).items()
-                                                      if k == api.ANNOTATION_SPEC}}}}
-    return {labels[SELECTOR]: {"metadata": _slim_meta(body.metadata, annotations=(api.ANNOTATION_SPEC_HASH,)),
+                                                      if k == naming.ANNOTATION_SPEC}}}}
+    return {labels[SELECTOR]: {"metadata": _slim_meta(body.metadata, annotations=(naming.ANNOTATION_SPEC_HASH,)),
                                "spec": spec, "status": dict(body.status)}}
 
 
@@ -90,14 +91,14 @@ def _queue(key) -> None:
     STATE.queue.add(key)
 
 
-@kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.event(names.GROUP, names.VERSION, names.PLURAL)
 async def ftj_changed(namespace, name, **_):
     _queue((namespace, name))
 
 
 def _queue_owner(namespace, body) -> None:
     """A child (Job, Pod, RoleBinding) changed: reconcile the FineTuneJob named in its annotation."""
-    owner = body.metadata.get("annotations", {}).get(api.ANNOTATION_JOB_NAME)
+    owner = body.metadata.get("annotations", {}).get(naming.ANNOTATION_JOB_NAME)
     if owner:
         _queue((namespace, owner))
 

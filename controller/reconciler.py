@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from controller import api, children
+from controller import children, naming
 from controller.kube import Kube, api_message, ns_path
 from controller.status import Action, Assessment, Options, assess, finalize, format_time
+from runner.api import names, status as contract
 
 log = logging.getLogger("controller")
 COMPONENT = "finetune-controller"
@@ -91,8 +92,8 @@ class Reconciler:
             self._event(ftj, ev.type, ev.reason, ev.message)
 
     def _invalid(self, ftj: dict, now: float, message: str) -> Assessment:
-        a = Assessment(status={"observedGeneration": ftj["metadata"].get("generation"), "phase": api.FAILED,
-                               "reason": "InvalidSpec", "message": message[:1024],
+        a = Assessment(status={"observedGeneration": ftj["metadata"].get("generation"), "phase": contract.FAILED,
+                               "reason": contract.INVALID_SPEC, "message": message[:1024],
                                "completionTime": format_time(now), "failedAttempts": 0})
         finalize(a, ftj, now)
         return a
@@ -116,7 +117,7 @@ class Reconciler:
             if self.kube.delete(ns_path("batch/v1", ns, "jobs", action.name), propagation="Background"):
                 log.info("%s/%s: deleted Job %s", ns, ftj["metadata"]["name"], action.name)
         elif action.kind == "revoke-identity":
-            name = children.identity_name(ftj["metadata"]["name"])
+            name = naming.identity_name(ftj["metadata"]["name"])
             self.kube.delete(ns_path("rbac.authorization.k8s.io/v1", ns, "rolebindings", name), propagation=None)
             self.kube.delete(ns_path("rbac.authorization.k8s.io/v1", ns, "roles", name), propagation=None)
             if not (ftj.get("spec") or {}).get("serviceAccountName"):
@@ -143,12 +144,12 @@ class Reconciler:
         """Merge-patch the controller's status fields if they changed (or `force`: an unchanged patch still
         checks the resourceVersion, and the API server writes nothing); the new resourceVersion, or None."""
         old = ftj.get("status") or {}
-        new = {k: a.status.get(k) for k in api.CONTROLLER_STATUS_FIELDS}
+        new = {k: a.status.get(k) for k in contract.CONTROLLER_STATUS_FIELDS}
         unchanged = all(_same(old.get(k), v) for k, v in new.items())
         if unchanged and not force:
             return None
         md = ftj["metadata"]
-        path = ns_path(api.API_VERSION_FULL, md["namespace"], api.PLURAL, md["name"], "status")
+        path = ns_path(names.API_VERSION, md["namespace"], names.PLURAL, md["name"], "status")
         body: dict = {"status": new}
         if md.get("resourceVersion"):
             body["metadata"] = {"resourceVersion": md["resourceVersion"]}  # optimistic concurrency

@@ -14,17 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from runner import errors
-from runner.errors import RunnerError, redact
-
-# Failures of unknown origin are attributed to the phase they happened in.
-_PHASE_REASON = {
-    "Validating": errors.INVALID_SPEC,
-    "Downloading": errors.DOWNLOAD_FAILED,
-    "Training": errors.TRAINING_FAILED,
-    "Merging": errors.MERGE_FAILED,
-    "Uploading": errors.UPLOAD_FAILED,
-}
+from runner.api import errors, names, status
+from runner.api.errors import RunnerError, redact
 
 
 def oom_advice(spec) -> str:
@@ -55,7 +46,7 @@ def _run(args) -> int:
 
 def _run_job(args, events_out) -> int:
     from runner.report import Reporter
-    from runner.spec import load_job
+    from runner.api.parse import load_job
 
     from runner import distributed
     from runner.kube_status import sink_from_env
@@ -73,7 +64,7 @@ def _run_job(args, events_out) -> int:
         from runner import distributed
 
         nproc = distributed.processes_for(job.spec)
-        if nproc > 1 and not os.environ.get(distributed.LAUNCHED_ENV):
+        if nproc > 1 and not os.environ.get(names.ENV_LAUNCHED):
             return distributed.launch(args.job, nproc, work_dir=args.work_dir, reporter=reporter)
         if distributed.world_size() == 1:
             distributed.pin_one_gpu()
@@ -113,7 +104,7 @@ def _quiet_progress_bars() -> None:
 
 
 def _reason(reporter) -> str:
-    return _PHASE_REASON.get(reporter.phase_name or "", errors.TRAINING_FAILED)
+    return status.PHASE_REASON.get(reporter.phase_name or "", errors.TRAINING_FAILED)
 
 
 def _fail(reporter, e: RunnerError) -> int:
@@ -130,7 +121,7 @@ def _fail(reporter, e: RunnerError) -> int:
 
 
 def _validate(args) -> int:
-    from runner.spec import load_job
+    from runner.api.parse import load_job
 
     try:
         job = load_job(args.job)
@@ -189,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p_b.add_argument("--write-job", default=None, metavar="DIR",
                      help="instead: write a random model, a dataset and a job.yaml for `runner run`")
     for p in (p_run, p_qs):
-        p.add_argument("--work-dir", default=os.environ.get("FINETUNE_WORK_DIR"),
+        p.add_argument("--work-dir", default=os.environ.get(names.ENV_WORK_DIR),
                        help="scratch space for downloads and the trainer (default: a temp dir)")
         p.add_argument("--termination-log", default=None, help="where the final result is also written")
     args = parser.parse_args(argv)
@@ -203,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from runner import bench
 
         return bench.main(args)
-    from runner.spec import schema_doc
+    from runner.api.spec import schema_doc
 
     print(json.dumps(schema_doc(), indent=2))
     return 0

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from runner.spec import Job
+from runner.api import names
+from runner.api.parse import manifest
+from runner.api.spec import Job
 
 
 def write_report(
@@ -25,12 +27,7 @@ def write_report(
     (report_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     (report_dir / "job.yaml").write_text(
         yaml.safe_dump(
-            {
-                "apiVersion": "finetune.dev/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {"name": job.name},
-                "spec": job.spec.model_dump(by_alias=True, exclude_defaults=True),
-            },
+            manifest(job.name, job.spec.model_dump(by_alias=True, exclude_defaults=True)),
             sort_keys=False,
             allow_unicode=True,
         )
@@ -97,7 +94,7 @@ def model_card(job: Job, metrics: dict, *, merged: bool) -> str:
     front = {
         "base_model": base.removeprefix("hf://").split("@")[0] if base.startswith("hf://") else base,
         "library_name": "transformers" if merged else "peft",
-        "tags": ["qlora", "lora", "finetune.dev"],
+        "tags": ["qlora", "lora", names.GROUP],
         "pipeline_tag": "text-generation",
     }
     keys = ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen", "train_runtime")

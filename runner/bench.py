@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from runner.spec import parse_job
+from runner.api.parse import parse_job
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from runner.errors import PermanentError, DOWNLOAD_FAILED, INVALID_SPEC
-from runner.spec import DatasetSpec
+from runner.api.errors import PermanentError, DOWNLOAD_FAILED, INVALID_SPEC
+from runner.api.spec import DatasetSpec
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

@@ -16,10 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runner import errors
+from runner.api import errors, names
 
-LAUNCHED_ENV = "FINETUNE_LAUNCHED"  # set in the ranks' environment by the launcher
-NPROC_ENV = "FINETUNE_NPROC"  # processes per node, overriding resources.gpus (CPU tests, debugging)
 
 
 def world_size() -> int:
@@ -82,7 +80,7 @@ def pin_one_gpu() -> None:
 
 
 def processes_for(spec) -> int:
-    override = os.environ.get(NPROC_ENV)
+    override = os.environ.get(names.ENV_NPROC)
     if override:
         return int(override)
     wanted = spec.resources.gpus
@@ -107,7 +105,7 @@ def launch(job_path: str, nproc: int, *, work_dir: str | None, reporter) -> int:
     result_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "runner", "run", job_path, "--work-dir", work, "--termination-log", str(result_file)]
-    env = {**os.environ, LAUNCHED_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, names.ENV_LAUNCHED: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     reporter.log(f"launching {nproc} processes: {' '.join(cmd[2:6])}")
     proc = subprocess.Popen(cmd, env=env)  # rank 0's JSON events go straight to our stdout
 

@@ -15,9 +15,10 @@ import torch
 
 from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, parallel
 from runner import storage
-from runner.errors import INVALID_SPEC, PermanentError
+from runner.api import status
+from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.report import Reporter
-from runner.spec import FineTuneJobSpec, Job
+from runner.api.spec import FineTuneJobSpec, Job
 from runner.train import StopFlag, train
 
 
@@ -108,9 +109,9 @@ def _fetch(spec: FineTuneJobSpec, work: Path, reporter: Reporter) -> dict:
     """Validating and Downloading, by rank 0 first; the other ranks reuse its files."""
     with distributed.main_first():
         if distributed.is_main():
-            reporter.phase("Validating")
+            reporter.phase(status.VALIDATING)
             locations = _validate(spec)
-            reporter.phase("Downloading")
+            reporter.phase(status.DOWNLOADING)
             paths = _download(spec, locations, work, reporter)
             (work / "downloads.json").write_text(json.dumps({k: str(v) if v else None for k, v in paths.items()}))
         else:
@@ -136,7 +137,7 @@ def _tokenize(spec: FineTuneJobSpec, paths: dict, reporter: Reporter):
 
 def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,
            stop: StopFlag) -> _Trained:
-    reporter.phase("Training")
+    reporter.phase(status.TRAINING)
     model, strategy = parallel.load_base(spec, model_dir)
     if strategy != "single":
         reporter.log(f"{distributed.world_size()} processes, strategy {strategy}")
@@ -178,7 +179,7 @@ def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data,
     staging.mkdir()
     metrics, after = trained.metrics, trained.samples_after
     if spec.merge.enabled:
-        reporter.phase("Merging")
+        reporter.phase(status.MERGING)
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in data.train[:4]["input_ids"]]
         probe = merge_phase.probe_inputs(tokenizer, texts)
         check = merge_phase.merge(spec, model_dir, trained.adapter_dir, tokenizer, probe, staging, spec.eval_prompts)
@@ -203,7 +204,7 @@ def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data,
 
 
 def _upload(job: Job, spec: FineTuneJobSpec, staging: Path, metrics: dict, reporter: Reporter) -> dict:
-    reporter.phase("Uploading")
+    reporter.phase(status.UPLOADING)
     published = storage.publish(staging, storage.Location.parse(spec.output.destination),
                                 private=spec.output.private,
                                 commit_message=f"FineTuneJob {job.name}: QLoRA fine-tune of {spec.model.source}")

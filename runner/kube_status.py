@@ -3,14 +3,14 @@
     sink = sink_from_env()          # None unless running under the controller
     Reporter(sinks=[sink] if sink else [])
 
-The controller starts the runner with FINETUNE_JOB_NAME, FINETUNE_JOB_NAMESPACE, FINETUNE_POD_NAME and
-FINETUNE_ATTEMPT, under a ServiceAccount whose Role allows only `get`/`patch` on the `status` of that one
-FineTuneJob. The sink writes only the runner's part of the status (see controller/api.py):
+The controller starts the runner with the job's name, namespace, pod and attempt in its environment
+(runner/api/names.py), under a ServiceAccount whose Role allows only `get`/`patch` on the `status` of that one
+FineTuneJob. The sink writes only the runner's part of the status (see runner/api/status.py):
 
   status.runner          {phase, pod, attempt, updated}        on every phase event; plus `result`
                                                                (Succeeded/Failed) at the end
   status.progress        {step, totalSteps, percent, summary, epoch, loss, evalLoss, learningRate,
-                          tokensPerSecond, eta, updated}      at most every FINETUNE_STATUS_INTERVAL s
+                          tokensPerSecond, eta, updated}      at most every ENV_STATUS_INTERVAL s
   status.lastCheckpoint  {name, step, time}                    on every durable checkpoint
 
 Credentials: the file named by $KUBECONFIG (current context; token or tokenFile, CA file or data), else
@@ -31,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-GROUP_VERSION = "finetune.dev/v1alpha1"
-PLURAL = "finetunejobs"
+from runner.api import names
+
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 PROGRESS_INTERVAL = 5.0
 PAUSE_AFTER_FAILURE = 60.0
@@ -89,7 +89,7 @@ class StatusSink:
     def __init__(self, target: ApiTarget, name: str, namespace: str, *, pod: str | None = None,
                  attempt: int | None = None, interval: float = PROGRESS_INTERVAL, clock=time.monotonic):
         self.target = target
-        self.url = f"{target.server}/apis/{GROUP_VERSION}/namespaces/{namespace}/{PLURAL}/{name}/status"
+        self.url = f"{target.server}/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}/{name}/status"
         self.pod, self.attempt, self.interval, self.clock = pod, attempt, interval, clock
         self._last_progress = -1e18
         self._paused_until = -1e18
@@ -168,7 +168,7 @@ class StatusSink:
 def sink_from_env(env: dict | None = None) -> StatusSink | None:
     """The sink for this process, or None when not running under the controller."""
     env = os.environ if env is None else env
-    name, namespace = env.get("FINETUNE_JOB_NAME"), env.get("FINETUNE_JOB_NAMESPACE")
+    name, namespace = env.get(names.ENV_JOB_NAME), env.get(names.ENV_JOB_NAMESPACE)
     if not name or not namespace:
         return None
     kubeconfig = env.get("KUBECONFIG")
@@ -178,9 +178,9 @@ def sink_from_env(env: dict | None = None) -> StatusSink | None:
         target = ApiTarget.in_cluster(env)
     if target is None:
         return None
-    attempt = env.get("FINETUNE_ATTEMPT")
-    interval = float(env.get("FINETUNE_STATUS_INTERVAL", PROGRESS_INTERVAL))
-    return StatusSink(target, name, namespace, pod=env.get("FINETUNE_POD_NAME"),
+    attempt = env.get(names.ENV_ATTEMPT)
+    interval = float(env.get(names.ENV_STATUS_INTERVAL, PROGRESS_INTERVAL))
+    return StatusSink(target, name, namespace, pod=env.get(names.ENV_POD_NAME),
                       attempt=int(attempt) if attempt and attempt.isdigit() else None, interval=interval)
 
 

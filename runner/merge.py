@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from runner.errors import PermanentError, MERGE_FAILED
+from runner.api.errors import PermanentError, MERGE_FAILED
 from runner.model import device
-from runner.spec import FineTuneJobSpec
+from runner.api.spec import FineTuneJobSpec
 
 FP16_MAX = 65504.0
 # Relative mean |logit difference| allowed between base+adapter and the merged weights. A broken merge

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from runner.errors import PermanentError, INVALID_SPEC
-from runner.spec import LoraSpec, ModelSpec, QuantizationSpec
+from runner.api.errors import PermanentError, INVALID_SPEC
+from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Output heads never get LoRA under "all-linear" (peft excludes them too).

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from runner import distributed, model as model_phase
-from runner.errors import INVALID_SPEC, PermanentError
-from runner.spec import FineTuneJobSpec
+from runner.api.errors import INVALID_SPEC, PermanentError
+from runner.api.spec import FineTuneJobSpec
 
 GiB = 2**30
 # Bytes per parameter of a 4-bit layer: 0.5 for the weight, plus NF4 block constants (double quantized:

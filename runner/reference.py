@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from runner.spec import ClusterFields, FineTuneJobSpec
+from runner.api.spec import ClusterFields, FineTuneJobSpec
 
 START = "<!-- spec-reference:start -->"
 END = "<!-- spec-reference:end -->"

@@ -19,11 +19,9 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Callable, TextIO
 
-from runner.errors import redact
+from runner.api import names, status
+from runner.api.errors import redact
 
-PHASES = ("Validating", "Downloading", "Training", "Merging", "Uploading", "Succeeded", "Failed")
-TERMINATION_LOG = "/dev/termination-log"
-_TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 
 Sink = Callable[[dict], None]
 
@@ -54,7 +52,8 @@ class Reporter:
     ):
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
-        self.termination_log = termination_log or os.environ.get("FINETUNE_TERMINATION_LOG", TERMINATION_LOG)
+        self.termination_log = termination_log or os.environ.get(names.ENV_TERMINATION_LOG,
+                                                                       names.TERMINATION_LOG)
         self.sinks = list(sinks or [])
         self.phase_name: str | None = None
         self.phase_started: dict[str, float] = {}
@@ -73,7 +72,7 @@ class Reporter:
                 self.log(f"status sink failed: {e.__class__.__name__}: {e}")
 
     def phase(self, name: str, **fields: Any) -> None:
-        assert name in PHASES, name
+        assert name in status.RUNNER_STEPS, name
         self._close_phase()
         self.phase_name = name
         self.phase_started[name] = time.monotonic()
@@ -110,7 +109,7 @@ class Reporter:
 
     def result(self, *, succeeded: bool, exit_code: int, **fields: Any) -> dict:
         self._close_phase()
-        phase = "Succeeded" if succeeded else "Failed"
+        phase = status.SUCCEEDED if succeeded else status.FAILED
         self.phase_name = phase
         event = {"event": "result", "phase": phase, "exitCode": exit_code, "phaseSeconds": self.phase_seconds}
         event.update(fields)
@@ -121,10 +120,10 @@ class Reporter:
     def write_termination(self, event: dict) -> None:
         """Kubernetes shows this file as the container's termination message (4 KiB kept)."""
         message = json.dumps(_clean(event), ensure_ascii=False)
-        if len(message.encode()) > _TERMINATION_LIMIT:
+        if len(message.encode()) > names.TERMINATION_MESSAGE_LIMIT:
             slim = {k: event.get(k) for k in ("event", "phase", "exitCode", "reason", "output")}
             slim["message"] = str(event.get("message", ""))[:1500]
-            message = json.dumps(_clean(slim), ensure_ascii=False)[:_TERMINATION_LIMIT]
+            message = json.dumps(_clean(slim), ensure_ascii=False)[:names.TERMINATION_MESSAGE_LIMIT]
         try:
             with open(self.termination_log, "w", encoding="utf-8") as f:
                 f.write(message)

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from runner import distributed, parallel
-from runner.errors import PermanentError, Preempted, TRAINING_FAILED
+from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.model import compute_dtype
 from runner.report import Reporter
-from runner.spec import FineTuneJobSpec
+from runner.api.spec import FineTuneJobSpec
 
 FINGERPRINT_FILE = "job-fingerprint.json"
 
@@ -216,7 +216,7 @@ def use_fused_kernels(spec: FineTuneJobSpec, strategy: str = "single") -> bool:
         import liger_kernel  # noqa: F401
     except ImportError:
         if spec.training.fused_kernels:
-            from runner.errors import PermanentError, INVALID_SPEC
+            from runner.api.errors import PermanentError, INVALID_SPEC
 
             raise PermanentError("training.fusedKernels: liger-kernel is not installed in this image; "
                                  "install it (pip install 'qlora-operator[gpu]') or unset the field",

@@ -20,7 +20,7 @@ def main(model_dir: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from runner import model as model_phase, parallel
-    from runner.spec import LoraSpec, ModelSpec, QuantizationSpec
+    from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

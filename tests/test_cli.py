@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import errors
+from runner.api import errors
 from tests.conftest import job_doc
 
 ROOT = Path(__file__).resolve().parents[1]

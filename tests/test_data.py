@@ -7,7 +7,7 @@ import pytest
 from runner import data as data_phase
 from runner import model as model_phase
 from runner.data import DataError
-from runner.spec import DatasetSpec, ModelSpec
+from runner.api.spec import DatasetSpec, ModelSpec
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from runner import errors
+from runner.api import errors
 from tests.conftest import job_doc
 from tests.test_cli import ROOT, run_cli
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from runner import parallel
-from runner.errors import PermanentError
-from runner.spec import parse_job
+from runner.api.errors import PermanentError
+from runner.api.parse import parse_job
 from tests.conftest import job_doc
 from tests.test_cli import ROOT, run_cli
 

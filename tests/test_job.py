@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.errors import PermanentError, Preempted
+from runner.api.errors import PermanentError, Preempted
 from runner.job import run_job
 from runner.report import Reporter
-from runner.spec import parse_job
+from runner.api.parse import parse_job
 from runner.train import StopFlag
 
 from tests.conftest import ARCHS, job_doc

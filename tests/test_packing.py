@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from runner import model as model_phase
-from runner.spec import ModelSpec, QuantizationSpec
+from runner.api.spec import ModelSpec, QuantizationSpec
 
 from tests.conftest import ARCHS
 

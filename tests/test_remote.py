@@ -10,7 +10,7 @@ import pytest
 
 from runner.job import run_job
 from runner.report import Reporter
-from runner.spec import parse_job
+from runner.api.parse import parse_job
 
 from tests.conftest import QA_ROWS, job_doc
 
@@ -77,7 +77,7 @@ def test_hub_dataset_split_to_a_private_hub_repo_in_one_commit(tiny_llama, hub_s
 
 
 def test_missing_hub_model_fails_in_validation(hub_server, qa_jsonl, tmp_path):
-    from runner.errors import PermanentError
+    from runner.api.errors import PermanentError
 
     reporter, out = _reporter(tmp_path)
     with pytest.raises(PermanentError) as e:

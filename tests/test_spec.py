@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from runner.errors import SpecError
-from runner.spec import FineTuneJobSpec, load_job, parse_job
+from runner.api.errors import SpecError
+from runner.api.spec import FineTuneJobSpec
+from runner.api.parse import load_job, parse_job
 
 MINIMAL = {"model": {"source": "hf://org/base"}, "dataset": {"source": "data.jsonl"},
            "output": {"destination": "./out"}}

@@ -27,12 +27,13 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from controller import api  # noqa: E402
+from controller import naming  # noqa: E402
+from runner.api import names, status as contract  # noqa: E402
 from controller.kube import Kube, load_configuration, ns_path  # noqa: E402
 
 
 def ftj(name: str) -> dict:
-    return {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "metadata": {"name": name},
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": name},
             "spec": {"model": {"source": "hf://org/base-model"}, "dataset": {"source": "s3://data/train.jsonl"},
                      "output": {"destination": "s3://models/" + name}, "resources": {"gpus": 1, "memory": "64Gi"}}}
 
@@ -95,7 +96,7 @@ def main() -> int:
         time.sleep(3)  # controller start-up (imports, first list)
         idle_rss = psutil.Process(ctl.pid).memory_info().rss
         cpu0 = sampler.cpu_seconds()
-        path = ns_path(api.API_VERSION_FULL, ns, api.PLURAL)
+        path = ns_path(names.API_VERSION, ns, names.PLURAL)
         t0 = time.monotonic()
         with ThreadPoolExecutor(args.clients) as pool:
             list(pool.map(lambda i: kube.create(path, ftj(f"job-{i:05d}")), range(args.jobs)))
@@ -103,10 +104,10 @@ def main() -> int:
         t_jobs = t_pending = None
         deadline = t0 + args.timeout
         while time.monotonic() < deadline and (t_jobs is None or t_pending is None):
-            if t_jobs is None and count(kube, ns_path("batch/v1", ns, "jobs"), api.LABEL_JOB_UID) >= args.jobs:
+            if t_jobs is None and count(kube, ns_path("batch/v1", ns, "jobs"), naming.LABEL_JOB_UID) >= args.jobs:
                 t_jobs = time.monotonic() - t0
             if t_pending is None and count(kube, path, None, lambda o: (o.get("status") or {}).get("phase")
-                                           == api.PENDING) >= args.jobs:
+                                           == contract.PENDING) >= args.jobs:
                 t_pending = time.monotonic() - t0
             time.sleep(0.5)
         result = {

@@ -5,7 +5,7 @@
     publish(Path("out"), loc)               # all-or-nothing; complete once finetune-manifest.json exists
     is_complete(loc)
 
-Every failure is a PermanentError or RetryableError (runner.errors) with reason DownloadFailed or
+Every failure is a PermanentError or RetryableError (runner.api.errors) with reason DownloadFailed or
 UploadFailed and a message that names what is wrong and what to set. boto3 and huggingface_hub are
 imported only when a function needs them, so `import runner.storage` stays cheap.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoints import CheckpointStore
 from .manifest import MANIFEST_NAME
-from .uris import Location
+from runner.api.uris import Location
 
 __all__ = [
     "MANIFEST_NAME",
@@ -79,7 +79,7 @@ def publish(local_dir: Path, loc: Location, *, private: bool = True,
             commit_message: str = "Upload fine-tuned model") -> str:
     """Publish a finished output folder all-or-nothing (manifest last, or one Hub commit). Returns the
     published URI (an https URL for the Hub)."""
-    from runner.errors import UPLOAD_FAILED, PermanentError
+    from runner.api.errors import UPLOAD_FAILED, PermanentError
 
     if not Path(local_dir).is_dir():
         raise PermanentError(f"nothing to publish: {local_dir} is not a directory", reason=UPLOAD_FAILED)

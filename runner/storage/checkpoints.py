@@ -15,12 +15,12 @@ import re
 import shutil
 from pathlib import Path
 
-from runner.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError
+from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError
 
 from . import s3
 from .local import write_atomic
 from .manifest import iter_files
-from .uris import Location
+from runner.api.uris import Location
 
 MARKER = "COMPLETE"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*-(\d+)$")

@@ -11,10 +11,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from runner.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
+from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
 from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes
-from .uris import Location
+from runner.api.uris import Location
 
 TOKEN_HINT = "set HF_TOKEN to a Hugging Face access token (e.g. from a Kubernetes Secret)"
 _TRANSPORT_ERRORS = {"TransportError", "TimeoutException", "NetworkError", "ConnectError", "ProtocolError",

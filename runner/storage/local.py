@@ -7,10 +7,10 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from runner.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
+from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
 
 from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes
-from .uris import Location
+from runner.api.uris import Location
 
 
 def check_source(loc: Location) -> None:

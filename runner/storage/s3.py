@@ -16,10 +16,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from runner.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
+from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
 from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes
-from .uris import Location
+from runner.api.uris import Location
 
 MIB = 1 << 20
 MULTIPART_THRESHOLD = 8 * MIB

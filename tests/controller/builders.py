@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import json
 
-from controller import api
-from controller.status import format_time
+from controller import naming
+from runner.api import names
+from controller.attempts import format_time
 
 T0 = 1_800_000_000.0  # a fixed "now" for the pure tests
 UID = "ftj-uid-1"
@@ -22,7 +23,7 @@ def spec(**overrides) -> dict:
 
 
 def ftj(name: str = "demo", status: dict | None = None, generation: int = 1, **spec_overrides) -> dict:
-    return {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND,
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND,
             "metadata": {"name": name, "namespace": "ns", "uid": UID, "generation": generation,
                          "creationTimestamp": ts(-100)},
             "spec": spec(**spec_overrides), "status": status or {}}
@@ -30,7 +31,7 @@ def ftj(name: str = "demo", status: dict | None = None, generation: int = 1, **s
 
 def job(attempt: int = 1, *, complete: bool = False, failed: str | None = None, created: float = -60,
         spec_doc: dict | None = None, name: str = "demo", deleting: bool = False) -> dict:
-    from controller.status import job_name, spec_hash
+    from controller.naming import job_name, spec_hash
 
     conds = []
     if complete:
@@ -40,14 +41,14 @@ def job(attempt: int = 1, *, complete: bool = False, failed: str | None = None, 
                       "lastTransitionTime": ts(-1)})
     sd = spec_doc or spec()
     md = {"name": job_name(name, attempt), "namespace": "ns", "uid": f"job-uid-{attempt}",
-          "creationTimestamp": ts(created), "labels": {api.LABEL_ATTEMPT: str(attempt), api.LABEL_JOB_UID: UID},
-          "annotations": {api.ANNOTATION_SPEC_HASH: spec_hash(sd)},
-          "ownerReferences": [{"kind": api.KIND, "uid": UID, "controller": True, "name": name}]}
+          "creationTimestamp": ts(created), "labels": {naming.LABEL_ATTEMPT: str(attempt), naming.LABEL_JOB_UID: UID},
+          "annotations": {naming.ANNOTATION_SPEC_HASH: spec_hash(sd)},
+          "ownerReferences": [{"kind": names.KIND, "uid": UID, "controller": True, "name": name}]}
     if deleting:
         md["deletionTimestamp"] = ts(-1)
-    manifest = {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "metadata": {"name": name}, "spec": sd}
+    manifest = {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": name}, "spec": sd}
     return {"metadata": md,
-            "spec": {"template": {"metadata": {"annotations": {api.ANNOTATION_SPEC: json.dumps(manifest)}}}},
+            "spec": {"template": {"metadata": {"annotations": {naming.ANNOTATION_SPEC: json.dumps(manifest)}}}},
             "status": {"conditions": conds, "startTime": ts(created)}}
 
 
@@ -55,7 +56,7 @@ def pod(attempt: int = 1, phase: str = "Pending", *, name: str | None = None, ex
         reason: str | None = None, message: str | dict | None = None, waiting: str | None = None,
         unschedulable: bool = False, pod_reason: str | None = None, started: float = -50,
         finished: float = -2, deleting: bool = False, owner_uid: str | None = None) -> dict:
-    cs: dict = {"name": api.RUNNER_CONTAINER, "state": {}}
+    cs: dict = {"name": naming.RUNNER_CONTAINER, "state": {}}
     if phase == "Running":
         cs["state"] = {"running": {"startedAt": ts(started)}}
     if exit_code is not None:
@@ -71,7 +72,7 @@ def pod(attempt: int = 1, phase: str = "Pending", *, name: str | None = None, ex
         conds.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                       "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."})
     md = {"name": name or f"demo-{attempt}-abcde", "namespace": "ns", "creationTimestamp": ts(started - 1),
-          "labels": {api.LABEL_JOB_UID: UID},
+          "labels": {naming.LABEL_JOB_UID: UID},
           "ownerReferences": [{"kind": "Job", "uid": owner_uid or f"job-uid-{attempt}", "controller": True}]}
     if deleting:
         md["deletionTimestamp"] = ts(-1)

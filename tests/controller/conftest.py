@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from controller import api, rbac
+from controller import naming, rbac
+from runner.api import names
 from controller.kube import Kube, ns_path
 from tests.cluster.cluster import free_port, wait_for  # noqa: F401 - re-exported to the controller tests
 
@@ -26,7 +27,7 @@ def ftj_doc(name: str, **spec) -> dict:
     s = {"model": {"source": "hf://org/base"}, "dataset": {"source": "s3://data/train.jsonl"},
          "output": {"destination": f"s3://models/{name}"}}
     s.update(spec)
-    return {"apiVersion": api.API_VERSION_FULL, "kind": api.KIND, "metadata": {"name": name}, "spec": s}
+    return {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": name}, "spec": s}
 
 
 class Api:
@@ -36,24 +37,24 @@ class Api:
         self.kube, self.ns = kube, ns
 
     def create_ftj(self, doc: dict) -> dict:
-        return self.kube.create(ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL), doc)
+        return self.kube.create(ns_path(names.API_VERSION, self.ns, names.PLURAL), doc)
 
     def ftj(self, name: str) -> dict:
-        return self.kube.request("GET", ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL, name))
+        return self.kube.request("GET", ns_path(names.API_VERSION, self.ns, names.PLURAL, name))
 
     def status(self, name: str) -> dict:
         return self.ftj(name).get("status") or {}
 
     def patch_spec(self, name: str, spec: dict) -> dict:
-        return self.kube.merge_patch(ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL, name), {"spec": spec})
+        return self.kube.merge_patch(ns_path(names.API_VERSION, self.ns, names.PLURAL, name), {"spec": spec})
 
     def delete_ftj(self, name: str) -> None:
-        self.kube.delete(ns_path(api.API_VERSION_FULL, self.ns, api.PLURAL, name))
+        self.kube.delete(ns_path(names.API_VERSION, self.ns, names.PLURAL, name))
 
     def jobs(self, ftj_name: str | None = None) -> list[dict]:
         items = self.kube.request("GET", ns_path("batch/v1", self.ns, "jobs"))["items"]
         return sorted((j for j in items if ftj_name is None or
-                       j["metadata"].get("annotations", {}).get(api.ANNOTATION_JOB_NAME) == ftj_name),
+                       j["metadata"].get("annotations", {}).get(naming.ANNOTATION_JOB_NAME) == ftj_name),
                       key=lambda j: j["metadata"]["name"])
 
     def list(self, gv: str, plural: str) -> list[dict]:
@@ -61,7 +62,7 @@ class Api:
 
     def events(self, name: str) -> list[dict]:
         items = self.kube.request("GET", ns_path("v1", self.ns, "events"))["items"]
-        return [e for e in items if e["involvedObject"].get("kind") == api.KIND and e["involvedObject"]["name"] == name]
+        return [e for e in items if e["involvedObject"].get("kind") == names.KIND and e["involvedObject"]["name"] == name]
 
     def event_reasons(self, name: str) -> list[str]:
         return [e["reason"] for e in sorted(self.events(name), key=lambda e: e["metadata"]["creationTimestamp"])]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from controller import api, children
+from controller import children, naming
 from tests.controller.builders import ftj
 
 
@@ -29,14 +29,14 @@ def test_job_runs_the_runner_on_the_spec_with_gpus_and_shm():
     vols = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert vols[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory"}
     item = vols[mounts["/etc/finetune"]]["downwardAPI"]["items"][0]
-    assert item["path"] == "job.yaml" and api.ANNOTATION_SPEC in item["fieldRef"]["fieldPath"]
-    manifest = json.loads(pod["metadata"]["annotations"][api.ANNOTATION_SPEC])
+    assert item["path"] == "job.yaml" and naming.ANNOTATION_SPEC in item["fieldRef"]["fieldPath"]
+    manifest = json.loads(pod["metadata"]["annotations"][naming.ANNOTATION_SPEC])
     assert manifest["kind"] == "FineTuneJob" and manifest["spec"] == f["spec"]
     env = {e["name"]: e for e in c["env"]}
     assert env["FINETUNE_JOB_NAME"]["value"] == "demo" and env["FINETUNE_JOB_NAMESPACE"]["value"] == "ns"
     assert env["FINETUNE_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert pod["metadata"]["labels"][api.LABEL_ATTEMPT] == "2"
-    assert pod["metadata"]["labels"][api.LABEL_JOB_UID] == f["metadata"]["uid"]
+    assert pod["metadata"]["labels"][naming.LABEL_ATTEMPT] == "2"
+    assert pod["metadata"]["labels"][naming.LABEL_JOB_UID] == f["metadata"]["uid"]
 
 
 def test_pod_security_defaults():
@@ -68,7 +68,7 @@ def test_scheduling_fields_and_queue_label():
     ps = j["spec"]["template"]["spec"]
     assert ps["nodeSelector"] == {"gpu": "a100"} and ps["priorityClassName"] == "high"
     assert ps["tolerations"][0]["key"] == "nvidia.com/gpu" and ps["imagePullSecrets"] == [{"name": "regcred"}]
-    assert j["metadata"]["labels"][api.LABEL_KUEUE_QUEUE] == "team-a"
+    assert j["metadata"]["labels"][naming.LABEL_KUEUE_QUEUE] == "team-a"
     c = ps["containers"][0]
     assert c["image"] == "my/runner:2" and "nvidia.com/gpu" not in str(c["resources"])
 

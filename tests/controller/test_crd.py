@@ -8,7 +8,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from controller import api, crd
+from controller import crd
+from runner.api import names, status as contract
 from tests.controller.conftest import ROOT, ftj_doc, wait_for
 
 CRD_FILE = ROOT / "manifests" / "crds" / "finetunejobs.finetune.dev.yaml"
@@ -69,7 +70,7 @@ def test_immutable_fields_have_cel_rules_and_run_policy_does_not():
     rules = spec_schema()["x-kubernetes-validations"]
     fields = {r["message"].split()[0] for r in rules}
     assert {"spec.lora", "spec.model", "spec.image", "spec.resources"} <= fields
-    assert not fields & {f"spec.{f}" for f in api.MUTABLE_SPEC_FIELDS}
+    assert not fields & {f"spec.{f}" for f in contract.MUTABLE_SPEC_FIELDS}
 
 
 def test_status_schema_has_no_defaults_and_the_printer_columns_exist():
@@ -119,16 +120,16 @@ def test_kubectl_explain_shows_the_descriptions(k8s_cluster):
 
 
 def test_examples_are_valid_for_the_api_server_and_the_runner(cluster_api):
-    from runner.spec import parse_job
+    from runner.api.parse import parse_job
 
     examples = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
     assert examples
     for path in examples:
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc.get("kind") != api.KIND:
+            if doc.get("kind") != names.KIND:
                 continue
             parse_job(doc)  # the runner's own validation, cross-field rules included
             created = cluster_api.kube.request(
-                "POST", f"/apis/{api.API_VERSION_FULL}/namespaces/{cluster_api.ns}/{api.PLURAL}", doc,
+                "POST", f"/apis/{names.API_VERSION}/namespaces/{cluster_api.ns}/{names.PLURAL}", doc,
                 query=[("dryRun", "All")])
             assert created["spec"]["resources"]["gpuResourceName"] == "nvidia.com/gpu", path

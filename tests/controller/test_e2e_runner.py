@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from controller import api
+from controller import naming
 from tests.conftest import job_doc
 from tests.controller.conftest import ROOT, wait_for
 from tests.controller.test_operator import pod_of
@@ -26,7 +26,7 @@ class RunnerProcess:
     def __init__(self, k8s_cluster, ns: str, ftj: str, pod: dict, workdir: Path):
         annotations = pod["metadata"]["annotations"]
         self.job_file = workdir / f"{pod['metadata']['name']}.yaml"
-        self.job_file.write_text(annotations[api.ANNOTATION_SPEC])  # what the downward API mounts
+        self.job_file.write_text(annotations[naming.ANNOTATION_SPEC])  # what the downward API mounts
         self.term = workdir / f"{pod['metadata']['name']}.term"
         token = k8s_cluster.service_account_token(ns, f"{ftj}-runner", create=False)
         env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import time
 
-from controller import api
+from controller import naming
+from runner.api import names
 from tests.controller.conftest import Controller, ftj_doc, wait_for
 
 def result(reason=None, code=0, **fields):
@@ -122,7 +123,7 @@ def test_retries_then_succeeds_and_gives_up_after_backoff_limit(controller, clus
     job = cluster_api.jobs("flaky")[-1]
     first = cluster_api.jobs("flaky")[0]
     # the retry runs the same spec, so the runner resumes from the same checkpoints
-    key = api.ANNOTATION_SPEC
+    key = naming.ANNOTATION_SPEC
     assert (job["spec"]["template"]["metadata"]["annotations"][key]
             == first["spec"]["template"]["metadata"]["annotations"][key])
     fake_kubelet.running(p)
@@ -245,7 +246,7 @@ def test_runner_identity_is_limited_to_its_own_job(controller, cluster_api, k8s_
         cluster_api.create_ftj(ftj_doc(name))
         cluster_api.wait_phase(name, "Pending")
     token = k8s_cluster.service_account_token(ns, "mine-runner", create=False)
-    path = f"/apis/{api.API_VERSION_FULL}/namespaces/{ns}/{api.PLURAL}"
+    path = f"/apis/{names.API_VERSION}/namespaces/{ns}/{names.PLURAL}"
     patch = {"status": {"progress": {"step": 1, "totalSteps": 10}}}
 
     def call(method, p, body=None):

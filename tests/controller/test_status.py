@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.status import Options, assess, compute, job_name, child_name
+from controller.naming import child_name, job_name
+from controller.status import Options, assess, compute
 from tests.controller.builders import T0, ftj, job, pod, result, spec, ts
 
 OPTS = Options(retry_backoff=10, image_pull_timeout=60)

@@ -205,8 +205,8 @@ def test_the_controller_runs_with_only_the_controller_images_packages():
                            timeout=60)
         assert r.returncode == 0 and expect in r.stdout, r.stderr[-2000:]
     probe = ("import sys\n" + BLOCK.split("sys.argv = ")[0] +
-             "import controller.operator, controller.cli, controller.reconciler, runner.spec\n"
-             "runner.spec.load_job(sys.argv[2])\nprint('ok')\n")
+             "import controller.operator, controller.cli, controller.reconciler, runner.api.parse\n"
+             "runner.api.parse.load_job(sys.argv[2])\nprint('ok')\n")
     r = subprocess.run([sys.executable, "-c", probe, blocked, str(ROOT / "manifests/examples/llama2-jsonl-s3.yaml")],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from runner.spec import load_job
+from runner.api.parse import load_job
 from tests.deploy.tools import EXAMPLES, INSTALL, RENDER_COMMAND, ROOT, SEEDS, by_kind, docs, render_install
 
 # Each example and the seed notebook it is the recipe of: (seed file prefix, what the seed names).

@@ -17,7 +17,7 @@ def test_spec_reference_is_generated_from_the_model():
 
 
 def test_spec_reference_covers_every_field():
-    from runner.spec import FineTuneJobSpec
+    from runner.api.spec import FineTuneJobSpec
 
     text = reference.markdown()
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.errors import INVALID_SPEC, PermanentError, RetryableError
+from runner.api.errors import INVALID_SPEC, PermanentError, RetryableError
 from runner.storage import CheckpointStore, Location
 from tests.storage.helpers import MIB, digests
 

@@ -5,7 +5,7 @@ import socket
 import pytest
 
 from runner import storage
-from runner.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError
+from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError
 from runner.storage import MANIFEST_NAME, Location
 from tests.storage.helpers import MIB, bytes_digests, digests, make_output
 

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from runner import storage
-from runner.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
+from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
 from runner.storage import MANIFEST_NAME, Location
 from tests.storage.helpers import digests, make_output
 

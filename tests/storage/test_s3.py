@@ -4,7 +4,7 @@ import socket
 import pytest
 
 from runner import storage
-from runner.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError
+from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError
 from runner.storage import MANIFEST_NAME, Location
 from runner.storage import s3 as s3mod
 from tests.storage.helpers import MIB, digests, make_output

@@ -1,4 +1,4 @@
-"""Names of the FineTuneJob API and the contract of its `status`.
+"""The contract of a FineTuneJob's `status`: its phases, reasons, condition types and shape.
 
 Status ownership (one writer per field, so neither side can clobber the other):
 
@@ -16,46 +16,58 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from runner.spec import API_GROUP, API_VERSION, KIND
+# ------------------------------------------------------------------------------------------ phases
+# The runner's phases, in the order one run goes through them (its `phase` events, status.runner.phase).
+VALIDATING = "Validating"  # the spec, the sources' reachability, credentials, the destination
+DOWNLOADING = "Downloading"  # data, then the model
+TRAINING = "Training"
+MERGING = "Merging"  # the adapter into a 16-bit copy of the base
+UPLOADING = "Uploading"  # the result to output.destination
+# Where a job ends (the runner's result event, status.phase).
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+# The controller's own phases around an attempt.
+PENDING = "Pending"  # no runner pod is running yet (scheduling, image pull, retry backoff)
+RUNNING = "Running"  # a runner pod runs and has not reported a phase yet
+SUSPENDED = "Suspended"  # spec.suspend is true and no runner pod is left
 
-GROUP = API_GROUP
-VERSION = API_VERSION
-PLURAL = "finetunejobs"
-SINGULAR = "finetunejob"
-SHORT_NAMES = ["ftj"]
-CRD_NAME = f"{PLURAL}.{GROUP}"
-API_VERSION_FULL = f"{GROUP}/{VERSION}"
-__all__ = ["GROUP", "VERSION", "KIND", "PLURAL"]
-
-# Labels and annotations the controller puts on its children.
-LABEL_JOB = "finetune.dev/job"  # the FineTuneJob's name (truncated to 63 characters)
-LABEL_JOB_UID = "finetune.dev/job-uid"  # the FineTuneJob's uid: what children are selected by
-LABEL_ATTEMPT = "finetune.dev/attempt"
-LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
-ANNOTATION_JOB_NAME = "finetune.dev/job-name"  # the full FineTuneJob name (labels are limited to 63)
-ANNOTATION_SPEC = "finetune.dev/spec"  # the runner's job file (JSON), mounted through the downward API
-ANNOTATION_SPEC_HASH = "finetune.dev/spec-hash"
-MANAGED_BY = "finetune-controller"
-RUNNER_CONTAINER = "runner"
-
-# Phases and reasons (the closed sets of the status contract).
-PENDING, RUNNING, SUCCEEDED, FAILED, SUSPENDED = "Pending", "Running", "Succeeded", "Failed", "Suspended"
-RUNNER_PHASES = ("Downloading", "Training", "Merging", "Uploading")
-PHASES = (PENDING, RUNNING, *RUNNER_PHASES, SUCCEEDED, FAILED, SUSPENDED)
+RUNNER_STEPS = (VALIDATING, DOWNLOADING, TRAINING, MERGING, UPLOADING)
+RUNNER_PHASES = (*RUNNER_STEPS, SUCCEEDED, FAILED)  # what the runner reports
+ACTIVE_RUNNER_PHASES = (DOWNLOADING, TRAINING, MERGING, UPLOADING)  # shown as status.phase while they last
+PHASES = (PENDING, RUNNING, *ACTIVE_RUNNER_PHASES, SUCCEEDED, FAILED, SUSPENDED)  # status.phase
 TERMINAL_PHASES = (SUCCEEDED, FAILED)
 
-REASONS = (
-    "InvalidSpec",
-    "Unschedulable",
-    "ImagePullFailed",
-    "OutOfMemory",
-    "DownloadFailed",
-    "TrainingFailed",
-    "MergeFailed",
-    "UploadFailed",
-    "DeadlineExceeded",
-    "BackoffLimitExceeded",
-)
+# ----------------------------------------------------------------------------------------- reasons
+# Why a job failed (status.reason). The runner's reasons come from its RunnerError; the controller's from
+# what it observes of the attempt's Job and Pods.
+INVALID_SPEC = "InvalidSpec"  # the spec (or a Secret/ConfigMap it names) is wrong: fix it
+DOWNLOAD_FAILED = "DownloadFailed"  # the model or data could not be read
+TRAINING_FAILED = "TrainingFailed"  # training failed (also: a failure of unknown origin)
+MERGE_FAILED = "MergeFailed"  # merging failed its checks
+UPLOAD_FAILED = "UploadFailed"  # the result could not be published
+OUT_OF_MEMORY = "OutOfMemory"  # CUDA OOM (exit 3), or the pod was OOMKilled
+UNSCHEDULABLE = "Unschedulable"  # no node fits the pod (a waiting reason, not a failure by itself)
+IMAGE_PULL_FAILED = "ImagePullFailed"  # the runner image cannot be pulled
+DEADLINE_EXCEEDED = "DeadlineExceeded"  # spec.activeDeadlineSeconds passed
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # more retryable failures than spec.backoffLimit
+
+RUNNER_REASONS = (INVALID_SPEC, DOWNLOAD_FAILED, TRAINING_FAILED, MERGE_FAILED, UPLOAD_FAILED, OUT_OF_MEMORY)
+REASONS = (INVALID_SPEC, UNSCHEDULABLE, IMAGE_PULL_FAILED, OUT_OF_MEMORY, DOWNLOAD_FAILED, TRAINING_FAILED,
+           MERGE_FAILED, UPLOAD_FAILED, DEADLINE_EXCEEDED, BACKOFF_LIMIT_EXCEEDED)  # status.reason
+# The reason a failure of unknown origin gets, by the runner phase it happened in.
+PHASE_REASON = {VALIDATING: INVALID_SPEC, DOWNLOADING: DOWNLOAD_FAILED, TRAINING: TRAINING_FAILED,
+                MERGING: MERGE_FAILED, UPLOADING: UPLOAD_FAILED}
+
+# ------------------------------------------------------------------------------------- conditions
+# status.conditions: one of each, True or False. A condition's reason is the phase (or the failure's reason).
+CONDITION_SUCCEEDED = SUCCEEDED
+CONDITION_FAILED = FAILED
+CONDITION_RUNNING = RUNNING  # True in Running and in every active runner phase
+CONDITION_SUSPENDED = SUSPENDED
+CONDITION_TYPES = (CONDITION_SUCCEEDED, CONDITION_FAILED, CONDITION_RUNNING, CONDITION_SUSPENDED)
+
+# Events the controller records beside its phase transitions.
+EVENT_ATTEMPT_FAILED = "AttemptFailed"  # a retryable failure; another attempt follows
 
 # Spec fields that may change while the job runs (run policy). Everything else is fixed at creation.
 MUTABLE_SPEC_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")
@@ -133,4 +145,3 @@ class FineTuneJobStatus(_Status):
 CONTROLLER_STATUS_FIELDS = tuple(
     f.alias for n, f in FineTuneJobStatus.model_fields.items() if n not in ("progress", "runner", "last_checkpoint")
 )
-RUNNER_STATUS_FIELDS = ("progress", "runner", "lastCheckpoint")

@@ -4,12 +4,21 @@ Every failure the runner knows about is a RunnerError: either *permanent* (runni
 cannot help: a bad spec, missing credentials, data that does not match the format, an out-of-memory) or
 *retryable* (a network error, a 5xx from a store, a preemption). The exit code tells a supervisor (the
 controller, a shell loop) which one it was without parsing any text; `reason` is one of a closed set the
-controller shows as `status.reason`.
+controller shows as `status.reason` (runner/api/status.py).
 """
 from __future__ import annotations
 
 import os
 import re
+
+from runner.api.status import (  # noqa: F401 - re-exported: the reasons a RunnerError carries
+    DOWNLOAD_FAILED,
+    INVALID_SPEC,
+    MERGE_FAILED,
+    OUT_OF_MEMORY,
+    TRAINING_FAILED,
+    UPLOAD_FAILED,
+)
 
 # Exit codes. Kubernetes reports the container's exit code; the controller maps them back.
 EXIT_OK = 0
@@ -17,14 +26,6 @@ EXIT_UNEXPECTED = 1  # a bug or an unclassified error: treated as retryable
 EXIT_PERMANENT = 2  # invalid spec, missing credentials, data that does not match, auth refused
 EXIT_OUT_OF_MEMORY = 3  # CUDA OOM: permanent until a memory knob changes
 EXIT_RETRYABLE = 75  # EX_TEMPFAIL: network, store 5xx, preemption (SIGTERM)
-
-# Reasons (the controller's closed set for status.reason).
-INVALID_SPEC = "InvalidSpec"
-DOWNLOAD_FAILED = "DownloadFailed"
-TRAINING_FAILED = "TrainingFailed"
-MERGE_FAILED = "MergeFailed"
-UPLOAD_FAILED = "UploadFailed"
-OUT_OF_MEMORY = "OutOfMemory"
 
 
 class RunnerError(Exception):

@@ -1,0 +1,9 @@
+"""The FineTuneJob contract, shared by the runner and the controller. Imports only pydantic and pyyaml.
+
+    names    the API's group/version/kind/plural, the runner pod's environment, the termination-log path
+    spec     the spec's typed models (the source of the CRD schema and the docs)
+    parse    a job file or mapping -> Job, every problem named with its field and fix
+    status   phases, reasons, condition types and the status shape; who writes which field
+    errors   exit codes, the permanent/retryable error classes, secret redaction
+    uris     where files live: hf://, s3://, local paths
+"""

@@ -1,0 +1,36 @@
+"""The names both sides of the FineTuneJob contract use: the API's group, version and resource names, the
+environment variables the controller sets in (and the runner reads from) a runner pod, and the file the
+runner leaves its result in. Each is written here once; everything else imports it."""
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------------ the API
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"  # a manifest's `apiVersion`
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ("ftj",)
+CRD_NAME = f"{PLURAL}.{GROUP}"
+STATUS_SUBRESOURCE = f"{PLURAL}/status"  # what the runner's identity may get and patch
+
+# --------------------------------------------------------------------- the runner pod's environment
+# Set by the controller in every runner pod; read by the runner (runner/kube_status.py).
+ENV_JOB_NAME = "FINETUNE_JOB_NAME"  # the FineTuneJob the pod runs (turns on the status sink)
+ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
+ENV_POD_NAME = "FINETUNE_POD_NAME"  # the pod itself (downward API): status.runner.pod
+ENV_ATTEMPT = "FINETUNE_ATTEMPT"  # 1, 2, ...: status.runner.attempt
+ENV_WORK_DIR = "FINETUNE_WORK_DIR"  # scratch space for downloads and the trainer
+# Read by the runner only.
+ENV_STATUS_INTERVAL = "FINETUNE_STATUS_INTERVAL"  # seconds between progress patches
+ENV_TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"  # where the result goes (default TERMINATION_LOG)
+ENV_LAUNCHED = "FINETUNE_LAUNCHED"  # set in each rank's environment by the runner's own launcher
+ENV_NPROC = "FINETUNE_NPROC"  # processes per node, overriding resources.gpus (CPU tests, debugging)
+# Read by the controller only.
+ENV_RUNNER_IMAGE = "FINETUNE_RUNNER_IMAGE"  # the operator's runner image
+
+# ------------------------------------------------------------------------------------- the result
+# Kubernetes shows this file's content as the container's termination message (4 KiB kept): the runner
+# writes its final result event there, the controller reads it back from the pod's status.
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096
