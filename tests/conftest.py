@@ -3,16 +3,23 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from runner.api.parse import manifest
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 # No test may reach the internet, and no library may try to.
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.storage.fixtures", "tests.cluster.conftest_plugin"]
+pytest_plugins = ["tests.runner.storage.fixtures", "tests.cluster.conftest_plugin"]
 
 ARCHS = ("llama", "gpt_neox", "opt")
 
@@ -78,5 +85,19 @@ def job_doc(model: Path | str, data: Path | str, out: Path | str, **overrides) -
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value
-    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "test-job"},
-            "spec": spec}
+    return manifest("test-job", spec)
+
+
+def run_cli(tmp_path: Path, doc: dict, *, env: dict | None = None, args: tuple = ()) -> tuple[int, list[dict], str, dict | None]:
+    """`python -m runner run` on `doc` in a subprocess: (exit code, JSON events, stderr, termination result)."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    term = tmp_path / "termination-log"
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term), *args],
+        capture_output=True, text=True, env=full_env, timeout=600, cwd=tmp_path,
+    )
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    result = json.loads(term.read_text()) if term.exists() else None
+    return proc.returncode, events, proc.stderr, result

@@ -157,3 +157,7 @@ def controller(controller_kubeconfig, k8s_namespace, tmp_path_factory):
     yield c
     c.stop()
 
+
+def pod_of(kubelet, ns, job_name, timeout=20):
+    return wait_for(lambda: [p for p in kubelet.job_pods(ns, job_name) if kubelet.is_active(p)], timeout,
+                    what=f"pod of {job_name}")[-1]

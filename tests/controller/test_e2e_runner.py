@@ -18,8 +18,7 @@ from pathlib import Path
 
 from controller import naming
 from tests.conftest import job_doc
-from tests.controller.conftest import ROOT, wait_for
-from tests.controller.test_operator import pod_of
+from tests.controller.conftest import ROOT, pod_of, wait_for
 
 
 class RunnerProcess:

@@ -6,7 +6,7 @@ import time
 
 from controller import naming
 from runner.api import names
-from tests.controller.conftest import Controller, ftj_doc, wait_for
+from tests.controller.conftest import Controller, ftj_doc, pod_of, wait_for
 
 def result(reason=None, code=0, **fields):
     r = {"event": "result", "phase": "Succeeded" if code == 0 else "Failed", "exitCode": code}
@@ -14,11 +14,6 @@ def result(reason=None, code=0, **fields):
         r.update(reason=reason, message=f"{reason}: detail from the runner")
     r.update(fields)
     return json.dumps(r)
-
-
-def pod_of(kubelet, ns, job_name, timeout=20):
-    return wait_for(lambda: [p for p in kubelet.job_pods(ns, job_name) if kubelet.is_active(p)], timeout,
-                    what=f"pod of {job_name}")[-1]
 
 
 def test_runs_a_job_and_reports_success(controller, cluster_api, fake_kubelet, k8s_cluster):

@@ -1,4 +1,4 @@
-"""One rank of the 2-process FSDP2 check (run by tests/test_fsdp.py under torchrun, gloo on CPU).
+"""One rank of the 2-process FSDP2 check (run by tests/runner/test_fsdp.py under torchrun, gloo on CPU).
 
 A tiny Llama in real bitsandbytes 4-bit layers (float32 storage: the CPU compute dtype), LoRA added, sharded
 with FSDP2 one decoder layer at a time exactly as accelerate does it for the runner. Compares against the same

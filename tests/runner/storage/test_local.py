@@ -6,7 +6,7 @@ import pytest
 from runner import storage
 from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
 from runner.storage import MANIFEST_NAME, Location
-from tests.storage.helpers import digests, make_output
+from tests.runner.storage.helpers import digests, make_output
 
 
 def test_download_returns_the_path_itself(tmp_path):

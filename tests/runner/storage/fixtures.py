@@ -1,6 +1,6 @@
 """pytest plugin: a real S3 API (moto server) and a Hub-API server, both on 127.0.0.1, for any test dir.
 
-Use it with `-p tests.storage.fixtures` or `pytest_plugins = ["tests.storage.fixtures"]` in the top-level
+Use it with `-p tests.runner.storage.fixtures` or `pytest_plugins = ["tests.runner.storage.fixtures"]` in the top-level
 conftest. Fixtures:
 
     s3_server   .endpoint .bucket .client (boto3, path-style) .region; AWS_* env set for the test,
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.storage.hub_server import HubServer
+from tests.runner.storage.hub_server import HubServer
 
 _LOOPBACK = "127.0.0.1,localhost"
 

@@ -6,7 +6,7 @@ import pytest
 
 from runner.api.errors import INVALID_SPEC, PermanentError, RetryableError
 from runner.storage import CheckpointStore, Location
-from tests.storage.helpers import MIB, digests
+from tests.runner.storage.helpers import MIB, digests
 
 
 def trainer_checkpoint(root: Path, step: int, big: int = 0) -> Path:

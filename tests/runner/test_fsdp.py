@@ -18,8 +18,7 @@ import torch
 from runner import parallel
 from runner.api.errors import PermanentError
 from runner.api.parse import parse_job
-from tests.conftest import job_doc
-from tests.test_cli import ROOT, run_cli
+from tests.conftest import ROOT, job_doc, run_cli
 
 GiB = 2**30
 
@@ -33,7 +32,7 @@ def test_two_processes_shard_the_4bit_model_and_compute_what_one_process_does(ti
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(ROOT / "tests" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path)],
+         str(ROOT / "tests" / "runner" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,8 +13,7 @@ from pathlib import Path
 import yaml
 
 from runner.api import errors
-from tests.conftest import job_doc
-from tests.test_cli import ROOT, run_cli
+from tests.conftest import ROOT, job_doc, run_cli
 
 
 def _events_of(events, kind):

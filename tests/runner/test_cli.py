@@ -5,30 +5,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import yaml
 
 from runner.api import errors
-from tests.conftest import job_doc
+from tests.conftest import ROOT, job_doc, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SECRET = "hf_SuperSecretTokenValue123456"
-
-
-def run_cli(tmp_path: Path, doc: dict, *, env: dict | None = None, args: tuple = ()) -> tuple[int, list[dict], str, dict | None]:
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    term = tmp_path / "termination-log"
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term), *args],
-        capture_output=True, text=True, env=full_env, timeout=600, cwd=tmp_path,
-    )
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    result = json.loads(term.read_text()) if term.exists() else None
-    return proc.returncode, events, proc.stderr, result
 
 
 def test_success_reports_phases_progress_and_result(tiny_llama, qa_jsonl, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from runner import storage
 from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError
 from runner.storage import MANIFEST_NAME, Location
-from tests.storage.helpers import MIB, bytes_digests, digests, make_output
+from tests.runner.storage.helpers import MIB, bytes_digests, digests, make_output
 
 
 def model_files(big: int = 0) -> dict[str, bytes]:

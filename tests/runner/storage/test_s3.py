@@ -7,7 +7,7 @@ from runner import storage
 from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError
 from runner.storage import MANIFEST_NAME, Location
 from runner.storage import s3 as s3mod
-from tests.storage.helpers import MIB, digests, make_output
+from tests.runner.storage.helpers import MIB, digests, make_output
 
 
 def keys(s3_server, prefix=""):
