@@ -14,7 +14,8 @@ from runner.api.parse import manifest
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
-# No test may reach the internet, and no library may try to.
+# Hub access stays on (HF_HUB_OFFLINE=0): the Hub tests talk to a Hub server of their own on loopback
+# (tests/runner/storage/hub_server.py), and no test names a repository of the real Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,96 @@
+"""The shape of the code, as the developer section of the README promises it: the contract imports only
+pydantic and pyyaml, the controller takes nothing from runner/ but the contract, no import circles, product
+code only in the product, small modules."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PRODUCT = ("runner", "controller")
+MAX_LINES = 420
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for package in PRODUCT:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Every module `name` imports, at module level or inside a function (both make a dependency)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from runner import data` imports runner.data
+    return found
+
+
+def product_graph() -> dict[str, set[str]]:
+    mods = modules()
+    return {name: {m for m in imports_of(name, path) if m in mods and m != name} for name, path in mods.items()}
+
+
+def test_the_contract_imports_only_pydantic_yaml_and_the_standard_library():
+    allowed = {"pydantic", "yaml", "runner", "__future__", *sys.stdlib_module_names}
+    for name, path in modules().items():
+        if name == "runner.api" or name.startswith("runner.api."):
+            outside = {m for m in imports_of(name, path) if m.split(".")[0] not in allowed}
+            outside |= {m for m in imports_of(name, path) if m.startswith("runner.") and not m.startswith("runner.api")}
+            assert not outside, f"{name} imports {sorted(outside)}; the contract may import only pydantic and yaml"
+
+
+def test_the_controller_takes_only_the_contract_from_the_runner():
+    for name, path in modules().items():
+        if name.startswith("controller"):
+            taken = {m for m in imports_of(name, path) if m.split(".")[0] == "runner"}
+            wrong = {m for m in taken if m != "runner" and not m.startswith("runner.api")}
+            assert not wrong, f"{name} imports {sorted(wrong)} from runner/; only runner.api is the contract"
+
+
+def test_no_import_circle():
+    graph = product_graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycle = stack[stack.index(dep):] + [dep]
+                raise AssertionError("import circle: " + " -> ".join(cycle))
+            if dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_product_holds_no_benchmark_or_doc_generation_and_no_large_module():
+    for name, path in modules().items():
+        leaf = name.rsplit(".", 1)[-1]
+        assert leaf not in ("bench", "prequantize", "reference"), f"{path}: benchmark/doc code belongs outside runner/"
+        lines = len(path.read_text().splitlines())
+        assert lines <= MAX_LINES, f"{path.relative_to(ROOT)} has {lines} lines; split it (limit ~{MAX_LINES})"
+    for name, path in modules().items():
+        bench = {m for m in imports_of(name, path) if m.split(".")[0] in ("bench", "tests")}
+        assert not bench, f"{name} imports {sorted(bench)}: the product must not depend on benchmarks or tests"
