@@ -23,6 +23,7 @@ from runner.api import errors, status as contract
 # Kubernetes' own phases and condition types of Pods and Jobs.
 POD_PENDING, POD_RUNNING, POD_SUCCEEDED, POD_FAILED = "Pending", "Running", "Succeeded", "Failed"
 JOB_COMPLETE, JOB_FAILED = "Complete", "Failed"
+K8S_DEADLINE_EXCEEDED = "DeadlineExceeded"  # the reason Kubernetes gives a Job or Pod past its deadline
 # Kubelet waiting reasons.
 IMAGE_PULL_WAITING = ("ErrImagePull", "ImagePullBackOff", "RegistryUnavailable", "ErrImageInspect")
 IMAGE_PULL_FATAL = ("InvalidImageName", "ErrImageNeverPull")
@@ -133,8 +134,8 @@ def classify_failure(pod: dict | None, job: dict) -> Failure:
     """Why an attempt failed, and whether another attempt can help."""
     job_failed = true_condition(job, JOB_FAILED)
     at = parse_time((job_failed or {}).get("lastTransitionTime"))
-    if (job_failed and job_failed.get("reason") == "DeadlineExceeded") or (
-        pod and (pod.get("status") or {}).get("reason") == "DeadlineExceeded"
+    if (job_failed and job_failed.get("reason") == K8S_DEADLINE_EXCEEDED) or (
+        pod and (pod.get("status") or {}).get("reason") == K8S_DEADLINE_EXCEEDED
     ):
         return Failure(contract.DEADLINE_EXCEEDED, clip((job_failed or {}).get("message")
                                                  or "the job ran past spec.activeDeadlineSeconds"), False, at=at)

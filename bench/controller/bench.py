@@ -81,7 +81,7 @@ def main() -> int:
     else:
         from tests.cluster.cluster import TestCluster
 
-        cluster = TestCluster(crds=[ROOT / "manifests/crds/finetunejobs.finetune.dev.yaml"]).start()
+        cluster = TestCluster(crds=[ROOT / "manifests" / "crds" / f"{names.CRD_NAME}.yaml"]).start()
         kubeconfig = cluster.kubeconfig
     kube = Kube.from_config(load_configuration(kubeconfig, pool_size=args.clients + 2))
     ns = f"bench-{uuid.uuid4().hex[:6]}"
