@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Two images from this file (tests/deploy/test_images.py checks the pins against pyproject.toml):
+# Two images from this file (tests/deploy/test_images.py checks the pins against pyproject.toml, and
+# tests/deploy/test_versions.py against the table in README "Versions"):
 #
 #   docker build -t finetune-runner .                               # the runner (default target): CUDA, torch
 #   docker build --target controller -t finetune-controller .       # the controller: slim, no torch
@@ -21,7 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY pyproject.toml README.md /tmp/src/
 COPY runner /tmp/src/runner
 COPY controller /tmp/src/controller
-# The spec (pydantic, pyyaml) and the `controller` extra, pinned to the versions CI tests.
+# The spec (pydantic, pyyaml) and the `controller` extra, pinned as README "Versions" lists.
 RUN pip install --no-cache-dir \
         "pydantic==2.14.3" "pyyaml==6.0.3" \
         "kopf==1.45.2" "kubernetes==37.0.1" "prometheus-client==0.26.0" \
@@ -64,7 +65,7 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu13
 COPY pyproject.toml README.md /tmp/src/
 COPY runner /tmp/src/runner
 COPY controller /tmp/src/controller
-# The `runner` and `gpu` extras, pinned to the stack `python -m runner bench` ran on H100 and H200.
+# The `runner` and `gpu` extras, pinned to README "Versions" (the GPU stack `python -m bench` ran on, H100 and H200).
 RUN pip install --no-cache-dir \
         "pydantic==2.14.3" "pyyaml==6.0.3" \
         "transformers==5.17.0" "peft==0.21.0" "bitsandbytes==0.50.2" "trl==1.16.0" "datasets==5.2.0" \

@@ -13,11 +13,10 @@ version (podFailurePolicy needs 1.26+). A pod that fails:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from controller import naming
+from controller import limits, naming
 from runner.api import errors, status as contract
 
 # Kubernetes' own phases and condition types of Pods and Jobs.
@@ -82,13 +81,22 @@ def terminated(pod: dict) -> dict | None:
 
 
 def result_of(term: dict | None) -> dict:
-    """The runner's final result JSON, from the termination message (empty if it is not one)."""
-    text = (term or {}).get("message") or ""
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return {}
+    """The runner's final result JSON, from the termination message (empty if it is not one). Whatever runs in
+    the pod writes that message: it is parsed only when short and shallow (controller/limits.py)."""
+    doc, _ = limits.loads_bounded((term or {}).get("message") or "")
     return doc if isinstance(doc, dict) else {}
+
+
+def _not_a_result(term: dict) -> str:
+    """What to show of a termination message that is not a result: the text (a crash's last log lines), or,
+    for something that looks like JSON but is not a usable result, why it was not read."""
+    text = term.get("message")
+    if not isinstance(text, str) or not text.strip():
+        return ""
+    if text.lstrip()[:1] in ("{", "["):
+        _, why = limits.loads_bounded(text)
+        return f"the termination message is not a runner result ({why or 'not an object'})"
+    return text
 
 
 def clip(text: str | None) -> str:
@@ -149,7 +157,7 @@ def classify_failure(pod: dict | None, job: dict) -> Failure:
     at = parse_time((term or {}).get("finishedAt")) or at
     disrupted = st.get("reason") in DISRUPTION_REASONS or bool(true_condition(pod, "DisruptionTarget"))
     reason = result.get("reason") if result.get("reason") in contract.RUNNER_REASONS else errors.TRAINING_FAILED
-    runner_msg = result.get("message") or ""
+    runner_msg = result.get("message") if isinstance(result.get("message"), str) else ""
     if disrupted:
         msg = f"the pod was disrupted ({st.get('reason') or 'DisruptionTarget'}: {st.get('message') or ''})"
         return Failure(reason, clip(msg), True, counted=False, at=at, exit_code=code)
@@ -164,10 +172,11 @@ def classify_failure(pod: dict | None, job: dict) -> Failure:
         return Failure(errors.OUT_OF_MEMORY, clip(msg), False, at=at, exit_code=code)
     if code == errors.EXIT_OUT_OF_MEMORY:
         return Failure(errors.OUT_OF_MEMORY, clip(runner_msg or "CUDA out of memory"), False, at=at, exit_code=code)
+    detail = "" if result else _not_a_result(term)
     if code == errors.EXIT_PERMANENT:
-        return Failure(reason, clip(runner_msg or f"the runner failed permanently (exit {code})"), False, at=at,
-                       exit_code=code)
-    detail = runner_msg or (term.get("message") if not result else "") or ""
+        msg = runner_msg or f"the runner failed permanently (exit {code})" + (f": {detail}" if detail else "")
+        return Failure(reason, clip(msg), False, at=at, exit_code=code)
+    detail = runner_msg or detail
     msg = f"exit code {code}" + (f": {detail}" if detail else "")
     return Failure(reason, clip(msg), True, at=at, exit_code=code)
 

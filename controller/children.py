@@ -21,6 +21,7 @@ JOB_FILE_DIR = "/etc/finetune"
 JOB_FILE = f"{JOB_FILE_DIR}/job.yaml"
 RUNNER_COMMAND = ["python", "-m", "runner", "run", JOB_FILE]
 RUNNER_UID = 1000
+SCRATCH = "/scratch"  # an emptyDir: the only writable place besides /tmp and /dev/shm
 TERMINATION_GRACE_SECONDS = 120  # time to save a checkpoint after SIGTERM (suspend, preemption, delete)
 AWS_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True),
             ("AWS_DEFAULT_REGION", True), ("AWS_REGION", True), ("AWS_ENDPOINT_URL", True))
@@ -91,6 +92,9 @@ def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: in
     pod_spec: dict = {
         "restartPolicy": "Never",
         "serviceAccountName": spec.get("serviceAccountName") or identity_name(md["name"]),
+        # The status sink (runner/kube_status.py) patches this job's status with the pod's token; under the
+        # controller it always reports, so the token is always mounted - it is allowed nothing else.
+        "automountServiceAccountToken": True,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "securityContext": {
             "runAsNonRoot": True, "runAsUser": RUNNER_UID, "runAsGroup": RUNNER_UID, "fsGroup": RUNNER_UID,
@@ -102,7 +106,8 @@ def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: in
                 "path": "job.yaml",
                 "fieldRef": {"fieldPath": f"metadata.annotations['{naming.ANNOTATION_SPEC}']"}}]}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-            {"name": "scratch", "emptyDir": {}},
+            {"name": "scratch", "emptyDir": {}},  # HOME (and so every cache under it), TMPDIR, the work dir
+            {"name": "tmp", "emptyDir": {}},  # libraries that write to /tmp whatever TMPDIR says
         ],
     }
     if spec.get("imagePullSecrets"):
@@ -134,9 +139,9 @@ def container(ftj: dict, spec: dict, image: str, attempt: int) -> dict:
         {"name": names.ENV_JOB_NAMESPACE, "value": md["namespace"]},
         {"name": names.ENV_ATTEMPT, "value": str(attempt)},
         {"name": names.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": names.ENV_WORK_DIR, "value": "/scratch/work"},
-        {"name": "HOME", "value": "/scratch/home"},
-        {"name": "TMPDIR", "value": "/scratch"},
+        {"name": names.ENV_WORK_DIR, "value": f"{SCRATCH}/work"},
+        {"name": "HOME", "value": f"{SCRATCH}/home"},  # caches (Hugging Face, Triton, matplotlib) go under it
+        {"name": "TMPDIR", "value": SCRATCH},
     ]
     hf = spec.get("hfTokenSecretRef")
     if hf:
@@ -158,12 +163,16 @@ def container(ftj: dict, spec: dict, image: str, attempt: int) -> dict:
         "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
         "terminationMessagePath": names.TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
+        "workingDir": SCRATCH,  # the image's own directory is read-only
+        # Nothing but the volumes below is writable: the image (its code and libraries) stays as built.
         "securityContext": {"allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
-                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+                            "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "volumeMounts": [
             {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "scratch", "mountPath": "/scratch"},
+            {"name": "scratch", "mountPath": SCRATCH},
+            {"name": "tmp", "mountPath": "/tmp"},
         ],
     }
 

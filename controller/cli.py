@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from controller import generate
 from runner.api import names
 
 DEFAULT_IMAGE = os.environ.get(names.ENV_RUNNER_IMAGE, "finetune-runner:latest")
@@ -13,7 +14,7 @@ DEFAULT_IMAGE = os.environ.get(names.ENV_RUNNER_IMAGE, "finetune-runner:latest")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "crd", "rbac", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "crd", "rbac", "generate", "-h", "--help"):
         argv.insert(0, "run")
     p = argparse.ArgumentParser(prog="python -m controller", description="The FineTuneJob operator.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="leave out the CEL immutability rules (for Kubernetes < 1.25, where kubectl's "
                    "client-side validation refuses them)")
     sub.add_parser("rbac", help="print the controller's ClusterRole")
+    generate.add_parser(sub)
     r = sub.add_parser("run", help="run the controller against the current kubeconfig (or in-cluster)")
     r.add_argument("-n", "--namespace", action="append", default=[],
                    help="watch this namespace (repeatable); default: all namespaces")
@@ -38,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--image-pull-timeout", type=float, default=300.0,
                    help="seconds a pod may fail to pull its image (or to find its Secrets) before the job "
                    "fails (default %(default)s)")
+    r.add_argument("--policy", default=None, metavar="JSON",
+                   help="the admin policy (JSON or YAML mapping; the chart passes its `policy` values): which "
+                   "images, ServiceAccounts, env sources, tolerations, node labels and priority classes a "
+                   "FineTuneJob may use; default: the secure defaults of controller/policy.py")
+    r.add_argument("--policy-file", default=None, metavar="PATH", help="read the admin policy from a file instead")
     r.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
@@ -51,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(render())
         return 0
+    if args.command == "generate":
+        return generate.main(args)
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,7 +72,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.all_namespaces and args.namespace:
         p.error("--all-namespaces and --namespace exclude each other")
+    from controller.policy import Policy, PolicyError
+
+    try:
+        policy = (Policy.from_file(args.policy_file, operator_image=args.image) if args.policy_file else
+                  Policy.from_text(args.policy or "", operator_image=args.image))
+    except (PolicyError, OSError) as e:
+        p.error(str(e))
+    logging.getLogger("controller").info("admin policy: %s", policy.describe())
     run(Config(image=args.image, workers=args.workers, http_port=args.http_port, kubeconfig=args.kubeconfig,
-               options=Options(retry_backoff=args.retry_backoff, image_pull_timeout=args.image_pull_timeout)),
+               options=Options(retry_backoff=args.retry_backoff, image_pull_timeout=args.image_pull_timeout,
+                               policy=policy)),
         namespaces=args.namespace)
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from controller import metrics, naming
+from controller import limits, metrics, naming
 from controller.kube import Kube, load_configuration
 from controller.reconciler import Reconciler, Snapshot
 from controller.status import Options
@@ -62,8 +62,9 @@ def _slim_meta(md, *, annotations: tuple[str, ...] = ()) -> dict:
 
 @kopf.index(names.GROUP, names.VERSION, names.PLURAL)
 async def ftj_cache(namespace, name, body, **_):
-    return {(namespace, name): {"metadata": _slim_meta(body.metadata), "spec": dict(body.spec),
-                                "status": dict(body.status)}}
+    # Untrusted input: a spec or status out of bounds is set aside here, before anything else reads it.
+    return {(namespace, name): limits.screen({"metadata": _slim_meta(body.metadata), "spec": dict(body.spec),
+                                              "status": dict(body.status)})}
 
 
 @kopf.index("batch", "v1", "jobs", labels={SELECTOR: kopf.PRESENT})
@@ -204,4 +205,5 @@ async def _cleanup(**_):
 
 def run(config: Config, namespaces: list[str]) -> None:
     STATE.config = config
+    limits.raise_recursion_limit()  # before kopf parses its first watch event (and before any thread starts)
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from controller import children, naming
+from controller import children, limits, naming
 from controller.kube import Kube, api_message, ns_path
 from controller.status import Action, Assessment, Options, assess, finalize, format_time
 from runner.api import names, status as contract
@@ -146,6 +146,10 @@ class Reconciler:
         old = ftj.get("status") or {}
         new = {k: a.status.get(k) for k in contract.CONTROLLER_STATUS_FIELDS}
         unchanged = all(_same(old.get(k), v) for k, v in new.items())
+        junk = limits.problems(ftj).get("status") or {}
+        for key in junk:  # fields set aside by the watch cache: removed (merge patch null), runner's ones too
+            new.setdefault(key, None)
+        unchanged = unchanged and not junk
         if unchanged and not force:
             return None
         md = ftj["metadata"]

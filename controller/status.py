@@ -25,13 +25,14 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import naming
+from controller import limits, naming
 from controller.attempts import (
     CONFIG_WAITING, IMAGE_PULL_FATAL, IMAGE_PULL_WAITING, POD_FAILED, POD_RUNNING, POD_SUCCEEDED, Attempt,
     attempts_of, clip, deleting, format_time, owner_uid, parse_time, pod_phase, runner_container, terminated,
     true_condition,
 )
 from controller.naming import job_name, spec_hash
+from controller.policy import Policy
 from runner.api import names, status as contract
 from runner.api.errors import SpecError
 from runner.api.parse import parse_job
@@ -42,6 +43,7 @@ class Options:
     retry_backoff: float = 10.0  # seconds before the 1st retry; doubles per counted failure
     retry_backoff_max: float = 300.0
     image_pull_timeout: float = 300.0  # a pod that cannot pull its image (or find its Secret) this long fails
+    policy: Policy = field(default_factory=Policy)  # what a spec may ask of the cluster (controller/policy.py)
 
 
 def spec_problems(ftj: dict, spec: dict) -> list[str]:
@@ -94,6 +96,7 @@ def assess(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None =
     now = time.time() if now is None else now
     md, spec = ftj["metadata"], ftj.get("spec") or {}
     old = ftj.get("status") or {}
+    untrusted = limits.problems(ftj)  # what the watch cache set aside (controller/limits.py)
     uid = md.get("uid")
     jobs = [j for j in jobs if not uid or owner_uid(j, names.KIND) in (uid, None)]
     attempts = attempts_of(jobs, pods)
@@ -130,11 +133,21 @@ def assess(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None =
                                "the FineTuneJob to change it)"))
 
     verdict_time = None
-    if succeeded is not None:
+    finished = old.get("phase") in contract.TERMINAL_PHASES and bool(true_condition(ftj, old["phase"]))
+    if untrusted.get("spec"):  # out of bounds (controller/limits.py): the spec is not read at all
+        s.update(phase=contract.FAILED, reason=contract.INVALID_SPEC,
+                 message=clip(f"{untrusted['spec']}: the controller does not read a spec out of its bounds "
+                              f"(depth {limits.SPEC_MAX_DEPTH}, {limits.SPEC_MAX_BYTES // 1024} KiB); delete the "
+                              "FineTuneJob and create it with a valid spec"))
+    elif untrusted.get("status") and not finished:  # a finished job keeps its verdict; the fields go
+        s.update(phase=contract.FAILED, reason=contract.INVALID_STATUS,
+                 message=clip("the status held invalid fields, written through the status subresource (by the "
+                              "runner's identity or an admin): " + "; ".join(untrusted["status"].values())
+                              + "; they were removed and the job stopped"))
+    elif succeeded is not None:
         r = succeeded.result
         s.update(phase=contract.SUCCEEDED, reason=None, message=clip(f"attempt {succeeded.index} succeeded"),
-                 output=r.get("output") if isinstance(r.get("output"), str) else None,
-                 metrics=r.get("metrics") if isinstance(r.get("metrics"), dict) else None)
+                 output=limits.clean_output(r.get("output")), metrics=limits.clean_metrics(r.get("metrics")))
         term = terminated(succeeded.pod) if succeeded.pod else None
         verdict_time = (parse_time((term or {}).get("finishedAt"))
                         or parse_time((succeeded.job.get("status") or {}).get("completionTime")))
@@ -152,6 +165,9 @@ def assess(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None =
                  message=clip(f"{counted} attempts failed (backoffLimit {backoff_limit}); last: {f.reason}: "
                                f"{f.message}"))
         verdict_time = f.at
+    elif not active and not finished and (refused := options.policy.refusals(effective)):
+        # before any Job exists (and before every retry: the policy may have changed meanwhile)
+        s.update(phase=contract.FAILED, reason=contract.INVALID_SPEC, message=clip("; ".join(refused)))
     elif not attempts and (problems := spec_problems(ftj, effective)):
         s.update(phase=contract.FAILED, reason=contract.INVALID_SPEC, message=clip("; ".join(problems)))
 

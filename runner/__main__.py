@@ -61,8 +61,6 @@ def _run_job(args, events_out) -> int:
     job = None
     try:
         job = load_job(args.job)
-        from runner import distributed
-
         nproc = distributed.processes_for(job.spec)
         if nproc > 1 and not os.environ.get(names.ENV_LAUNCHED):
             return distributed.launch(args.job, nproc, work_dir=args.work_dir, reporter=reporter)
@@ -159,26 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     p_qs = sub.add_parser("quickstart", help="run the embedded default job (tiny model, CPU)")
     p_qs.add_argument("--dir", default="finetune-quickstart", help="where the model, data and output go")
     sub.add_parser("schema", help="print the spec's JSON schema")
-    p_b = sub.add_parser("bench", help="GPU training benchmark: the seeds' recipe vs the runner's defaults")
-    p_b.add_argument("--shape", default="llama-3-8b", help="tiny, llama-2-7b, llama-3-8b, llama-3-70b")
-    p_b.add_argument("--configs", default="seeds,defaults,lean", help="comma (or ;) list: seeds, defaults, lean, or JSON spec overrides")
-    p_b.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
-    p_b.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
-    p_b.add_argument("--work-dir", default="/tmp/finetune-bench")
-    p_b.add_argument("--model-dir", default=None, help="reuse a saved random model")
-    p_b.add_argument("--out", default=None, help="write the JSON result here")
-    p_b.add_argument("--no-merge", dest="merge", action="store_false", help="skip the merge timing")
-    p_b.add_argument("--nproc", type=int, default=1,
-                     help="processes (GPUs) per configuration; the strategy is the spec's (auto, data, fsdp)")
-    p_b.add_argument("--prequantize", choices=["auto", "yes", "no"], default="auto",
-                     help="write the random model already in 4-bit, a layer at a time (auto: for shapes whose "
-                          "bf16 weights exceed 64 GiB, e.g. llama-3-70b)")
-    p_b.add_argument("--loss-check", action="store_true",
-                     help="log every step's loss and compare the first two configurations (fast vs reference)")
-    p_b.add_argument("--single", default=None, help=argparse.SUPPRESS)
-    p_b.add_argument("--single-out", default=None, help=argparse.SUPPRESS)
-    p_b.add_argument("--write-job", default=None, metavar="DIR",
-                     help="instead: write a random model, a dataset and a job.yaml for `runner run`")
     for p in (p_run, p_qs):
         p.add_argument("--work-dir", default=os.environ.get(names.ENV_WORK_DIR),
                        help="scratch space for downloads and the trainer (default: a temp dir)")
@@ -190,10 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args)
     if args.command == "quickstart":
         return _quickstart(args)
-    if args.command == "bench":
-        from runner import bench
-
-        return bench.main(args)
     from runner.api.spec import schema_doc
 
     print(json.dumps(schema_doc(), indent=2))

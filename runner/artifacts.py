@@ -25,12 +25,14 @@ def write_report(
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
     (report_dir / "history.json").write_text(json.dumps(history, indent=2))
     (report_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
+    # The spec as run, published with the model (Hub, S3): spec.env entries by name only - a value (an API key
+    # set as a plain value, say) or a valueFrom reference never leaves the cluster. Credentials are Secret
+    # references (hfTokenSecretRef, s3SecretRef): their names are published, never their contents.
+    spec = job.spec.model_dump(by_alias=True, exclude_defaults=True)
+    if spec.get("env"):
+        spec["env"] = [{"name": e.get("name")} for e in spec["env"] if isinstance(e, dict)]
     (report_dir / "job.yaml").write_text(
-        yaml.safe_dump(
-            manifest(job.name, job.spec.model_dump(by_alias=True, exclude_defaults=True)),
-            sort_keys=False,
-            allow_unicode=True,
-        )
+        yaml.safe_dump(manifest(job.name, spec), sort_keys=False, allow_unicode=True)
     )
     _plot_loss(history, report_dir / "loss.png")
     _plot_lengths(lengths, job.spec.dataset.max_length, report_dir / "token_lengths.png")
@@ -99,7 +101,7 @@ def model_card(job: Job, metrics: dict, *, merged: bool) -> str:
     }
     keys = ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen", "train_runtime")
     shown = {k: metrics[k] for k in keys if k in metrics}
-    what = "merged fp16 model" if merged else "LoRA adapter"
+    what = f"merged {s.merge.dtype} model" if merged else "LoRA adapter"
     return (
         "---\n"
         + yaml.safe_dump(front, sort_keys=False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, parallel
-from runner import storage
+from runner import plan as plan_phase, storage
 from runner.api import status
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.report import Reporter
@@ -38,7 +38,9 @@ def _uri_problem(field: str, value: str) -> storage.Location:
 
 
 def _validate(spec: FineTuneJobSpec) -> dict:
-    """Sources reachable, credentials present, destination writable - before any GPU time is spent."""
+    """Settings this machine can run, sources reachable, credentials present, destination writable - before
+    any GPU time is spent."""
+    plan_phase.check_spec(spec, plan_phase.Machine.here())
     locations = {
         "model": _uri_problem("model.source", spec.model.source),
         "data": _uri_problem("dataset.source", spec.dataset.source),
@@ -102,7 +104,6 @@ class _Trained:
     metrics: dict
     samples_before: list[str]
     samples_after: list[str] | None
-    packing: bool
 
 
 def _fetch(spec: FineTuneJobSpec, work: Path, reporter: Reporter) -> dict:
@@ -135,30 +136,39 @@ def _tokenize(spec: FineTuneJobSpec, paths: dict, reporter: Reporter):
     return tokenizer, data
 
 
+def _plan(spec: FineTuneJobSpec, model_dir: Path, work: Path) -> plan_phase.Plan:
+    """Made once, by rank 0 (free GPU memory differs a little between ranks; the plan must not)."""
+    with distributed.main_first():
+        if distributed.is_main():
+            plan = plan_phase.make_plan(spec, model_dir)
+            (work / "plan.json").write_text(json.dumps(plan.to_dict()))
+        else:
+            plan = plan_phase.Plan.from_dict(json.loads((work / "plan.json").read_text()))
+    return plan
+
+
 def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,
            stop: StopFlag) -> _Trained:
     reporter.phase(status.TRAINING)
-    model, strategy = parallel.load_base(spec, model_dir)
-    if strategy != "single":
-        reporter.log(f"{distributed.world_size()} processes, strategy {strategy}")
-    fsdp = strategy == "fsdp"
+    plan = _plan(spec, model_dir, work)
+    model = parallel.load_base(spec, model_dir, plan)
     # Under FSDP every rank takes part in generating (after training); the base sits unsharded in CPU
     # memory until FSDP places it, so there are no before-training samples.
-    prompts = spec.eval_prompts if fsdp or distributed.is_main() else []
-    if fsdp:
+    prompts = spec.eval_prompts if plan.fsdp or distributed.is_main() else []
+    if plan.fsdp:
         before = [None] * len(prompts)
     else:
         before = model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
-    packing = spec.dataset.packing
-    if packing and not model_phase.can_pack(model, strategy):
-        packing = False
-        reporter.log(f"packed examples could attend to each other here ({model.config._attn_implementation} "
-                     f"attention, strategy {strategy}); training unpacked instead")
+    plan = plan.with_packing(model)
+    if spec.dataset.packing and not plan.packing:
+        reporter.log(f"packed examples could attend to each other here ({plan.attention} attention, strategy "
+                     f"{plan.strategy}); training unpacked instead")
+    reporter.log(plan.line())
     model = model_phase.add_lora(model, spec.lora)
     ckpt_loc = checkpoint_location(spec)
     result = train(
         spec, model, tokenizer, data, work_dir=work, store=storage.CheckpointStore(ckpt_loc),
-        checkpoints_uri=str(ckpt_loc), reporter=reporter, stop=stop, packing=packing, strategy=strategy,
+        checkpoints_uri=str(ckpt_loc), reporter=reporter, stop=stop, plan=plan,
     )
     after = None if spec.merge.enabled else model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
     del model
@@ -166,10 +176,10 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     distributed.leave_group()
-    metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt, "packing": packing,
-               "strategy": strategy, "processes": distributed.world_size(),
+    metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt, "packing": plan.packing,
+               "strategy": plan.strategy, "processes": plan.processes, "plan": plan.to_dict(),
                "examples": len(data.train), "truncatedExamples": data.truncated, "checkpoints": str(ckpt_loc)}
-    return _Trained(result.adapter_dir, result.history, metrics, before, after, packing)
+    return _Trained(result.adapter_dir, result.history, metrics, before, after)
 
 
 def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, trained: _Trained, work: Path,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
+from runner import attention as attention_kernels
 from runner.api.errors import PermanentError, INVALID_SPEC
 from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Output heads never get LoRA under "all-linear" (peft excludes them too).
 HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 
@@ -20,31 +20,15 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(q: QuantizationSpec, dev: torch.device | None = None) -> torch.dtype:
-    """`auto`: bf16 where the GPU supports it, else fp16 (seed 004's check); fp32 on CPU, where 16-bit
-    matmuls are emulated and several times slower."""
-    if q.compute_dtype != "auto":
-        return DTYPES[q.compute_dtype]
-    dev = dev or device()
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def storage_dtype(q: QuantizationSpec) -> torch.dtype:
-    """The spec's storage dtype for the packed 4-bit weights outside FSDP: `auto` is uint8."""
-    return torch.uint8 if q.storage_dtype in ("auto", "uint8") else DTYPES[q.storage_dtype]
-
-
-def bnb_config(q: QuantizationSpec, cdtype: torch.dtype, storage: torch.dtype | None = None):
+def bnb_config(q: QuantizationSpec, compute: torch.dtype, storage: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=cdtype,
-        bnb_4bit_quant_storage=storage or storage_dtype(q),
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=storage,
     )
 
 
@@ -99,43 +83,23 @@ def load_tokenizer(model_dir: Path, m: ModelSpec):
     return tok
 
 
-def attn_implementation(m: ModelSpec, dev: torch.device) -> str:
-    if m.attn_implementation == "varlen":
-        from runner import attention
-
-        return attention.register()
-    if m.attn_implementation != "auto":
-        return m.attn_implementation
-    from runner import attention
-
-    if dev.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-        if attention.available():
-            return attention.register()
-    # SDPA with position ids that restart per example: transformers builds a block-diagonal mask.
-    return "sdpa"
-
-
-def load_quantized(model_dir: Path, m: ModelSpec, q: QuantizationSpec, dev: torch.device, *,
-                   storage: torch.dtype | None = None, load_on: torch.device | None = None):
-    """The 4-bit base for training on `dev`. `load_on` (FSDP: the CPU) is where its weights are put; a base
-    saved already in 4-bit keeps its own quantization settings."""
+def load_quantized(model_dir: Path, m: ModelSpec, q: QuantizationSpec, *, compute: torch.dtype, attention: str,
+                   storage: torch.dtype = torch.uint8, load_on: torch.device | None = None):
+    """The 4-bit base for training, as the plan says: compute and storage dtypes, attention kernel, and where
+    its weights are put (`load_on`: this process's device, or the CPU for FSDP to shard). A base saved
+    already in 4-bit keeps its own quantization settings."""
     from transformers import AutoModelForCausalLM
 
-    cdtype = compute_dtype(q, dev)
-    load_on = load_on or dev
+    if attention == attention_kernels.NAME:
+        attention_kernels.register()  # make "varlen" loadable by transformers in this process
+    load_on = load_on or device()
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        quantization_config=bnb_config(q, cdtype, storage),
-        dtype=cdtype,
+        quantization_config=bnb_config(q, compute, storage),
+        dtype=compute,
         device_map={"": load_on},
         trust_remote_code=m.trust_remote_code,
-        attn_implementation=attn_implementation(m, dev),
+        attn_implementation=attention,
     )
     model.config.use_cache = False
     if load_on.type == "cpu":
@@ -196,20 +160,6 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
     model.config.use_cache = use_cache
     model.train(was_training)
     return answers
-
-
-def isolates_packed_examples(model) -> bool:
-    """Attention kernels that take sequence boundaries from restarting position ids (cu_seqlens): packed
-    examples cannot attend to each other, whatever the architecture."""
-    return model.config._attn_implementation in ("varlen", "flash_attention_2")
-
-
-def can_pack(model, strategy: str) -> bool:
-    """Whether packed examples stay apart in this model: probed on the real model, or, under FSDP (the base
-    sits unsharded in CPU memory, where a probe would be slow), judged by the attention kernel."""
-    if strategy == "fsdp":
-        return isolates_packed_examples(model)
-    return packing_is_isolated(model)
 
 
 @torch.no_grad()

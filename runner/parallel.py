@@ -1,4 +1,4 @@
-"""More than one GPU: which strategy, and what FSDP-QLoRA needs from the loader and the trainer.
+"""More than one GPU: what FSDP-QLoRA needs from the loader and the trainer (runner.plan chooses the strategy).
 
   single  one process (resources.gpus <= 1)
   data    data parallel: every rank holds the whole 4-bit model on its GPU and trains on its own batches
@@ -6,10 +6,8 @@
           decoder layer to the GPU and all-gathers a layer at a time for compute. The packed 4-bit weights
           are stored as the compute dtype (bfloat16), since FSDP shards and casts only floating-point tensors.
 
-`auto` takes data parallel when the 4-bit weights plus a checkpointed micro-batch fit one GPU (it is faster:
-no all-gathers), FSDP when they do not. Under FSDP the adapter is gathered from its shards (only the LoRA
-tensors, never the 4-bit base) for checkpoints and the result, so checkpoints have the same format as on one
-GPU and resume the same way.
+Under FSDP the adapter is gathered from its shards (only the LoRA tensors, never the 4-bit base) for
+checkpoints and the result, so checkpoints have the same format as on one GPU and resume the same way.
 """
 from __future__ import annotations
 
@@ -20,81 +18,17 @@ import torch
 from runner import distributed, model as model_phase
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec
-
-GiB = 2**30
-# Bytes per parameter of a 4-bit layer: 0.5 for the weight, plus NF4 block constants (double quantized:
-# one byte per 64 weights, fp32 per 256 blocks).
-_NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-_RESERVED = 3 * GiB  # CUDA context, allocator slack, LoRA tensors and their optimizer state
+from runner.plan import Plan
 
 
-def quantized_bytes(model_dir: Path, spec: FineTuneJobSpec) -> int:
-    """The 4-bit model's size in memory, from its config alone (meta device: no weights read)."""
-    total = 0.0
-    for name, module in model_phase.skeleton(model_dir, spec.model).named_modules():
-        for p in module.parameters(recurse=False):
-            quantized = model_phase.is_quantized_linear(name, module) and p.ndim == 2
-            total += p.numel() * (_NF4_BYTES if quantized else 2)
-    return int(total)
-
-
-def step_bytes(spec: FineTuneJobSpec, model_dir: Path) -> int:
-    """Least activation memory of one micro-batch: with gradient checkpointing, each layer's input is kept
-    (bf16) and one layer's activations are live at a time."""
-    from transformers import AutoConfig
-
-    from runner.train import ACT_BYTES
-
-    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code).get_text_config()
-    tokens = spec.training.batch_size * spec.dataset.max_length
-    return tokens * cfg.hidden_size * (2 * cfg.num_hidden_layers + ACT_BYTES[False])
-
-
-def choose(spec: FineTuneJobSpec, model_dir: Path, world: int | None = None,
-           gpu_bytes: int | None = None) -> str:
-    """`single`, `data` or `fsdp` for this job on this machine (every rank decides the same)."""
-    world = distributed.world_size() if world is None else world
-    wanted = spec.training.strategy
-    if world <= 1:
-        return "single"
-    if gpu_bytes is None and torch.cuda.is_available():
-        gpu_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    if wanted == "fsdp":
-        if gpu_bytes is None:
-            raise PermanentError("training.strategy: fsdp shards the model across GPUs and needs them; on CPU "
-                                 "use data (or auto)", reason=INVALID_SPEC)
-        return "fsdp"
-    if wanted == "data" or gpu_bytes is None:
-        return "data"
-    need = quantized_bytes(model_dir, spec) + step_bytes(spec, model_dir) + _RESERVED
-    return "data" if need <= 0.9 * gpu_bytes else "fsdp"
-
-
-def storage_dtype(spec: FineTuneJobSpec, strategy: str, compute: torch.dtype) -> torch.dtype:
-    """What the packed 4-bit weights are stored as: the spec's choice, or the compute dtype under FSDP."""
-    if strategy != "fsdp":
-        return model_phase.storage_dtype(spec.quantization)
-    chosen = spec.quantization.storage_dtype
-    if chosen != "auto" and model_phase.DTYPES.get(chosen) != compute:
-        name = str(compute).removeprefix("torch.")
-        raise PermanentError(
-            f"quantization.storageDtype: FSDP needs the 4-bit weights stored as the compute dtype ({name}), "
-            f"not {chosen}; set it to {name} or auto", reason=INVALID_SPEC)
-    return compute
-
-
-def load_base(spec: FineTuneJobSpec, model_dir: Path):
-    """The 4-bit base where the strategy wants it: on this rank's GPU, or in CPU memory for FSDP to shard.
-    Returns (model, strategy)."""
-    dev = model_phase.device()
-    strategy = choose(spec, model_dir)
-    cdtype = model_phase.compute_dtype(spec.quantization, dev)
+def load_base(spec: FineTuneJobSpec, model_dir: Path, plan: Plan):
+    """The 4-bit base where the plan wants it: on this rank's GPU, or in CPU memory for FSDP to shard."""
     model = model_phase.load_quantized(
-        model_dir, spec.model, spec.quantization, dev, storage=storage_dtype(spec, strategy, cdtype),
-        load_on=torch.device("cpu") if strategy == "fsdp" else None,
+        model_dir, spec.model, spec.quantization, compute=plan.compute_dtype, attention=plan.attention,
+        storage=plan.storage_dtype, load_on=torch.device("cpu") if plan.fsdp else None,
     )
-    check_prequantized(model, strategy, cdtype)
-    return model, strategy
+    check_prequantized(model, plan.strategy, plan.compute_dtype)
+    return model
 
 
 def check_prequantized(model, strategy: str, compute: torch.dtype) -> None:

@@ -13,9 +13,9 @@ import torch
 
 from runner import distributed, parallel
 from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
-from runner.model import compute_dtype
-from runner.report import Reporter
 from runner.api.spec import FineTuneJobSpec
+from runner.plan import Plan
+from runner.report import Reporter
 
 FINGERPRINT_FILE = "job-fingerprint.json"
 
@@ -131,20 +131,22 @@ class TrainResult:
     resumed_from: str | None
 
 
-def _training_args(
-    spec: FineTuneJobSpec, out_dir: Path, cdtype: torch.dtype, has_eval: bool, has_mask: bool, packing: bool,
-    *, model=None, strategy: str = "single", **overrides,
-):
+def _training_args(spec: FineTuneJobSpec, out_dir: Path, plan: Plan, has_eval: bool, has_mask: bool, *,
+                   model=None, **overrides):
+    """SFTConfig from the spec and the plan. `overrides` (the benchmark's) must name SFTConfig fields."""
+    import trl
     from trl import SFTConfig
 
+    if plan.packing is None:
+        raise ValueError("the plan's packing is not settled: call plan.with_packing(model) after loading it")
     t, d = spec.training, spec.dataset
     on_cuda = torch.cuda.is_available()
-    gc = use_gradient_checkpointing(spec, model, strategy)
+    gc = plan.gradient_checkpointing
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     kwargs = dict(
         output_dir=str(out_dir),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=plan.micro_batch,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
@@ -155,7 +157,7 @@ def _training_args(
         optim=t.optimizer,
         gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
-        use_liger_kernel=use_fused_kernels(spec, strategy),
+        use_liger_kernel=plan.fused_kernels,
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -165,8 +167,8 @@ def _training_args(
         save_total_limit=1,  # scratch copy only; the durable store keeps output.keepCheckpoints
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(t.eval_steps or t.save_steps) if has_eval else None,
-        bf16=cdtype == torch.bfloat16,
-        fp16=cdtype == torch.float16 and on_cuda,
+        bf16=plan.compute_dtype == torch.bfloat16,
+        fp16=plan.compute_dtype == torch.float16 and on_cuda,
         use_cpu=not on_cuda,
         report_to="none",
         disable_tqdm=True,
@@ -175,7 +177,7 @@ def _training_args(
         dataloader_num_workers=2 if on_cuda else 0,
         dataloader_persistent_workers=on_cuda,
         max_length=d.max_length,
-        packing=packing,
+        packing=plan.packing,
         packing_strategy="bfd",
         completion_only_loss=has_mask,
         shuffle_dataset=True,
@@ -185,67 +187,28 @@ def _training_args(
         ddp_timeout=1800,
     )
     # Across the transformers versions we support: warmup_ratio became a float warmup_steps, and
-    # group_by_length became train_sampling_strategy.
+    # group_by_length became train_sampling_strategy. Only these keys are chosen by what SFTConfig has.
     if "warmup_ratio" in fields:
         kwargs["warmup_ratio"] = t.warmup_ratio
     else:
         kwargs["warmup_steps"] = t.warmup_ratio
-    if t.group_by_length and not packing:
+    if t.group_by_length and not plan.packing:
         if "train_sampling_strategy" in fields:
             kwargs["train_sampling_strategy"] = "group_by_length"
         else:
             kwargs["group_by_length"] = True
-    if strategy == "fsdp":
+    if plan.fsdp:
         kwargs.update(parallel.trainer_args(model))
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"trainer overrides that trl {trl.__version__}'s SFTConfig does not have: "
+                        f"{', '.join(unknown)}")
     kwargs.update(overrides)
-    return SFTConfig(**{k: v for k, v in kwargs.items() if k in fields})
-
-
-# ------------------------------------------------------------------------------- performance choices
-def use_fused_kernels(spec: FineTuneJobSpec, strategy: str = "single") -> bool:
-    """Liger's fused RMSNorm/RoPE/SwiGLU kernels: on by default on a GPU where liger-kernel is installed
-    (the runner image has it). Measured on an H100 at 4x2048, Llama-3-8B shape, each in its own process:
-    12,394 real tokens/s and 43 GB with them, 10,250 and 55 GB without (bench/results/h100-llama-3-8b.json).
-    Off by default under FSDP: the fused loss reads the LM head's weight outside the head's forward, where
-    FSDP holds only a shard of it."""
-    if spec.training.fused_kernels is not None and not spec.training.fused_kernels:
-        return False
-    if strategy == "fsdp" and spec.training.fused_kernels is None:
-        return False
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        if spec.training.fused_kernels:
-            from runner.api.errors import PermanentError, INVALID_SPEC
-
-            raise PermanentError("training.fusedKernels: liger-kernel is not installed in this image; "
-                                 "install it (pip install 'qlora-operator[gpu]') or unset the field",
-                                 reason=INVALID_SPEC)
-        return False
-    return torch.cuda.is_available()
-
-
-# Activation bytes per token, per layer, per hidden unit without checkpointing (bf16, trl's chunked LM
-# head), measured on an H100 for the Llama-3-8B shape (bench/): ~35 with fused kernels, ~46 without.
-ACT_BYTES = {True: 40, False: 52}
-
-
-def use_gradient_checkpointing(spec: FineTuneJobSpec, model=None, strategy: str = "single") -> bool:
-    """Unset = chosen by memory: off (faster) when the activations of one micro-batch fit in free GPU memory.
-    Under FSDP the model is still in CPU memory here: its shard and one gathered layer will take GPU memory."""
-    t = spec.training
-    if t.gradient_checkpointing is not None:
-        return t.gradient_checkpointing
-    if not torch.cuda.is_available() or model is None:
-        return False  # CPU runs are small; recomputation only costs time there
-    cfg = model.config.get_text_config()
-    tokens = t.batch_size * spec.dataset.max_length
-    need = tokens * cfg.num_hidden_layers * cfg.hidden_size * ACT_BYTES[use_fused_kernels(spec, strategy)]
-    free, _total = torch.cuda.mem_get_info()
-    if strategy == "fsdp":
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        need += weights // distributed.world_size() + 2 * weights // cfg.num_hidden_layers
-    return need > 0.85 * free - 2 * 2**30
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise TypeError(f"training arguments that trl {trl.__version__}'s SFTConfig does not have: "
+                        f"{', '.join(unknown)}")
+    return SFTConfig(**kwargs)
 
 
 def train(
@@ -259,8 +222,7 @@ def train(
     checkpoints_uri: str,
     reporter: Reporter,
     stop: StopFlag,
-    packing: bool,
-    strategy: str = "single",
+    plan: Plan,
 ) -> TrainResult:
     scratch = work_dir / "trainer"
     with distributed.main_first():  # rank 0 checks and fetches; the others read its copy
@@ -276,13 +238,7 @@ def train(
     resume = scratch / name if name else None
 
     progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop)
-    trainer = make_trainer(spec, model, tokenizer, data, scratch, packing=packing, callbacks=[progress, durable],
-                           strategy=strategy)
-    reporter.log(
-        f"training: strategy={strategy}, packing={packing}, "
-        f"gradient checkpointing={trainer.args.gradient_checkpointing}, "
-        f"fused kernels={trainer.args.use_liger_kernel}, attention={model.config._attn_implementation}"
-    )
+    trainer = make_trainer(spec, model, tokenizer, data, scratch, plan, callbacks=[progress, durable])
     output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.requested:
         raise Preempted()
@@ -296,14 +252,14 @@ def train(
     return TrainResult(adapter_dir, progress.history, metrics, name)
 
 
-def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, *, packing: bool, callbacks=(),
-                 strategy: str = "single", **overrides):
-    """trl's SFTTrainer configured from the spec (the benchmark passes `overrides` for the seeds' recipe)."""
+def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, plan: Plan, *, callbacks=(),
+                 **overrides):
+    """trl's SFTTrainer configured from the spec and the plan (the benchmark passes `overrides`, SFTConfig
+    fields, for the seeds' recipe)."""
     from transformers import PrinterCallback
 
-    cdtype = compute_dtype(spec.quantization)
-    args = _training_args(spec, out_dir, cdtype, data.eval is not None, data.has_completion_mask, packing,
-                          model=model, strategy=strategy, **overrides)
+    args = _training_args(spec, out_dir, plan, data.eval is not None, data.has_completion_mask, model=model,
+                          **overrides)
     trainer = parallel.sft_trainer_class()(
         model=model,
         args=args,

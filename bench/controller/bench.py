@@ -1,6 +1,6 @@
 """Benchmark: apply many FineTuneJobs at once; how long until every Job exists and every status is Pending?
 
-    .venv/bin/python -m bench.controller.bench --jobs 1000
+    .venv/bin/python -m bench controller --jobs 1000    # or: python -m bench.controller.bench --jobs 1000
 
 Starts the project's test cluster (tests/cluster: etcd + kube-apiserver + kube-controller-manager 1.20,
 built and cached by tests/cluster/build.sh) unless --kubeconfig names a running one, starts the controller

@@ -2,7 +2,7 @@
 # (pre-quantized, random) model; then a resume from the older checkpoint, this time merging (rank 0) into fp16. Usage: bash bench/gpu/fsdp-job.sh
 source bench/gpu/setup.sh
 J=/tmp/fsdp-job
-python -m runner bench --shape llama-3-8b --write-job $J --prequantize yes >/dev/null
+python -m bench --shape llama-3-8b --write-job $J --prequantize yes >/dev/null
 python - "$J" <<'PY'
 import sys, yaml
 d = sys.argv[1]

@@ -183,6 +183,15 @@ class TrainingSpec(_Section):
 class MergeSpec(_Section):
     enabled: bool = Field(True, description="Merge the adapter into a 16-bit copy of the base model.")
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="Dtype of the merged model.")
+    base: Literal["original", "dequantized"] = Field(
+        "original",
+        description="Weights the adapter is merged into. `original`: the base's own 16-bit weights, keeping "
+        "its full precision (usually what users want: the merged model is the base plus the learned change). "
+        "`dequantized`: the base rounded to 4 bits and back with the job's quantization settings, the weights "
+        "the adapter was trained against; the merged model then reproduces exactly what was trained (lower "
+        "logit error against the trained 4-bit model), at the cost of the 4-bit rounding of the base. A base "
+        "saved already in 4-bit has only its dequantized weights: both values merge into those.",
+    )
 
 
 class OutputSpec(_Section):

@@ -50,10 +50,13 @@ UNSCHEDULABLE = "Unschedulable"  # no node fits the pod (a waiting reason, not a
 IMAGE_PULL_FAILED = "ImagePullFailed"  # the runner image cannot be pulled
 DEADLINE_EXCEEDED = "DeadlineExceeded"  # spec.activeDeadlineSeconds passed
 BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # more retryable failures than spec.backoffLimit
+INVALID_STATUS = "InvalidStatus"  # the status held fields out of bounds or of the wrong shape (the runner's
+#                                   token, or an admin, wrote them through the status subresource): job stopped
 
 RUNNER_REASONS = (INVALID_SPEC, DOWNLOAD_FAILED, TRAINING_FAILED, MERGE_FAILED, UPLOAD_FAILED, OUT_OF_MEMORY)
 REASONS = (INVALID_SPEC, UNSCHEDULABLE, IMAGE_PULL_FAILED, OUT_OF_MEMORY, DOWNLOAD_FAILED, TRAINING_FAILED,
-           MERGE_FAILED, UPLOAD_FAILED, DEADLINE_EXCEEDED, BACKOFF_LIMIT_EXCEEDED)  # status.reason
+           MERGE_FAILED, UPLOAD_FAILED, DEADLINE_EXCEEDED, BACKOFF_LIMIT_EXCEEDED,
+           INVALID_STATUS)  # status.reason
 # The reason a failure of unknown origin gets, by the runner phase it happened in.
 PHASE_REASON = {VALIDATING: INVALID_SPEC, DOWNLOADING: DOWNLOAD_FAILED, TRAINING: TRAINING_FAILED,
                 MERGING: MERGE_FAILED, UPLOADING: UPLOAD_FAILED}

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_reports_each_configuration_and_the_merge(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "runner", "bench", "--shape", "tiny", "--configs", "seeds;defaults",
+        [sys.executable, "-m", "bench", "--shape", "tiny", "--configs", "seeds;defaults",
          "--steps", "3", "--warmup", "1", "--work-dir", str(tmp_path / "w"), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -31,7 +31,7 @@ def test_loss_check_compares_the_fast_path_with_a_reference_path(tmp_path):
     """On CPU the fast path is SDPA with restarting positions; the reference is eager attention."""
     reference = '{"model": {"attnImplementation": "eager"}}'
     proc = subprocess.run(
-        [sys.executable, "-m", "runner", "bench", "--shape", "tiny", "--configs", f"defaults;{reference}",
+        [sys.executable, "-m", "bench", "--shape", "tiny", "--configs", f"defaults;{reference}",
          "--loss-check", "--steps", "4", "--warmup", "1", "--no-merge", "--work-dir", str(tmp_path / "w"),
          "--out", str(tmp_path / "r.json")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,

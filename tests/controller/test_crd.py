@@ -22,8 +22,8 @@ def spec_schema() -> dict:
 def test_committed_crd_matches_the_model():
     committed = yaml.safe_load(CRD_FILE.read_text())
     assert committed == crd.crd(), (
-        f"{CRD_FILE.relative_to(ROOT)} is out of date with runner/spec.py; regenerate it with "
-        "`python -m tests.deploy.tools` (the CRD, the chart's copy, install.yaml and the README reference)")
+        f"{CRD_FILE.relative_to(ROOT)} is out of date with runner/api/spec.py; regenerate it with "
+        "`python -m controller generate` (the CRD, the chart's copy, install.yaml and the README reference)")
 
 
 def test_cli_prints_the_committed_crd():

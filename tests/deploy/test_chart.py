@@ -12,7 +12,7 @@ import yaml
 from packaging.version import Version
 
 from controller import crd, rbac
-from tests.deploy.tools import CHART, CHART_CRD, CRD_FILE, by_kind, docs, helm, set_args, template
+from tests.deploy.conftest import CHART, CHART_CRD, CRD_FILE, by_kind, docs, helm, set_args, template
 
 OLDEST_SUPPORTED = Version("1.27")
 VERSIONS = [v for v in kubernetes_validate.utils.all_versions() if Version(v) >= OLDEST_SUPPORTED]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 import sys
 import tomllib
@@ -18,71 +17,10 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from controller import children
-from tests.deploy.tools import CHART, DOCKERFILE, ROOT, hadolint_binary
+from tests.deploy.conftest import CHART, DOCKERFILE, ROOT, hadolint_binary, pins_and_extras, pip_installs, stages
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 STAGE_EXTRAS = {"controller": {"controller"}, "runner": {"runner", "gpu"}}
-
-
-def instructions(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined and comments dropped."""
-    out, buf = [], ""
-    for line in text.splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        if line.rstrip().endswith("\\"):
-            buf += line.rstrip()[:-1] + " "
-            continue
-        full = (buf + line).strip()
-        buf = ""
-        word, _, rest = full.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def stages() -> dict[str, list[tuple[str, str]]]:
-    result: dict[str, list[tuple[str, str]]] = {}
-    current = None
-    for word, rest in instructions(DOCKERFILE.read_text()):
-        if word == "FROM":
-            m = re.match(r"(\S+)\s+AS\s+(\S+)$", rest, re.I)
-            assert m, f"every stage is named: FROM {rest}"
-            current = m.group(2)
-            result[current] = [(word, m.group(1))]
-        else:
-            assert current, f"{word} before FROM"
-            result[current].append((word, rest))
-    return result
-
-
-def pip_installs(stage: list[tuple[str, str]]) -> list[list[str]]:
-    """The arguments of every `pip install` in a stage."""
-    out = []
-    for word, rest in stage:
-        if word != "RUN":
-            continue
-        for command in re.split(r"&&|;", rest):
-            argv = shlex.split(command)
-            if argv[:2] == ["pip", "install"]:
-                out.append(argv[2:])
-    return out
-
-
-def pins_and_extras(stage: list[tuple[str, str]]) -> tuple[dict[str, str], set[str]]:
-    pins, extras = {}, set()
-    for argv in pip_installs(stage):
-        for arg in argv:
-            if arg.startswith("-") or arg.startswith("https://"):
-                continue
-            m = re.match(r"/tmp/src\[(.*)\]$", arg)
-            if m:
-                extras |= set(m.group(1).split(","))
-                continue
-            req = Requirement(arg)
-            [spec] = req.specifier
-            assert spec.operator == "==", f"pin exact versions in the image: {arg}"
-            pins[canonicalize_name(req.name)] = spec.version
-    return pins, extras
 
 
 def declared(extras: set[str]) -> dict[str, Requirement]:

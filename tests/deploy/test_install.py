@@ -23,7 +23,7 @@ import pytest
 from tests.cluster.cluster import free_port
 from tests.cluster.conftest_plugin import project_crd_files
 from tests.cluster.cluster import wait_for
-from tests.deploy.tools import CHART, EXAMPLES, ROOT
+from tests.deploy.conftest import CHART, EXAMPLES, ROOT
 
 CRD = "customresourcedefinition/finetunejobs.finetune.dev"
 RUNNER_IMAGE = "registry.example/finetune-runner"

@@ -1,17 +1,18 @@
-"""manifests/: install.yaml in sync with the chart, and the example FineTuneJobs (one per seed recipe), each
-valid for the runner and for the CRD on a real API server."""
+"""manifests/: install.yaml (the chart with its default values; that it is current is test_generated.py's), and
+the example FineTuneJobs (one per seed recipe), each valid for the runner and for the CRD on a real API server."""
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 
 import pytest
 import yaml
 
+from runner.api import names
 from runner.api.parse import load_job
-from tests.deploy.tools import EXAMPLES, INSTALL, RENDER_COMMAND, ROOT, SEEDS, by_kind, docs, render_install
+from tests.deploy.conftest import EXAMPLES, INSTALL, TESTDATA, by_kind, docs
 
+# The seed notebooks' excerpts that name their recipes (copied into the repository: tests/deploy/testdata/).
+SEED_EXCERPTS: dict[str, list[str]] = yaml.safe_load((TESTDATA / "seed-recipes.yaml").read_text(encoding="utf-8"))
 # Each example and the seed notebook it is the recipe of: (seed file prefix, what the seed names).
 EXAMPLE_SEEDS = {
     "polyglot-ko-csv.yaml": ("000_", ["EleutherAI/polyglot-ko-5.8b", "npc_action_tuning_dataset.csv", "### 답변:"]),
@@ -30,36 +31,34 @@ def load(path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def test_install_yaml_is_the_chart_rendered_with_default_values(helm_bin):
-    assert INSTALL.read_text() == render_install(helm_bin), (
-        f"manifests/install.yaml is out of date with charts/; regenerate it: {RENDER_COMMAND}")
+def test_install_yaml_is_a_namespace_then_the_namespaced_chart():
     objs = docs(INSTALL.read_text())
     assert objs[0]["kind"] == "Namespace"
     namespace = objs[0]["metadata"]["name"]
-    assert by_kind(objs, "CustomResourceDefinition")[0]["metadata"]["name"] == "finetunejobs.finetune.dev"
+    assert by_kind(objs, "CustomResourceDefinition")[0]["metadata"]["name"] == names.CRD_NAME
     for obj in objs[1:]:
         if obj["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
             assert obj["metadata"]["namespace"] == namespace, obj["metadata"]
 
 
 def test_one_commented_example_per_seed_recipe():
-    seeds = sorted(p.name for p in SEEDS.iterdir())
+    seeds = sorted(SEED_EXCERPTS)
     assert len(seeds) == len(EXAMPLE_SEEDS), seeds
     assert sorted(p.name for p in example_files()) == sorted(EXAMPLE_SEEDS)
-    names = set()
+    job_names = set()
     for path in example_files():
         prefix, mentions = EXAMPLE_SEEDS[path.name]
-        [seed] = [s for s in SEEDS.iterdir() if s.name.startswith(prefix)]
-        seed_text, text = seed.read_text(errors="replace"), path.read_text()
+        [seed] = [s for s in seeds if s.startswith(prefix)]
+        seed_text, text = "\n".join(SEED_EXCERPTS[seed]), path.read_text()
         for m in mentions:
-            assert m in seed_text and m in text, f"{path.name} / {seed.name}: {m!r}"
+            assert m in seed_text and m in text, f"{path.name} / {seed}: {m!r}"
         assert text.startswith("# Recipe: ") and f"kubectl apply -f manifests/examples/{path.name}" in text
         commented = sum(1 for line in text.splitlines() if "#" in line)
         assert commented >= 10, f"{path.name}: comment the knobs like a recipe ({commented} comment lines)"
         doc = load(path)
-        names.add(doc["metadata"]["name"])
+        job_names.add(doc["metadata"]["name"])
         assert "namespace" not in doc["metadata"]  # `kubectl apply -n <ns>` decides
-    assert len(names) == len(EXAMPLE_SEEDS)
+    assert len(job_names) == len(EXAMPLE_SEEDS)
 
 
 @pytest.mark.parametrize("path", example_files(), ids=lambda p: p.name)
@@ -85,7 +84,7 @@ _MISSING = object()
 
 
 def dry_run_create(cluster, namespace: str, doc: dict) -> tuple[int, dict]:
-    return cluster.request("POST", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs?dryRun=All", doc)
+    return cluster.request("POST", f"/apis/{names.API_VERSION}/namespaces/{namespace}/{names.PLURAL}?dryRun=All", doc)
 
 
 def test_examples_are_accepted_by_the_crd_on_a_real_api_server(k8s_cluster, k8s_namespace):
@@ -123,11 +122,3 @@ def test_install_yaml_is_accepted_by_a_real_api_server(k8s_cluster):
     kinds = [line.split("/")[0] for line in r.stdout.splitlines()]
     assert len(kinds) == len(docs(INSTALL.read_text())), r.stdout
     assert "deployment.apps" in kinds and "customresourcedefinition.apiextensions.k8s.io" in kinds
-
-
-def test_render_command_works():
-    """The command the sync test tells to run exists (it writes nothing when install.yaml is current)."""
-    before = INSTALL.read_text()
-    subprocess.run([sys.executable, "-m", "tests.deploy.tools"], cwd=ROOT, check=True, capture_output=True,
-                   timeout=120)
-    assert INSTALL.read_text() == before

@@ -3,17 +3,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
-from runner import reference
-from tests.deploy.tools import CHART, README, ROOT, docs, template
-
-
-def test_spec_reference_is_generated_from_the_model():
-    block = reference.readme_block(README.read_text(encoding="utf-8"))
-    assert block == reference.markdown(), (
-        "README.md's spec reference is out of date with runner/spec.py; regenerate it: "
-        f"{reference.COMMAND}")
+from controller import reference
+from tests.deploy.conftest import CHART, README, ROOT, docs, template
 
 
 def test_spec_reference_covers_every_field():
@@ -37,14 +31,13 @@ def test_spec_reference_covers_every_field():
     assert "| `model` | object ([`spec.model`](#specmodel)) | **required** |" in text
 
 
-def test_write_readme_replaces_only_the_block(tmp_path):
-    p = tmp_path / "README.md"
-    p.write_text(f"# T\nintro\n{reference.START}\nold\n{reference.END}\ntail\n")
-    assert reference.write_readme(p) is True
-    text = p.read_text()
+def test_the_reference_replaces_only_the_block():
+    text = reference.with_reference(f"# T\nintro\n{reference.START}\nold\n{reference.END}\ntail\n")
     assert text.startswith("# T\nintro\n") and text.endswith(f"{reference.END}\ntail\n")
     assert reference.readme_block(text) == reference.markdown()
-    assert reference.write_readme(p) is False
+    assert reference.with_reference(text) == text
+    with pytest.raises(ValueError, match="markers"):
+        reference.with_reference("# no markers\n")
 
 
 def test_files_the_readme_points_to_exist():

@@ -24,10 +24,11 @@ def main(model_dir: str, out: str) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    spec, quant = ModelSpec(source=model_dir), QuantizationSpec(compute_dtype="float32")
+    spec, quant = ModelSpec(source=model_dir), QuantizationSpec()
 
     def build(seed: int):
-        m = model_phase.load_quantized(Path(model_dir), spec, quant, torch.device("cpu"), storage=torch.float32)
+        m = model_phase.load_quantized(Path(model_dir), spec, quant, compute=torch.float32, attention="sdpa",
+                                      storage=torch.float32, load_on=torch.device("cpu"))
         torch.manual_seed(seed)
         m = model_phase.add_lora(m, LoraSpec(r=4, alpha=8))
         with torch.no_grad():  # lora_B starts at zero; make the adapter matter

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner import parallel
+from runner import plan as plan_phase
 from runner.api.errors import PermanentError
 from runner.api.parse import parse_job
 from tests.conftest import ROOT, job_doc, run_cli
@@ -26,6 +26,11 @@ GiB = 2**30
 def _spec(model, max_length: int = 32, **training):
     return parse_job(job_doc(model, "data.jsonl", "/tmp/out", training=training,
                              dataset={"maxLength": max_length})).spec
+
+
+def _strategy(spec, model_dir, world: int, gpu_bytes: int | None) -> str:
+    machine = plan_phase.Machine(processes=world, gpu_total=gpu_bytes, bf16=True)
+    return plan_phase.make_plan(spec, model_dir, machine).strategy
 
 
 def test_two_processes_shard_the_4bit_model_and_compute_what_one_process_does(tiny_llama, tmp_path):
@@ -52,21 +57,21 @@ def test_two_processes_shard_the_4bit_model_and_compute_what_one_process_does(ti
 
 def test_one_process_is_single_and_cpu_ranks_are_data_parallel(tiny_llama):
     spec = _spec(tiny_llama)
-    assert parallel.choose(spec, tiny_llama, world=1, gpu_bytes=80 * GiB) == "single"
-    assert parallel.choose(spec, tiny_llama, world=2, gpu_bytes=None) == "data"
-    assert parallel.choose(_spec(tiny_llama, strategy="fsdp"), tiny_llama, world=2, gpu_bytes=80 * GiB) == "fsdp"
+    assert _strategy(spec, tiny_llama, world=1, gpu_bytes=80 * GiB) == "single"
+    assert _strategy(spec, tiny_llama, world=2, gpu_bytes=None) == "data"
+    assert _strategy(_spec(tiny_llama, strategy="fsdp"), tiny_llama, world=2, gpu_bytes=80 * GiB) == "fsdp"
 
 
 def test_fsdp_without_gpus_is_refused_naming_the_field(tiny_llama):
     with pytest.raises(PermanentError, match="training.strategy: fsdp .* needs them"):
-        parallel.choose(_spec(tiny_llama, strategy="fsdp"), tiny_llama, world=2, gpu_bytes=None)
+        _strategy(_spec(tiny_llama, strategy="fsdp"), tiny_llama, world=2, gpu_bytes=None)
 
 
 @pytest.fixture(scope="module")
 def llama_70b_config(tmp_path_factory) -> Path:
     from transformers import LlamaConfig
 
-    from runner.bench import SHAPES
+    from bench.training import SHAPES
 
     d = tmp_path_factory.mktemp("llama-3-70b")
     LlamaConfig(**SHAPES["llama-3-70b"], tie_word_embeddings=False).save_pretrained(d)
@@ -75,23 +80,23 @@ def llama_70b_config(tmp_path_factory) -> Path:
 
 def test_auto_picks_data_parallel_where_the_4bit_70b_fits_and_fsdp_where_it_does_not(llama_70b_config):
     spec = _spec(llama_70b_config, max_length=2048, batchSize=4)  # 4 packed rows of 2048 per step
-    size = parallel.quantized_bytes(llama_70b_config, spec)
+    size = plan_phase.quantized_bytes(llama_70b_config, spec)
     assert 36 * GiB < size < 40 * GiB  # 4-bit layers (~0.52 B/param) + bf16 embeddings and head
-    assert parallel.choose(spec, llama_70b_config, world=2, gpu_bytes=141 * GiB) == "data"  # H200
-    assert parallel.choose(spec, llama_70b_config, world=2, gpu_bytes=80 * GiB) == "data"  # H100
-    assert parallel.choose(spec, llama_70b_config, world=4, gpu_bytes=48 * GiB) == "fsdp"  # L40S
-    assert parallel.choose(spec, llama_70b_config, world=8, gpu_bytes=24 * GiB) == "fsdp"  # L4
+    assert _strategy(spec, llama_70b_config, world=2, gpu_bytes=141 * GiB) == "data"  # H200
+    assert _strategy(spec, llama_70b_config, world=2, gpu_bytes=80 * GiB) == "data"  # H100
+    assert _strategy(spec, llama_70b_config, world=4, gpu_bytes=48 * GiB) == "fsdp"  # L40S
+    assert _strategy(spec, llama_70b_config, world=8, gpu_bytes=24 * GiB) == "fsdp"  # L4
     forced = _spec(llama_70b_config, max_length=2048, strategy="data")
-    assert parallel.choose(forced, llama_70b_config, world=8, gpu_bytes=24 * GiB) == "data"
+    assert _strategy(forced, llama_70b_config, world=8, gpu_bytes=24 * GiB) == "data"
 
 
 def test_storage_dtype_follows_the_strategy():
     spec = parse_job(job_doc("m", "d.jsonl", "/o")).spec
-    assert parallel.storage_dtype(spec, "data", torch.bfloat16) == torch.uint8
-    assert parallel.storage_dtype(spec, "fsdp", torch.bfloat16) == torch.bfloat16
+    assert plan_phase.storage_dtype(spec, "data", torch.bfloat16) == torch.uint8
+    assert plan_phase.storage_dtype(spec, "fsdp", torch.bfloat16) == torch.bfloat16
     explicit = parse_job(job_doc("m", "d.jsonl", "/o", quantization={"storageDtype": "uint8"})).spec
     with pytest.raises(PermanentError, match="quantization.storageDtype: .*bfloat16.*set it to bfloat16 or auto"):
-        parallel.storage_dtype(explicit, "fsdp", torch.bfloat16)
+        plan_phase.storage_dtype(explicit, "fsdp", torch.bfloat16)
 
 
 def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tmp_path, monkeypatch):
@@ -100,9 +105,12 @@ def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tm
 
     for var in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # TrainingArguments sets these
         monkeypatch.setenv(var, os.environ.get(var, "false"))
-    spec = _spec(tiny_llama, strategy="fsdp")
-    model = model_phase.load_quantized(tiny_llama, spec.model, spec.quantization, torch.device("cpu"))
-    args = _training_args(spec, tmp_path, torch.float32, False, True, True, model=model, strategy="fsdp")
+    spec = parse_job(job_doc(tiny_llama, "data.jsonl", "/tmp/out", training={"strategy": "fsdp"},
+                             quantization={"computeDtype": "float32"})).spec
+    plan = plan_phase.make_plan(spec, tiny_llama, plan_phase.Machine(processes=2, gpu_total=80 * GiB, liger=True))
+    model = model_phase.load_quantized(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
+                                       attention="sdpa", load_on=torch.device("cpu"))
+    args = _training_args(spec, tmp_path, plan, False, True, model=model)
     assert args.fsdp_config["version"] == 2
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert args.fsdp_config["reshard_after_forward"] is True
@@ -115,8 +123,8 @@ def test_prequantized_model_loads_without_missing_weights_and_matches_its_bf16_l
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-    from runner import prequantize
-    from runner.bench import SHAPES
+    from bench import prequantize
+    from bench.training import SHAPES
 
     config = LlamaConfig(**SHAPES["tiny"], tie_word_embeddings=False)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -141,7 +149,7 @@ def test_prequantized_model_loads_without_missing_weights_and_matches_its_bf16_l
 
 
 def test_a_job_on_a_prequantized_base_publishes_a_16bit_merged_model(qa_jsonl, tmp_path):
-    from runner.bench import build_model
+    from bench.training import build_model
     from runner.quickstart.tiny import build_tokenizer
     from tests.conftest import corpus
 

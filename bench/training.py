@@ -1,4 +1,4 @@
-"""`python -m runner bench`: training throughput and memory of the runner's path vs the seeds' recipe.
+"""`python -m bench`: training throughput and memory of the runner's path vs the seeds' recipe.
 
 Builds a random-initialised model of a real shape on the GPU (throughput and memory do not depend on the
 weights' values, and no weights can be downloaded there), saves it, loads it through the runner's normal
@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import torch
 
-from runner.api.parse import parse_job
+from runner.api.parse import manifest, parse_job
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -41,6 +41,7 @@ SHAPES: dict[str, dict] = {
     "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                         num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: bench/ is not part of the installed package
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
@@ -74,7 +75,7 @@ def build_model(shape: str, out_dir: Path, prequantize: str = "no") -> Path:
     if prequantize == "yes" or (prequantize == "auto" and bf16_bytes(shape) > 64 * 2**30):
         from transformers import BitsAndBytesConfig
 
-        from runner import prequantize as pq
+        from bench import prequantize as pq
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
@@ -168,6 +169,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
 
     from runner import model as model_phase
     from runner import parallel
+    from runner.plan import make_plan
     from runner.train import make_trainer
 
     job = parse_job(job_for(name, model_dir, shape))
@@ -175,8 +177,9 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    plan = make_plan(spec, model_dir)
     t_load = time.perf_counter()
-    model, strategy = parallel.load_base(spec, model_dir)
+    model = parallel.load_base(spec, model_dir, plan)
     load_s = time.perf_counter() - t_load
     tok = model_phase.load_tokenizer(model_dir, spec.model)
     if name == "seeds":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
@@ -187,14 +190,13 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
 
     n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3)) * distributed.world_size()
     data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
-    packing = spec.dataset.packing and model_phase.can_pack(model, strategy)
+    plan = plan.with_packing(model)
     timer = StepTimer(warmup)
     overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 1 if log_every_step else 10**6,
                  "shuffle_dataset": False}
     if name == "seeds":
         overrides["pad_to_multiple_of"] = 512  # the seeds pad every row to 512
-    trainer = make_trainer(spec, model, tok, data, work / name, packing=packing, callbacks=[timer.callback],
-                           strategy=strategy, **overrides)
+    trainer = make_trainer(spec, model, tok, data, work / name, plan, callbacks=[timer.callback], **overrides)
     trainer.train()
     peaks = _per_rank(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)
     measured = timer.steps - timer.warmup
@@ -205,8 +207,8 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     result = {
         "config": spec.model_dump(by_alias=True, include={"dataset", "lora", "training", "model"},
                                   exclude_none=True),
-        "packing": packing,
-        "strategy": strategy,
+        "packing": plan.packing,
+        "strategy": plan.strategy,
         "attention": model.config._attn_implementation,
         "gradientCheckpointing": bool(trainer.args.gradient_checkpointing),
         "fusedKernels": bool(trainer.args.use_liger_kernel),
@@ -262,7 +264,6 @@ def time_merge(model_dir: Path, adapter: Path, work: Path, shape: str) -> dict:
 # The fast path (varlen attention, fused kernels) against the reference path (SDPA with a block-diagonal
 # mask, PyTorch ops), same data, seed and packing: bf16 kernels reorder sums, so losses agree to ~1e-2.
 LOSS_TOLERANCE = 0.02
-REFERENCE = '{"model": {"attnImplementation": "sdpa"}, "training": {"fusedKernels": false}}'
 
 
 def loss_check(configs: dict, names: list[str]) -> dict:
@@ -308,12 +309,11 @@ def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30
             words = [str(rng.randrange(1000)) for _ in range(n)]
             cut = int(n * 0.3)
             f.write(json.dumps({"prompt": " ".join(words[:cut]), "completion": " " + " ".join(words[cut:])}) + "\n")
-    job = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": f"bench-{shape}"},
-           "spec": {"model": {"source": str(model_dir)}, "dataset": {"source": str(directory / "data.jsonl")},
-                    "lora": {"r": 32, "alpha": 64}, "training": {"maxSteps": steps, "saveSteps": steps,
-                                                                 "loggingSteps": 5},
-                    "output": {"destination": str(directory / "output")},
-                    "evalPrompts": ["1 2 3 4"], "evalMaxNewTokens": 8}}
+    job = manifest(f"bench-{shape}", {
+        "model": {"source": str(model_dir)}, "dataset": {"source": str(directory / "data.jsonl")},
+        "lora": {"r": 32, "alpha": 64}, "training": {"maxSteps": steps, "saveSteps": steps, "loggingSteps": 5},
+        "output": {"destination": str(directory / "output")},
+        "evalPrompts": ["1 2 3 4"], "evalMaxNewTokens": 8})
     path = directory / "job.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
     return path
@@ -354,10 +354,9 @@ def main(args) -> int:
         "buildSeconds": round(time.perf_counter() - t, 1),
         "configs": {},
     }
+    configs = args.configs.split(";") if ";" in args.configs else args.configs.split(",")
     adapter = None
-    names = args.configs.split(";") if ";" in args.configs else args.configs.split(",")
-    adapter = None
-    for name in names:
+    for name in configs:
         # Each configuration runs in its own process: nothing of one (paged optimizer pages, allocator
         # caches, a model kept alive by a library) can change the next one's speed or memory.
         print(f"[bench] {name} ...", flush=True)
@@ -365,10 +364,10 @@ def main(args) -> int:
         out_file.unlink(missing_ok=True)
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}"]
         cmd = [sys.executable, *(launcher if args.nproc > 1 else []),
-               "-m", "runner", "bench", "--shape", args.shape, "--model-dir", str(model_dir),
+               "-m", "bench", "--shape", args.shape, "--model-dir", str(model_dir),
                "--work-dir", str(work), "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--single", name, "--single-out", str(out_file), *(["--loss-check"] if args.loss_check else [])]
-        env = dict(os.environ)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         if args.nproc == 1:  # one process, one GPU (see distributed.pin_one_gpu)
             env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
         proc = subprocess.run(cmd, env=env)
@@ -383,7 +382,7 @@ def main(args) -> int:
                                                          "peakAllocatedGiB", "peakReservedGiB", "error")}}),
               flush=True)
     if args.loss_check:
-        result["lossCheck"] = loss_check(result["configs"], names)
+        result["lossCheck"] = loss_check(result["configs"], configs)
         print(json.dumps({"lossCheck": result["lossCheck"]}), flush=True)
     if args.merge and adapter is not None:
         result["merge"] = time_merge(model_dir, adapter, work, args.shape)

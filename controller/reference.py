@@ -1,16 +1,14 @@
-"""The spec reference in the README, rendered from the pydantic model (runner/spec.py), so it cannot drift.
-
-    python -m tests.deploy.tools   # after changing runner/spec.py: CRD, chart, install.yaml, README
+"""The spec reference in the README, rendered from the contract's models (runner/api/spec.py), so it cannot drift.
 
 `markdown()` renders every field of `FineTuneJobSpec`, nested sections included, with its type, default,
-allowed values or bounds, and description. `write_readme()` puts it into README.md between the markers
-`<!-- spec-reference:start -->` and `<!-- spec-reference:end -->`; tests/deploy checks they agree.
+allowed values or bounds, and description. `with_reference()` puts it into README.md's text between the markers
+`<!-- spec-reference:start -->` and `<!-- spec-reference:end -->`; `python -m controller generate` (generate.py)
+writes it, and tests/deploy checks the committed README is current.
 """
 from __future__ import annotations
 
 import json
 import typing
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -20,8 +18,7 @@ from runner.api.spec import ClusterFields, FineTuneJobSpec
 
 START = "<!-- spec-reference:start -->"
 END = "<!-- spec-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
-COMMAND = "python -m tests.deploy.tools  # regenerates every file made from runner/spec.py"
+COMMAND = "python -m controller generate"
 
 
 def markdown() -> str:
@@ -31,7 +28,7 @@ def markdown() -> str:
     cluster = {f.alias or n for n, f in ClusterFields.model_fields.items()}
     props = schema["properties"]
     lines = [
-        f"<!-- Generated from runner/spec.py by `{COMMAND}`; do not edit by hand. -->",
+        f"<!-- Generated from runner/api/spec.py by `{COMMAND}`; do not edit by hand. -->",
         "",
         "Every field of a FineTuneJob's `spec` (the same file runs under `kubectl apply` and `python -m runner "
         "run`). Field names are camelCase. Unknown fields are rejected by `python -m runner validate`, and by "
@@ -166,15 +163,9 @@ def readme_block(text: str) -> str:
     return body.strip("\n") + "\n"
 
 
-def write_readme(path: str | Path = README) -> bool:
-    """Put `markdown()` between the README's markers; True if the file changed."""
-    p = Path(path)
-    text = p.read_text(encoding="utf-8")
+def with_reference(text: str) -> str:
+    """README text with `markdown()` between its markers (ValueError if they are missing)."""
     readme_block(text)  # the markers must be there
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
-    new = f"{head}{START}\n{markdown()}{END}{tail}"
-    if new != text:
-        p.write_text(new, encoding="utf-8")
-        return True
-    return False
+    return f"{head}{START}\n{markdown()}{END}{tail}"

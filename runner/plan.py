@@ -1,0 +1,294 @@
+"""Every automatic choice of a job, made once, in one place, before training: the Plan.
+
+  strategy        single (one process) | data (every GPU holds the whole 4-bit model and trains on its own
+                  batches) | fsdp (FSDP2-QLoRA: the 4-bit weights are sharded across the GPUs)
+  dtypes          the compute dtype, and what the packed 4-bit weights are stored as (the compute dtype under
+                  FSDP, which shards and casts only floating-point tensors)
+  checkpointing   gradient checkpointing: on only when one micro-batch's activations would not fit
+  fused kernels   Liger's fused RMSNorm/RoPE/SwiGLU, on a GPU where liger-kernel is installed
+  attention       flash-attention 2, PyTorch's varlen flash kernel (packed rows), or SDPA
+  packing         only where packed examples cannot attend to each other
+
+A setting in the spec always wins over the automatic choice. One memory rule, `usable_bytes`, decides both
+the strategy and checkpointing. `check_spec` refuses the settings that cannot work on this machine; it runs
+in the Validating phase, before anything is downloaded. `make_plan` needs the model's config (after the
+download); packing, outside FSDP, is settled by a probe of the loaded model (`Plan.with_packing`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from runner import attention as attention_kernels, distributed, model as model_phase
+from runner.api.errors import INVALID_SPEC, PermanentError
+from runner.api.spec import FineTuneJobSpec
+
+GiB = 2**30
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+# ------------------------------------------------------------------------------------------ memory
+# The one memory rule: a job may plan to use 90% of a GPU (the allocator's fragmentation takes the rest),
+# or what is free on it if that is less, minus what the plan does not count: the CUDA context, the LoRA
+# tensors and their optimizer state.
+USABLE_FRACTION = 0.9
+RESERVED = 3 * GiB
+
+# Bytes per parameter of a 4-bit layer: 0.5 for the weight, plus NF4 block constants (double quantized:
+# one byte per 64 weights, fp32 per 256 blocks).
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+# Activation bytes per token, per layer, per hidden unit of one micro-batch without checkpointing (bf16,
+# trl's chunked LM head), keyed by fused kernels on/off. Measured on an H100 for the Llama-3-8B shape at
+# 4x2048 (bench/results/h100-llama-3-8b.json): ~35 with fused kernels, ~46 without; the values used here
+# add ~15% margin.
+ACT_BYTES = {True: 40, False: 52}
+
+# Attention kernels that take sequence boundaries from restarting position ids (cu_seqlens): packed
+# examples cannot attend to each other, whatever the architecture.
+ISOLATING_ATTENTION = ("varlen", "flash_attention_2")
+
+
+def usable_bytes(total: int, free: int | None = None) -> int:
+    """What a job may plan to use on one GPU of `total` bytes (`free` of them free before loading)."""
+    budget = USABLE_FRACTION * total if free is None else min(USABLE_FRACTION * total, free)
+    return int(budget) - RESERVED
+
+
+def _weight_bytes(skeleton) -> int:
+    total = 0.0
+    for name, module in skeleton.named_modules():
+        for p in module.parameters(recurse=False):
+            quantized = model_phase.is_quantized_linear(name, module) and p.ndim == 2
+            total += p.numel() * (NF4_BYTES if quantized else 2)
+    return int(total)
+
+
+def quantized_bytes(model_dir: Path, spec: FineTuneJobSpec) -> int:
+    """The 4-bit model's size in memory, from its config alone (meta device: no weights read)."""
+    return _weight_bytes(model_phase.skeleton(model_dir, spec.model))
+
+
+# ----------------------------------------------------------------------------------------- machine
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the choices depend on besides the spec. `Machine.here()` measures this process's machine;
+    tests describe one (a GPU of a given size) without having it."""
+
+    processes: int = 1
+    gpu_total: int | None = None  # bytes of one GPU; None: no GPU
+    gpu_free: int | None = None  # bytes free on it before the model is loaded
+    bf16: bool = False  # the GPU computes in bfloat16
+    liger: bool = False  # liger-kernel is installed
+    flash_attn: bool = False  # flash-attn is installed
+    varlen: bool = False  # PyTorch's varlen flash-attention kernel is available
+
+    @property
+    def gpu(self) -> bool:
+        return self.gpu_total is not None
+
+    @classmethod
+    def here(cls) -> Machine:
+        processes, liger = distributed.world_size(), _importable("liger_kernel")
+        if not torch.cuda.is_available():
+            return cls(processes=processes, liger=liger)
+        free, total = torch.cuda.mem_get_info(model_phase.device())
+        return cls(processes=processes, gpu_total=total, gpu_free=free, bf16=torch.cuda.is_bf16_supported(),
+                   liger=liger, flash_attn=_importable("flash_attn"), varlen=attention_kernels.available())
+
+
+# ----------------------------------------------------------------------------------- single choices
+def compute_dtype(spec: FineTuneJobSpec, machine: Machine) -> torch.dtype:
+    """`auto`: bf16 where the GPU supports it, else fp16 (seed 004's check); fp32 on CPU, where 16-bit
+    matmuls are emulated and several times slower."""
+    chosen = spec.quantization.compute_dtype
+    if chosen != "auto":
+        return DTYPES[chosen]
+    if machine.gpu:
+        return torch.bfloat16 if machine.bf16 else torch.float16
+    return torch.float32
+
+
+def storage_dtype(spec: FineTuneJobSpec, strategy: str, compute: torch.dtype) -> torch.dtype:
+    """What the packed 4-bit weights are stored as: the spec's choice (`auto`: uint8), or the compute
+    dtype under FSDP."""
+    chosen = spec.quantization.storage_dtype
+    if strategy != "fsdp":
+        return torch.uint8 if chosen == "auto" else DTYPES[chosen]
+    if chosen != "auto" and DTYPES[chosen] != compute:
+        name = _name(compute)
+        raise PermanentError(
+            f"quantization.storageDtype: FSDP needs the 4-bit weights stored as the compute dtype ({name}), "
+            f"not {chosen}; set it to {name} or auto", reason=INVALID_SPEC)
+    return compute
+
+
+def fused_kernels(spec: FineTuneJobSpec, strategy: str, machine: Machine) -> bool:
+    """On by default on a GPU where liger-kernel is installed (the runner image has it). Measured on an H100
+    at 4x2048, Llama-3-8B shape, each in its own process: 12,394 real tokens/s and 43 GB with them, 10,250
+    and 55 GB without (bench/results/h100-llama-3-8b.json). Off by default under FSDP: the fused loss reads
+    the LM head's weight outside the head's forward, where FSDP holds only a shard of it."""
+    wanted = spec.training.fused_kernels
+    if wanted is False or (wanted is None and strategy == "fsdp"):
+        return False
+    return machine.liger and machine.gpu
+
+
+def attention(spec: FineTuneJobSpec, machine: Machine) -> str:
+    """`auto`: flash-attention 2 where installed, else PyTorch's varlen kernel, on a GPU; SDPA elsewhere
+    (with position ids that restart per example transformers builds a block-diagonal mask)."""
+    chosen = spec.model.attn_implementation
+    if chosen != "auto":
+        return chosen
+    if machine.gpu:
+        if machine.flash_attn:
+            return "flash_attention_2"
+        if machine.varlen:
+            return attention_kernels.NAME
+    return "sdpa"
+
+
+def strategy(spec: FineTuneJobSpec, machine: Machine, weights: int, checkpointed: int, usable: int | None) -> str:
+    """`auto` takes data parallel when the 4-bit weights plus a checkpointed micro-batch fit one GPU (it is
+    faster: no all-gathers), FSDP when they do not."""
+    if machine.processes <= 1:
+        return "single"
+    wanted = spec.training.strategy
+    if wanted != "auto":
+        return wanted
+    if usable is None:
+        return "data"  # CPU ranks
+    return "data" if weights + checkpointed <= usable else "fsdp"
+
+
+def check_spec(spec: FineTuneJobSpec, machine: Machine) -> None:
+    """The spec's settings that cannot work on this machine, refused before anything is downloaded."""
+    t = spec.training
+    if t.fused_kernels and not machine.liger:
+        raise PermanentError("training.fusedKernels: liger-kernel is not installed in this image; "
+                             "install it (pip install 'qlora-operator[gpu]') or unset the field",
+                             reason=INVALID_SPEC)
+    if machine.processes > 1 and t.strategy == "fsdp":
+        if not machine.gpu:
+            raise PermanentError("training.strategy: fsdp shards the model across GPUs and needs them; on CPU "
+                                 "use data (or auto)", reason=INVALID_SPEC)
+        storage_dtype(spec, "fsdp", compute_dtype(spec, machine))
+
+
+# -------------------------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class Plan:
+    strategy: str  # single | data | fsdp
+    processes: int
+    compute_dtype: torch.dtype
+    storage_dtype: torch.dtype  # of the packed 4-bit weights
+    gradient_checkpointing: bool
+    fused_kernels: bool
+    attention: str  # transformers' attn_implementation
+    packing: bool | None  # None: to be probed on the loaded model (with_packing)
+    micro_batch: int  # rows per device per step
+    micro_batch_tokens: int
+    # The memory figures the plan was based on, in bytes (GPU figures None without a GPU).
+    weight_bytes: int  # the 4-bit model
+    gpu_weight_bytes: int  # what of it one GPU holds (under FSDP: a shard plus two gathered layers)
+    activation_bytes: int  # one micro-batch without checkpointing
+    checkpointed_bytes: int  # one micro-batch with checkpointing
+    gpu_total_bytes: int | None
+    gpu_usable_bytes: int | None
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp"
+
+    def with_packing(self, model) -> Plan:
+        """The plan completed on the loaded model: packing only if a probe shows packed examples stay apart
+        (transformers masks them apart for most architectures, not all: OPT ignores restarting positions)."""
+        if self.packing is not None:
+            return self
+        return dataclasses.replace(self, packing=model_phase.packing_is_isolated(model))
+
+    def to_dict(self) -> dict:
+        """JSON-ready, camelCase (as in metrics.json); dtypes as names."""
+        return {_camel(k): _name(v) if isinstance(v, torch.dtype) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        kw = {f.name: d[_camel(f.name)] for f in dataclasses.fields(cls)}
+        kw["compute_dtype"], kw["storage_dtype"] = DTYPES[kw["compute_dtype"]], DTYPES[kw["storage_dtype"]]
+        return cls(**kw)
+
+    def line(self) -> str:
+        """The plan as one log line."""
+        gib = lambda n: f"{n / GiB:.1f}"  # noqa: E731
+        if self.gpu_total_bytes is None:
+            gpu = "no GPU"
+        else:
+            gpu = f"usable {gib(self.gpu_usable_bytes)} of {gib(self.gpu_total_bytes)} per GPU"
+        packing = "probe" if self.packing is None else self.packing
+        return (f"plan: strategy={self.strategy} processes={self.processes} compute={_name(self.compute_dtype)} "
+                f"storage={_name(self.storage_dtype)} gradient_checkpointing={self.gradient_checkpointing} "
+                f"fused_kernels={self.fused_kernels} attention={self.attention} packing={packing} "
+                f"micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} | memory GiB: "
+                f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
+                f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}")
+
+
+def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = None) -> Plan:
+    """Every choice for this job on this machine, from the spec and the model's config (no weights read)."""
+    machine = machine or Machine.here()
+    check_spec(spec, machine)
+    t = spec.training
+    skeleton = model_phase.skeleton(model_dir, spec.model)
+    cfg = skeleton.config.get_text_config()
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    tokens = t.batch_size * spec.dataset.max_length
+    weights = _weight_bytes(skeleton)
+    # With checkpointing each layer's input is kept (bf16) and one layer's activations are live at a time.
+    checkpointed = tokens * hidden * (2 * layers + ACT_BYTES[False])
+    usable = usable_bytes(machine.gpu_total, machine.gpu_free) if machine.gpu else None
+
+    chosen = strategy(spec, machine, weights, checkpointed, usable)
+    compute = compute_dtype(spec, machine)
+    fused = fused_kernels(spec, chosen, machine)
+    activations = tokens * layers * hidden * ACT_BYTES[fused]
+    on_gpu = weights
+    if chosen == "fsdp":
+        on_gpu = weights // machine.processes + 2 * weights // layers
+    if t.gradient_checkpointing is not None:
+        checkpointing = t.gradient_checkpointing
+    else:  # CPU runs are small: recomputation only costs time there
+        checkpointing = usable is not None and on_gpu + activations > usable
+    attn = attention(spec, machine)
+    if not spec.dataset.packing:
+        packing = False
+    elif chosen == "fsdp":  # the base sits unsharded in CPU memory, where a probe would be slow
+        packing = attn in ISOLATING_ATTENTION
+    else:
+        packing = None
+    return Plan(
+        strategy=chosen, processes=machine.processes, compute_dtype=compute,
+        storage_dtype=storage_dtype(spec, chosen, compute), gradient_checkpointing=checkpointing,
+        fused_kernels=fused, attention=attn, packing=packing, micro_batch=t.batch_size,
+        micro_batch_tokens=tokens, weight_bytes=weights, gpu_weight_bytes=on_gpu, activation_bytes=activations,
+        checkpointed_bytes=checkpointed, gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable,
+    )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest)
