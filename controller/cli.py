@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
                    "images, ServiceAccounts, env sources, tolerations, node labels and priority classes a "
                    "FineTuneJob may use; default: the secure defaults of controller/policy.py")
     r.add_argument("--policy-file", default=None, metavar="PATH", help="read the admin policy from a file instead")
+    r.add_argument("--webhook-cert", default=None, metavar="PEM",
+                   help="serve the validating admission webhook over TLS with this certificate (and --webhook-key)")
+    r.add_argument("--webhook-key", default=None, metavar="PEM", help="the webhook certificate's private key")
+    r.add_argument("--webhook-port", type=int, default=8443, help="port of the webhook (default %(default)s)")
+    r.add_argument("--webhook-host", default="0.0.0.0", help="address the webhook listens on (default %(default)s)")
     r.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
@@ -67,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's login too
-    from controller.operator import Config, run
+    from controller.operator import Config, Webhook, run
     from controller.status import Options
 
     if args.all_namespaces and args.namespace:
@@ -80,8 +85,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PolicyError, OSError) as e:
         p.error(str(e))
     logging.getLogger("controller").info("admin policy: %s", policy.describe())
+    if bool(args.webhook_cert) != bool(args.webhook_key):
+        p.error("--webhook-cert and --webhook-key go together")
+    hook = (Webhook(cert=args.webhook_cert, key=args.webhook_key, port=args.webhook_port, host=args.webhook_host)
+            if args.webhook_cert else None)
     run(Config(image=args.image, workers=args.workers, http_port=args.http_port, kubeconfig=args.kubeconfig,
                options=Options(retry_backoff=args.retry_backoff, image_pull_timeout=args.image_pull_timeout,
-                               policy=policy)),
+                               policy=policy), webhook=hook),
         namespaces=args.namespace)
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from controller import limits, metrics, naming
+from controller import limits, metrics, naming, webhook
 from controller.kube import Kube, load_configuration
 from controller.reconciler import Reconciler, Snapshot
 from controller.status import Options
@@ -30,12 +30,22 @@ SELECTOR = naming.LABEL_JOB_UID  # children are watched with this label only (se
 
 
 @dataclass
+class Webhook:
+    """The validating admission webhook's server (controller/webhook.py)."""
+    cert: str
+    key: str
+    port: int = 8443
+    host: str = "0.0.0.0"
+
+
+@dataclass
 class Config:
     image: str
     workers: int = 8
     http_port: int = 8080
     kubeconfig: str | None = None
     options: Options = field(default_factory=Options)
+    webhook: Webhook | None = None
 
 
 class _State:
@@ -189,6 +199,9 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs):
     if cfg.http_port:
         STATE.http = await metrics.serve(cfg.http_port, ready=lambda: STATE.ready,
                                          healthy=lambda: all(not t.done() for t in STATE.workers))
+    if cfg.webhook:
+        STATE.webhook = await webhook.serve(cfg.webhook.port, cfg.webhook.cert, cfg.webhook.key, cfg.options.policy,
+                                            webhook.sar_check(kube), STATE.pool, host=cfg.webhook.host)
     STATE.ready = True
     log.info("controller started: %d workers, runner image %s", cfg.workers, cfg.image)
 
@@ -197,8 +210,9 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs):
 async def _cleanup(**_):
     for t in getattr(STATE, "workers", []):
         t.cancel()
-    if getattr(STATE, "http", None):
-        await STATE.http.cleanup()
+    for server in (getattr(STATE, "http", None), getattr(STATE, "webhook", None)):
+        if server is not None:
+            await server.cleanup()
     if getattr(STATE, "pool", None):
         STATE.pool.shutdown(wait=False, cancel_futures=True)
 

@@ -140,10 +140,11 @@ class Policy(BaseModel):
             if extra:
                 out.append(f"{where} ({name}): unknown keys {extra}; give name and value")
             if name in reserved or name.startswith(RESERVED_ENV_PREFIXES):
-                out.append(f"{where}: {name} is reserved (set by the controller, or from a Secret reference: "
-                           f"policy reserves {', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, "
-                           f"{', '.join(sorted(reserved))}); use another name, or hfTokenSecretRef/s3SecretRef "
-                           "for credentials")
+                out.append(f"{where}: {name} is reserved (set by the controller, or from a Secret reference) and "
+                           "refused by the operator's policy (reserved: "
+                           f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, {', '.join(sorted(reserved))}, "
+                           "plus policy.reservedEnv); use another name, or hfTokenSecretRef/s3SecretRef for "
+                           "credentials")
             if "valueFrom" in item:
                 source = item["valueFrom"]
                 kinds = sorted(source) if isinstance(source, dict) else []
@@ -162,8 +163,8 @@ class Policy(BaseModel):
             key = t.get("key") if isinstance(t, dict) else None
             if not key:
                 if ANY not in self.toleration_keys:
-                    out.append(f"spec.tolerations[{i}]: a toleration without a key tolerates every taint, and "
-                               "the operator's policy (policy.tolerationKeys) does not allow it")
+                    out.append(f"spec.tolerations[{i}]: a toleration without a key tolerates every taint: refused "
+                               "by the operator's policy (policy.tolerationKeys allows it only with `*`)")
             elif not _allowed(key, self.toleration_keys):
                 out.append(_refused(f"spec.tolerations[{i}].key", key, "tolerationKeys", self.toleration_keys))
         return out

@@ -30,6 +30,20 @@ RULES = [
 ]
 
 
+# With the admission webhook (controller/webhook.py): whether the requesting user may get each Secret a
+# FineTuneJob references. Cluster-scoped, and only needed when the webhook is served.
+WEBHOOK_RULES = [
+    {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]},
+]
+WEBHOOK_CLUSTER_ROLE = f"{CLUSTER_ROLE}-webhook"
+
+
+def webhook_cluster_role() -> dict:
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": WEBHOOK_CLUSTER_ROLE, "labels": {"app.kubernetes.io/name": "finetune-controller"}},
+            "rules": WEBHOOK_RULES}
+
+
 def cluster_role() -> dict:
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": CLUSTER_ROLE, "labels": {"app.kubernetes.io/name": "finetune-controller"}},

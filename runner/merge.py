@@ -21,7 +21,8 @@ import torch
 
 from runner.api.errors import PermanentError, MERGE_FAILED
 from runner.api.spec import FineTuneJobSpec
-from runner.merge_shards import FP16_MAX, BaseFiles, Requantize, merge_files, merged_bytes
+from runner.merge_shards import FP16_MAX, Requantize, merge_files, merged_bytes
+from runner.shard_files import BaseFiles
 from runner.model import device, is_quantized_linear, skeleton
 from runner.plan import Machine, compute_dtype
 

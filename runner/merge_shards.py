@@ -1,15 +1,15 @@
 """Merge a LoRA adapter into its base one safetensors shard at a time, straight from the files on disk.
 
 Each base shard is memory-mapped (safetensors.safe_open) and read a tensor at a time; every weight with LoRA
-tensors gets W + scale * B @ A computed in fp32 on the GPU when there is one (else on the CPU), is cast to the
-merge dtype, and the merged shard is written (temp file, then rename) under the base shard's own name with
-the same keys, before the next shard is read. Peak memory is about one shard plus the adapter, whatever the
-model's size. The index (when the base is sharded), config.json (dtype updated, quantization_config
-removed), generation_config.json and the tokenizer files are written beside it; config.json last.
+tensors gets W + scale * B @ A computed in fp32 on the GPU when there is one (else on the CPU), cast to the
+merge dtype, and streamed into the merged shard of the same name and keys (runner.shard_files: header first,
+then tensor by tensor; a temp file renamed when complete). Peak memory is a few tensors plus the adapter
+(at most one shard plus the adapter), whatever the model's size. The index (when the base is sharded),
+config.json (dtype updated, quantization_config removed), generation_config.json and the tokenizer files are
+written beside the shards, config.json last.
 
-A pre-quantized base (bitsandbytes 4-bit: `<name>.weight` packed, plus `.absmax`, `.quant_map`, `.nested_*`
-and `.quant_state.bitsandbytes__nf4|fp4` beside it) is dequantized from its stored quantization state layer by
-layer; the outputs hold no quantization state. With `requantize`, each linear weight of a 16-bit base is first
+A pre-quantized base (bitsandbytes 4-bit) is dequantized layer by layer from its stored quantization state;
+the outputs hold no quantization state. With `requantize`, each linear weight of a 16-bit base is first
 rounded to NF4/FP4 and back, as 4-bit training saw it (merge.base: dequantized).
 
 Checks made on the way, without the whole model: every merged tensor is finite and within float16's range
@@ -18,10 +18,7 @@ computes: merged W @ x against W @ x + scale * B (A x).
 """
 from __future__ import annotations
 
-import contextlib
-import fnmatch
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,84 +26,11 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from runner.api.errors import MERGE_FAILED, PermanentError
+from runner.shard_files import FLOAT_DTYPES, BaseFiles, Reader, ShardWriter, fail, write_metadata
 
 FP16_MAX = 65504.0
 PEFT_PREFIX = "base_model.model."
-QUANT_STATE = ".quant_state.bitsandbytes__"
-QUANT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
-               "quant_state.bitsandbytes__fp4")
-COPIED = ("generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
-          "merges.txt", "*.model", "chat_template*", "*.py")
-INDEX = "model.safetensors.index.json"
-
-
-def _fail(message: str) -> PermanentError:
-    return PermanentError(f"merge: {message}; set merge.enabled: false to publish the adapter alone",
-                          reason=MERGE_FAILED)
-
-
-# ------------------------------------------------------------------------------------------ base files
-class BaseFiles:
-    """The base checkpoint's layout: which file holds each tensor, in shard order, and the 4-bit weights
-    with their quantization-state companions (which may lie in other shards)."""
-
-    def __init__(self, base_dir: Path):
-        self.dir = Path(base_dir)
-        index = self.dir / INDEX
-        if index.is_file():
-            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            self.sharded = True
-        elif (self.dir / "model.safetensors").is_file():
-            with safe_open(str(self.dir / "model.safetensors"), "pt") as f:
-                self.weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-            self.sharded = False
-        else:
-            raise _fail(f"no safetensors weights in {self.dir} (model.safetensors or {INDEX})")
-        self.shards = list(dict.fromkeys(sorted(self.weight_map.values())))
-        self.quantized: dict[str, list[str]] = {}  # packed weight key -> its quantization-state keys
-        for key in self.weight_map:
-            if QUANT_STATE in key:
-                self.quantized[key.split(QUANT_STATE)[0]] = []
-        for key in self.weight_map:
-            for part in QUANT_PARTS:
-                owner = key[: -len(part) - 1] if key.endswith("." + part) else None
-                if owner in self.quantized:
-                    self.quantized[owner].append(key)
-                    break
-        self.companions = {k for parts in self.quantized.values() for k in parts}
-
-    def keys_of(self, shard: str) -> list[str]:
-        """The output keys of one shard: its tensors without the quantization states."""
-        return [k for k, s in self.weight_map.items() if s == shard and k not in self.companions]
-
-    def merged_bytes(self, dtype: torch.dtype) -> int:
-        """Bytes of the merged model in `dtype`, from the headers alone (4-bit weights hold 2 per byte)."""
-        size = torch.empty((), dtype=dtype).element_size()
-        total = 0
-        for shard in self.shards:
-            with safe_open(str(self.dir / shard), "pt") as f:
-                for key in f.keys():
-                    if key in self.companions:
-                        continue
-                    sl = f.get_slice(key)
-                    numel = 1
-                    for d in sl.get_shape():
-                        numel *= d
-                    width = _DTYPE_BYTES.get(sl.get_dtype(), 4)
-                    if key in self.quantized:
-                        total += 2 * numel * width * size
-                    elif sl.get_dtype() in _FLOATS:
-                        total += numel * size
-                    else:
-                        total += numel * width
-        return total
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
 # ---------------------------------------------------------------------------------------------- adapter
@@ -134,10 +58,10 @@ class Adapter:
         adapter_dir = Path(adapter_dir)
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
         if cfg.get("peft_type", "LORA") != "LORA":
-            raise _fail(f"the adapter is {cfg.get('peft_type')}, not LoRA")
+            raise fail(f"the adapter is {cfg.get('peft_type')}, not LoRA")
         for flag in ("use_dora", "lora_bias", "target_parameters", "trainable_token_indices", "layer_replication"):
             if cfg.get(flag):
-                raise _fail(f"adapters with {flag} are not merged shard by shard")
+                raise fail(f"adapters with {flag} are not merged shard by shard")
         self.config = cfg
         self.loras: dict[str, Lora] = {}
         self.overrides: dict[str, torch.Tensor] = {}
@@ -149,7 +73,7 @@ class Adapter:
                 if m:
                     pairs.setdefault(m.group(1), {})[m.group(2)] = f.get_tensor(key)
                 elif ".lora_" in name:
-                    raise _fail(f"adapter tensor {key} is not plain LoRA")
+                    raise fail(f"adapter tensor {key} is not plain LoRA")
                 else:
                     name = name.replace(".modules_to_save", "").replace(".original_module", "")
                     self.overrides[self._resolve(name, base_keys, key)] = f.get_tensor(key)
@@ -157,7 +81,7 @@ class Adapter:
             emb = "lora_embedding_A" in t
             a, b = (t.get("lora_embedding_A"), t.get("lora_embedding_B")) if emb else (t.get("lora_A"), t.get("lora_B"))
             if a is None or b is None:
-                raise _fail(f"adapter module {module} lacks its lora_A or lora_B tensor")
+                raise fail(f"adapter module {module} lacks its lora_A or lora_B tensor")
             r = a.shape[0]
             alpha = self._alpha(module)
             scale = alpha / (r ** 0.5) if cfg.get("use_rslora") else alpha / r
@@ -180,7 +104,7 @@ class Adapter:
         head, _, rest = name.partition(".")
         if rest in base_keys:
             return rest
-        raise _fail(f"adapter tensor {adapter_key} has no base weight {name} in the checkpoint")
+        raise fail(f"adapter tensor {adapter_key} has no base weight {name} in the checkpoint")
 
     def nbytes(self) -> int:
         ts = [*self.overrides.values(), *(t for lo in self.loras.values() for t in (lo.a, lo.b))]
@@ -228,18 +152,6 @@ def _requantize(w: torch.Tensor, rq: Requantize) -> torch.Tensor:
     return F.dequantize_4bit(packed, state).to(torch.float32)
 
 
-def _write(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def merge_files(
     base_dir: Path,
@@ -269,52 +181,46 @@ def merge_files(
     name = str(dtype).removeprefix("torch.")
     out_map: dict[str, str] = {}
     for shard in files.shards:
-        merged: dict[str, torch.Tensor] = {}
-        with safe_open(str(base_dir / shard), "pt") as f, contextlib.ExitStack() as others:
-            opened = {shard: f}
-
-            def read(key: str) -> torch.Tensor:
-                src = files.weight_map[key]
-                if src not in opened:
-                    opened[src] = others.enter_context(safe_open(str(base_dir / src), "pt"))
-                return opened[src].get_tensor(key)
-
-            for key in files.keys_of(shard):
-                t = adapter.overrides[key] if key in adapter.overrides else read(key)
-                if key in files.quantized:
-                    parts = {k[len(key) + 1:]: read(k) for k in files.quantized[key]}
-                    w = _dequantize(t, parts, dev)
-                elif not t.dtype.is_floating_point:
-                    merged[key] = t
-                    continue
-                else:
-                    w = t.to(dev, torch.float32, copy=True)
-                    if requantize is not None and key in requantize.keys:
-                        w = _requantize(w, requantize)
-                del t
-                lora = adapter.loras.get(key)
-                out = _merge_one(key, w, lora, dtype, dev, gen, probes, stats, keep_base)
-                m = float(out.abs().max()) if out.numel() else 0.0
-                if not torch.isfinite(out).all() or (dtype == torch.float16 and m >= FP16_MAX):
-                    raise _fail(f"merged weight {key} overflows {name} (|W| up to {m:.0f}); try merge.dtype: "
-                                "bfloat16")
-                stats.max_abs_weight = max(stats.max_abs_weight, m)
-                if tolerance is not None and stats.layer_relative_error > tolerance:
-                    raise _fail(f"merged layer {stats.worst_layer} disagrees with base+adapter on probe inputs "
-                                f"(relative error {stats.layer_relative_error:.2e} > {tolerance:.0e}); try "
-                                "merge.dtype: bfloat16")
-                merged[key] = out.to("cpu") if out.device.type != "cpu" else out
-                del w, out
-        _write(merged, out_dir / shard)
-        out_map.update(dict.fromkeys(merged, shard))
-        stats.bytes_written += sum(t.numel() * t.element_size() for t in merged.values())
-        stats.tensors += len(merged)
+        with Reader(files) as r:
+            layout = files.layout(shard, dtype, r.read, r.header)
+            with ShardWriter(out_dir / shard, layout) as writer:
+                for key, st, _ in layout:
+                    out = _merged_tensor(key, st, r, files, adapter, requantize, dtype, dev, gen, probes, stats,
+                                         keep_base, tolerance)
+                    writer.write(key, out.to("cpu"))
+                    del out
+        out_map.update((key, shard) for key, _, _ in layout)
+        stats.bytes_written += writer.size
+        stats.tensors += len(layout)
         stats.shards += 1
-        del merged
         if on_shard is not None:
             on_shard(out_dir / shard)
-    _write_metadata(files, out_dir, out_map, stats.bytes_written, name)
+    write_metadata(files, out_dir, out_map, stats.bytes_written, name)
     return stats
+
+
+def _merged_tensor(key, st, r, files, adapter, requantize, dtype, dev, gen, probes, stats, keep_base, tolerance):
+    """One output tensor: the base's (dequantized, or rounded to 4 bits and back) with the adapter merged."""
+    t = adapter.overrides[key] if key in adapter.overrides else r.read(key)
+    if key in files.quantized:
+        w = _dequantize(t, {k[len(key) + 1:]: r.read(k) for k in files.quantized[key]}, dev)
+    elif t.dtype not in FLOAT_DTYPES:
+        return t  # integer buffers (and 8-bit floats), as stored
+    else:  # to the device as stored, widened there (a CPU-side conversion would be slower)
+        w = t.to(dev).to(torch.float32, copy=dev.type == "cpu")
+        if requantize is not None and key in requantize.keys:
+            w = _requantize(w, requantize)
+    del t
+    out = _merge_one(key, w, adapter.loras.get(key), dtype, dev, gen, probes, stats, keep_base)
+    name = str(dtype).removeprefix("torch.")
+    m = float(out.abs().max()) if out.numel() else 0.0
+    if not torch.isfinite(out).all() or (dtype == torch.float16 and m >= FP16_MAX):
+        raise fail(f"merged weight {key} overflows {name} (|W| up to {m:.0f}); try merge.dtype: bfloat16")
+    stats.max_abs_weight = max(stats.max_abs_weight, m)
+    if tolerance is not None and stats.layer_relative_error > tolerance:
+        raise fail(f"merged layer {stats.worst_layer} disagrees with base+adapter on probe inputs (relative "
+                    f"error {stats.layer_relative_error:.2e} > {tolerance:.0e}); try merge.dtype: bfloat16")
+    return out
 
 
 def _merge_one(key: str, w: torch.Tensor, lora: Lora | None, dtype: torch.dtype, dev: torch.device,
@@ -341,28 +247,6 @@ def _merge_one(key: str, w: torch.Tensor, lora: Lora | None, dtype: torch.dtype,
         if rel >= stats.layer_relative_error:
             stats.layer_relative_error, stats.worst_layer = rel, key
     return out
-
-
-def _write_metadata(files: BaseFiles, out_dir: Path, out_map: dict[str, str], total: int, dtype: str) -> None:
-    """The index (for a sharded base), the copied tokenizer and generation files, then config.json."""
-    if files.sharded:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(out_map.items()))}
-        _write_text(out_dir / INDEX, json.dumps(index, indent=2))
-    for path in sorted(files.dir.iterdir()):
-        if path.is_file() and path.name != "config.json" and any(fnmatch.fnmatch(path.name, p) for p in COPIED):
-            _copy(path, out_dir / path.name)
-    config = json.loads((files.dir / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["dtype"] = dtype
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype
-    _write_text(out_dir / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
 
 
 def merged_bytes(base_dir: Path, dtype: torch.dtype) -> int:

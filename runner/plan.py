@@ -42,9 +42,10 @@ RESERVED = 3 * GiB
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 # Activation bytes per token, per layer, per hidden unit of one micro-batch without checkpointing (bf16,
-# trl's chunked LM head), keyed by fused kernels on/off. Measured on an H100 for the Llama-3-8B shape at
-# 4x2048 (bench/results/h100-llama-3-8b.json): ~35 with fused kernels, ~46 without; the values used here
-# add ~15% margin.
+# trl's chunked LM head), keyed by fused kernels on/off. Measured on an H100, Llama-3-8B shape, 4x2048
+# tokens (bench/results/h100-llama-3-8b.json): peak allocated 43.4 GiB with fused kernels, 54.6 GiB
+# without; less ~6.3 GiB of 4-bit weights and LoRA state, that is ~37 and ~48 bytes. The values used here
+# add ~8% margin.
 ACT_BYTES = {True: 40, False: 52}
 
 # Attention kernels that take sequence boundaries from restarting position ids (cu_seqlens): packed

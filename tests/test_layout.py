@@ -24,8 +24,9 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def imports_of(name: str, path: Path) -> set[str]:
-    """Every module `name` imports, at module level or inside a function (both make a dependency)."""
+def imports_of(name: str, path: Path, known: frozenset[str] = frozenset()) -> set[str]:
+    """Every module `name` imports, at module level or inside a function (both make a dependency). `known`:
+    the product's modules, to tell `from package import submodule` from `from module import name`."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -36,14 +37,17 @@ def imports_of(name: str, path: Path) -> set[str]:
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}  # `from runner import data` imports runner.data
+            for alias in node.names:  # `from runner import data` imports runner.data; `from x import f`, x
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return found
 
 
 def product_graph() -> dict[str, set[str]]:
     mods = modules()
-    return {name: {m for m in imports_of(name, path) if m in mods and m != name} for name, path in mods.items()}
+    known = frozenset(mods)
+    # A package's own modules may import it back: Python runs the package's __init__ first either way.
+    return {name: {m for m in imports_of(name, path, known) if m in mods and m != name and not name.startswith(m + ".")}
+            for name, path in mods.items()}
 
 
 def test_the_contract_imports_only_pydantic_yaml_and_the_standard_library():

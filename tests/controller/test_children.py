@@ -50,6 +50,21 @@ def test_pod_security_defaults():
     assert ps["serviceAccountName"] == "demo-runner" and ps["restartPolicy"] == "Never"
 
 
+def test_root_filesystem_is_read_only_and_everything_the_runner_writes_is_a_volume():
+    _, j = _job()
+    ps = j["spec"]["template"]["spec"]
+    c = ps["containers"][0]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    vols = {v["name"]: v for v in ps["volumes"]}
+    writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+    assert all("emptyDir" in vols[m["name"]] for m in c["volumeMounts"] if m["mountPath"] in writable)
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    for path in (env["HOME"], env["TMPDIR"], env["FINETUNE_WORK_DIR"], "/tmp", "/dev/shm", c["workingDir"]):
+        assert any(path == w or path.startswith(w + "/") for w in writable), path
+    # the status sink reports with the pod's token: mounted on purpose (its Role allows only this job's status)
+    assert ps["automountServiceAccountToken"] is True
+
+
 def test_credentials_come_from_secret_references_only():
     _, j = _job(hfTokenSecretRef={"name": "hf", "key": "tok"}, s3SecretRef={"name": "aws"},
                 env=[{"name": "EXTRA", "value": "1"}])

@@ -44,10 +44,10 @@ def test_schema_carries_the_models_constraints():
     assert props["resources"]["properties"]["gpus"]["default"] == 1
     assert props["resources"]["properties"]["gpuResourceName"]["default"] == "nvidia.com/gpu"
     assert props["image"] == {"description": "Runner image (default: the operator's).", "type": "string",
-                              "nullable": True}
+                              "nullable": True, "maxLength": 512}
     assert props["hfTokenSecretRef"]["required"] == ["name"] and props["hfTokenSecretRef"]["nullable"] is True
     assert props["training"]["properties"]["optimizer"]["enum"][0] == "adamw_torch_fused"
-    assert props["nodeSelector"]["additionalProperties"] == {"type": "string"}
+    assert props["nodeSelector"]["additionalProperties"] == {"type": "string", "maxLength": 63}
 
 
 def test_free_form_only_where_the_spec_is_free_form():
@@ -64,6 +64,33 @@ def test_free_form_only_where_the_spec_is_free_form():
 
     walk(spec_schema(), "spec")
     assert sorted(preserved) == ["spec.affinity", "spec.env[]", "spec.tolerations[]"]
+
+
+def test_every_string_list_and_map_is_bounded():
+    """What the CRD can say of untrusted input (controller/limits.py): no string, list or map without a bound;
+    status.metrics holds numbers only, so nothing in the status can nest."""
+    v = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]
+    unbounded = []
+
+    def walk(node, path):
+        kind = node.get("type")
+        if (kind == "string" and not ({"maxLength", "enum", "format"} & set(node))
+                or kind == "array" and "maxItems" not in node
+                or kind == "object" and "properties" not in node and "maxProperties" not in node):
+            unbounded.append(path)
+        for k, sub in (node.get("properties") or {}).items():
+            walk(sub, f"{path}.{k}")
+        if isinstance(node.get("additionalProperties"), dict):
+            walk(node["additionalProperties"], path + ".*")
+        if "items" in node:
+            walk(node["items"], path + "[]")
+
+    walk(v["spec"], "spec")
+    walk(v["status"], "status")
+    assert not unbounded, unbounded
+    assert v["status"]["properties"]["metrics"]["additionalProperties"] == {"type": "number"}
+    assert v["spec"]["properties"]["affinity"]["maxProperties"] == 3
+    assert v["spec"]["properties"]["env"]["items"]["maxProperties"] == 3
 
 
 def test_immutable_fields_have_cel_rules_and_run_policy_does_not():

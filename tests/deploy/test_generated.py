@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from controller import generate, reference
+from controller import generate
 from tests.deploy.conftest import ROOT
 
 GENERATED = [generate.CRD_FILE, generate.CHART_CRD, generate.INSTALL, generate.README]
@@ -45,7 +45,7 @@ def test_the_command_names_and_rewrites_stale_files(helm_bin, tmp_path):
     shutil.copytree(ROOT / "charts", tmp_path / "charts")
     shutil.copytree(ROOT / "manifests", tmp_path / "manifests")
     readme = (ROOT / generate.README).read_text(encoding="utf-8")
-    stale_readme = readme.replace(reference.readme_block(readme), "old\n")
+    stale_readme = readme.replace(generate.readme_block(readme), "old\n")
     (tmp_path / generate.README).write_text(stale_readme, encoding="utf-8")
     (tmp_path / generate.CHART_CRD).unlink()
 

@@ -6,20 +6,20 @@ import re
 import pytest
 import yaml
 
-from controller import reference
+from controller import generate
 from tests.deploy.conftest import CHART, README, ROOT, docs, template
 
 
 def test_spec_reference_covers_every_field():
     from runner.api.spec import FineTuneJobSpec
 
-    text = reference.markdown()
+    text = generate.markdown()
 
     def walk(model, path):
         for name, f in model.model_fields.items():
             alias = f.alias or name
             assert f"| `{alias}` |" in text, f"{path}.{alias} missing from the reference"
-            sub = reference._submodel(f.annotation)
+            sub = generate._submodel(f.annotation)
             if sub is not None:
                 assert f"### `{path}.{alias}`" in text
                 walk(sub, f"{path}.{alias}")
@@ -32,12 +32,12 @@ def test_spec_reference_covers_every_field():
 
 
 def test_the_reference_replaces_only_the_block():
-    text = reference.with_reference(f"# T\nintro\n{reference.START}\nold\n{reference.END}\ntail\n")
-    assert text.startswith("# T\nintro\n") and text.endswith(f"{reference.END}\ntail\n")
-    assert reference.readme_block(text) == reference.markdown()
-    assert reference.with_reference(text) == text
+    text = generate.with_reference(f"# T\nintro\n{generate.START}\nold\n{generate.END}\ntail\n")
+    assert text.startswith("# T\nintro\n") and text.endswith(f"{generate.END}\ntail\n")
+    assert generate.readme_block(text) == generate.markdown()
+    assert generate.with_reference(text) == text
     with pytest.raises(ValueError, match="markers"):
-        reference.with_reference("# no markers\n")
+        generate.with_reference("# no markers\n")
 
 
 def test_files_the_readme_points_to_exist():

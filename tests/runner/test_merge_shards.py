@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from runner import merge as merge_phase
-from runner import merge_shards
+from runner import merge_shards, shard_files
 from runner.api.errors import MERGE_FAILED, PermanentError
 from runner.api.parse import parse_job
 from tests.conftest import ARCHS, job_doc
@@ -116,7 +116,7 @@ def test_prequantized_base_is_dequantized_shard_by_shard_and_equals_peft(prequan
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    layout = merge_shards.BaseFiles(prequantized)
+    layout = shard_files.BaseFiles(prequantized)
     assert layout.sharded and len(layout.quantized) == 14  # 7 projections x 2 layers
     assert any(layout.weight_map[k] != layout.weight_map[w] for w, ks in layout.quantized.items() for k in ks)
     adapter = _adapter(prequantized, tmp_path / "adapter", device_map={"": "cpu"})
@@ -126,7 +126,7 @@ def test_prequantized_base_is_dequantized_shard_by_shard_and_equals_peft(prequan
     ours = _tensors(tmp_path / "out")
     assert not [k for k in ours if any(m in k for m in QUANT_MARKS)]
     assert ours["model.layers.0.mlp.down_proj.weight"].shape == (64, 128)
-    assert json.loads((tmp_path / "out" / merge_shards.INDEX).read_text())["weight_map"].keys() == ours.keys()
+    assert json.loads((tmp_path / "out" / shard_files.INDEX).read_text())["weight_map"].keys() == ours.keys()
     # Today's path: transformers' dequantize() to 16 bits, then peft's merge_and_unload.
     four_bit = AutoModelForCausalLM.from_pretrained(prequantized, device_map={"": "cpu"})
     plain = AutoModelForCausalLM.from_config(four_bit.config, dtype=torch.float16)
@@ -179,7 +179,8 @@ def test_merge_holds_at_most_one_base_shard_plus_the_adapter(sharded, tmp_path, 
     import safetensors.torch
 
     adapter = _adapter(sharded, tmp_path / "adapter")
-    monkeypatch.setattr(merge_shards, "safe_open", _TrackedOpen)
+    for module in (shard_files, merge_shards):  # the base's shards, and the adapter
+        monkeypatch.setattr(module, "safe_open", _TrackedOpen)
     for whole_file_loader in ("load_file", "load"):  # the shard merge must read tensor by tensor
         monkeypatch.setattr(safetensors.torch, whole_file_loader, lambda *a, **k: pytest.fail("whole file"))
     monkeypatch.setattr(merge_phase, "full_check_fits", lambda size, dev: False)  # as for a 70B
@@ -202,8 +203,8 @@ def test_sharded_output_has_the_base_sharding_a_correct_index_and_loads(sharded,
     adapter = _adapter(sharded, tmp_path / "adapter")
     _merge(sharded, adapter, tmp_path / "out", prompts=())
     out = tmp_path / "out"
-    base_index = json.loads((sharded / merge_shards.INDEX).read_text())
-    index = json.loads((out / merge_shards.INDEX).read_text())
+    base_index = json.loads((sharded / shard_files.INDEX).read_text())
+    index = json.loads((out / shard_files.INDEX).read_text())
     assert index["weight_map"] == base_index["weight_map"]  # same keys in the same files
     total = 0
     for shard in set(index["weight_map"].values()):
@@ -252,4 +253,4 @@ def test_an_overflowing_fp16_merge_fails_naming_bfloat16(tiny_models, tmp_path):
     with pytest.raises(PermanentError, match="overflows float16.*bfloat16") as e:
         _merge(base, adapter, tmp_path / "out")
     assert e.value.reason == MERGE_FAILED
-    assert not list((tmp_path / "out").glob("*.safetensors"))  # it stopped before writing a shard
+    assert not list((tmp_path / "out").glob("*safetensors*"))  # it stopped; no shard, no temp file

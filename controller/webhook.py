@@ -1,0 +1,147 @@
+"""The validating admission webhook for FineTuneJobs, served by the controller over TLS (`--webhook-cert`).
+
+At `kubectl apply` time, for CREATE and for an UPDATE that changes the spec, it refuses a FineTuneJob with every
+problem listed at once:
+
+  (a) the same checks as `python -m runner validate` (runner/api/parse.py), the bounds of controller/limits.py
+      and the admin policy (controller/policy.py) - what the controller would otherwise report later as
+      InvalidSpec;
+  (b) a SubjectAccessReview per Secret the spec references (hfTokenSecretRef, s3SecretRef, imagePullSecrets,
+      env valueFrom secretKeyRef): the requesting user must be allowed to `get` it. The runner pod receives
+      those Secrets, and the model code it runs can read them, so naming a Secret is reading it. On UPDATE
+      only Secrets the old spec did not name are checked (a teammate may still suspend your job).
+
+Only the webhook sees who asks; the controller re-checks (a) itself whatever the webhook said. The chart
+registers it with failurePolicy Fail: (b) exists nowhere else, and while the controller is down no job could
+run anyway, so failing closed costs only the creation of jobs during that time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any, Callable
+
+from aiohttp import web
+
+from controller import limits, naming
+from controller.policy import Policy
+from runner.api import status as contract
+from runner.api.errors import SpecError
+from runner.api.parse import parse_job
+
+log = logging.getLogger("controller.webhook")
+PATH = "/validate-finetunejob"
+SAR_PATH = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+
+# (user info, namespace, secret name) -> allowed?
+AccessCheck = Callable[[dict, str, str], bool]
+
+
+def referenced_secrets(spec: dict) -> list[tuple[str, str]]:
+    """(where, Secret name) for every Secret a spec makes the runner pod receive."""
+    out = []
+    for field in ("hfTokenSecretRef", "s3SecretRef"):
+        ref = spec.get(field)
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            out.append((f"spec.{field}", ref["name"]))
+    for i, name in enumerate(spec.get("imagePullSecrets") or []):
+        if isinstance(name, str):
+            out.append((f"spec.imagePullSecrets[{i}]", name))
+    for i, e in enumerate(spec.get("env") or []):
+        ref = ((e.get("valueFrom") or {}).get("secretKeyRef") or {}) if isinstance(e, dict) else {}
+        if isinstance(ref, dict) and isinstance(ref.get("name"), str):
+            out.append((f"spec.env[{i}].valueFrom.secretKeyRef", ref["name"]))
+    return out
+
+
+def _fixed(spec: Any) -> Any:
+    return {k: v for k, v in spec.items() if k not in contract.MUTABLE_SPEC_FIELDS} if isinstance(spec, dict) else spec
+
+
+def review(request: dict, policy: Policy, may_get_secret: AccessCheck) -> list[str]:
+    """Every problem of an AdmissionReview request (empty: allowed)."""
+    obj = request.get("object") or {}
+    spec = obj.get("spec")
+    old_spec = (request.get("oldObject") or {}).get("spec") if request.get("operation") == "UPDATE" else None
+    if old_spec is not None and _fixed(spec) == _fixed(old_spec):
+        return []  # run policy (suspend, ...), metadata, finalizers: nothing new to check
+    problem = limits.measure(spec, max_depth=limits.SPEC_MAX_DEPTH, max_bytes=limits.SPEC_MAX_BYTES, where="spec")
+    if problem:
+        return [problem]  # not read any further
+    if not isinstance(spec, dict):
+        return ["spec: missing; a FineTuneJob needs a spec mapping"]
+    md = obj.get("metadata") or {}
+    problems: list[str] = []
+    try:
+        parse_job(naming.runner_manifest({"metadata": md}, spec))
+    except SpecError as e:
+        problems += e.problems
+    problems += policy.refusals(spec)
+    user = request.get("userInfo") or {}
+    namespace = request.get("namespace") or md.get("namespace") or ""
+    before = {name for _, name in referenced_secrets(old_spec)} if isinstance(old_spec, dict) else set()
+    for where, name in referenced_secrets(spec):
+        if name in before:
+            continue
+        try:
+            allowed = may_get_secret(user, namespace, name)
+        except Exception as e:  # noqa: BLE001 - fail closed, saying why
+            problems.append(f"{where}: could not check access to Secret {name!r} ({e}); try again")
+            continue
+        if not allowed:
+            problems.append(f"{where}: {user.get('username') or 'you'} may not get Secret {name!r} in namespace "
+                            f"{namespace!r}, so a FineTuneJob of theirs may not use it (SubjectAccessReview); "
+                            "reference a Secret you can read")
+    return problems
+
+
+def response(request: dict, problems: list[str]) -> dict:
+    out: dict = {"uid": request.get("uid"), "allowed": not problems}
+    if problems:
+        out["status"] = {"code": 403, "reason": "Forbidden",
+                         "message": "FineTuneJob refused:\n" + "\n".join(f"  - {p}" for p in problems)}
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": out}
+
+
+def sar_check(kube) -> AccessCheck:
+    """A SubjectAccessReview through the controller's client (needs `create` on subjectaccessreviews)."""
+    def check(user: dict, namespace: str, name: str) -> bool:
+        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {
+            "user": user.get("username"), "uid": user.get("uid"), "groups": user.get("groups") or [],
+            "extra": user.get("extra") or {},
+            "resourceAttributes": {"namespace": namespace, "verb": "get", "resource": "secrets", "name": name}}}
+        return bool((kube.create(SAR_PATH, body).get("status") or {}).get("allowed"))
+    return check
+
+
+async def serve(port: int, cert: str, key: str, policy: Policy, may_get_secret: AccessCheck, pool,
+                host: str = "0.0.0.0") -> web.AppRunner:
+    """The webhook's HTTPS server; reviews run in `pool` (SubjectAccessReviews are blocking calls)."""
+    async def validate(req: web.Request) -> web.Response:
+        try:
+            doc = await req.json(loads=lambda s: limits.loads_bounded(s, max_bytes=4 * 1024 * 1024,
+                                                                       max_depth=10_001)[0])
+            request = (doc or {}).get("request") or {}
+        except (ValueError, AttributeError):
+            return web.Response(status=400, text="not an AdmissionReview\n")
+        loop = asyncio.get_running_loop()
+        problems = await loop.run_in_executor(pool, review, request, policy, may_get_secret)
+        if problems:
+            log.info("refused %s %s/%s for %s: %s", request.get("operation"), request.get("namespace"),
+                     request.get("name") or (request.get("object") or {}).get("metadata", {}).get("name"),
+                     (request.get("userInfo") or {}).get("username"), "; ".join(problems)[:1000])
+        return web.json_response(response(request, problems))
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    app = web.Application(client_max_size=4 * 1024 * 1024)
+    app.add_routes([web.post(PATH, validate)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port, ssl_context=context).start()
+    log.info("admission webhook serving https://%s:%d%s", host, port, PATH)
+    return runner
+
+
+__all__ = ["review", "response", "referenced_secrets", "serve", "sar_check", "PATH"]
