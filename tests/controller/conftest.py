@@ -5,10 +5,13 @@ bound to the ClusterRole that `python -m controller rbac` prints, so its RBAC is
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -161,3 +164,53 @@ def controller(controller_kubeconfig, k8s_namespace, tmp_path_factory):
 def pod_of(kubelet, ns, job_name, timeout=20):
     return wait_for(lambda: [p for p in kubelet.job_pods(ns, job_name) if kubelet.is_active(p)], timeout,
                     what=f"pod of {job_name}")[-1]
+
+
+# ------------------------------------------------------------------ a user who may only run FineTuneJobs
+# The chart's `finetune-editor` role (README "Security"): FineTuneJobs only - no pods, Jobs, Secrets.
+EDITOR_RULES = [{"apiGroups": [names.GROUP], "resources": [names.PLURAL],
+                 "verbs": ["create", "get", "list", "watch", "delete"]}]
+
+
+def ftj_path(ns: str, name: str | None = None, sub: str | None = None) -> str:
+    return ns_path(names.API_VERSION, ns, names.PLURAL, name, sub)
+
+
+def raw(cluster, method: str, path: str, body: bytes | None, *, token: str | None = None,
+        content_type: str = "application/json") -> tuple[int, str]:
+    req = urllib.request.Request(cluster.server + path, data=body, method=method, headers={
+        "Authorization": f"Bearer {token or cluster.admin_token}", "Content-Type": content_type,
+        "Accept": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(
+        context=ssl.create_default_context(cafile=cluster.ca_file)))
+    try:
+        with opener.open(req, timeout=60) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def create_as(cluster, token: str, ns: str, doc: dict | str) -> tuple[int, str]:
+    body = doc if isinstance(doc, str) else json.dumps(doc)
+    return raw(cluster, "POST", ftj_path(ns), body.encode(), token=token)
+
+
+@pytest.fixture
+def editor(k8s_cluster, k8s_namespace) -> str:
+    """alice's token; alice may only create, get, list, watch and delete FineTuneJobs in the namespace."""
+    ns = k8s_namespace
+    k8s_cluster.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "finetune-editor"},
+        "rules": EDITOR_RULES})
+    k8s_cluster.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "alice-editor"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "finetune-editor"},
+        "subjects": [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"}]})
+    token = k8s_cluster.user_token("alice")
+    # what alice may not do herself (and so must not get done through the controller)
+    wait_for(lambda: raw(k8s_cluster, "GET", ftj_path(ns), None, token=token)[0] == 200, 10, what="alice's role")
+    for method, path in (("GET", f"/api/v1/namespaces/{ns}/secrets"), ("GET", f"/api/v1/namespaces/{ns}/pods"),
+                         ("POST", f"/api/v1/namespaces/{ns}/pods"), ("POST", f"/apis/batch/v1/namespaces/{ns}/jobs"),
+                         ("POST", f"/api/v1/namespaces/{ns}/serviceaccounts")):
+        assert raw(k8s_cluster, method, path, b"{}" if method == "POST" else None, token=token)[0] == 403
+    return token

@@ -90,3 +90,35 @@ def test_a_policy_with_an_unknown_key_is_refused():
     with pytest.raises(PolicyError, match="imagePrefix"):
         Policy.from_text('{"imagePrefix": ["x/"]}')
     assert Policy.from_text("").refusals({"serviceAccountName": "x"})
+
+
+def test_webhook_review_lists_every_problem_and_checks_only_new_secrets():
+    from controller import webhook
+
+    asked = []
+
+    def may_get(user, ns, name):
+        asked.append(name)
+        return name == "mine"
+
+    spec = ftj(image="evil/x", hfTokenSecretRef={"name": "mine"}, s3SecretRef={"name": "theirs"},
+               output={"destination": "hf://org/m"})["spec"]
+    req = {"uid": "u1", "operation": "CREATE", "namespace": "ns", "userInfo": {"username": "alice"},
+           "object": {"metadata": {"name": "j", "namespace": "ns"}, "spec": spec}}
+    problems = webhook.review(req, Policy(operator_image="reg/runner:1"), may_get)
+    assert asked == ["mine", "theirs"]
+    assert any("output.checkpoints" in p for p in problems) and any("policy.imagePrefixes" in p for p in problems)
+    assert any("alice may not get Secret 'theirs'" in p for p in problems) and len(problems) == 3
+    out = webhook.response(req, problems)["response"]
+    assert out["uid"] == "u1" and out["allowed"] is False and out["status"]["code"] == 403
+    # UPDATE: the run policy changes freely; only Secrets new to the spec are checked
+    asked.clear()
+    old = {"metadata": {"name": "j"}, "spec": {**spec, "image": None, "output": {"destination": "s3://b/m"}}}
+    new = {"metadata": {"name": "j"}, "spec": {**old["spec"], "suspend": True}}
+    assert webhook.review({**req, "operation": "UPDATE", "oldObject": old, "object": new}, Policy(), may_get) == []
+    new = {"metadata": {"name": "j"}, "spec": {**old["spec"], "imagePullSecrets": ["theirs", "other"]}}
+    problems = webhook.review({**req, "operation": "UPDATE", "oldObject": old, "object": new}, Policy(), may_get)
+    assert asked == ["other"] and len(problems) == 1
+    # out of bounds: one problem, nothing read further
+    deep = {"metadata": {"name": "j"}, "spec": {**spec, "affinity": nested(50)}}
+    assert webhook.review({**req, "object": deep}, Policy(), may_get)[0].endswith("nested deeper than 16 levels")

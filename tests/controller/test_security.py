@@ -8,22 +8,15 @@ FineTuneJob.
 from __future__ import annotations
 
 import json
-import ssl
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from controller import limits, naming
-from runner.api import names
-from tests.controller.conftest import Controller, ftj_doc, pod_of, wait_for
+from tests.controller.conftest import Controller, create_as, ftj_doc, ftj_path, pod_of, raw, wait_for
 
-EDITOR_RULES = [{"apiGroups": [names.GROUP], "resources": [names.PLURAL],
-                 "verbs": ["create", "get", "list", "watch", "delete"]}]
-FTJ_PATH = "/apis/{gv}/namespaces/{ns}/{plural}"
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -39,51 +32,6 @@ def deep_json_in_this_process():
 def deep(depth: int) -> str:
     """JSON text nested `depth` levels ({"a": {"a": ...}}): json.dumps cannot write it."""
     return '{"a":' * depth + "{}" + "}" * depth
-
-
-def raw(cluster, method: str, path: str, body: bytes | None, *, token: str | None = None,
-        content_type: str = "application/json") -> tuple[int, str]:
-    req = urllib.request.Request(cluster.server + path, data=body, method=method, headers={
-        "Authorization": f"Bearer {token or cluster.admin_token}", "Content-Type": content_type,
-        "Accept": "application/json"})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(
-        context=ssl.create_default_context(cafile=cluster.ca_file)))
-    try:
-        with opener.open(req, timeout=60) as r:
-            return r.status, r.read().decode(errors="replace")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode(errors="replace")
-
-
-def ftj_path(ns: str, name: str | None = None, sub: str | None = None) -> str:
-    p = FTJ_PATH.format(gv=names.API_VERSION, ns=ns, plural=names.PLURAL)
-    return p + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
-
-
-def create_as(cluster, token: str, ns: str, doc: dict | str) -> tuple[int, str]:
-    body = doc if isinstance(doc, str) else json.dumps(doc)
-    return raw(cluster, "POST", ftj_path(ns), body.encode(), token=token)
-
-
-@pytest.fixture
-def editor(k8s_cluster, k8s_namespace) -> str:
-    """alice's token; alice may only create, get, list, watch and delete FineTuneJobs in the namespace."""
-    ns = k8s_namespace
-    k8s_cluster.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles", {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "finetune-editor"},
-        "rules": EDITOR_RULES})
-    k8s_cluster.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings", {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "alice-editor"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "finetune-editor"},
-        "subjects": [{"kind": "User", "name": "alice", "apiGroup": "rbac.authorization.k8s.io"}]})
-    token = k8s_cluster.user_token("alice")
-    # what alice may not do herself (and so must not get done through the controller)
-    wait_for(lambda: raw(k8s_cluster, "GET", ftj_path(ns), None, token=token)[0] == 200, 10, what="alice's role")
-    for method, path in (("GET", f"/api/v1/namespaces/{ns}/secrets"), ("GET", f"/api/v1/namespaces/{ns}/pods"),
-                         ("POST", f"/api/v1/namespaces/{ns}/pods"), ("POST", f"/apis/batch/v1/namespaces/{ns}/jobs"),
-                         ("POST", f"/api/v1/namespaces/{ns}/serviceaccounts")):
-        assert raw(k8s_cluster, method, path, b"{}" if method == "POST" else None, token=token)[0] == 403
-    return token
 
 
 class FailureClock(threading.Thread):

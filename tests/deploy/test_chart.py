@@ -38,6 +38,7 @@ VALUE_SETS = {
                    "serviceAccount.annotations.iam=role", "controller.extraEnv[0].name=HTTPS_PROXY",
                    "controller.extraEnv[0].value=http://proxy:3128", "crds.keep=false",
                    "image.tag=1.2.3", "runner.image.tag=1.2.3"),
+    "webhook": ("webhook.enabled=true",),
     "no-crd-no-service": ("crds.install=false", "metrics.service.enabled=false", "rbac.create=false",
                           "serviceAccount.create=false", "serviceAccount.name=existing"),
 }
@@ -71,7 +72,7 @@ def test_rendered_manifests_are_valid_for_every_supported_kubernetes(rendered):
                                          f"Kubernetes {version}: {e.caught}") from None
             checked.add(obj["kind"])
     assert checked == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
-                       "Deployment"}
+                       "Deployment", "Secret", "ValidatingWebhookConfiguration"}
 
 
 def test_strict_validation_catches_a_typo_in_a_free_form_value(helm_bin):
@@ -257,6 +258,30 @@ def test_deployment_flags_probes_and_security(rendered):
     assert pod["spec"]["serviceAccountName"] == by_kind(everything, "ServiceAccount")[0]["metadata"]["name"]
     assert by_kind(rendered["no-crd-no-service"], "Deployment")[0]["spec"]["template"]["spec"][
         "serviceAccountName"] == "existing"
+
+
+def test_webhook_is_registered_with_its_own_ca_and_served_by_the_controller(rendered):
+    """webhook.enabled: the registration trusts the generated CA, calls the controller's path through a Service
+    on the controller's webhook port, and the controller may create SubjectAccessReviews (controller/webhook.py)."""
+    import base64
+
+    from controller import webhook
+
+    assert not by_kind(rendered["defaults"], "ValidatingWebhookConfiguration")
+    objs = rendered["webhook"]
+    [hook] = by_kind(objs, "ValidatingWebhookConfiguration")[0]["webhooks"]
+    [secret] = by_kind(objs, "Secret")
+    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
+    assert base64.b64decode(secret["data"]["tls.crt"]).startswith(b"-----BEGIN CERTIFICATE-----")
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    assert hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+    svc = next(s for s in by_kind(objs, "Service") if s["metadata"]["name"] == hook["clientConfig"]["service"]["name"])
+    assert hook["clientConfig"]["service"]["path"] == webhook.PATH and svc["spec"]["ports"][0]["targetPort"] == "webhook"
+    c = _controller(objs)
+    assert "--webhook-cert=/etc/finetune-webhook/tls.crt" in c["args"]
+    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in c["ports"]
+    role = next(r for r in by_kind(objs, "ClusterRole") if r["metadata"]["name"].endswith("-webhook"))
+    assert _rules(role) == rbac.WEBHOOK_RULES
 
 
 def test_metrics_service_and_service_monitor_select_the_controller(rendered):
