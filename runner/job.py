@@ -195,7 +195,8 @@ def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data,
         check = merge_phase.merge(spec, model_dir, trained.adapter_dir, tokenizer, probe, staging, spec.eval_prompts)
         after = check.samples
         metrics["mergeCheck"] = {
-            "dtype": check.dtype, "relativeLogitError": check.relative_error,
+            "method": check.method, "dtype": check.dtype, "relativeLogitError": check.relative_error,
+            "layerRelativeError": check.layer_relative_error,
             "maxAbsLogitError": check.max_abs_error, "tolerance": check.tolerance,
             "maxAbsWeight": check.max_abs_weight,
         }

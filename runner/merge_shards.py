@@ -19,6 +19,7 @@ computes: merged W @ x against W @ x + scale * B (A x).
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,8 +214,8 @@ def _merged_tensor(key, st, r, files, adapter, requantize, dtype, dev, gen, prob
     del t
     out = _merge_one(key, w, adapter.loras.get(key), dtype, dev, gen, probes, stats, keep_base)
     name = str(dtype).removeprefix("torch.")
-    m = float(out.abs().max()) if out.numel() else 0.0
-    if not torch.isfinite(out).all() or (dtype == torch.float16 and m >= FP16_MAX):
+    m = float(w.abs().amax()) if w.numel() else 0.0  # w: the merged weight in fp32 (NaN propagates)
+    if not math.isfinite(float(torch.tensor(m).to(dtype))) or (dtype == torch.float16 and m >= FP16_MAX):
         raise fail(f"merged weight {key} overflows {name} (|W| up to {m:.0f}); try merge.dtype: bfloat16")
     stats.max_abs_weight = max(stats.max_abs_weight, m)
     if tolerance is not None and stats.layer_relative_error > tolerance:

@@ -161,6 +161,8 @@ def test_a_job_on_a_prequantized_base_publishes_a_16bit_merged_model(qa_jsonl, t
     assert "quantization_config" not in out and out["dtype"] == "float16"
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shard = index["weight_map"]["model.layers.0.mlp.down_proj.weight"]
+    with safe_open(str(tmp_path / "out" / shard), "pt") as f:
         w = f.get_tensor("model.layers.0.mlp.down_proj.weight")
     assert w.dtype == torch.float16 and tuple(w.shape) == (64, 128)
