@@ -30,6 +30,19 @@ RULES = [
 ]
 
 
+# What users get (the chart's aggregated ClusterRoles `<release>-editor` and `<release>-viewer`, README "Security"):
+# FineTuneJobs only - no pods, Jobs, Secrets or ServiceAccounts. Everything else happens through the controller,
+# within the admin policy (controller/policy.py).
+EDITOR_RULES = [
+    {"apiGroups": [names.GROUP], "resources": [names.PLURAL],
+     "verbs": ["create", "get", "list", "watch", "delete", "patch", "update"]},
+    {"apiGroups": [names.GROUP], "resources": [names.STATUS_SUBRESOURCE], "verbs": ["get"]},
+]
+VIEWER_RULES = [
+    {"apiGroups": [names.GROUP], "resources": [names.PLURAL, names.STATUS_SUBRESOURCE],
+     "verbs": ["get", "list", "watch"]},
+]
+
 # With the admission webhook (controller/webhook.py): whether the requesting user may get each Secret a
 # FineTuneJob references. Cluster-scoped, and only needed when the webhook is served.
 WEBHOOK_RULES = [

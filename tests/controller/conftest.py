@@ -167,9 +167,8 @@ def pod_of(kubelet, ns, job_name, timeout=20):
 
 
 # ------------------------------------------------------------------ a user who may only run FineTuneJobs
-# The chart's `finetune-editor` role (README "Security"): FineTuneJobs only - no pods, Jobs, Secrets.
-EDITOR_RULES = [{"apiGroups": [names.GROUP], "resources": [names.PLURAL],
-                 "verbs": ["create", "get", "list", "watch", "delete"]}]
+# The chart's `<release>-editor` ClusterRole (README "Security"): FineTuneJobs only - no pods, Jobs, Secrets.
+EDITOR_RULES = rbac.EDITOR_RULES
 
 
 def ftj_path(ns: str, name: str | None = None, sub: str | None = None) -> str:
@@ -197,7 +196,7 @@ def create_as(cluster, token: str, ns: str, doc: dict | str) -> tuple[int, str]:
 
 @pytest.fixture
 def editor(k8s_cluster, k8s_namespace) -> str:
-    """alice's token; alice may only create, get, list, watch and delete FineTuneJobs in the namespace."""
+    """alice's token; alice holds the chart's editor rules in the namespace: FineTuneJobs and nothing else."""
     ns = k8s_namespace
     k8s_cluster.request("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles", {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "finetune-editor"},

@@ -1,8 +1,8 @@
 """The FineTuneJob as a trust boundary (README: "Security"), against the real API server.
 
 The attacker is a user who may only create, get, list, watch and delete FineTuneJobs in one namespace (the
-`finetune-editor` rules below), or the runner's own least-privilege token, or whatever runs in the runner pod
-(its termination message). Each attack must gain nothing through the controller and stop nothing but its own
+chart's editor ClusterRole, controller/rbac.py EDITOR_RULES), or the runner's own least-privilege token, or
+whatever runs in the runner pod (its termination message). Each attack must gain nothing through the controller and stop nothing but its own
 FineTuneJob.
 """
 from __future__ import annotations

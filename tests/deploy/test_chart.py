@@ -209,10 +209,23 @@ def test_rbac_matches_the_controllers_own_rules(rendered):
     sa = by_kind(objs, "ServiceAccount")[0]["metadata"]
     for b in bindings + by_kind(objs, "ClusterRoleBinding"):
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
-    [cluster_role] = by_kind(objs, "ClusterRole")
+    [cluster_role] = [r for r in by_kind(objs, "ClusterRole") if not r["metadata"]["name"].endswith(USER_ROLES)]
     assert _rules(cluster_role) == discovery
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster_role["rules"])
     assert not by_kind(rendered["no-crd-no-service"], "ClusterRole")
+
+
+USER_ROLES = ("-editor", "-viewer")
+
+
+def test_users_get_finetunejobs_and_nothing_else(rendered):
+    """The editor and viewer ClusterRoles (README "Security"): exactly controller/rbac.py's user rules,
+    aggregated into Kubernetes' own admin/edit and view roles."""
+    roles = {r["metadata"]["name"].rsplit("-", 1)[-1]: r for r in by_kind(rendered["defaults"], "ClusterRole")
+             if r["metadata"]["name"].endswith(USER_ROLES)}
+    assert _rules(roles["editor"]) == rbac.EDITOR_RULES and _rules(roles["viewer"]) == rbac.VIEWER_RULES
+    assert roles["editor"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert roles["viewer"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
 
 
 def _controller(objs: list[dict]) -> dict:
