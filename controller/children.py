@@ -76,15 +76,31 @@ def role_binding(ftj: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- job
-def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: int | None = None) -> dict:
-    """The batch/v1 Job of one attempt. `spec` is the spec to run (the original one on retries)."""
-    md = ftj["metadata"]
-    name = job_name(md["name"], attempt)
+def attempt_meta(ftj: dict, name: str, attempt: int, spec: dict) -> dict:
+    """Metadata of an attempt's Job or JobSet: the attempt number, the Kueue queue, the hash of the spec."""
     extra = {naming.LABEL_ATTEMPT: str(attempt)}
     if spec.get("queueName"):
         extra[naming.LABEL_KUEUE_QUEUE] = spec["queueName"]
     meta = _meta(ftj, name, extra)
     meta["annotations"][naming.ANNOTATION_SPEC_HASH] = spec_hash(spec)
+    return meta
+
+
+def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: int | None = None) -> dict:
+    """The batch/v1 Job of one attempt on one node. `spec` is the spec to run (the original one on retries).
+    Several nodes: controller/jobset.py, with the same pod template."""
+    meta = attempt_meta(ftj, job_name(ftj["metadata"]["name"], attempt), attempt, spec)
+    job_spec: dict = {"backoffLimit": 0, "template": pod_template(ftj, attempt, spec, image=image)}
+    if deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = int(deadline_seconds)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+
+
+def pod_template(ftj: dict, attempt: int, spec: dict, *, image: str, env: list[dict] | tuple = ()) -> dict:
+    """The runner pod of an attempt (of each node's pod with several): identity, security, volumes, the job
+    file. `env`: variables added before the spec's own (the nodes' rendezvous, controller/jobset.py)."""
+    md = ftj["metadata"]
+    meta = attempt_meta(ftj, md["name"], attempt, spec)
     manifest = json.dumps(runner_manifest(ftj, spec), sort_keys=True, separators=(",", ":"))
     pod_meta = {"labels": dict(meta["labels"]),
                 "annotations": {naming.ANNOTATION_JOB_NAME: md["name"], naming.ANNOTATION_SPEC: manifest}}
@@ -100,7 +116,7 @@ def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: in
             "runAsNonRoot": True, "runAsUser": RUNNER_UID, "runAsGroup": RUNNER_UID, "fsGroup": RUNNER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container(ftj, spec, image, attempt)],
+        "containers": [container(ftj, spec, image, attempt, extra_env=env)],
         "volumes": [
             {"name": "job", "downwardAPI": {"items": [{
                 "path": "job.yaml",
@@ -115,13 +131,10 @@ def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: in
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
         if spec.get(key):
             pod_spec[key] = spec[key]
-    job_spec: dict = {"backoffLimit": 0, "template": {"metadata": pod_meta, "spec": pod_spec}}
-    if deadline_seconds:
-        job_spec["activeDeadlineSeconds"] = int(deadline_seconds)
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    return {"metadata": pod_meta, "spec": pod_spec}
 
 
-def container(ftj: dict, spec: dict, image: str, attempt: int) -> dict:
+def container(ftj: dict, spec: dict, image: str, attempt: int, *, extra_env: list[dict] | tuple = ()) -> dict:
     md = ftj["metadata"]
     res = spec.get("resources") or {}
     requests: dict = {}
@@ -142,6 +155,7 @@ def container(ftj: dict, spec: dict, image: str, attempt: int) -> dict:
         {"name": names.ENV_WORK_DIR, "value": f"{SCRATCH}/work"},
         {"name": "HOME", "value": f"{SCRATCH}/home"},  # caches (Hugging Face, Triton, matplotlib) go under it
         {"name": "TMPDIR", "value": SCRATCH},
+        *extra_env,
     ]
     hf = spec.get("hfTokenSecretRef")
     if hf:

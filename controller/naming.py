@@ -23,7 +23,7 @@ MANAGED_BY = "finetune-controller"
 RUNNER_CONTAINER = "runner"
 
 
-def _short_hash(text: str, n: int = 6) -> str:
+def short_hash(text: str, n: int = 6) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
@@ -33,7 +33,7 @@ def child_name(ftj_name: str, suffix: str, limit: int = 63) -> str:
     if len(name) <= limit:
         return name
     keep = limit - len(suffix) - 8
-    return f"{ftj_name[:keep].rstrip('-.')}-{_short_hash(ftj_name)}-{suffix}"
+    return f"{ftj_name[:keep].rstrip('-.')}-{short_hash(ftj_name)}-{suffix}"
 
 
 def job_name(ftj_name: str, attempt: int) -> str:
@@ -47,7 +47,7 @@ def identity_name(ftj_name: str) -> str:
 
 
 def label_value(name: str) -> str:
-    return name if len(name) <= 63 else f"{name[:56].rstrip('-.')}-{_short_hash(name)}"
+    return name if len(name) <= 63 else f"{name[:56].rstrip('-.')}-{short_hash(name)}"
 
 
 def spec_hash(spec: dict) -> str:

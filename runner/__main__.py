@@ -3,6 +3,7 @@
 Commands:
   run JOB        run a FineTuneJob (manifest or bare spec) end to end
   validate JOB   check the spec only; print every problem and exit 2 if there is one
+  preview JOB    show what will be trained: examples with the loss mask, token lengths, steps (no weights read)
   quickstart     run the embedded default job on this machine (tiny model, local files, CPU is fine)
   schema         print the spec's JSON schema
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,16 +37,40 @@ def oom_advice(spec) -> str:
     return "CUDA out of memory. To fit: " + "; ".join(tips)
 
 
-def _run(args) -> int:
-    # stdout carries only the runner's JSON events: anything a library prints goes to stderr.
-    events_out, sys.stdout = sys.stdout, sys.stderr
+def _human(args) -> bool:
+    """A person at a terminal (stdout is one): the console view. Pods, CI and pipes get JSON lines."""
+    return sys.stdout.isatty() and not os.environ.get(names.ENV_LAUNCHED) and not args.json
+
+
+def _run(args, before=None) -> int:
+    """`before(console)` runs first, inside the same view (the quickstart writes its files there)."""
+    from runner.console import Tee
+
+    events_file = open(args.events, "w", encoding="utf-8", buffering=1) if args.events else None
     try:
-        return _run_job(args, events_out)
+        if _human(args):
+            from runner.console import default_log_path, session
+
+            log_path = Path(args.log) if args.log else default_log_path(args.work_dir, getattr(args, "log_dir", None))
+            with session(log_path, verbose=args.verbose) as (console, log):
+                if before:
+                    before(console)
+                # The JSON events go to --events (if given) and the log; the terminal shows the console.
+                return _run_job(args, Tee(events_file, log), console=console, log=log)
+        if before:
+            before(None)
+        # stdout carries only the runner's JSON events: anything a library prints goes to stderr.
+        events_out, sys.stdout = sys.stdout, sys.stderr
+        try:
+            return _run_job(args, Tee(events_out, events_file) if events_file else events_out)
+        finally:
+            sys.stdout = events_out
     finally:
-        sys.stdout = events_out
+        if events_file:
+            events_file.close()
 
 
-def _run_job(args, events_out) -> int:
+def _run_job(args, events_out, *, console=None, log=None) -> int:
     from runner.report import Reporter
     from runner.api.parse import load_job
 
@@ -53,7 +79,8 @@ def _run_job(args, events_out) -> int:
 
     if distributed.is_main():
         sink = sink_from_env()  # under the controller: live phase and progress into this job's status
-        reporter = Reporter(stdout=events_out, termination_log=args.termination_log, sinks=[sink] if sink else None)
+        reporter = Reporter(stdout=events_out, stderr=log, termination_log=args.termination_log,
+                            sinks=[sink] if sink else None, console=console)
     else:  # ranks > 0 train silently; rank 0 reports for all
         reporter = Reporter(stdout=open(os.devnull, "w"), termination_log=os.devnull)
     if not sys.stderr.isatty():
@@ -61,6 +88,7 @@ def _run_job(args, events_out) -> int:
     job = None
     try:
         job = load_job(args.job)
+        reporter.details["job"] = job
         nproc = distributed.processes_for(job.spec)
         if nproc > 1 and not os.environ.get(names.ENV_LAUNCHED):
             return distributed.launch(args.job, nproc, work_dir=args.work_dir, reporter=reporter)
@@ -77,7 +105,9 @@ def _run_job(args, events_out) -> int:
     except RunnerError as e:
         return _fail(reporter, e)
     except KeyboardInterrupt:
-        return _fail(reporter, errors.RetryableError("interrupted", reason=_reason(reporter)))
+        return _fail(reporter, errors.RetryableError(
+            "interrupted; running the same job again resumes from its newest complete checkpoint (if one was "
+            "saved) and leaves an output already published alone", reason=_reason(reporter)))
     except Exception as e:  # noqa: BLE001 - every failure must end in a result and an exit code
         import torch
 
@@ -119,10 +149,18 @@ def _fail(reporter, e: RunnerError) -> int:
 
 
 def _validate(args) -> int:
+    from runner.api.errors import SpecError
     from runner.api.parse import load_job
+    from runner.outputs import local_problems
 
     try:
         job = load_job(args.job)
+        # Local paths that do not exist, overlaps, a destination holding files the runner did not write.
+        problems = [] if args.spec_only else local_problems(job)
+        if problems:
+            problems.append("(local paths are checked on this machine; for a job whose volumes are mounted "
+                            "only where it runs, pass --spec-only)")
+            raise SpecError(problems)
     except RunnerError as e:
         print(e.message, file=sys.stderr)
         return e.exit_code
@@ -130,15 +168,40 @@ def _validate(args) -> int:
     return 0
 
 
+def _preview(args) -> int:
+    from runner import preview
+    from runner.api.parse import load_job
+
+    try:
+        job = load_job(args.job)
+        found = preview.gather(job, n=args.examples, work=Path(args.work_dir) if args.work_dir else None)
+    except RunnerError as e:
+        print(f"preview: {e.message}", file=sys.stderr)
+        return e.exit_code
+    color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+    sys.stdout.write(preview.render(found, color=color, width=min(shutil.get_terminal_size().columns, 120)))
+    return errors.EXIT_PERMANENT if any(w.startswith("ERROR") for w in found.warnings) else 0
+
+
 def _quickstart(args) -> int:
     from runner.quickstart import prepare
 
-    job_file = prepare(Path(args.dir))
-    print(f"[quickstart] job file: {job_file}", file=sys.stderr)
-    args.job = str(job_file)
-    code = _run(args)
-    if code == 0:
-        out = Path(args.dir) / "output"
+    directory = Path(args.dir).resolve()
+    args.log_dir = directory
+
+    def prepare_job(console) -> None:
+        if console:
+            console.note(f"quickstart: a tiny Llama and 40 country capitals, written to {directory}")
+        args.job = str(prepare(directory))
+        if console:
+            console.note(f"job file: {args.job}  (run it again with: python -m runner run {args.job})")
+        else:
+            print(f"[quickstart] job file: {args.job}", file=sys.stderr)
+
+    human = _human(args)
+    code = _run(args, before=prepare_job)
+    if code == 0 and not human:  # on a terminal the console's summary says this
+        out = directory / "output"
         print(
             f"[quickstart] done. Merged model: {out}  (AutoModelForCausalLM.from_pretrained({str(out)!r}))\n"
             f"[quickstart] before/after answers: {out / 'report' / 'samples.json'}",
@@ -154,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("job", help="YAML file: a FineTuneJob manifest or its spec")
     p_val = sub.add_parser("validate", help="check a FineTuneJob spec")
     p_val.add_argument("job")
+    p_val.add_argument("--spec-only", action="store_true",
+                       help="check the spec alone, not the local paths it names (for a job that runs elsewhere)")
+    p_pre = sub.add_parser("preview", help="show what a FineTuneJob will train on (tokenizer only, no weights)")
+    p_pre.add_argument("job")
+    p_pre.add_argument("-n", "--examples", type=int, default=3, help="examples to show (default 3)")
+    p_pre.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                       help="colour the loss mask (auto: on a terminal); without colour it is marked ⟦…⟧")
+    p_pre.add_argument("--work-dir", default=None, help="where a remote dataset and tokenizer are downloaded")
     p_qs = sub.add_parser("quickstart", help="run the embedded default job (tiny model, CPU)")
     p_qs.add_argument("--dir", default="finetune-quickstart", help="where the model, data and output go")
     sub.add_parser("schema", help="print the spec's JSON schema")
@@ -161,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--work-dir", default=os.environ.get(names.ENV_WORK_DIR),
                        help="scratch space for downloads and the trainer (default: a temp dir)")
         p.add_argument("--termination-log", default=None, help="where the final result is also written")
+        p.add_argument("--events", metavar="FILE", default=None,
+                       help="also write the JSON events to FILE (on a terminal, stdout shows the console view)")
+        p.add_argument("--verbose", "-v", action="store_true",
+                       help="on a terminal: show every library's warnings, logs and progress bars too")
+        p.add_argument("--json", action="store_true", help="JSON events on stdout even on a terminal")
+        p.add_argument("--log", metavar="FILE", default=None,
+                       help="on a terminal: where library output goes (default: runner.log in the work dir, "
+                       "the quickstart's dir, or a temp file)")
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
@@ -168,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return _validate(args)
     if args.command == "quickstart":
         return _quickstart(args)
+    if args.command == "preview":
+        return _preview(args)
     from runner.api.spec import schema_doc
 
     print(json.dumps(schema_doc(), indent=2))

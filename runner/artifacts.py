@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from runner.api import names
+from runner import card
+from runner.card import METHODS  # noqa: F401 - how the adapter was trained, by quantization.bits
 from runner.api.parse import manifest
 from runner.api.spec import Job
 
@@ -80,41 +81,7 @@ def _plot_lengths(lengths: list[int], max_length: int, path: Path) -> None:
     plt.close(fig)
 
 
-def model_card(job: Job, metrics: dict, *, merged: bool) -> str:
-    s = job.spec
-    hyper = {
-        "quantization": s.quantization.model_dump(by_alias=True),
-        "lora": s.lora.model_dump(by_alias=True),
-        "training": s.training.model_dump(by_alias=True, exclude_none=True),
-        "dataset": {
-            k: v
-            for k, v in s.dataset.model_dump(by_alias=True, exclude_none=True).items()
-            if k in ("format", "split", "maxLength", "packing")
-        },
-    }
-    base = s.model.source
-    front = {
-        "base_model": base.removeprefix("hf://").split("@")[0] if base.startswith("hf://") else base,
-        "library_name": "transformers" if merged else "peft",
-        "tags": ["qlora", "lora", names.GROUP],
-        "pipeline_tag": "text-generation",
-    }
-    keys = ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen", "train_runtime")
-    shown = {k: metrics[k] for k in keys if k in metrics}
-    what = f"merged {s.merge.dtype} model" if merged else "LoRA adapter"
-    return (
-        "---\n"
-        + yaml.safe_dump(front, sort_keys=False)
-        + "---\n\n"
-        + f"# {job.name}\n\n"
-        + f"A {what} fine-tuned with QLoRA from `{base}` on `{s.dataset.source}` "
-        + f"(split `{s.dataset.split}`).\n\n"
-        + "## Hyperparameters\n\n```yaml\n"
-        + yaml.safe_dump(hyper, sort_keys=False, allow_unicode=True)
-        + "```\n\n## Results\n\n```json\n"
-        + json.dumps(shown, indent=2)
-        + "\n```\n\nThe training report (metrics, loss curve, token-length histogram, before/after samples) "
-        + "is in `report/`"
-        + (", the LoRA adapter in `adapter/`." if merged and s.output.push_adapter else ".")
-        + "\n"
-    )
+def model_card(job: Job, metrics: dict, *, merged: bool, samples: list[dict] | None = None,
+               adapter: bool = False) -> str:
+    """README.md of the output, or (`adapter`) of its adapter/ folder beside a merged model: runner/card.py."""
+    return card.model_card(job, metrics, merged=merged, samples=samples, adapter=adapter)

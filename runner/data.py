@@ -93,7 +93,15 @@ def _template_fn(template: str, columns: list[str], where: str) -> tuple[Callabl
         except TemplateSyntaxError as e:
             raise DataError(f"{where}: Jinja syntax error ({e}); fix the template")
         _require(names, columns, where)
-        return (lambda row: compiled.render(**row)), set(names)
+
+        def render(row: dict) -> str:
+            try:
+                return compiled.render(**row)
+            except Exception as e:  # noqa: BLE001 - the template is the user's code: any failure is theirs
+                raise DataError(f"{where}: the template failed on a row ({e.__class__.__name__}: "
+                                f"{str(e)[:300]}); fix the template") from e
+
+        return render, set(names)
     names = set(_PLACEHOLDER.findall(template))
     _require(names, columns, where)
 
@@ -309,7 +317,9 @@ def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int) -
     empty = sum(1 for m in train["completion_mask"] if not any(m)) if has_mask else 0
     if has_mask and empty == len(train):
         raise DataError(
-            f"dataset.maxLength: every example's completion is cut off at {spec.max_length} tokens; "
-            "raise dataset.maxLength or shorten the prompts"
+            f"dataset.maxLength: every example's completion is cut off at {spec.max_length} tokens (examples are "
+            f"{min(lengths)}-{max(lengths)} tokens, median {sorted(lengths)[len(lengths) // 2]}, 95% within "
+            f"{sorted(lengths)[max(0, -(-len(lengths) * 95 // 100) - 1)]}); raise dataset.maxLength or shorten the "
+            "prompts (`python -m runner preview JOB` shows the histogram)"
         )
     return TokenizedData(train, ev, formatter.fmt, lengths, truncated, has_mask)

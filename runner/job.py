@@ -14,20 +14,14 @@ from pathlib import Path
 import torch
 
 from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, parallel
-from runner import plan as plan_phase, storage
+from runner import outputs, plan as plan_phase, storage, tracking
 from runner.api import status
-from runner.api.errors import INVALID_SPEC, PermanentError
+from runner.api.errors import INVALID_SPEC, PermanentError, SpecError
+from runner.outputs import checkpoint_location
+from runner.storage import local as local_storage
 from runner.report import Reporter
 from runner.api.spec import FineTuneJobSpec, Job
 from runner.train import StopFlag, train
-
-
-def checkpoint_location(spec: FineTuneJobSpec) -> storage.Location:
-    """`output.checkpoints`, or a sibling of the destination: `<destination>.checkpoints`."""
-    if spec.output.checkpoints:
-        return storage.Location.parse(spec.output.checkpoints)
-    dest = spec.output.destination.rstrip("/")
-    return storage.Location.parse(dest + ".checkpoints")
 
 
 def _uri_problem(field: str, value: str) -> storage.Location:
@@ -37,10 +31,12 @@ def _uri_problem(field: str, value: str) -> storage.Location:
         raise PermanentError(f"{field}: {e}", reason=INVALID_SPEC) from e
 
 
-def _validate(spec: FineTuneJobSpec) -> dict:
-    """Settings this machine can run, sources reachable, credentials present, destination writable - before
-    any GPU time is spent."""
+def _validate(job: Job) -> dict:
+    """Settings this machine can run, sources reachable, credentials present, destination writable and this
+    job's to replace - before any download or GPU time."""
+    spec = job.spec
     plan_phase.check_spec(spec, plan_phase.Machine.here())
+    tracking.check(spec)  # every tracker of training.reportTo reachable
     locations = {
         "model": _uri_problem("model.source", spec.model.source),
         "data": _uri_problem("dataset.source", spec.dataset.source),
@@ -48,13 +44,19 @@ def _validate(spec: FineTuneJobSpec) -> dict:
     }
     dest = _uri_problem("output.destination", spec.output.destination)
     ckpt_loc = checkpoint_location(spec)
+    problems = outputs.local_problems(job)
+    if problems:
+        raise SpecError(problems)
     storage.check_source(locations["model"], repo_type="model")
     storage.check_source(locations["data"], repo_type="dataset")
     if locations["eval"]:
         storage.check_source(locations["eval"], repo_type="dataset")
-    storage.check_destination(dest)
+    storage.check_destination(dest, outputs.identity(job))
     if ckpt_loc.scheme == "s3":
         storage.check_destination(ckpt_loc)
+    elif ckpt_loc.scheme == "local":
+        local_storage.check_writable(Path(ckpt_loc.path), f"checkpoints {ckpt_loc}",
+                                     "set output.checkpoints to a writable place")
     return locations
 
 
@@ -69,15 +71,31 @@ def _download(spec: FineTuneJobSpec, loc: dict, work: Path, reporter: Reporter) 
     if loc["eval"]:
         paths["eval"] = storage.download(loc["eval"], work / "eval-data", repo_type="dataset")
     paths["model"] = storage.download(loc["model"], work / "model", repo_type="model")
-    model_phase.check_target_modules(spec.lora, model_phase.linear_module_names(paths["model"], spec.model))
+    model_phase.check_target_modules(spec.lora, _linear_layers(spec, paths["model"]))
     return paths
+
+
+def _linear_layers(spec: FineTuneJobSpec, model_dir: Path) -> set[str]:
+    """The model's adaptable layers, from its config; a model that cannot load this way fails permanently."""
+    try:
+        return model_phase.linear_module_names(model_dir, spec.model)
+    except (OSError, ValueError, KeyError) as e:
+        if "trust_remote_code" in str(e):
+            raise PermanentError(
+                f"model.trustRemoteCode: {spec.model.source} ships its own Python code, which runs only with "
+                "model.trustRemoteCode: true; set it if you trust that repo, or pick a model transformers supports",
+                reason=INVALID_SPEC) from e
+        raise PermanentError(
+            f"model.source: {spec.model.source} is not a model transformers can load ({e.__class__.__name__}: "
+            f"{str(e)[:300]}); give a folder or repo holding config.json, the weights and the tokenizer",
+            reason=INVALID_SPEC) from e
 
 
 def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop: StopFlag | None = None) -> dict:
     spec = job.spec
     stop = stop or StopFlag()
     own_work = work_dir is None
-    work = Path(work_dir or tempfile.mkdtemp(prefix=f"finetune-{job.name}-"))
+    work = Path(work_dir or tempfile.mkdtemp(prefix=f"finetune-{job.name[:64]}-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         return _run(job, spec, reporter, work, stop)
@@ -87,10 +105,15 @@ def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop:
 
 
 def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: StopFlag) -> dict:
+    done = outputs.already_complete(job)  # every rank decides alike, before any joins the group
+    if done is not None:
+        reporter.phase(status.VALIDATING)
+        reporter.log(done["message"])
+        return done if distributed.is_main() else {}
     distributed.init()
-    paths = _fetch(spec, work, reporter)
+    paths = _fetch(job, work, reporter)
     tokenizer, data = _tokenize(spec, paths, reporter)
-    trained = _train(spec, paths["model"], tokenizer, data, work, reporter, stop)
+    trained = _train(spec, paths["model"], tokenizer, data, work, reporter, stop, tracking.Tracking(job, reporter))
     if not distributed.is_main():
         return {}  # rank 0 merges and publishes
     staging = _assemble(job, spec, paths["model"], tokenizer, data, trained, work, reporter)
@@ -106,12 +129,13 @@ class _Trained:
     samples_after: list[str] | None
 
 
-def _fetch(spec: FineTuneJobSpec, work: Path, reporter: Reporter) -> dict:
+def _fetch(job: Job, work: Path, reporter: Reporter) -> dict:
     """Validating and Downloading, by rank 0 first; the other ranks reuse its files."""
+    spec = job.spec
     with distributed.main_first():
         if distributed.is_main():
             reporter.phase(status.VALIDATING)
-            locations = _validate(spec)
+            locations = _validate(job)
             reporter.phase(status.DOWNLOADING)
             paths = _download(spec, locations, work, reporter)
             (work / "downloads.json").write_text(json.dumps({k: str(v) if v else None for k, v in paths.items()}))
@@ -148,7 +172,7 @@ def _plan(spec: FineTuneJobSpec, model_dir: Path, work: Path) -> plan_phase.Plan
 
 
 def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,
-           stop: StopFlag) -> _Trained:
+           stop: StopFlag, tracker: tracking.Tracking | None = None) -> _Trained:
     reporter.phase(status.TRAINING)
     plan = _plan(spec, model_dir, work)
     model = parallel.load_base(spec, model_dir, plan)
@@ -168,7 +192,7 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
     ckpt_loc = checkpoint_location(spec)
     result = train(
         spec, model, tokenizer, data, work_dir=work, store=storage.CheckpointStore(ckpt_loc),
-        checkpoints_uri=str(ckpt_loc), reporter=reporter, stop=stop, plan=plan,
+        checkpoints_uri=str(ckpt_loc), reporter=reporter, stop=stop, plan=plan, tracker=tracker,
     )
     after = None if spec.merge.enabled else model_phase.generate(model, tokenizer, prompts, spec.eval_max_new_tokens)
     del model
@@ -208,17 +232,25 @@ def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data,
     metrics["phaseSeconds"] = dict(reporter.phase_seconds)
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(spec.eval_prompts, trained.samples_before, after or [])]
+    reporter.details.update(samples=samples, metrics=metrics)  # for the terminal's summary
     artifacts.write_report(staging / "report", job=job, metrics=metrics, history=trained.history,
                            lengths=data.lengths, samples=samples)
-    (staging / "README.md").write_text(artifacts.model_card(job, metrics, merged=spec.merge.enabled))
+    tracking.publish(work, staging / "report")  # report/tensorboard/
+    card = artifacts.model_card(job, metrics, merged=spec.merge.enabled, samples=samples)
+    (staging / "README.md").write_text(card)
+    if (staging / "adapter").is_dir():  # the adapter's own card, not peft's boilerplate
+        (staging / "adapter" / "README.md").write_text(
+            artifacts.model_card(job, metrics, merged=True, samples=samples, adapter=True))
     return staging
 
 
 def _upload(job: Job, spec: FineTuneJobSpec, staging: Path, metrics: dict, reporter: Reporter) -> dict:
     reporter.phase(status.UPLOADING)
+    method = "QLoRA" if spec.quantization.bits == 4 else "LoRA"
     published = storage.publish(staging, storage.Location.parse(spec.output.destination),
                                 private=spec.output.private,
-                                commit_message=f"FineTuneJob {job.name}: QLoRA fine-tune of {spec.model.source}")
+                                commit_message=f"FineTuneJob {job.name}: {method} fine-tune of {spec.model.source}",
+                                job=outputs.identity(job))
     summary = {k: metrics[k] for k in ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen",
                                        "train_runtime") if k in metrics}
     return {"output": published, "metrics": summary, "samples": len(spec.eval_prompts),

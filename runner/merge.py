@@ -1,6 +1,7 @@
-"""Merge phase: fold the adapter into a 16-bit copy of the base (never into 4-bit layers), one safetensors
-shard at a time (runner.merge_shards), and prove the merged model still computes what base+adapter computed,
-with no fp16 overflow.
+"""Merge phase: fold the adapter into a 16-bit copy of the base (never into quantized layers: the base's own
+16-bit files are read, whatever quantization.bits training used), one safetensors shard at a time
+(runner.merge_shards), and prove the merged model still computes what base+adapter computed, with no fp16
+overflow.
 
 Checks. Always, layer by layer while merging (the model is never whole in memory): every merged tensor is
 finite and within float16's range, and every merged linear layer's output on random probe vectors matches
@@ -68,8 +69,9 @@ def full_check_fits(size: int, dev: torch.device) -> bool:
 
 
 def _requantize(spec: FineTuneJobSpec, base_dir: Path, dev: torch.device) -> Requantize | None:
-    """merge.base: dequantized on a 16-bit base: the linear layers 4-bit training quantized, and how."""
-    if spec.merge.base != "dequantized":
+    """merge.base: dequantized on a 16-bit base: the linear layers 4-bit (or 8-bit) training quantized, and
+    how. Training in 16 bits rounded nothing."""
+    if spec.merge.base != "dequantized" or spec.quantization.bits == 16:
         return None
     keys = {f"{n}.weight" for n, m in skeleton(base_dir, spec.model).named_modules() if is_quantized_linear(n, m)}
     stored = BaseFiles(base_dir)
@@ -80,7 +82,7 @@ def _requantize(spec: FineTuneJobSpec, base_dir: Path, dev: torch.device) -> Req
         raise PermanentError(f"merge.base: dequantized: the checkpoint names its linear weights differently from "
                              f"the model ({missing[0]} not found); use merge.base: original", reason=MERGE_FAILED)
     q = spec.quantization
-    return Requantize(keys, q.quant_type, q.double_quant, compute_dtype(spec, Machine.here()))
+    return Requantize(keys, q.quant_type, q.double_quant, compute_dtype(spec, Machine.here()), bits=q.bits)
 
 
 def merge(

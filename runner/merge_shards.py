@@ -10,7 +10,8 @@ written beside the shards, config.json last.
 
 A pre-quantized base (bitsandbytes 4-bit) is dequantized layer by layer from its stored quantization state;
 the outputs hold no quantization state. With `requantize`, each linear weight of a 16-bit base is first
-rounded to NF4/FP4 and back, as 4-bit training saw it (merge.base: dequantized).
+rounded to NF4/FP4 (or LLM.int8's row-wise int8) and back, as quantized training saw it (merge.base:
+dequantized). A base trained in 16 bits (or in 8) is merged from its own 16-bit files: nothing to dequantize.
 
 Checks made on the way, without the whole model: every merged tensor is finite and within float16's range
 (max |W| reported), and each merged linear layer computes, on random probe vectors in fp32, what base + adapter
@@ -115,12 +116,13 @@ class Adapter:
 # ------------------------------------------------------------------------------------------ the merge
 @dataclass
 class Requantize:
-    """Round these 16-bit linear weights to 4 bits and back before merging, as QLoRA training saw them."""
+    """Round these 16-bit linear weights to `bits` and back before merging, as quantized training saw them."""
     keys: set[str]
     quant_type: str = "nf4"
     double_quant: bool = True
     dtype: torch.dtype = torch.bfloat16  # the training's compute dtype: the weights were quantized from it
     blocksize: int = 64
+    bits: int = 4  # 4: NF4/FP4 blocks; 8: LLM.int8's row-wise absmax int8
 
 
 @dataclass
@@ -148,6 +150,9 @@ def _dequantize(packed: torch.Tensor, parts: dict[str, torch.Tensor], dev: torch
 def _requantize(w: torch.Tensor, rq: Requantize) -> torch.Tensor:
     import bitsandbytes.functional as F
 
+    if rq.bits == 8:  # as bitsandbytes' Int8Params: the weight in float16, one absmax scale per row
+        cb, scb, _ = F.int8_vectorwise_quant(w.to(rq.dtype).to(torch.float16).contiguous())
+        return F.int8_vectorwise_dequant(cb, scb).to(torch.float32)
     packed, state = F.quantize_4bit(w.to(rq.dtype).contiguous(), blocksize=rq.blocksize,
                                     compress_statistics=rq.double_quant, quant_type=rq.quant_type)
     return F.dequantize_4bit(packed, state).to(torch.float32)

@@ -1,6 +1,8 @@
-"""Model phase: the 4-bit base, its LoRA adapters, and the checks that need only the config."""
+"""Model phase: the base (4-bit, 8-bit or 16-bit, as quantization.bits says), its LoRA adapters, and the checks
+that need only the config."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -21,8 +23,13 @@ def device() -> torch.device:
 
 
 def bnb_config(q: QuantizationSpec, compute: torch.dtype, storage: torch.dtype):
+    """bitsandbytes' settings for quantization.bits 4 or 8; None for 16 (no quantization)."""
     from transformers import BitsAndBytesConfig
 
+    if q.bits == 16:
+        return None
+    if q.bits == 8:  # LLM.int8: outlier features (|x| > 6) computed in 16 bits, the rest in int8
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -43,7 +50,7 @@ def skeleton(model_dir: Path, m: ModelSpec):
 
 
 def is_quantized_linear(name: str, module: torch.nn.Module) -> bool:
-    """The layers that are stored in 4 bits and get LoRA: every nn.Linear but the output heads."""
+    """The layers that are quantized (bits 4 or 8) and get LoRA: every nn.Linear but the output heads."""
     return isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in HEADS
 
 
@@ -83,28 +90,41 @@ def load_tokenizer(model_dir: Path, m: ModelSpec):
     return tok
 
 
-def load_quantized(model_dir: Path, m: ModelSpec, q: QuantizationSpec, *, compute: torch.dtype, attention: str,
-                   storage: torch.dtype = torch.uint8, load_on: torch.device | None = None):
-    """The 4-bit base for training, as the plan says: compute and storage dtypes, attention kernel, and where
-    its weights are put (`load_on`: this process's device, or the CPU for FSDP to shard). A base saved
-    already in 4-bit keeps its own quantization settings."""
+def load_base(model_dir: Path, m: ModelSpec, q: QuantizationSpec, *, compute: torch.dtype, attention: str,
+              storage: torch.dtype = torch.uint8, load_on: torch.device | None = None):
+    """The base for training, as the plan says: quantized to q.bits (4: NF4/FP4, 8: LLM.int8; 16: not at all,
+    its weights in the compute dtype), compute and storage dtypes, attention kernel, and where its weights are
+    put (`load_on`: this process's device, or the CPU for FSDP to shard). A base saved already in 4-bit keeps
+    its own quantization settings."""
     from transformers import AutoModelForCausalLM
 
     if attention == attention_kernels.NAME:
         attention_kernels.register()  # make "varlen" loadable by transformers in this process
+    if q.bits == 8 and compute != torch.float16:
+        # LLM.int8 computes in float16 whatever the compute dtype; bitsandbytes says so on every matmul.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8CastNotice())
     load_on = load_on or device()
+    quantization = bnb_config(q, compute, storage)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
-        quantization_config=bnb_config(q, compute, storage),
+        **({"quantization_config": quantization} if quantization is not None else {}),
         dtype=compute,
         device_map={"": load_on},
         trust_remote_code=m.trust_remote_code,
         attn_implementation=attention,
     )
     model.config.use_cache = False
-    if load_on.type == "cpu":
+    if load_on.type == "cpu" and q.bits == 4:
         _keep_training_layout(model)
     return model
+
+
+load_quantized = load_base  # the name it had when every base was 4-bit
+
+
+class _Int8CastNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def _keep_training_layout(model) -> None:
@@ -119,7 +139,7 @@ def _keep_training_layout(model) -> None:
 
 
 def add_lora(model, lora: LoraSpec):
-    """Freeze the 4-bit base and add trainable adapters. Non-quantized weights keep the compute dtype (no
+    """Freeze the base (quantized or not) and add trainable adapters. Non-quantized weights keep the compute dtype (no
     fp32 upcast of the frozen base, unlike prepare_model_for_kbit_training). Gradient checkpointing is
     switched on by the trainer when chosen."""
     from peft import LoraConfig, get_peft_model

@@ -1,12 +1,13 @@
 """More than one GPU: what FSDP-QLoRA needs from the loader and the trainer (runner.plan chooses the strategy).
 
   single  one process (resources.gpus <= 1)
-  data    data parallel: every rank holds the whole 4-bit model on its GPU and trains on its own batches
-  fsdp    FSDP2-QLoRA: every rank loads the 4-bit model into CPU memory; FSDP moves only its shard of each
-          decoder layer to the GPU and all-gathers a layer at a time for compute. The packed 4-bit weights
-          are stored as the compute dtype (bfloat16), since FSDP shards and casts only floating-point tensors.
+  data    data parallel: every rank holds the whole base model on its GPU and trains on its own batches
+  fsdp    FSDP2: every rank loads the base model into CPU memory; FSDP moves only its shard of each decoder
+          layer to the GPU and all-gathers a layer at a time for compute. Packed 4-bit weights are stored as
+          the compute dtype (bfloat16), since FSDP shards and casts only floating-point tensors; a 16-bit
+          base is sharded as it is. (LLM.int8 weights cannot be sharded: 8 bits is data parallel only.)
 
-Under FSDP the adapter is gathered from its shards (only the LoRA tensors, never the 4-bit base) for
+Under FSDP the adapter is gathered from its shards (only the LoRA tensors, never the frozen base) for
 checkpoints and the result, so checkpoints have the same format as on one GPU and resume the same way.
 """
 from __future__ import annotations
@@ -22,12 +23,13 @@ from runner.plan import Plan
 
 
 def load_base(spec: FineTuneJobSpec, model_dir: Path, plan: Plan):
-    """The 4-bit base where the plan wants it: on this rank's GPU, or in CPU memory for FSDP to shard."""
-    model = model_phase.load_quantized(
+    """The base where the plan wants it: on this rank's GPU, or in CPU memory for FSDP to shard."""
+    model = model_phase.load_base(
         model_dir, spec.model, spec.quantization, compute=plan.compute_dtype, attention=plan.attention,
         storage=plan.storage_dtype, load_on=torch.device("cpu") if plan.fsdp else None,
     )
-    check_prequantized(model, plan.strategy, plan.compute_dtype)
+    if spec.quantization.bits == 4:
+        check_prequantized(model, plan.strategy, plan.compute_dtype)
     return model
 
 
@@ -70,7 +72,7 @@ def trainer_args(model) -> dict:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": layer_classes(model),
             "reshard_after_forward": True,  # full sharding: a layer is gathered only while it computes
-            "cpu_ram_efficient_loading": False,  # every rank loads the 4-bit model into CPU memory itself
+            "cpu_ram_efficient_loading": False,  # every rank loads the base model into CPU memory itself
             "state_dict_type": "FULL_STATE_DICT",
         },
     }

@@ -1,9 +1,11 @@
 """Every automatic choice of a job, made once, in one place, before training: the Plan.
 
-  strategy        single (one process) | data (every GPU holds the whole 4-bit model and trains on its own
-                  batches) | fsdp (FSDP2-QLoRA: the 4-bit weights are sharded across the GPUs)
-  dtypes          the compute dtype, and what the packed 4-bit weights are stored as (the compute dtype under
-                  FSDP, which shards and casts only floating-point tensors)
+  bits            the base as 4-bit QLoRA (the default), LLM.int8, or 16-bit plain LoRA (quantization.bits)
+  strategy        single (one process) | data (every GPU holds the whole base model and trains on its own
+                  batches) | fsdp (FSDP2: the base's weights are sharded across the GPUs; 4 or 16 bits)
+  dtypes          the compute dtype, and what the base's weights are stored as: packed 4-bit weights as uint8,
+                  or as the compute dtype under FSDP (which shards and casts only floating-point tensors); int8
+                  with 8 bits; the compute dtype itself with 16
   checkpointing   gradient checkpointing: on only when one micro-batch's activations would not fit
   fused kernels   Liger's fused RMSNorm/RoPE/SwiGLU, on a GPU where liger-kernel is installed
   attention       flash-attention 2, PyTorch's varlen flash kernel (packed rows), or SDPA
@@ -28,7 +30,8 @@ from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec
 
 GiB = 2**30
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8,
+          "int8": torch.int8}
 
 # ------------------------------------------------------------------------------------------ memory
 # The one memory rule: a job may plan to use 90% of a GPU (the allocator's fragmentation takes the rest),
@@ -40,6 +43,9 @@ RESERVED = 3 * GiB
 # Bytes per parameter of a 4-bit layer: 0.5 for the weight, plus NF4 block constants (double quantized:
 # one byte per 64 weights, fp32 per 256 blocks).
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+# Bytes per parameter of a linear layer by quantization.bits (LLM.int8 adds one fp32 scale per output row;
+# 16 bits: the compute dtype's size).
+LINEAR_BYTES = {4: NF4_BYTES, 8: 1}
 
 # Activation bytes per token, per layer, per hidden unit of one micro-batch without checkpointing (bf16,
 # trl's chunked LM head), keyed by fused kernels on/off. Measured on an H100, Llama-3-8B shape, 4x2048
@@ -59,18 +65,28 @@ def usable_bytes(total: int, free: int | None = None) -> int:
     return int(budget) - RESERVED
 
 
-def _weight_bytes(skeleton) -> int:
-    total = 0.0
+def _weight_bytes(skeleton, bits: int = 4, dense: int = 2) -> int:
+    """The base's bytes in memory: its linear layers at `bits`, every other weight at `dense` bytes (the
+    compute dtype's size)."""
+    total, seen = 0.0, set()
+    if getattr(skeleton.config, "tie_word_embeddings", False) and skeleton.get_output_embeddings() is not None:
+        seen.add(id(skeleton.get_output_embeddings().weight))  # the LM head is the embeddings: held once
     for name, module in skeleton.named_modules():
         for p in module.parameters(recurse=False):
-            quantized = model_phase.is_quantized_linear(name, module) and p.ndim == 2
-            total += p.numel() * (NF4_BYTES if quantized else 2)
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if bits != 16 and model_phase.is_quantized_linear(name, module) and p.ndim == 2:
+                total += p.numel() * LINEAR_BYTES[bits] + (4 * p.shape[0] if bits == 8 else 0)
+            else:
+                total += p.numel() * dense
     return int(total)
 
 
 def quantized_bytes(model_dir: Path, spec: FineTuneJobSpec) -> int:
-    """The 4-bit model's size in memory, from its config alone (meta device: no weights read)."""
-    return _weight_bytes(model_phase.skeleton(model_dir, spec.model))
+    """The base's size in memory as quantization.bits holds it, with 16-bit dense weights, from its config
+    alone (meta device: no weights read)."""
+    return _weight_bytes(model_phase.skeleton(model_dir, spec.model), spec.quantization.bits)
 
 
 # ----------------------------------------------------------------------------------------- machine
@@ -123,7 +139,10 @@ def compute_dtype(spec: FineTuneJobSpec, machine: Machine) -> torch.dtype:
 
 def storage_dtype(spec: FineTuneJobSpec, strategy: str, compute: torch.dtype) -> torch.dtype:
     """What the packed 4-bit weights are stored as: the spec's choice (`auto`: uint8), or the compute
-    dtype under FSDP."""
+    dtype under FSDP. With 8 bits: int8; with 16: the compute dtype."""
+    bits = spec.quantization.bits
+    if bits != 4:
+        return torch.int8 if bits == 8 else compute
     chosen = spec.quantization.storage_dtype
     if strategy != "fsdp":
         return torch.uint8 if chosen == "auto" else DTYPES[chosen]
@@ -161,20 +180,40 @@ def attention(spec: FineTuneJobSpec, machine: Machine) -> str:
 
 
 def strategy(spec: FineTuneJobSpec, machine: Machine, weights: int, checkpointed: int, usable: int | None) -> str:
-    """`auto` takes data parallel when the 4-bit weights plus a checkpointed micro-batch fit one GPU (it is
-    faster: no all-gathers), FSDP when they do not."""
+    """`auto` takes data parallel when the base's weights plus a checkpointed micro-batch fit one GPU (it is
+    faster: no all-gathers), FSDP when they do not. FSDP cannot shard LLM.int8 weights: 8 bits is always data
+    parallel."""
     if machine.processes <= 1:
         return "single"
     wanted = spec.training.strategy
     if wanted != "auto":
         return wanted
-    if usable is None:
+    if usable is None or spec.quantization.bits == 8:
         return "data"  # CPU ranks
     return "data" if weights + checkpointed <= usable else "fsdp"
 
 
+def check_bits(spec: FineTuneJobSpec, machine: Machine) -> None:
+    """Settings that only mean something for another quantization.bits."""
+    q, bits = spec.quantization, spec.quantization.bits
+    if bits != 4:
+        defaults = type(q)()
+        for field, alias in (("quant_type", "quantType"), ("double_quant", "doubleQuant"),
+                             ("storage_dtype", "storageDtype")):
+            if getattr(q, field) != getattr(defaults, field):
+                raise PermanentError(f"quantization.{alias}: applies to 4-bit quantization only, and "
+                                     f"quantization.bits is {bits}; remove it or set bits: 4", reason=INVALID_SPEC)
+    if bits == 8 and machine.processes > 1 and spec.training.strategy == "fsdp":
+        raise PermanentError("training.strategy: fsdp cannot shard 8-bit (LLM.int8) weights; use data, or "
+                             "quantization.bits 4 or 16", reason=INVALID_SPEC)
+    if bits == 16 and spec.merge.enabled and spec.merge.base == "dequantized":
+        raise PermanentError("merge.base: dequantized means the base rounded as quantized training saw it; with "
+                             "quantization.bits 16 nothing was rounded: use original", reason=INVALID_SPEC)
+
+
 def check_spec(spec: FineTuneJobSpec, machine: Machine) -> None:
     """The spec's settings that cannot work on this machine, refused before anything is downloaded."""
+    check_bits(spec, machine)
     t = spec.training
     if t.fused_kernels and not machine.liger:
         raise PermanentError("training.fusedKernels: liger-kernel is not installed in this image; "
@@ -193,7 +232,7 @@ class Plan:
     strategy: str  # single | data | fsdp
     processes: int
     compute_dtype: torch.dtype
-    storage_dtype: torch.dtype  # of the packed 4-bit weights
+    storage_dtype: torch.dtype  # of the base's linear weights (packed 4-bit, int8, or the compute dtype)
     gradient_checkpointing: bool
     fused_kernels: bool
     attention: str  # transformers' attn_implementation
@@ -201,12 +240,13 @@ class Plan:
     micro_batch: int  # rows per device per step
     micro_batch_tokens: int
     # The memory figures the plan was based on, in bytes (GPU figures None without a GPU).
-    weight_bytes: int  # the 4-bit model
+    weight_bytes: int  # the base model as loaded (4-bit, 8-bit or 16-bit linear layers)
     gpu_weight_bytes: int  # what of it one GPU holds (under FSDP: a shard plus two gathered layers)
     activation_bytes: int  # one micro-batch without checkpointing
     checkpointed_bytes: int  # one micro-batch with checkpointing
     gpu_total_bytes: int | None
     gpu_usable_bytes: int | None
+    bits: int = 4  # quantization.bits: 4 (QLoRA), 8 (LLM.int8) or 16 (plain LoRA)
 
     @property
     def fsdp(self) -> bool:
@@ -238,7 +278,7 @@ class Plan:
             gpu = f"usable {gib(self.gpu_usable_bytes)} of {gib(self.gpu_total_bytes)} per GPU"
         packing = "probe" if self.packing is None else self.packing
         return (f"plan: strategy={self.strategy} processes={self.processes} compute={_name(self.compute_dtype)} "
-                f"storage={_name(self.storage_dtype)} gradient_checkpointing={self.gradient_checkpointing} "
+                f"storage={_name(self.storage_dtype)} bits={self.bits} gradient_checkpointing={self.gradient_checkpointing} "
                 f"fused_kernels={self.fused_kernels} attention={self.attention} packing={packing} "
                 f"micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
@@ -249,18 +289,19 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     """Every choice for this job on this machine, from the spec and the model's config (no weights read)."""
     machine = machine or Machine.here()
     check_spec(spec, machine)
-    t = spec.training
+    t, bits = spec.training, spec.quantization.bits
+    check_prequantized_base(model_dir, bits)
     skeleton = model_phase.skeleton(model_dir, spec.model)
     cfg = skeleton.config.get_text_config()
     layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
     tokens = t.batch_size * spec.dataset.max_length
-    weights = _weight_bytes(skeleton)
+    compute = compute_dtype(spec, machine)
+    weights = _weight_bytes(skeleton, bits, compute.itemsize)
     # With checkpointing each layer's input is kept (bf16) and one layer's activations are live at a time.
     checkpointed = tokens * hidden * (2 * layers + ACT_BYTES[False])
     usable = usable_bytes(machine.gpu_total, machine.gpu_free) if machine.gpu else None
 
     chosen = strategy(spec, machine, weights, checkpointed, usable)
-    compute = compute_dtype(spec, machine)
     fused = fused_kernels(spec, chosen, machine)
     activations = tokens * layers * hidden * ACT_BYTES[fused]
     on_gpu = weights
@@ -282,8 +323,26 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         storage_dtype=storage_dtype(spec, chosen, compute), gradient_checkpointing=checkpointing,
         fused_kernels=fused, attention=attn, packing=packing, micro_batch=t.batch_size,
         micro_batch_tokens=tokens, weight_bytes=weights, gpu_weight_bytes=on_gpu, activation_bytes=activations,
-        checkpointed_bytes=checkpointed, gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable,
+        checkpointed_bytes=checkpointed, gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits,
     )
+
+
+def check_prequantized_base(model_dir: Path, bits: int) -> None:
+    """A base saved already quantized trains only with bits 4, as it was saved (its dequantized weights are all
+    there is); one saved in 8 bits not at all (its 16-bit original is needed)."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    saved = config.get("quantization_config") or {}
+    if not saved:
+        return
+    saved_bits = 4 if saved.get("load_in_4bit") else 8 if saved.get("load_in_8bit") else None
+    if bits == 4 and saved_bits != 8:
+        return
+    what = f"{saved_bits}-bit" if saved_bits else f"with {saved.get('quant_method', 'another method')}"
+    hint = "use the 16-bit original of this model" + (", or quantization.bits 4" if saved_bits == 4 else "")
+    raise PermanentError(f"model.source: this base is saved already quantized ({what}), and quantization.bits "
+                         f"is {bits}; {hint}", reason=INVALID_SPEC)
 
 
 def _name(dtype: torch.dtype) -> str:

@@ -7,7 +7,9 @@ Events:
    "tokensPerSecond": 5123.0, "time": ...}
   {"event": "result", "phase": "Succeeded" | "Failed", "reason": ..., "message": ..., "output": ...,
    "metrics": {...}, "exitCode": 0, "time": ...}
-Other sinks (the controller's status patcher) receive the same dicts.
+Other sinks (the controller's status patcher) receive the same dicts. On a terminal, a `console`
+(runner/console.py) renders the same events and log lines for a person instead; `details` carries what only the
+human summary shows (the eval prompts' answers, the job), never emitted.
 """
 from __future__ import annotations
 
@@ -30,6 +32,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def clock(seconds: float | None) -> str:
+    """0:07, 4:05, 1:02:03."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(round(max(seconds, 0)))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -49,6 +60,7 @@ class Reporter:
         stderr: TextIO | None = None,
         termination_log: str | None = None,
         sinks: list[Sink] | None = None,
+        console: Any = None,
     ):
         self.stdout = stdout or sys.stdout
         self.stderr = stderr or sys.stderr
@@ -58,7 +70,12 @@ class Reporter:
         self.phase_name: str | None = None
         self.phase_started: dict[str, float] = {}
         self.phase_seconds: dict[str, float] = {}
-        self._tty = hasattr(self.stderr, "isatty") and self.stderr.isatty()
+        self.console = console  # the human view on a terminal (runner.console.Console), or None
+        self.details: dict[str, Any] = {}  # for the console's summary only
+        if console is not None:
+            console.details = self.details
+        self._tty = console is None and hasattr(self.stderr, "isatty") and self.stderr.isatty()
+        self._started = time.monotonic()
 
     # ------------------------------------------------------------------ events
     def emit(self, event: dict) -> None:
@@ -70,13 +87,15 @@ class Reporter:
                 sink(event)
             except Exception as e:  # a status sink must never kill training
                 self.log(f"status sink failed: {e.__class__.__name__}: {e}")
+        if self.console is not None:
+            self.console.event(event)
 
     def phase(self, name: str, **fields: Any) -> None:
         assert name in status.RUNNER_STEPS, name
         self._close_phase()
         self.phase_name = name
         self.phase_started[name] = time.monotonic()
-        self.log(f"phase {name}")
+        self._line(f"phase {name}")  # the console draws its own header
         self.emit({"event": "phase", "phase": name, **fields})
 
     def progress(self, **fields: Any) -> None:
@@ -87,16 +106,24 @@ class Reporter:
             done = int(width * step / total) if total else 0
             loss = fields.get("loss")
             tps = fields.get("tokensPerSecond")
+            elapsed = time.monotonic() - self.phase_started.get(self.phase_name or "", self._started)
+            eta = elapsed / step * (total - step) if step and total else None
             self.stderr.write(
                 f"\r[{'#' * done}{'.' * (width - done)}] {step}/{total}"
                 + (f" loss {loss:.4f}" if isinstance(loss, float) else "")
                 + (f" {tps:,.0f} tok/s" if isinstance(tps, float) else "")
+                + f" {clock(elapsed)}" + (f" ETA {clock(eta)}" if eta is not None else "")
             )
             if total and step >= total:
                 self.stderr.write("\n")
             self.stderr.flush()
 
     def log(self, message: str) -> None:
+        self._line(message)
+        if self.console is not None:
+            self.console.log(redact(message))
+
+    def _line(self, message: str) -> None:
         self.stderr.write(f"[runner] {redact(message)}\n")
         self.stderr.flush()
 
@@ -119,6 +146,8 @@ class Reporter:
 
     def write_termination(self, event: dict) -> None:
         """Kubernetes shows this file as the container's termination message (4 KiB kept)."""
+        if self.console is not None and event.get("event") == "result":
+            self.console.event(_clean(event))  # a launcher's rank-0 result (result() showed its own already)
         message = json.dumps(_clean(event), ensure_ascii=False)
         if len(message.encode()) > names.TERMINATION_MESSAGE_LIMIT:
             slim = {k: event.get(k) for k in ("event", "phase", "exitCode", "reason", "output")}

@@ -16,22 +16,47 @@ from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.api.spec import FineTuneJobSpec
 from runner.plan import Plan
 from runner.report import Reporter
+from runner.storage.checkpoints import step_of
 
 FINGERPRINT_FILE = "job-fingerprint.json"
+# Inside every checkpoint: the progress history up to its step, so that a resumed run reports the whole run.
+HISTORY_FILE = "finetune-history.json"
 
 
 # --------------------------------------------------------------------------------------- preemption
 class StopFlag:
-    """Set by SIGTERM (pod eviction, node drain, `kubectl delete`): save a checkpoint and stop."""
+    """Set by SIGTERM (pod eviction, node drain, `kubectl delete`) or a Ctrl-C during training: save a
+    checkpoint and stop. A Ctrl-C outside training, or a second one, interrupts at once."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.signal_name = "SIGTERM"
+        self.training = False
+        self.saved: tuple[str, int] | None = None  # the newest durable checkpoint of this run: (name, step)
 
     def install(self) -> None:
-        def handler(signum, frame):  # noqa: ARG001
-            self.requested = True
+        def on_term(signum, frame):  # noqa: ARG001
+            self.requested, self.signal_name = True, "SIGTERM"
 
-        signal.signal(signal.SIGTERM, handler)
+        def on_interrupt(signum, frame):  # noqa: ARG001
+            if not self.training or self.requested:
+                raise KeyboardInterrupt
+            self.requested, self.signal_name = True, "Ctrl-C"
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_interrupt)
+
+    def stopped(self, checkpoints_uri: str) -> Preempted:
+        if self.saved is None:
+            return Preempted(f"received {self.signal_name}; stopped before a checkpoint could be saved: running "
+                             "the same job again starts over")
+        name, step = self.saved
+        return Preempted(f"received {self.signal_name}; stopped after saving {name} to {checkpoints_uri}: "
+                         f"running the same job again resumes from step {step}")
+
+
+class _AlreadyTrained(Exception):
+    """Resumed from a checkpoint at or past the last step: there is nothing left to train."""
 
 
 # ------------------------------------------------------------------------------------- fingerprint
@@ -39,12 +64,13 @@ def fingerprint(spec: FineTuneJobSpec) -> dict:
     """What must match for a checkpoint to be resumed: the model, data and everything that shapes the
     optimisation. Logging/saving cadence and output places may change between runs."""
     training = spec.training.model_dump(
-        by_alias=True, exclude={"logging_steps", "save_steps", "eval_steps"}
+        by_alias=True, exclude={"logging_steps", "save_steps", "eval_steps", "report_to"}
     )
+    q = spec.quantization  # bits 4 fingerprints as before bits existed: those checkpoints still resume
     parts = {
         "model": spec.model.model_dump(by_alias=True),
         "dataset": spec.dataset.model_dump(by_alias=True),
-        "quantization": spec.quantization.model_dump(by_alias=True),
+        "quantization": q.model_dump(by_alias=True, exclude={"bits"} if q.bits == 4 else None),
         "lora": spec.lora.model_dump(by_alias=True),
         "training": training,
     }
@@ -69,14 +95,14 @@ def check_fingerprint(store, spec: FineTuneJobSpec, checkpoints_uri: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------- callbacks
-def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag):
+def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: list[dict]):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
         def __init__(self) -> None:
             self.last_time: float | None = None
             self.last_tokens = 0
-            self.history: list[dict] = []
+            self.history: list[dict] = history
 
         def on_train_begin(self, args, state, control, **kw):
             self.last_time, self.last_tokens = time.monotonic(), state.num_input_tokens_seen
@@ -103,23 +129,60 @@ def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag):
             self.history.append(point)
             reporter.progress(**point)
 
+    progress = Progress()
+
     class DurableCheckpoints(TrainerCallback):
-        """After the Trainer writes checkpoint-N locally, copy it to the durable store complete-or-absent."""
+        """After the Trainer writes checkpoint-N locally, copy it to the durable store complete-or-absent,
+        with the history up to step N in it."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:  # resumed from the last step (the Trainer would go on)
+                raise _AlreadyTrained()
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step >= state.max_steps or stop.requested:
                 control.should_save = True  # the last step (and a preempted one) is always durable
             if stop.requested:
                 control.should_training_stop = True
+            if control.should_save:
+                control.should_log = True  # every checkpoint's history ends at its step: the run's loss adds up
 
         def on_save(self, args, state, control, **kw):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and local.is_dir():
+                (local / HISTORY_FILE).write_text(json.dumps(progress.history))
                 name = store.save(local)
                 store.prune(keep)
+                stop.saved = (name, state.global_step)
                 reporter.emit({"event": "checkpoint", "name": name, "step": state.global_step})
 
-    return Progress(), DurableCheckpoints()
+    return progress, DurableCheckpoints()
+
+
+def _history_before(checkpoint: Path | None, step: int) -> list[dict]:
+    """The progress history saved in a checkpoint (up to its step), or [] for one saved without it."""
+    if checkpoint is None:
+        return []
+    try:
+        saved = json.loads((checkpoint / HISTORY_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(saved, list):
+        return []
+    return [h for h in saved if isinstance(h, dict) and isinstance(h.get("step"), int) and h["step"] <= step]
+
+
+def run_loss(history: list[dict], global_step: int) -> float | None:
+    """The mean training loss over every step of the run, from the logged losses (each the mean since the
+    previous log); None unless the logs reach the last step."""
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not points or points[-1][0] != global_step or global_step <= 0:
+        return None
+    total, previous = 0.0, 0
+    for step, loss in points:
+        total += loss * (step - previous)
+        previous = step
+    return total / global_step
 
 
 # --------------------------------------------------------------------------------------- the trainer
@@ -223,7 +286,9 @@ def train(
     reporter: Reporter,
     stop: StopFlag,
     plan: Plan,
+    tracker=None,
 ) -> TrainResult:
+    """`tracker` (runner.tracking.Tracking): TensorBoard files and the runs of training.reportTo."""
     scratch = work_dir / "trainer"
     with distributed.main_first():  # rank 0 checks and fetches; the others read its copy
         if distributed.is_main():
@@ -236,15 +301,30 @@ def train(
             (scratch / "resume.json").write_text(json.dumps(complete[-1] if complete else None))
     name = json.loads((scratch / "resume.json").read_text())
     resume = scratch / name if name else None
+    history = _history_before(resume, step_of(name) or 0) if name else []
 
-    progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop)
-    trainer = make_trainer(spec, model, tokenizer, data, scratch, plan, callbacks=[progress, durable])
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop, history)
+    tracked = tracker.start(store, work_dir) if tracker is not None else []
+    trainer = make_trainer(spec, model, tokenizer, data, scratch, plan, callbacks=[progress, durable, *tracked],
+                           **(tracker.trainer_args() if tracker is not None else {}))
+    stop.training = True
+    try:
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        metrics = dict(output.metrics)
+    except _AlreadyTrained:
+        reporter.log(f"training already complete at step {trainer.state.global_step} ({name}): nothing to train")
+        metrics = {"train_runtime": 0.0, "epoch": trainer.state.epoch}
+    finally:
+        stop.training = False
     if stop.requested:
-        raise Preempted()
-    metrics = dict(output.metrics)
+        raise stop.stopped(checkpoints_uri)
+    whole = run_loss(progress.history, trainer.state.global_step)
+    if whole is not None:
+        metrics["train_loss"] = whole  # the Trainer's counts only the steps since the resume
     if data.eval is not None:
         metrics.update(trainer.evaluate())
+    if tracker is not None:
+        metrics.update(tracker.finish())
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
     metrics["global_step"] = trainer.state.global_step
     adapter_dir = work_dir / "adapter"

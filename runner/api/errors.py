@@ -84,13 +84,19 @@ SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_ACCESS_KEY_ID",
+    "MLFLOW_TRACKING_PASSWORD",  # experiment trackers (runner/tracking.py)
+    "MLFLOW_TRACKING_TOKEN",
+    "WANDB_API_KEY",
 )
 _BEARER = re.compile(r"(?i)(bearer\s+|token=|authorization:\s*)[^\s'\"&]+")
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_UNPRINTABLE = re.compile("[\x00\ud800-\udfff]")  # a NUL byte or an unpaired surrogate (no UTF-8 for it)
 
 
 def redact(text: str) -> str:
-    """Remove secret values (from the environment, bearer tokens, hf_ tokens) from a message."""
+    """Remove secret values (from the environment, bearer tokens, hf_ tokens) from a message, and write NUL
+    bytes and unpaired surrogates as escapes, so that any message can be printed and encoded."""
+    text = _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], str(text))
     for name in SECRET_ENV_VARS:
         value = os.environ.get(name)
         if value and len(value) >= 4:

@@ -21,6 +21,15 @@ ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
 ENV_POD_NAME = "FINETUNE_POD_NAME"  # the pod itself (downward API): status.runner.pod
 ENV_ATTEMPT = "FINETUNE_ATTEMPT"  # 1, 2, ...: status.runner.attempt
 ENV_WORK_DIR = "FINETUNE_WORK_DIR"  # scratch space for downloads and the trainer
+# Several nodes (spec.resources.nodes > 1): torchrun's own variables (PET_<FLAG> is the default of its --<flag>).
+# The controller sets them in every pod of a JobSet; to run a job on several machines by hand, set them on each
+# (README "Several nodes").
+ENV_NNODES = "PET_NNODES"  # nodes in the job (overrides spec.resources.nodes)
+ENV_NODE_RANK = "PET_NODE_RANK"  # this node: 0 .. nodes-1; node 0 hosts the rendezvous and runs global rank 0
+ENV_MASTER_ADDR = "PET_MASTER_ADDR"  # node 0's address as every node reaches it: the c10d rendezvous endpoint
+ENV_MASTER_PORT = "PET_MASTER_PORT"  # the rendezvous port on node 0 (default RDZV_PORT)
+ENV_LOCAL_ADDR = "PET_LOCAL_ADDR"  # this node's address as the others reach it (node 0: PET_MASTER_ADDR)
+RDZV_PORT = 29500  # torchrun's default
 # Read by the runner only.
 ENV_STATUS_INTERVAL = "FINETUNE_STATUS_INTERVAL"  # seconds between progress patches
 ENV_TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"  # where the result goes (default TERMINATION_LOG)

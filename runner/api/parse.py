@@ -11,13 +11,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.alias_generators import to_camel
 
+from runner.api import untrusted
 from runner.api.errors import SpecError
 from runner.api.names import API_VERSION, KIND
 from runner.api.spec import FineTuneJobSpec, Job
+from runner.api.untrusted import short
 from runner.api.uris import Location
+
+# The output heads: never adapted (all-linear leaves them out; runner/model.py's HEADS is the same set).
+OUTPUT_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
+SEED_MAX = 2**32 - 1  # numpy's seeds, which the Trainer sets from training.seed
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_PLACEHOLDER = re.compile(r"(?<!\{)\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\}(?!\})")
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -25,49 +33,68 @@ def load_job(path: str | Path) -> Job:
     """Read a YAML/JSON file holding a FineTuneJob manifest or a bare spec."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SpecError([f"{p}: cannot read the job file ({e.strerror}); give the path of a YAML file"])
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SpecError([f"{p}: not valid YAML ({e}); fix the syntax"])
+        doc = untrusted.read_yaml(p)
+    except untrusted.FileProblem as e:
+        raise SpecError([f"{str(p)[:200]}: {e}"]) from None
     return parse_job(doc, default_name=p.stem)
 
 
 def parse_job(doc: Any, *, default_name: str = "finetune") -> Job:
     if not isinstance(doc, dict):
         raise SpecError(["the job must be a mapping: a FineTuneJob manifest or its spec"])
+    shape = untrusted.shape_problem(doc)
+    if shape:
+        raise SpecError([shape])
     prefix = ""
-    name = default_name
+    name = _dns_name(default_name)
     if "kind" in doc or "apiVersion" in doc:
         problems = []
         if doc.get("kind") != KIND:
-            problems.append(f"kind: must be {KIND} (got {doc.get('kind')!r})")
+            problems.append(f"kind: must be {KIND} (got {short(doc.get('kind'))})")
         if doc.get("apiVersion") != API_VERSION:
-            problems.append(
-                f"apiVersion: must be {API_VERSION} (got {doc.get('apiVersion')!r})"
-            )
+            problems.append(f"apiVersion: must be {API_VERSION} (got {short(doc.get('apiVersion'))})")
         if not isinstance(doc.get("spec"), dict):
             problems.append("spec: missing; a FineTuneJob needs a spec mapping")
+        given, problem = _metadata_name(doc)
+        if problem:
+            problems.append(problem)
         if problems:
             raise SpecError(problems)
-        name = (doc.get("metadata") or {}).get("name") or default_name
+        name = given or name
         doc, prefix = doc["spec"], "spec."
-    problems: list[str] = []
+    problems = untrusted.raw_problems(doc, FineTuneJobSpec, prefix)
+    flagged = {p.split(": ", 1)[0] for p in problems}  # said once, by the more precise message
     spec = None
     try:
         spec = FineTuneJobSpec.model_validate(doc)
     except ValidationError as e:
-        problems += [_explain(err, prefix) for err in e.errors()]
+        problems += [p for p in (_explain(err, prefix) for err in e.errors()) if p.split(": ", 1)[0] not in flagged]
     problems += [prefix + p for p in cross_field_problems(doc)]
     if problems or spec is None:
-        raise SpecError(problems)
-    return Job(name=_dns_name(name), spec=spec)
+        raise SpecError(list(dict.fromkeys(problems)))
+    return Job(name=name, spec=spec)
+
+
+def _metadata_name(doc: dict) -> tuple[str | None, str | None]:
+    """(metadata.name, None), (None, None) when there is no metadata, or (None, what is wrong)."""
+    if "metadata" not in doc:
+        return None, None
+    md = doc["metadata"]
+    if not isinstance(md, dict):
+        return None, f"metadata: must be a mapping such as {{name: my-job}} (got {short(md)})"
+    name = md.get("name")
+    if name is None:
+        return None, "metadata.name: required in a FineTuneJob's metadata; add name: my-job"
+    if not isinstance(name, str) or len(name) > 253 or not _K8S_NAME.match(name):
+        fix = _dns_name(name) if isinstance(name, str) else "my-job"
+        return None, (f"metadata.name: {short(name)} is not a Kubernetes name: use lowercase letters, digits, '-' "
+                      f"and '.', starting and ending with a letter or digit, at most 253 characters (e.g. {fix!r})")
+    return name, None
 
 
 def _dns_name(name: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "finetune"
+    """A Kubernetes name made from a file name: lowercase letters, digits and '-', at most 63 characters."""
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower())[:63].strip("-") or "finetune"
 
 
 # -------------------------------------------------------------------------------- error explanations
@@ -104,16 +131,16 @@ def _explain(err: dict, prefix: str) -> str:
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         allowed = sorted(f.alias or n for n, f in parent.model_fields.items()) if parent else []
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        close = difflib.get_close_matches(to_camel(str(loc[-1])), allowed, n=1)
         hint = f"did you mean `{close[0]}`?" if close else f"allowed here: {', '.join(allowed)}"
         return f"{where}: unknown field; {hint}"
     if kind == "missing":
         return f"{where}: required field is missing; add it"
     if kind == "literal_error":
         expected = err.get("ctx", {}).get("expected", "")
-        return f"{where}: {got!r} is not allowed; use one of {expected}"
+        return f"{where}: {short(got)} is not allowed; use one of {expected}"
     msg = err["msg"]
-    return f"{where}: {msg} (got {got!r}); fix the value"
+    return f"{where}: {msg} (got {short(got)}); fix the value"
 
 
 # ---------------------------------------------------------------------------------- cross-field rules
@@ -168,12 +195,52 @@ def cross_field_problems(doc: dict) -> list[str]:
     ckpt = out.get("checkpoints")
     if isinstance(ckpt, str) and ckpt.startswith("hf://"):
         problems.append("output.checkpoints: the Hub cannot hold checkpoints; use s3:// or a local path")
+    problems += _template_problems(template)
+    problems += _target_problems(section("lora").get("targetModules"))
+    seed = section("training").get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= SEED_MAX:
+        problems.append(f"training.seed: {short(seed)} is outside 0..{SEED_MAX} (the seeds numpy takes); "
+                        "pick a seed in that range, e.g. 42")
     merge = section("merge")
     if merge.get("enabled") is False and out.get("pushAdapter") is False:
         problems.append(
             "output.pushAdapter: with merge.enabled false the adapter is the only result; set it true"
         )
     return problems
+
+
+def _template_problems(template: dict) -> list[str]:
+    problems = []
+    for key in ("text", "prompt", "completion"):
+        t = template.get(key)
+        if not isinstance(t, str) or not ("{{" in t or "{%" in t):
+            continue
+        where = f"dataset.template.{key}"
+        mixed = _PLACEHOLDER.search(t)
+        if mixed:
+            column = mixed.group().strip("{} ")
+            problems.append(f"{where}: mixes a `{mixed.group()}` placeholder with Jinja (`{{{{ ... }}}}`); in a Jinja "
+                            f"template `{mixed.group()}` would stay literal text: write `{{{{ {column} }}}}`")
+            continue
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import SandboxedEnvironment
+
+        try:
+            SandboxedEnvironment().parse(t)
+        except TemplateSyntaxError as e:
+            problems.append(f"{where}: Jinja syntax error on line {e.lineno}: {short(e.message, 200)}; fix the template")
+    return problems
+
+
+def _target_problems(targets: Any) -> list[str]:
+    names = [targets] if isinstance(targets, str) else targets if isinstance(targets, list) else []
+    heads = [t for t in names if isinstance(t, str) and t in OUTPUT_HEADS]
+    if not heads:
+        return []
+    return [f"lora.targetModules: {', '.join(heads)} is the model's output head, which the runner does not adapt: "
+            "all-linear leaves heads out, and in QLoRA the head is not one of the 4-bit layers (bitsandbytes keeps "
+            "it in 16 bits, often tied to the input embeddings), so peft would train and merge it differently from "
+            f"every other adapter; remove {heads[0]} from lora.targetModules (or use all-linear)"]
 
 
 def manifest(name: str, spec: dict, *, namespace: str | None = None) -> dict:

@@ -92,15 +92,26 @@ class DatasetSpec(_Section):
 
 # -------------------------------------------------------------------------------------- quantization
 class QuantizationSpec(_Section):
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
-    double_quant: bool = Field(True, description="Quantize the quantization constants too (~0.4 bit/param).")
+    bits: Literal[4, 8, 16] = Field(
+        4,
+        description="Bits per weight of the frozen base's linear layers. 4: QLoRA, quantized to NF4/FP4 by "
+        "bitsandbytes (~0.52 bytes per parameter). 8: LLM.int8 by bitsandbytes (~1 byte per parameter; one GPU or "
+        "data parallel, not FSDP). 16: plain LoRA on the base kept in the compute dtype, no quantization (2 bytes "
+        "per parameter; fastest where it fits, and FSDP shards it as it is).",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base (bits 4 only).")
+    double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (~0.4 bit/param; bits 4 only)."
+    )
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Dtype of the matmuls. `auto`: bfloat16 where the GPU supports it, else float16."
+        "auto",
+        description="Dtype of the matmuls, and of the base's weights with bits 16. `auto`: bfloat16 where the GPU "
+        "supports it, else float16.",
     )
     storage_dtype: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
         "auto",
-        description="Dtype the packed 4-bit weights are stored in. `auto`: uint8, or the compute dtype under "
-        "FSDP (which shards only floating-point tensors and casts every shard to the compute dtype).",
+        description="Dtype the packed 4-bit weights are stored in (bits 4 only). `auto`: uint8, or the compute "
+        "dtype under FSDP (which shards only floating-point tensors and casts every shard to the compute dtype).",
     )
 
 
@@ -167,9 +178,10 @@ class TrainingSpec(_Section):
     )
     strategy: Literal["auto", "data", "fsdp"] = Field(
         "auto",
-        description="With resources.gpus > 1: `data` (every GPU holds the whole 4-bit model and trains on its "
-        "own batches) or `fsdp` (the 4-bit weights are sharded across the GPUs, for models that do not fit "
-        "one). `auto`: data parallel when the 4-bit model and a micro-batch fit one GPU, else FSDP.",
+        description="With resources.gpus > 1: `data` (every GPU holds the whole base model and trains on its "
+        "own batches) or `fsdp` (the base's weights are sharded across the GPUs, for models that do not fit "
+        "one; bits 4 or 16). `auto`: data parallel when the base model and a micro-batch fit one GPU, else FSDP "
+        "(always data parallel with bits 8).",
     )
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
     logging_steps: int = Field(10, ge=1, description="Report loss and progress every N steps.")
@@ -177,6 +189,22 @@ class TrainingSpec(_Section):
     eval_steps: int | None = Field(
         None, ge=1, description="Evaluate every N steps (default: saveSteps) when an eval set exists."
     )
+    report_to: list[Literal["mlflow", "wandb", "tensorboard"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the run's parameters and per-step metrics (TensorBoard "
+        "event files are always written into the published report/tensorboard/). `mlflow`: the server at "
+        "MLFLOW_TRACKING_URI (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, MLFLOW_EXPERIMENT_NAME). "
+        "`wandb`: WANDB_API_KEY, WANDB_PROJECT (WANDB_MODE=offline writes the run under WANDB_DIR). `tensorboard`: "
+        "also write the event files live to TENSORBOARD_LOGGING_DIR. Set these as environment variables (in a "
+        "cluster: `env` entries with valueFrom.secretKeyRef); an unreachable tracker fails the job in Validating. "
+        "Runs are named after the job, tagged with its name, namespace and attempt; a resumed attempt continues "
+        "the same run.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many_trackers(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
 
 
 # --------------------------------------------------------------------------------- merge and output
@@ -187,9 +215,10 @@ class MergeSpec(_Section):
         "original",
         description="Weights the adapter is merged into. `original`: the base's own 16-bit weights, keeping "
         "its full precision (usually what users want: the merged model is the base plus the learned change). "
-        "`dequantized`: the base rounded to 4 bits and back with the job's quantization settings, the weights "
-        "the adapter was trained against; the merged model then reproduces exactly what was trained (lower "
-        "logit error against the trained 4-bit model), at the cost of the 4-bit rounding of the base. A base "
+        "`dequantized`: the base rounded to 4 (or 8) bits and back with the job's quantization settings, the "
+        "weights the adapter was trained against; the merged model then reproduces exactly what was trained "
+        "(lower logit error against the trained quantized model), at the cost of the rounding of the base "
+        "(with quantization.bits 16 nothing was rounded: use original). A base "
         "saved already in 4-bit has only its dequantized weights: both values merge into those.",
     )
 
@@ -220,7 +249,14 @@ class SecretRef(_Section):
 
 
 class ResourcesSpec(_Section):
-    gpus: int = Field(1, ge=0, le=64, description="GPUs on one node.")
+    gpus: int = Field(1, ge=0, le=64, description="GPUs on each node (one runner pod per node).")
+    nodes: int = Field(
+        1, ge=1, le=64,
+        description="Nodes the job spreads over, one runner pod of `gpus` GPUs each. More than 1: one JobSet "
+        "(jobset.x-k8s.io, installed separately) per attempt instead of a Job, and torchrun with c10d rendezvous "
+        "across the pods (data parallel, or FSDP over every GPU); the JobSet fails as a whole when one pod fails, "
+        "and the next attempt resumes from the newest checkpoint, so the output and checkpoints must be where every node reaches them (S3, the Hub, or a shared volume).",
+    )
     cpu: str | None = Field(None, description="CPU request, e.g. `8`.")
     memory: str | None = Field(None, description="Memory request and limit, e.g. `64Gi`.")
     gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
@@ -272,7 +308,9 @@ class FineTuneJobSpec(ClusterFields):
     model: ModelSpec = Field(description="The base model to fine-tune.")
     dataset: DatasetSpec = Field(description="The training data and how its rows become training text.")
     quantization: QuantizationSpec = Field(
-        default_factory=QuantizationSpec, description="How the frozen base model is quantized to 4 bits."
+        default_factory=QuantizationSpec,
+        description="How the frozen base model is held: quantized to 4 bits (QLoRA, the default) or 8 bits, or "
+        "kept in 16 bits (plain LoRA).",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="The LoRA adapter that is trained.")
     training: TrainingSpec = Field(

@@ -26,6 +26,7 @@ __all__ = [
     "download",
     "is_complete",
     "publish",
+    "read_manifest",
 ]
 
 
@@ -44,8 +45,9 @@ def check_source(loc: Location, *, repo_type: str = "model") -> None:
     return local.check_source(loc)
 
 
-def check_destination(loc: Location) -> None:
-    """Before training: the destination can be written with the credentials in the environment."""
+def check_destination(loc: Location, job: dict | None = None) -> None:
+    """Before training: the destination can be written with the credentials in the environment; a local one
+    only if what it holds now is an earlier output of the same `job` ({"name", "spec"}) or nothing."""
     if loc.scheme == "hf":
         from . import hub
 
@@ -56,7 +58,7 @@ def check_destination(loc: Location) -> None:
         return s3.check_destination(loc)
     from . import local
 
-    return local.check_destination(loc)
+    return local.check_destination(loc, job)
 
 
 def download(loc: Location, dest: Path, *, repo_type: str = "model", allow_patterns: list[str] | None = None) -> Path:
@@ -76,9 +78,9 @@ def download(loc: Location, dest: Path, *, repo_type: str = "model", allow_patte
 
 
 def publish(local_dir: Path, loc: Location, *, private: bool = True,
-            commit_message: str = "Upload fine-tuned model") -> str:
-    """Publish a finished output folder all-or-nothing (manifest last, or one Hub commit). Returns the
-    published URI (an https URL for the Hub)."""
+            commit_message: str = "Upload fine-tuned model", job: dict | None = None) -> str:
+    """Publish a finished output folder all-or-nothing (manifest last, or one Hub commit); the manifest
+    records `job` ({"name", "spec"}). Returns the published URI (an https URL for the Hub)."""
     from runner.api.errors import UPLOAD_FAILED, PermanentError
 
     if not Path(local_dir).is_dir():
@@ -86,14 +88,27 @@ def publish(local_dir: Path, loc: Location, *, private: bool = True,
     if loc.scheme == "hf":
         from . import hub
 
-        return hub.publish(Path(local_dir), loc, private=private, commit_message=commit_message)
+        return hub.publish(Path(local_dir), loc, private=private, commit_message=commit_message, job=job)
     if loc.scheme == "s3":
         from . import s3
 
-        return s3.publish(Path(local_dir), loc)
+        return s3.publish(Path(local_dir), loc, job=job)
     from . import local
 
-    return local.publish(Path(local_dir), loc)
+    return local.publish(Path(local_dir), loc, job)
+
+
+def read_manifest(loc: Location) -> dict | None:
+    """The manifest of the output published at a local or S3 location (None: none, or the Hub)."""
+    if loc.scheme == "s3":
+        from . import s3
+
+        return s3.read_manifest(loc)
+    if loc.scheme == "local":
+        from . import local
+
+        return local.read_manifest(loc)
+    return None
 
 
 def is_complete(loc: Location) -> bool:

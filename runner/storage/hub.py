@@ -199,7 +199,7 @@ def download(loc: Location, dest: Path, repo_type: str = "model", allow_patterns
     return Path(path)
 
 
-def publish(local_dir: Path, loc: Location, *, private: bool, commit_message: str) -> str:
+def publish(local_dir: Path, loc: Location, *, private: bool, commit_message: str, job: dict | None = None) -> str:
     """Create the repo if needed, then ONE commit with every file and the manifest; files from an earlier
     publish that this output does not have are deleted in the same commit (.gitattributes is kept)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -210,7 +210,7 @@ def publish(local_dir: Path, loc: Location, *, private: bool, commit_message: st
         raise PermanentError(f"cannot publish to {uri}: no Hub token; {TOKEN_HINT} with write access",
                              reason=UPLOAD_FAILED)
     files = iter_files(Path(local_dir))
-    manifest = build_manifest(files)
+    manifest = build_manifest(files, job)
     with errors("publish to", uri, UPLOAD_FAILED):
         api = _api()
         api.create_repo(loc.path, repo_type=rtype, private=private, exist_ok=True)

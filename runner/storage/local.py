@@ -1,4 +1,9 @@
-"""Local files: sources are used in place; outputs are built beside the destination and renamed into it."""
+"""Local files: sources are used in place; outputs are built beside the destination and renamed into it.
+
+The runner never deletes or overwrites a file it did not write: a destination is replaced only when it is
+absent, empty, or holds a previous output of the same job (its manifest names the job and lists every file
+in it), and only once the new output is complete beside it.
+"""
 from __future__ import annotations
 
 import os
@@ -7,9 +12,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
+from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError
 
-from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes
+from .manifest import MANIFEST_NAME, build_manifest, iter_files, job_of, manifest_bytes, parse_manifest
 from runner.api.uris import Location
 
 
@@ -24,26 +29,93 @@ def check_source(loc: Location) -> None:
         raise PermanentError(f"local path {path} is not readable: fix its permissions", reason=DOWNLOAD_FAILED)
 
 
-def check_destination(loc: Location) -> None:
+def check_destination(loc: Location, job: dict | None = None) -> None:
+    """Before training: the destination can be written, and what it holds now may be replaced (see
+    `ownership_problem`)."""
     path = Path(loc.path)
     if path.exists() and not path.is_dir():
         raise PermanentError(
             f"output destination {path} exists and is a file: point the destination at a directory",
             reason=UPLOAD_FAILED,
         )
-    parent = nearest_existing(path.parent)
+    problem = ownership_problem(path, job)
+    if problem:
+        raise PermanentError(problem, reason=INVALID_SPEC)
+    check_writable(path.parent, f"output {path}", "pick another destination")
+
+
+def check_writable(path: Path, what: str, alternative: str) -> None:
+    """`path`, or the nearest folder above it that exists, takes a new file."""
+    parent = nearest_existing(path)
     if not parent.is_dir():
-        raise PermanentError(f"cannot create {path}: {parent} is not a directory", reason=UPLOAD_FAILED)
+        raise PermanentError(f"cannot create {what}: {parent} is not a directory", reason=UPLOAD_FAILED)
     try:
         fd, probe = tempfile.mkstemp(prefix=".finetune-write-probe-", dir=parent)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise PermanentError(
-            f"cannot write under {parent} (for output {path}): {e.strerror or e}; "
-            "mount a writable volume there or pick another destination",
+            f"cannot write under {parent} (for {what}): {e.strerror or e}; "
+            f"mount a writable volume there or {alternative}",
             reason=UPLOAD_FAILED,
         ) from e
+
+
+_FIX = "set output.destination to a new or empty directory (or move those files away yourself)"
+
+
+def read_manifest(loc: Location) -> dict | None:
+    path = Path(loc.path) / MANIFEST_NAME
+    try:
+        return parse_manifest(path.read_bytes()) if path.is_file() else None
+    except OSError:
+        return None
+
+
+def ownership_problem(dest: Path, job: dict | None) -> str | None:
+    """Why the runner may not replace what `dest` holds now, or None. It may when `dest` is absent or empty,
+    or holds a previous output of the same job (`job["name"]`; a manifest from before manifests named their
+    job counts as the runner's own) and nothing that output's manifest does not list."""
+    dest = Path(dest)
+    where = f"output.destination: {dest}"
+    if not dest.is_dir():
+        return f"{where} exists and is not a directory: {_FIX}" if os.path.lexists(dest) else None
+    try:
+        if not any(os.scandir(dest)):
+            return None
+        manifest = read_manifest(Location("local", str(dest)))
+        if manifest is None:
+            shown = sorted(e.name for _, e in zip(range(4), os.scandir(dest)))
+            return (f"{where} already holds files the runner did not write ({', '.join(shown)}, ...); "
+                    f"it never deletes or overwrites them: {_FIX}")
+        owner = job_of(manifest).get("name")
+        if owner and owner != (job or {}).get("name"):
+            return (f"{where} holds the output of another job ({owner!r}); the runner replaces only this job's "
+                    f"own earlier output: {_FIX}")
+        extra = _unlisted(dest, {f["path"] for f in manifest["files"]})
+    except OSError as e:
+        return f"{where} cannot be read ({e.strerror or e}): fix its permissions, or {_FIX}"
+    if extra:
+        return (f"{where} holds files its earlier output did not ({', '.join(extra)}); the runner never deletes "
+                f"them when it replaces that output: {_FIX}")
+    return None
+
+
+def _unlisted(root: Path, listed: set[str], limit: int = 4) -> list[str]:
+    """Up to `limit` entries under `root` that are neither a listed file, a folder of one, nor the manifest."""
+    folders = {"/".join(p.split("/")[:i]) for p in listed for i in range(1, p.count("/") + 1)}
+    extra: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if rel_dir == "." else rel_dir + "/"
+        for d in list(dirnames):
+            if prefix + d not in folders:
+                extra.append(prefix + d + "/")
+                dirnames.remove(d)
+        extra += [prefix + f for f in filenames if prefix + f not in listed and prefix + f != MANIFEST_NAME]
+        if len(extra) >= limit:
+            break
+    return sorted(extra)[:limit]
 
 
 def nearest_existing(path: Path) -> Path:
@@ -58,14 +130,14 @@ def download(loc: Location) -> Path:
     return Path(loc.path)
 
 
-def publish(local_dir: Path, loc: Location) -> str:
+def publish(local_dir: Path, loc: Location, job: dict | None = None) -> str:
     """Link or copy `local_dir` to a hidden sibling of the destination, add the manifest, then rename it
-    into place."""
+    into place - only where `ownership_problem` allows (checked again just before the swap)."""
     dest = Path(os.path.abspath(loc.path))
     src = Path(os.path.abspath(local_dir))
     try:
         if dest == src:  # the output was written in place: only the manifest is missing
-            write_atomic(dest / MANIFEST_NAME, manifest_bytes(build_manifest(iter_files(src))))
+            write_atomic(dest / MANIFEST_NAME, manifest_bytes(build_manifest(iter_files(src), job)))
             return str(dest)
         if dest.is_relative_to(src) or src.is_relative_to(dest):
             raise PermanentError(
@@ -73,6 +145,7 @@ def publish(local_dir: Path, loc: Location) -> str:
                 "pick a destination outside the work directory",
                 reason=UPLOAD_FAILED,
             )
+        _check_owned(dest, job)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tag = uuid.uuid4().hex[:8]
         tmp = dest.parent / f".tmp-{dest.name}-{tag}"
@@ -83,9 +156,10 @@ def publish(local_dir: Path, loc: Location) -> str:
                 target = tmp / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(path, target)
-            (tmp / MANIFEST_NAME).write_bytes(manifest_bytes(build_manifest(files)))
+            (tmp / MANIFEST_NAME).write_bytes(manifest_bytes(build_manifest(files, job)))
+            _check_owned(dest, job)
             if dest.exists():
-                os.rename(dest, old)  # an existing complete output is moved away only now
+                os.rename(dest, old)  # an earlier complete output of this job is moved away only now
             os.rename(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -97,6 +171,12 @@ def publish(local_dir: Path, loc: Location) -> str:
             f"could not publish to {dest}: {e.strerror or e}; check free space and permissions there",
             reason=UPLOAD_FAILED,
         ) from e
+
+
+def _check_owned(dest: Path, job: dict | None) -> None:
+    problem = ownership_problem(dest, job)
+    if problem:
+        raise PermanentError(problem, reason=INVALID_SPEC)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -12,7 +12,6 @@ MANIFEST_NAME = "finetune-manifest.json"
 MANIFEST_FORMAT = "finetune-manifest/v1"
 
 
-
 def iter_files(root: Path) -> list[tuple[str, Path]]:
     """Every regular file under `root` as (posix relative path, path), sorted; the manifest itself excluded."""
     root = Path(root)
@@ -38,20 +37,48 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
-def build_manifest(files: list[tuple[str, Path]]) -> dict:
-    """File list with sizes and sha256 (hashed in parallel: hashlib releases the GIL on large blocks)."""
+def build_manifest(files: list[tuple[str, Path]], job: dict | None = None) -> dict:
+    """File list with sizes and sha256 (hashed in parallel: hashlib releases the GIL on large blocks), and
+    the job that wrote it (`{"name", "spec"}`: its name and spec fingerprint), so that a later run can tell
+    its own earlier output from anything else in the destination."""
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
         digests = list(pool.map(lambda f: sha256_file(f[1]), files))
     entries = [
         {"path": rel, "size": path.stat().st_size, "sha256": digest}
         for (rel, path), digest in zip(files, digests, strict=True)
     ]
-    return {
+    manifest = {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "files": entries,
         "totalBytes": sum(e["size"] for e in entries),
     }
+    if job:
+        manifest["job"] = dict(job)
+    return manifest
+
+
+def parse_manifest(data: bytes | str | None) -> dict | None:
+    """A manifest read back (None when absent or not one of ours): its `files` entries are checked."""
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT or not isinstance(doc.get("files"), list):
+        return None
+    if not all(isinstance(f, dict) and isinstance(f.get("path"), str) for f in doc["files"]):
+        return None
+    if not isinstance(doc.get("job"), (dict, type(None))):
+        return None
+    return doc
+
+
+def job_of(manifest: dict | None) -> dict:
+    """The `job` a manifest records ({} for one written before manifests named their job)."""
+    job = (manifest or {}).get("job")
+    return job if isinstance(job, dict) else {}
 
 
 def manifest_bytes(manifest: dict) -> bytes:

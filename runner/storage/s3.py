@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
-from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes
+from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes, parse_manifest
 from runner.api.uris import Location
 
 MIB = 1 << 20
@@ -333,13 +333,13 @@ def download(loc: Location, dest: Path, allow_patterns: list[str] | None = None)
     return dest
 
 
-def publish(local_dir: Path, loc: Location) -> str:
+def publish(local_dir: Path, loc: Location, job: dict | None = None) -> str:
     """Upload every file, then the manifest last. The old manifest goes first, so that a prefix that is
     half re-uploaded never looks complete; files the old manifest listed and the new one does not are removed
     before the new manifest is written."""
     uri = str(loc)
     files = iter_files(Path(local_dir))
-    manifest = build_manifest(files)
+    manifest = build_manifest(files, job)
     base = _dir_prefix(loc.path)
     manifest_key = base + MANIFEST_NAME
     with errors("upload to", uri, loc.bucket, UPLOAD_FAILED):
@@ -364,6 +364,11 @@ def _manifest_files(data: bytes | None) -> list[dict]:
         return [f for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)]
     except (ValueError, AttributeError):
         return []
+
+
+def read_manifest(loc: Location) -> dict | None:
+    with errors("read", str(loc), loc.bucket, DOWNLOAD_FAILED):
+        return parse_manifest(get_bytes(client(), loc.bucket, _dir_prefix(loc.path) + MANIFEST_NAME))
 
 
 def is_complete(loc: Location) -> bool:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from runner.api.errors import PermanentError, Preempted
+from runner.api.errors import PermanentError, Preempted, SpecError
 from runner.job import run_job
 from runner.report import Reporter
 from runner.api.parse import parse_job
@@ -139,3 +140,112 @@ def test_target_module_not_in_model_fails_before_training(tiny_models, qa_jsonl,
     assert "lora.targetModules: q_proj not in this model" in e.value.message
     assert "query_key_value" in e.value.message
     assert "Training" not in [ev.get("phase") for ev in _events(buf)]
+
+
+# ------------------------------------------------------------------- the destination: nothing of the user's lost
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+def test_a_folder_of_the_users_files_is_refused_at_validating_and_left_untouched(tiny_llama, qa_jsonl, tmp_path):
+    project = tmp_path / "my-project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("print('mine')\n")
+    (project / "README.md").write_text("# my project\n")
+    before = _tree(project)
+    reporter, buf = _reporter(tmp_path)
+    with pytest.raises(SpecError) as e:
+        run_job(parse_job(job_doc(tiny_llama, qa_jsonl, project)), reporter, work_dir=tmp_path / "w")
+    assert e.value.exit_code == 2 and e.value.reason == "InvalidSpec"
+    assert "output.destination" in e.value.message and "did not write" in e.value.message
+    assert "new or empty directory" in e.value.message
+    assert [ev["phase"] for ev in _events(buf) if ev["event"] == "phase"] == ["Validating"]
+    assert _tree(project) == before
+
+
+@pytest.mark.parametrize("where", ["root", "data-folder", "data-file-parent-of", "inside-model", "checkpoints-inside"])
+def test_a_destination_overlapping_the_data_model_or_checkpoints_is_refused(where, tiny_llama, qa_jsonl, tmp_path):
+    out, extra = tmp_path / "out", {}
+    if where == "root":
+        out = Path("/")
+    elif where == "data-folder":
+        out = qa_jsonl.parent / "out"
+        extra = {"dataset": {"source": str(out)}}
+    elif where == "data-file-parent-of":
+        out = qa_jsonl.parent
+    elif where == "inside-model":
+        out = tiny_llama / "finetuned"
+    else:
+        extra = {"output": {"destination": str(out), "checkpoints": str(out / "ckpt")}}
+    doc = job_doc(tiny_llama, qa_jsonl, out, **extra)
+    if where == "data-folder":  # the job's own dataset folder, holding its data
+        out.mkdir()
+        (out / "qa.jsonl").write_bytes(qa_jsonl.read_bytes())
+    reporter, buf = _reporter(tmp_path)
+    with pytest.raises(SpecError) as e:
+        run_job(parse_job(doc), reporter, work_dir=tmp_path / "w")
+    field = "output.checkpoints" if where == "checkpoints-inside" else "dataset.source"
+    field = "model.source" if where in ("root", "inside-model") else field
+    assert f" {field} (" in e.value.message and "output.destination: " in e.value.message
+    assert [ev["phase"] for ev in _events(buf) if ev["event"] == "phase"] == ["Validating"]
+    assert qa_jsonl.exists() and (tiny_llama / "config.json").exists()
+
+
+def test_rerun_is_a_noop_and_a_resume_reports_the_whole_run(tiny_llama, qa_jsonl, tmp_path):
+    out = tmp_path / "out"
+    ckpts = tmp_path / "out.checkpoints"
+    job = parse_job(job_doc(tiny_llama, qa_jsonl, out, training={"maxSteps": 6, "saveSteps": 3, "loggingSteps": 2}))
+    first = run_job(job, _reporter(tmp_path)[0], work_dir=tmp_path / "w1")
+    full = json.loads((out / "report/history.json").read_text())
+    assert [h["step"] for h in full] == [1, 2, 3, 4, 6]  # every checkpoint (3, 6) is a logged step
+
+    # 1. The same job again: nothing trained, nothing published, nothing touched.
+    published, saved = _tree(out), _tree(ckpts)
+    reporter, buf = _reporter(tmp_path)
+    again = run_job(job, reporter, work_dir=tmp_path / "w2")
+    assert again["alreadyComplete"] is True and "already complete" in again["message"]
+    assert again["metrics"]["train_loss"] == pytest.approx(first["metrics"]["train_loss"])
+    assert [ev["phase"] for ev in _events(buf) if ev["event"] == "phase"] == ["Validating"]
+    assert _tree(out) == published and _tree(ckpts) == saved
+
+    # 2. Output gone, last checkpoint at maxSteps: nothing to train (not one step past), whole history kept.
+    shutil.rmtree(out)
+    reporter, buf = _reporter(tmp_path)
+    run_job(job, reporter, work_dir=tmp_path / "w3")
+    assert not [ev for ev in _events(buf) if ev["event"] == "progress"]
+    metrics = json.loads((out / "report/metrics.json").read_text())
+    assert metrics["global_step"] == 6 and metrics["resumedFrom"] == "checkpoint-6"
+    assert json.loads((out / "report/history.json").read_text()) == full
+    assert metrics["train_loss"] == pytest.approx(first["metrics"]["train_loss"], rel=1e-6)
+
+    # 3. Interrupted after the checkpoint at 3: the resumed run's report has the steps before the resume too.
+    shutil.rmtree(out)
+    shutil.rmtree(ckpts / "checkpoint-6")
+    reporter, buf = _reporter(tmp_path)
+    run_job(job, reporter, work_dir=tmp_path / "w4")
+    assert [ev["step"] for ev in _events(buf) if ev["event"] == "progress"] == [4, 6]
+    history = json.loads((out / "report/history.json").read_text())
+    metrics = json.loads((out / "report/metrics.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4, 6] and history[:3] == full[:3]
+    assert metrics["resumedFrom"] == "checkpoint-3" and metrics["global_step"] == 6
+    losses = [h["loss"] for h in history]
+    whole = (losses[0] + losses[1] + losses[2] + losses[3] + 2 * losses[4]) / 6
+    assert metrics["train_loss"] == pytest.approx(whole)  # the loss of all 6 steps, not of the last 3
+    assert metrics["train_loss"] == pytest.approx(first["metrics"]["train_loss"], rel=0.02)
+
+
+def test_republishing_the_same_job_with_a_changed_spec_replaces_its_output(tiny_llama, qa_jsonl, tmp_path):
+    out = tmp_path / "out"
+    doc = job_doc(tiny_llama, qa_jsonl, out, training={"maxSteps": 2, "saveSteps": 2})
+    run_job(parse_job(doc), _reporter(tmp_path)[0], work_dir=tmp_path / "w1")
+    assert (out / "adapter/adapter_config.json").is_file()
+    first = json.loads((out / "finetune-manifest.json").read_text())["job"]
+    changed = job_doc(tiny_llama, qa_jsonl, out, training={"maxSteps": 2, "saveSteps": 2},
+                      output={"destination": str(out), "pushAdapter": False})
+    result = run_job(parse_job(changed), _reporter(tmp_path)[0], work_dir=tmp_path / "w2")
+    assert "alreadyComplete" not in result
+    manifest = json.loads((out / "finetune-manifest.json").read_text())
+    assert manifest["job"]["name"] == first["name"] and manifest["job"]["spec"] != first["spec"]
+    assert not (out / "adapter").exists() and (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp siblings

@@ -23,10 +23,21 @@ def test_bare_spec_and_manifest_are_both_accepted(tmp_path):
     bare.write_text(yaml.safe_dump(MINIMAL))
     manifest = tmp_path / "m.yaml"
     manifest.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
-                                        "metadata": {"name": "My_Job"}, "spec": MINIMAL}))
+                                        "metadata": {"name": "my-job.v2"}, "spec": MINIMAL}))
     assert load_job(bare).spec == load_job(manifest).spec
-    assert load_job(manifest).name == "my-job"
+    assert load_job(manifest).name == "my-job.v2"
     assert load_job(bare).name == "bare"
+    odd = tmp_path / ("My_Job " + "x" * 300 + ".yaml")[-200:]  # a bare spec's name comes from its file name
+    odd.write_text(yaml.safe_dump(MINIMAL))
+    assert len(load_job(odd).name) <= 63 and load_job(odd).name.isascii()
+
+
+def test_metadata_name_must_be_a_kubernetes_name():
+    for bad in ("My_Job", "-x", "x" * 254, "a/b", 42, ""):
+        doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": bad}, "spec": MINIMAL}
+        assert any(p.startswith("metadata.name:") for p in _errors(doc)), bad
+    doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": ["x"], "spec": MINIMAL}
+    assert _errors(doc) == ["metadata: must be a mapping such as {name: my-job} (got a list)"]
 
 
 def test_defaults_are_the_qlora_recipe():
