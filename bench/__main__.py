@@ -20,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
                     "`python -m bench controller --help`: the controller benchmark.")
     p.add_argument("--shape", default="llama-3-8b", help="tiny, llama-2-7b, llama-3-8b, llama-3-70b")
     p.add_argument("--configs", default="seeds,defaults,lean",
-                   help="comma (or ;) list: seeds, defaults, lean, or JSON spec overrides")
+                   help="comma (or ;) list: seeds, defaults, lean, lora16, lora8, or JSON spec overrides")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
     p.add_argument("--work-dir", default="/tmp/finetune-bench")

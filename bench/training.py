@@ -9,6 +9,8 @@ weights' values, and no weights can be downloaded there), saves it, loads it thr
   defaults  the runner's defaults: packed rows of 2048 with document-masked (varlen) attention, bf16
             everywhere, no LoRA dropout, fused AdamW, checkpointing chosen by memory
   lean      the memory-lean setting: defaults + gradient checkpointing + paged 8-bit AdamW
+  lora16    defaults on a 16-bit base: plain LoRA, no quantization (quantization.bits: 16)
+  lora8     defaults on an LLM.int8 base (quantization.bits: 8)
 
 It reports real (non-padding) tokens/s, model FLOPs utilisation, s/step, peak allocated and reserved
 memory, and the time to merge the adapter into a 16-bit model and save it, as one JSON document.
@@ -119,11 +121,14 @@ def job_for(config: str, model_dir: Path, shape: str) -> dict:
     elif config == "lean":  # 2x2048 tokens per optimizer step as two micro-batches of one packed row
         doc["training"] = {"batchSize": 1, "gradientAccumulationSteps": 2, "gradientCheckpointing": True,
                            "optimizer": "paged_adamw_8bit"}
+    elif config in ("lora16", "lora8"):
+        doc["quantization"] = {"bits": int(config[4:])}
     elif config.startswith("{"):  # an inline JSON override, for exploring: '{"training": {"batchSize": 4}}'
         for k, v in json.loads(config).items():
             doc[k] = {**doc.get(k, {}), **v}
     else:
-        raise SystemExit(f"unknown bench config {config!r}: use seeds, defaults, lean or a JSON override")
+        raise SystemExit(f"unknown bench config {config!r}: use seeds, defaults, lean, lora16, lora8 or a JSON "
+                         "override")
     return doc
 
 
@@ -205,8 +210,10 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     flops = model_flops_per_token(model.config, data.lengths)
     peak = _peak_tflops()
     result = {
-        "config": spec.model_dump(by_alias=True, include={"dataset", "lora", "training", "model"},
+        "config": spec.model_dump(by_alias=True, include={"dataset", "lora", "training", "model", "quantization"},
                                   exclude_none=True),
+        "bits": plan.bits,
+        "weightGiB": round(plan.weight_bytes / 2**30, 2),
         "packing": plan.packing,
         "strategy": plan.strategy,
         "attention": model.config._attn_implementation,

@@ -1,5 +1,5 @@
-"""One attempt of a FineTuneJob (one batch/v1 Job and its Pods), what became of it, and why it failed:
-pure functions of the observed objects.
+"""One attempt of a FineTuneJob (one batch/v1 Job and its Pods, or with several nodes one JobSet and its pods),
+what became of it, and why it failed: pure functions of the observed objects.
 
 Each attempt is one batch/v1 Job named `<ftj>-<n>` with backoffLimit 0; the controller, not the Job
 controller, decides about retries, because only it can read the runner's exit code on every Kubernetes
@@ -10,13 +10,19 @@ version (podFailurePolicy needs 1.26+). A pod that fails:
   * exit 1, 75, anything else ................. retried (counted against spec.backoffLimit)
   * evicted / preempted / node shut down ...... retried, not counted (like podFailurePolicy's Ignore)
   * Job or pod DeadlineExceeded ............... Failed, DeadlineExceeded
+
+A JobSet attempt (controller/jobset.py) succeeded when the JobSet is Completed (node 0's pod holds the result);
+it failed when the JobSet is Failed or any of its pods failed (one pod failing fails the whole JobSet). Which
+pod's failure decides, as above: node 0's if it is permanent, else another node's permanent one (a node out of
+memory), else a disruption on any node (not counted), else node 0's, else the first pod that failed. Until then
+the attempt is Pending while any pod is, and Running when every node's pod runs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from controller import limits, naming
+from controller import jobset, limits, naming
 from runner.api import errors, status as contract
 
 # Kubernetes' own phases and condition types of Pods and Jobs.
@@ -148,7 +154,8 @@ def classify_failure(pod: dict | None, job: dict) -> Failure:
         return Failure(contract.DEADLINE_EXCEEDED, clip((job_failed or {}).get("message")
                                                  or "the job ran past spec.activeDeadlineSeconds"), False, at=at)
     if pod is None:
-        return Failure(errors.TRAINING_FAILED, clip("the attempt's Job failed without a pod on record: "
+        kind = "JobSet" if jobset.is_jobset(job) else "Job"
+        return Failure(errors.TRAINING_FAILED, clip(f"the attempt's {kind} failed without a pod on record: "
                                                      + str((job_failed or {}).get("message") or "")), True, at=at)
     st = pod.get("status") or {}
     term = terminated(pod)
@@ -181,28 +188,70 @@ def classify_failure(pod: dict | None, job: dict) -> Failure:
     return Failure(reason, clip(msg), True, at=at, exit_code=code)
 
 
+def belongs(obj: dict, pod: dict) -> bool:
+    """Whether `pod` runs for the attempt's Job or JobSet."""
+    if jobset.is_jobset(obj):
+        return jobset.owns(obj, pod)
+    return owner_uid(pod, "Job") == obj["metadata"].get("uid")
+
+
+def _created(p: dict) -> tuple:
+    return p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]
+
+
 def attempts_of(jobs: list[dict], pods: list[dict]) -> list[Attempt]:
-    by_job: dict[str, list[dict]] = {}
-    for p in pods:
-        by_job.setdefault(owner_uid(p, "Job") or "", []).append(p)
+    """The attempts, from their Jobs or JobSets (`jobs`) and the pods."""
     out = []
     for job in jobs:
         if deleting(job):
             continue
-        ps = sorted(by_job.get(job["metadata"]["uid"], []),
-                    key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
-        a = Attempt(attempt_of(job), job, ps)
-        done = [p for p in ps if pod_phase(p) == POD_SUCCEEDED]
-        failed = [p for p in ps if pod_phase(p) == POD_FAILED]
-        if done or true_condition(job, JOB_COMPLETE):
-            a.outcome, a.pod = "succeeded", (done[-1] if done else None)
-            a.result = result_of(terminated(a.pod)) if a.pod else {}
-        elif failed or true_condition(job, JOB_FAILED):
-            a.outcome, a.pod = "failed", (failed[-1] if failed else None)
-            a.failure = classify_failure(a.pod, job)
-            a.result = result_of(terminated(a.pod)) if a.pod else {}
-        else:
-            live = [p for p in ps if not deleting(p)]
-            a.pod = live[-1] if live else None
+        a = Attempt(attempt_of(job), job, sorted((p for p in pods if belongs(job, p)), key=_created))
+        (_jobset_outcome if jobset.is_jobset(job) else _job_outcome)(a)
         out.append(a)
     return sorted(out, key=lambda a: a.index)
+
+
+def _job_outcome(a: Attempt) -> None:
+    job, ps = a.job, a.pods
+    done = [p for p in ps if pod_phase(p) == POD_SUCCEEDED]
+    failed = [p for p in ps if pod_phase(p) == POD_FAILED]
+    if done or true_condition(job, JOB_COMPLETE):
+        a.outcome, a.pod = "succeeded", (done[-1] if done else None)
+        a.result = result_of(terminated(a.pod)) if a.pod else {}
+    elif failed or true_condition(job, JOB_FAILED):
+        a.outcome, a.pod = "failed", (failed[-1] if failed else None)
+        a.failure = classify_failure(a.pod, job)
+        a.result = result_of(terminated(a.pod)) if a.pod else {}
+    else:
+        live = [p for p in ps if not deleting(p)]
+        a.pod = live[-1] if live else None
+
+
+def _jobset_outcome(a: Attempt) -> None:
+    js = a.job
+    by_rank: dict[int, dict] = {}
+    for p in a.pods:  # the newest pod of each node (a suspended JobSet's pods are made anew)
+        rank = jobset.node_rank(p)
+        if rank is not None:
+            by_rank[rank] = p
+    leader = by_rank.get(0)
+    failed = sorted((p for p in a.pods if pod_phase(p) == POD_FAILED),
+                    key=lambda p: (p is not leader, (terminated(p) or {}).get("finishedAt") or "", *_created(p)))
+    if true_condition(js, jobset.COMPLETED):
+        a.outcome, a.pod = "succeeded", leader
+        a.result = result_of(terminated(leader)) if leader else {}
+    elif failed or true_condition(js, jobset.FAILED):
+        a.outcome = "failed"
+        failures = [(p, classify_failure(p, js)) for p in failed] or [(None, classify_failure(None, js))]
+        a.pod, a.failure = next((x for x in failures if not x[1].retryable), None) or next(
+            (x for x in failures if not x[1].counted), None) or failures[0]
+        a.result = result_of(terminated(a.pod)) if a.pod else {}
+    else:
+        live = [p for r, p in sorted(by_rank.items()) if not deleting(p)]
+        pending = [p for p in live if pod_phase(p) == POD_PENDING]
+        if pending:
+            a.pod = pending[0]
+        elif len(live) >= jobset.nodes_in(js):
+            a.pod = leader if leader in live else live[0]
+        else:
+            a.pod = None  # not every node's pod exists yet

@@ -2,8 +2,8 @@
 
 Per job: a ServiceAccount, a Role and a RoleBinding - the runner's identity, allowed only `get` and `patch`
 on `finetunejobs/status` of this one FineTuneJob (`resourceNames: [<ftj>]`) - and one batch/v1 Job per
-attempt. All carry an owner reference to the FineTuneJob, so deleting it garbage-collects them (and the
-Jobs' Pods).
+attempt (a JobSet with spec.resources.nodes > 1: controller/jobset.py, with the same pod template). All carry an
+owner reference to the FineTuneJob, so deleting it garbage-collects them (and the Jobs' Pods).
 
 The runner pod reads its job file from the downward API: the pod template carries the manifest as the
 annotation `finetune.dev/spec`, mounted at /etc/finetune/job.yaml (JSON is YAML). So each attempt's Job holds

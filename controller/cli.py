@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--webhook-key", default=None, metavar="PEM", help="the webhook certificate's private key")
     r.add_argument("--webhook-port", type=int, default=8443, help="port of the webhook (default %(default)s)")
     r.add_argument("--webhook-host", default="0.0.0.0", help="address the webhook listens on (default %(default)s)")
+    r.add_argument("--no-jobsets", action="store_true",
+                   help="neither watch nor create JobSets (jobset.x-k8s.io): FineTuneJobs with resources.nodes > 1 "
+                   "are refused (InvalidSpec); for clusters without JobSet, or without the RBAC on jobsets")
     r.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
 
@@ -91,6 +94,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.webhook_cert else None)
     run(Config(image=args.image, workers=args.workers, http_port=args.http_port, kubeconfig=args.kubeconfig,
                options=Options(retry_backoff=args.retry_backoff, image_pull_timeout=args.image_pull_timeout,
-                               policy=policy), webhook=hook),
+                               policy=policy), webhook=hook, jobsets=not args.no_jobsets),
         namespaces=args.namespace)
     return 0

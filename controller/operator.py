@@ -2,8 +2,8 @@
 
 Kopf does the watching (resumable list+watch, reconnects, server-side label selectors) and keeps the
 caches; it calls no handler before every cache has listed its objects, so no pass sees a half-synced
-world. Every event of a FineTuneJob, of its Jobs, Pods or runner RoleBinding only queues the
-FineTuneJob's key. Workers take keys from a `WorkQueue` (one pass per key at a time, dirty keys
+world. Every event of a FineTuneJob, of its Jobs (JobSets, with several nodes), Pods or runner RoleBinding only
+queues the FineTuneJob's key. Workers take keys from a `WorkQueue` (one pass per key at a time, dirty keys
 re-queued, delayed re-queues for retries, back-offs and deadlines) and run `Reconciler.reconcile` in a
 thread. A pass raises `kopf.TemporaryError` (retried after its delay) or `kopf.PermanentError` (not
 retried). Level-triggered: any pass recomputes everything, so a missed or merged event costs nothing.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from controller import limits, metrics, naming, webhook
+from controller import jobset, limits, metrics, naming, webhook
 from controller.kube import Kube, load_configuration
 from controller.reconciler import Reconciler, Snapshot
 from controller.status import Options
@@ -46,6 +46,7 @@ class Config:
     kubeconfig: str | None = None
     options: Options = field(default_factory=Options)
     webhook: Webhook | None = None
+    jobsets: bool = True  # watch and create JobSets (resources.nodes > 1); False: such jobs are refused
 
 
 class _State:
@@ -87,9 +88,24 @@ async def job_cache(body, labels, **_):
                                "spec": spec, "status": dict(body.status)}}
 
 
+async def jobset_cache(body, labels, **_):
+    """Registered by run() unless --no-jobsets. Kopf watches JobSets once their CRD exists (installed later too)."""
+    rjobs = body.spec.get("replicatedJobs") or [{}]
+    job_spec = (rjobs[0].get("template") or {}).get("spec") or {}
+    tmpl = (job_spec.get("template") or {}).get("metadata") or {}
+    spec = {"suspend": body.spec.get("suspend"), "replicatedJobs": [{"name": rjobs[0].get("name"), "template": {
+        "spec": {"parallelism": job_spec.get("parallelism"), "template": {"metadata": {"annotations": {
+            k: v for k, v in (tmpl.get("annotations") or {}).items() if k == naming.ANNOTATION_SPEC}}}}}}]}
+    return {labels[SELECTOR]: {"kind": jobset.KIND,
+                               "metadata": _slim_meta(body.metadata, annotations=(naming.ANNOTATION_SPEC_HASH,)),
+                               "spec": spec, "status": {"conditions": body.status.get("conditions") or []}}}
+
+
 @kopf.index("v1", "pods", labels={SELECTOR: kopf.PRESENT})
 async def pod_cache(body, labels, **_):
-    return {labels[SELECTOR]: {"metadata": _slim_meta(body.metadata), "status": dict(body.status)}}
+    # (a JobSet's pods: the node's rank is the completion index the Indexed Job annotates)
+    return {labels[SELECTOR]: {"metadata": _slim_meta(body.metadata, annotations=(jobset.COMPLETION_INDEX,)),
+                               "status": dict(body.status)}}
 
 
 @kopf.index("rbac.authorization.k8s.io", "v1", "rolebindings", labels={SELECTOR: kopf.PRESENT})
@@ -119,6 +135,10 @@ async def job_changed(namespace, body, **_):
     _queue_owner(namespace, body)
 
 
+async def jobset_changed(namespace, body, **_):
+    _queue_owner(namespace, body)
+
+
 @kopf.on.event("v1", "pods", labels={SELECTOR: kopf.PRESENT})
 async def pod_changed(namespace, body, **_):
     _queue_owner(namespace, body)
@@ -141,6 +161,8 @@ def _snapshot(key) -> Snapshot | None:
         return None
     uid = ftj["metadata"]["uid"]
     jobs = list(idx["job_cache"].get(uid, []))
+    if "jobset_cache" in idx:
+        jobs += list(idx["jobset_cache"].get(uid, []))
     pods = list(idx["pod_cache"].get(uid, []))
     return Snapshot(ftj=ftj, jobs=jobs, pods=pods, has_identity=uid in idx["identity_cache"])
 
@@ -185,12 +207,14 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs):
     settings.posting.enabled = False  # the controller posts its own Events
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    for resource in (("batch", "jobs"), ("v1", "pods"), ("rbac.authorization.k8s.io", "rolebindings")):
+    for resource in (("batch", "jobs"), ("v1", "pods"), ("rbac.authorization.k8s.io", "rolebindings"),
+                     (jobset.GROUP, jobset.PLURAL)):
         settings.watching.label_selectors[resource] = SELECTOR
-    STATE.indices = {k: kwargs[k] for k in ("ftj_cache", "job_cache", "pod_cache", "identity_cache")}
+    STATE.indices = {k: kwargs[k] for k in ("ftj_cache", "job_cache", "pod_cache", "identity_cache",
+                                            "jobset_cache") if k in kwargs}
     STATE.queue = WorkQueue()
     kube = Kube.from_config(load_configuration(cfg.kubeconfig, pool_size=cfg.workers + 2))
-    STATE.reconciler = Reconciler(kube, image=cfg.image, options=cfg.options)
+    STATE.reconciler = Reconciler(kube, image=cfg.image, options=cfg.options, jobsets=cfg.jobsets)
     STATE.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="reconcile")
     STATE.workers = [asyncio.create_task(_worker(i), name=f"worker-{i}") for i in range(cfg.workers)]
     metrics.register_live(lambda: [next(iter(s)).get("status", {}).get("phase") for s in
@@ -217,7 +241,15 @@ async def _cleanup(**_):
         STATE.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _watch_jobsets() -> None:
+    selector = {SELECTOR: kopf.PRESENT}
+    kopf.index(jobset.GROUP, jobset.VERSION, jobset.PLURAL, labels=selector)(jobset_cache)
+    kopf.on.event(jobset.GROUP, jobset.VERSION, jobset.PLURAL, labels=selector)(jobset_changed)
+
+
 def run(config: Config, namespaces: list[str]) -> None:
     STATE.config = config
+    if config.jobsets:
+        _watch_jobsets()
     limits.raise_recursion_limit()  # before kopf parses its first watch event (and before any thread starts)
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)

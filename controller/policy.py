@@ -11,8 +11,8 @@ policy key that refused it).
     envValueFrom: []                          spec.env with plain values only (no secretKeyRef, configMapKeyRef,
                                               fieldRef, resourceFieldRef)
     reservedEnv: []                           spec.env never sets what the controller sets or credentials come
-                                              from: FINETUNE_*, AWS_*, HF_*, HUGGING_FACE_*, KUBERNETES_*, HOME,
-                                              TMPDIR (plus the names listed here)
+                                              from: FINETUNE_*, AWS_*, HF_*, HUGGING_FACE_*, KUBERNETES_*, PET_*,
+                                              HOME, TMPDIR (plus the names listed here)
     tolerationKeys: []                        no spec.tolerations ("*": any key, even a key-less toleration)
     nodeSelectorKeys: []                      no spec.nodeSelector, no node affinity ("*": any label)
     priorityClassNames: []                    no spec.priorityClassName
@@ -33,8 +33,9 @@ from pydantic.alias_generators import to_camel
 
 # Environment the controller sets in every runner pod, and where credentials come from (Secret references).
 # spec.env may not set these: in a pod the last entry of a name wins, so an override would redirect the runner
-# (FINETUNE_*), the status sink and its token (KUBERNETES_*), or credentials (HF_ENDPOINT, AWS_ENDPOINT_URL).
-RESERVED_ENV_PREFIXES = ("FINETUNE_", "AWS_", "HF_", "HUGGING_FACE_", "KUBERNETES_")
+# (FINETUNE_*), the status sink and its token (KUBERNETES_*), the nodes' rendezvous (PET_*: torchrun's), or
+# credentials (HF_ENDPOINT, AWS_ENDPOINT_URL).
+RESERVED_ENV_PREFIXES = ("FINETUNE_", "AWS_", "HF_", "HUGGING_FACE_", "KUBERNETES_", "PET_")
 RESERVED_ENV_NAMES = ("HOME", "TMPDIR")
 VALUE_FROM_KINDS = ("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef")
 ValueFromKind = Literal["secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef"]

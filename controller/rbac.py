@@ -11,12 +11,19 @@ from runner.api import names
 
 CLUSTER_ROLE = "finetune-controller"
 
+# Jobs on several nodes (resources.nodes > 1) run as JobSets (controller/jobset.py). Without JobSet in the cluster,
+# leave this rule out and run the controller with --no-jobsets (the chart: jobset.enabled false).
+JOBSET_RULES = [
+    {"apiGroups": ["jobset.x-k8s.io"], "resources": ["jobsets"], "verbs": ["get", "list", "watch", "create", "delete"]},
+]
+
 RULES = [
     {"apiGroups": [names.GROUP], "resources": [names.PLURAL], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [names.GROUP], "resources": [f"{names.PLURAL}/status"], "verbs": ["get", "patch", "update"]},
     # ownerReferences with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)
     {"apiGroups": [names.GROUP], "resources": [f"{names.PLURAL}/finalizers"], "verbs": ["update"]},
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    *JOBSET_RULES,
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "delete"]},
     {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["create", "delete"]},

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from controller import children, limits, naming
+from controller import children, jobset, limits, naming
 from controller.kube import Kube, api_message, ns_path
 from controller.status import Action, Assessment, Options, assess, finalize, format_time
 from runner.api import names, status as contract
@@ -28,7 +28,7 @@ COMPONENT = "finetune-controller"
 @dataclass
 class Snapshot:
     ftj: dict
-    jobs: list[dict] = field(default_factory=list)
+    jobs: list[dict] = field(default_factory=list)  # the attempts' Jobs and JobSets
     pods: list[dict] = field(default_factory=list)
     has_identity: bool = False
 
@@ -46,11 +46,26 @@ def _retryable(e: ApiException) -> bool:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, *, image: str, options: Options = Options(), clock=time.time):
+    def __init__(self, kube: Kube, *, image: str, options: Options = Options(), clock=time.time,
+                 jobsets: bool = True):
+        """`jobsets` False: never create JobSets (--no-jobsets), so jobs with several nodes are refused."""
         self.kube = kube
         self.image = image
         self.options = options
         self.clock = clock
+        self.jobsets = jobset.Discovery(kube) if jobsets else None
+
+    def _no_jobsets(self, ftj: dict) -> str | None:
+        """Why a job with several nodes cannot run here (JobSet disabled or not installed), asked only for one."""
+        nodes = jobset.nodes_of(ftj.get("spec") or {})
+        if nodes <= 1:
+            return None
+        if self.jobsets is None:
+            return jobset.refusal(nodes, disabled=True)
+        try:
+            return None if self.jobsets.available() else jobset.refusal(nodes)
+        except ApiException as e:
+            raise kopf.TemporaryError(f"JobSet discovery: {e.status}: {api_message(e)}", delay=1.0) from e
 
     # ------------------------------------------------------------------------------------- pass
     def reconcile(self, snap: Snapshot) -> Outcome:
@@ -63,7 +78,8 @@ class Reconciler:
         if ftj["metadata"].get("deletionTimestamp"):  # the garbage collector removes the children
             return Outcome(None, old.get("phase"), old.get("phase"), False)
         now = self.clock()
-        a = assess(ftj, snap.jobs, snap.pods, now=now, options=self.options, has_identity=snap.has_identity)
+        a = assess(ftj, snap.jobs, snap.pods, now=now, options=self.options, has_identity=snap.has_identity,
+                   no_jobsets=self._no_jobsets(ftj) if not snap.jobs else None)
         creates = any(x.kind == "create-attempt" for x in a.actions)
         rv = self._write_status(ftj, a, force=creates)  # never start an attempt from a stale view
         patched = rv is not None
@@ -73,11 +89,17 @@ class Reconciler:
             for action in a.actions:
                 self._act(ftj, action, a)
         except ApiException as e:
-            if e.status == 422 and any(x.kind == "create-attempt" for x in a.actions):
-                # The API server refused the runner's Job (e.g. malformed tolerations): a spec error.
+            create = next((x for x in a.actions if x.kind == "create-attempt"), None)
+            several = create is not None and jobset.nodes_of(create.spec or ftj["spec"]) > 1
+            if create is not None and (e.status == 422 or (e.status == 404 and several)):
+                # The API server refused the runner's Job (e.g. malformed tolerations): a spec error. Or the
+                # JobSet CRD went away since discovery said it was there.
                 fresh = {**ftj, "metadata": {**ftj["metadata"], "resourceVersion": rv or
                                              ftj["metadata"].get("resourceVersion")}, "status": {**old, **a.status}}
-                a = self._invalid(fresh, now, f"the runner Job was rejected: {api_message(e)}")
+                what = "JobSet" if several else "Job"
+                why = (jobset.refusal(jobset.nodes_of(create.spec or ftj["spec"])) if e.status == 404 else
+                       f"the runner {what} was rejected: {api_message(e)}")
+                a = self._invalid(fresh, now, why)
                 if self._write_status(fresh, a) is not None:
                     self._events(fresh, a)
                 patched = True
@@ -103,19 +125,27 @@ class Reconciler:
         ns = ftj["metadata"]["namespace"]
         if action.kind == "create-attempt":
             self._ensure_identity(ftj)
-            body = children.job(ftj, action.attempt, action.spec or ftj["spec"], image=self.image,
-                                deadline_seconds=action.deadline_seconds)
+            spec = action.spec or ftj["spec"]
+            if jobset.nodes_of(spec) > 1:
+                body = jobset.jobset(ftj, action.attempt, spec, image=self.image,
+                                     deadline_seconds=action.deadline_seconds)
+                path = ns_path(jobset.API_VERSION, ns, jobset.PLURAL)
+            else:
+                body = children.job(ftj, action.attempt, spec, image=self.image,
+                                    deadline_seconds=action.deadline_seconds)
+                path = ns_path("batch/v1", ns, "jobs")
             try:
-                self.kube.create(ns_path("batch/v1", ns, "jobs"), body)
-                log.info("%s/%s: created Job %s", ns, ftj["metadata"]["name"], action.name)
+                self.kube.create(path, body)
+                log.info("%s/%s: created %s %s", ns, ftj["metadata"]["name"], body["kind"], action.name)
             except ApiException as e:
                 if e.status != 409:
                     raise
                 # Taken: ours (the cache has not seen it yet) or a deleted attempt's Job still going away.
                 a.requeue(1.0)
         elif action.kind == "delete-job":
-            if self.kube.delete(ns_path("batch/v1", ns, "jobs", action.name), propagation="Background"):
-                log.info("%s/%s: deleted Job %s", ns, ftj["metadata"]["name"], action.name)
+            gv = jobset.API_VERSION if action.resource == jobset.PLURAL else "batch/v1"
+            if self.kube.delete(ns_path(gv, ns, action.resource, action.name), propagation="Background"):
+                log.info("%s/%s: deleted %s %s", ns, ftj["metadata"]["name"], action.resource, action.name)
         elif action.kind == "revoke-identity":
             name = naming.identity_name(ftj["metadata"]["name"])
             self.kube.delete(ns_path("rbac.authorization.k8s.io/v1", ns, "rolebindings", name), propagation=None)

@@ -4,7 +4,7 @@
     assess(ftj, jobs, pods, now=...) -> Assessment   the same status, plus actions, events and a requeue time
 
 Inputs are plain dicts as the API server returns them: the FineTuneJob (its spec, metadata and the status
-fields the runner reports), its attempt Jobs and their Pods. Nothing is remembered between passes, so a
+fields the runner reports), its attempts' Jobs (JobSets with several nodes: controller/jobset.py) and their Pods. Nothing is remembered between passes, so a
 restarted controller computes the same status and takes the same actions. How one attempt ended and why it
 failed is controller/attempts.py.
 
@@ -25,13 +25,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller import limits, naming
+from controller import jobset, limits, naming
 from controller.attempts import (
     CONFIG_WAITING, IMAGE_PULL_FATAL, IMAGE_PULL_WAITING, POD_FAILED, POD_RUNNING, POD_SUCCEEDED, Attempt,
-    attempts_of, clip, deleting, format_time, owner_uid, parse_time, pod_phase, runner_container, terminated,
-    true_condition,
+    attempts_of, belongs, clip, deleting, format_time, owner_uid, parse_time, pod_phase, runner_container,
+    terminated, true_condition,
 )
-from controller.naming import job_name, spec_hash
+from controller.naming import spec_hash
 from controller.policy import Policy
 from runner.api import names, status as contract
 from runner.api.errors import SpecError
@@ -61,6 +61,12 @@ class Action:
     attempt: int = 0
     spec: dict | None = None
     deadline_seconds: int | None = None
+    resource: str = "jobs"  # what delete-job deletes: jobs, or jobsets (an attempt on several nodes)
+
+
+def _delete(obj: dict) -> Action:
+    return Action("delete-job", name=obj["metadata"]["name"],
+                  resource=jobset.PLURAL if jobset.is_jobset(obj) else "jobs")
 
 
 @dataclass
@@ -83,14 +89,16 @@ class Assessment:
 
 
 def compute(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None = None,
-            options: Options = Options(), has_identity: bool = False) -> dict:
+            options: Options = Options(), has_identity: bool = False, no_jobsets: str | None = None) -> dict:
     """The controller-owned status fields of `ftj`, rebuilt from its Jobs and Pods."""
-    return assess(ftj, jobs, pods, now=now, options=options, has_identity=has_identity).status
+    return assess(ftj, jobs, pods, now=now, options=options, has_identity=has_identity,
+                  no_jobsets=no_jobsets).status
 
 
 def assess(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None = None,
-           options: Options = Options(), has_identity: bool = False) -> Assessment:
-    """Status, actions and events for one pass. `has_identity`: the runner's RoleBinding exists."""
+           options: Options = Options(), has_identity: bool = False, no_jobsets: str | None = None) -> Assessment:
+    """Status, actions and events for one pass. `jobs`: the attempts' Jobs and JobSets. `has_identity`: the
+    runner's RoleBinding exists. `no_jobsets`: why JobSets cannot be created (not installed), or None."""
     import time
 
     now = time.time() if now is None else now
@@ -100,9 +108,11 @@ def assess(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None =
     uid = md.get("uid")
     jobs = [j for j in jobs if not uid or owner_uid(j, names.KIND) in (uid, None)]
     attempts = attempts_of(jobs, pods)
-    live_job_uids = {j["metadata"]["uid"] for j in jobs if not deleting(j)}
-    stopping = [p for p in pods if owner_uid(p, "Job") not in live_job_uids and pod_phase(p) not in
-                (POD_SUCCEEDED, POD_FAILED)]
+    # Pods still running outside a live attempt (its Job deleted), or in a failed one (a JobSet's other nodes
+    # being stopped): the next attempt waits for them, so two runners never share checkpoints.
+    settled = [x.job for x in attempts if x.outcome != "failed"]
+    stopping: list[dict] = [p for p in pods if pod_phase(p) not in (POD_SUCCEEDED, POD_FAILED)
+                            and not any(belongs(j, p) for j in settled)]
     stopping += [j for j in jobs if deleting(j)]
 
     s: dict[str, Any] = {"observedGeneration": md.get("generation")}
@@ -168,20 +178,22 @@ def assess(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None =
     elif not active and not finished and (refused := options.policy.refusals(effective)):
         # before any Job exists (and before every retry: the policy may have changed meanwhile)
         s.update(phase=contract.FAILED, reason=contract.INVALID_SPEC, message=clip("; ".join(refused)))
+    elif not active and not finished and no_jobsets and jobset.nodes_of(effective) > 1:
+        s.update(phase=contract.FAILED, reason=contract.INVALID_SPEC, message=clip(no_jobsets))
     elif not attempts and (problems := spec_problems(ftj, effective)):
         s.update(phase=contract.FAILED, reason=contract.INVALID_SPEC, message=clip("; ".join(problems)))
 
     if s.get("phase") in contract.TERMINAL_PHASES:
         s["completionTime"] = _keep_time(old, s, verdict_time or now)
         for x in active:  # a decided job has nothing left to run
-            a.actions.append(Action("delete-job", name=x.name))
+            a.actions.append(_delete(x.job))
     elif not active and old.get("phase") in contract.TERMINAL_PHASES and true_condition(ftj, old["phase"]):
         # Finished stays finished: never start a new attempt for a job recorded as done.
         s.update({k: old.get(k) for k in contract.CONTROLLER_STATUS_FIELDS if k not in ("observedGeneration",
                                                                                    "conditions")})
     elif spec.get("suspend"):
         for x in active:
-            a.actions.append(Action("delete-job", name=x.name))
+            a.actions.append(_delete(x.job))
         n = len(active) + len(stopping)
         s.update(phase=contract.SUSPENDED, reason=None,
                  message="suspended" + (f"; stopping {n} runner pod(s) (they save a checkpoint)" if n else
@@ -200,7 +212,7 @@ def assess(ftj: dict, jobs: list[dict], pods: list[dict], *, now: float | None =
         done_at = parse_time(s.get("completionTime"))
         if ttl is not None and done_at is not None and jobs:
             if now >= done_at + ttl:
-                a.actions += [Action("delete-job", name=j["metadata"]["name"]) for j in jobs
+                a.actions += [_delete(j) for j in jobs
                               if not deleting(j) and not any(x.kind == "delete-job" and x.name ==
                                                               j["metadata"]["name"] for x in a.actions)]
             else:
@@ -226,8 +238,8 @@ def _keep_time(old: dict, s: dict, fallback: float) -> str:
 def _effective_spec(first: Attempt | None, spec: dict) -> dict:
     """The spec the job runs with: the one its first attempt was created with (spec changes are ignored)."""
     if first is not None:
-        text = (((first.job.get("spec") or {}).get("template") or {}).get("metadata") or {}).get(
-            "annotations", {}).get(naming.ANNOTATION_SPEC)
+        text = (jobset.pod_template_of(first.job).get("metadata") or {}).get("annotations", {}).get(
+            naming.ANNOTATION_SPEC)
         if text:
             try:
                 original = json.loads(text).get("spec")
@@ -257,11 +269,13 @@ def _active_phase(a: Assessment, ftj: dict, x: Attempt, now: float, options: Opt
         return
     name = pod["metadata"]["name"]
     st = pod.get("status") or {}
-    if pod_phase(pod) == POD_RUNNING:
+    if pod_phase(pod) in (POD_RUNNING, POD_SUCCEEDED):  # (succeeded: node 0 of a JobSet not yet Completed)
         runner = (ftj.get("status") or {}).get("runner") or {}
         phase = runner.get("phase") if runner.get("pod") == name else None
+        where = (f"the pods of its {jobset.nodes_in(x.job)} nodes are running (node 0: {name})"
+                 if jobset.is_jobset(x.job) else f"pod {name} is running")
         s.update(phase=phase if phase in contract.ACTIVE_RUNNER_PHASES else contract.RUNNING,
-                 message=f"attempt {x.index}: pod {name} is running")
+                 message=f"attempt {x.index}: {where}")
         return
     s["phase"] = contract.PENDING
     sched = next((c for c in st.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
@@ -278,7 +292,7 @@ def _active_phase(a: Assessment, ftj: dict, x: Attempt, now: float, options: Opt
         if why in IMAGE_PULL_FATAL or now >= give_up:
             s.update(phase=contract.FAILED, reason=reason, message=message)
             s["completionTime"] = _keep_time(ftj.get("status") or {}, s, now)
-            a.actions.append(Action("delete-job", name=x.name))
+            a.actions.append(_delete(x.job))
         else:
             s.update(reason=reason, message=message)
             a.requeue(give_up - now)
@@ -315,7 +329,8 @@ def _next_attempt(a: Assessment, ftj: dict, spec: dict, attempts: list[Attempt],
     if deadline:
         remaining = max(1, int(deadline - (now - start))) if start else int(deadline)
     # The same message as while the Job's pod starts: one status write per new attempt, not three.
-    s.update(attempt=index, jobName=job_name(ftj["metadata"]["name"], index), message=_waiting(index))
+    s.update(attempt=index, jobName=jobset.attempt_name(ftj["metadata"]["name"], index, spec),
+             message=_waiting(index))
     a.actions.append(Action("create-attempt", name=s["jobName"], attempt=index, spec=spec,
                             deadline_seconds=remaining))
 

@@ -90,8 +90,8 @@ def _run_job(args, events_out, *, console=None, log=None) -> int:
         job = load_job(args.job)
         reporter.details["job"] = job
         nproc = distributed.processes_for(job.spec)
-        if nproc > 1 and not os.environ.get(names.ENV_LAUNCHED):
-            return distributed.launch(args.job, nproc, work_dir=args.work_dir, reporter=reporter)
+        if distributed.launcher_needed(job.spec, nproc):  # several GPUs, or several nodes
+            return distributed.launch(args.job, nproc, work_dir=args.work_dir, reporter=reporter, job=job)
         if distributed.world_size() == 1:
             distributed.pin_one_gpu()
         from runner.job import run_job
@@ -155,11 +155,12 @@ def _validate(args) -> int:
 
     try:
         job = load_job(args.job)
-        # Local paths that do not exist, overlaps, a destination holding files the runner did not write.
-        problems = [] if args.spec_only else local_problems(job)
-        if problems:
+        # Templates; local paths that do not exist, overlaps, a destination holding files the runner did not write.
+        problems = local_problems(job, paths=not args.spec_only)
+        if any(not p.startswith("dataset.template.") for p in problems):
             problems.append("(local paths are checked on this machine; for a job whose volumes are mounted "
                             "only where it runs, pass --spec-only)")
+        if problems:
             raise SpecError(problems)
     except RunnerError as e:
         print(e.message, file=sys.stderr)

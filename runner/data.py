@@ -111,6 +111,24 @@ def _template_fn(template: str, columns: list[str], where: str) -> tuple[Callabl
     return fill, names
 
 
+def template_problems(spec: DatasetSpec) -> list[str]:
+    """Jinja templates that do not compile, found before any download."""
+    problems = []
+    for key in ("text", "prompt", "completion"):
+        template = getattr(spec.template, key)
+        if not template or not ("{{" in template or "{%" in template):
+            continue
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import SandboxedEnvironment
+
+        try:
+            SandboxedEnvironment().parse(template)
+        except TemplateSyntaxError as e:
+            problems.append(f"dataset.template.{key}: Jinja syntax error on line {e.lineno}: {str(e.message)[:200]}; "
+                            "fix the template")
+    return problems
+
+
 def _require(names, columns: list[str], where: str) -> None:
     missing = sorted(set(names) - set(columns))
     if missing:

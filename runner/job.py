@@ -130,10 +130,11 @@ class _Trained:
 
 
 def _fetch(job: Job, work: Path, reporter: Reporter) -> dict:
-    """Validating and Downloading, by rank 0 first; the other ranks reuse its files."""
+    """Validating and Downloading, by the first process of each node (its own work directory) first; the node's
+    other ranks reuse its files."""
     spec = job.spec
-    with distributed.main_first():
-        if distributed.is_main():
+    with distributed.node_first():
+        if distributed.is_node_main():
             reporter.phase(status.VALIDATING)
             locations = _validate(job)
             reporter.phase(status.DOWNLOADING)
@@ -161,14 +162,11 @@ def _tokenize(spec: FineTuneJobSpec, paths: dict, reporter: Reporter):
 
 
 def _plan(spec: FineTuneJobSpec, model_dir: Path, work: Path) -> plan_phase.Plan:
-    """Made once, by rank 0 (free GPU memory differs a little between ranks; the plan must not)."""
-    with distributed.main_first():
-        if distributed.is_main():
-            plan = plan_phase.make_plan(spec, model_dir)
-            (work / "plan.json").write_text(json.dumps(plan.to_dict()))
-        else:
-            plan = plan_phase.Plan.from_dict(json.loads((work / "plan.json").read_text()))
-    return plan
+    """Made once, by rank 0 (free GPU memory differs a little between ranks; the plan must not), and sent to
+    every rank, on every node."""
+    plan = plan_phase.make_plan(spec, model_dir) if distributed.is_main() else None
+    shared = distributed.from_main(plan.to_dict() if plan is not None else None)
+    return plan if plan is not None else plan_phase.Plan.from_dict(shared)
 
 
 def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,

@@ -1,10 +1,10 @@
 """Where a job may write, and whether anything is left to do - answered before any download.
 
     identity(job)            {"name", "spec"}: what a published manifest records about the job that wrote it
-    local_problems(job)      what this machine can tell without downloading: a local model or data path that
-                             does not exist (or a model folder without config, weights or tokenizer), a
-                             destination that overlaps a source or the checkpoints, a local destination
-                             holding files the runner did not write
+    local_problems(job)      what this machine can tell without downloading: a Jinja template that does not
+                             compile, a local model or data path that does not exist (or a model folder without
+                             config, weights or tokenizer), a destination that overlaps a source or the
+                             checkpoints, a local destination holding files the runner did not write
     already_complete(job)    the result of an earlier run of this same job whose output is published complete
                              (its manifest names this job and spec, every file it lists is there); else None
 """
@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from runner import storage
+from runner import data as data_phase, storage
 from runner.api.errors import RunnerError
 from runner.api.spec import ClusterFields, FineTuneJobSpec, Job
 from runner.api.uris import Location
@@ -37,8 +37,10 @@ def checkpoint_location(spec: FineTuneJobSpec) -> Location:
 
 def identity(job: Job) -> dict:
     """The job's name and a fingerprint of everything in its spec that shapes the output (the cluster-only
-    fields - resources, scheduling, credentials references - do not)."""
-    doc = job.spec.model_dump(by_alias=True, mode="json", exclude=set(ClusterFields.model_fields))
+    fields - resources, scheduling, credentials references - do not). Fields left at their defaults are left
+    out, so that a runner with a new (defaulted) field still knows its earlier outputs."""
+    doc = job.spec.model_dump(by_alias=True, mode="json", exclude_defaults=True,
+                              exclude=set(ClusterFields.model_fields))
     digest = hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
     return {"name": job.name, "spec": digest}
 
@@ -114,10 +116,13 @@ def overlap_problems(spec: FineTuneJobSpec) -> list[str]:
     return problems
 
 
-def local_problems(job: Job) -> list[str]:
-    """Every problem this machine can find before any download (empty: none), each naming its field."""
+def local_problems(job: Job, *, paths: bool = True) -> list[str]:
+    """Every problem this machine can find before any download (empty: none), each naming its field: Jinja
+    templates that do not compile and, with `paths`, what the local paths hold."""
     spec = job.spec
-    problems = []
+    problems = data_phase.template_problems(spec.dataset)
+    if not paths:
+        return problems
     for field, value in _sources(spec):
         loc = Location.parse(value)
         if loc.scheme == "local":

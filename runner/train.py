@@ -290,8 +290,8 @@ def train(
 ) -> TrainResult:
     """`tracker` (runner.tracking.Tracking): TensorBoard files and the runs of training.reportTo."""
     scratch = work_dir / "trainer"
-    with distributed.main_first():  # rank 0 checks and fetches; the others read its copy
-        if distributed.is_main():
+    with distributed.node_first():  # each node's first process checks and fetches; the others read its copy
+        if distributed.is_node_main():
             check_fingerprint(store, spec, checkpoints_uri)
             scratch.mkdir(parents=True, exist_ok=True)
             complete = store.list_complete()

@@ -233,7 +233,7 @@ def template_cases():
                 [f"spec.dataset.template.{key}", "Jinja"]
         for bad in ("{{ question ", "{% if question %}x", "{{ question | }}", "{% for %}{% endfor %}"):
             yield f"jinja-syntax-{key}-{bad[:10]}", _yaml(_set("dataset.template", {key: bad, **other})), \
-                [f"spec.dataset.template.{key}", "Jinja syntax"]
+                [f"dataset.template.{key}: Jinja syntax error"]
 
 
 def output_head_cases():
@@ -430,3 +430,15 @@ def test_reporter_survives_unprintable_text(tmp_path):
     text = out.getvalue() + err.getvalue() + (tmp_path / "term").read_text(encoding="utf-8")
     text.encode("utf-8")  # encodable: no lone surrogates left
     assert "\\udfff" in event["message"] and "\x00" not in text
+
+
+def test_spec_only_skips_the_local_paths(tmp_path):
+    """A job whose volumes are mounted only where it runs can still be checked here."""
+    path = tmp_path / "job.yaml"
+    path.write_text(_yaml(_doc(model={"source": "/mnt/models/llama"}, dataset={"source": "/mnt/data/train.jsonl"},
+                               output={"destination": "/mnt/out/run-1"})))
+    code, text, _ = _run_validate(path)
+    assert code == 2 and "model.source: local path /mnt/models/llama does not exist" in text and "--spec-only" in text
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert main(["validate", "--spec-only", str(path)]) == 0

@@ -125,3 +125,29 @@ def test_cuda_out_of_memory_says_which_knobs_to_turn(tiny_llama, qa_jsonl, tmp_p
     assert result["reason"] == "OutOfMemory" and result["failedPhase"] == "Training"
     for knob in ("training.batchSize", "training.gradientAccumulationSteps", "dataset.maxLength"):
         assert knob in result["message"]
+
+
+def test_ctrl_c_during_training_saves_a_checkpoint_and_says_from_which_step_a_rerun_resumes(
+        tiny_llama, qa_jsonl, tmp_path):
+    import signal
+
+    doc = job_doc(tiny_llama, qa_jsonl, tmp_path / "out",
+                  training={"maxSteps": 20, "saveSteps": 1000, "loggingSteps": 1})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    term = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["step"] >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=120) == errors.EXIT_RETRYABLE
+    result = json.loads(term.read_text())
+    saved = [p.name for p in (tmp_path / "out.checkpoints").iterdir() if p.name.startswith("checkpoint-")]
+    step = int(saved[0].split("-")[1])
+    assert result["message"].startswith("received Ctrl-C; stopped after saving checkpoint-")
+    assert f"running the same job again resumes from step {step}" in result["message"]

@@ -90,7 +90,7 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tiny_llama, qa_jso
             stop.requested = True
 
     reporter, buf = _reporter(tmp_path, sinks=[preempt_after_step_4])
-    with pytest.raises(Preempted):
+    with pytest.raises(Preempted, match="saving checkpoint-4 .* resumes from step 4"):
         run_job(job, reporter, work_dir=tmp_path / "w1", stop=stop)
     ckpts = out.parent / "out.checkpoints"
     saved = sorted(p.name for p in ckpts.iterdir() if p.name.startswith("checkpoint-"))
@@ -249,3 +249,49 @@ def test_republishing_the_same_job_with_a_changed_spec_replaces_its_output(tiny_
     assert manifest["job"]["name"] == first["name"] and manifest["job"]["spec"] != first["spec"]
     assert not (out / "adapter").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp siblings
+
+
+# ------------------------------------------------------------------------- failures classified on purpose
+def test_a_model_that_needs_trust_remote_code_is_permanent_and_named(tiny_llama, qa_jsonl, tmp_path):
+    model = tmp_path / "custom-model"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="acme-lm", auto_map={"AutoConfig": "configuration_acme.AcmeConfig",
+                                                  "AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"})
+    (model / "config.json").write_text(json.dumps(config))
+    reporter, buf = _reporter(tmp_path)
+    with pytest.raises(PermanentError) as e:
+        run_job(parse_job(job_doc(model, qa_jsonl, tmp_path / "o")), reporter, work_dir=tmp_path / "w")
+    assert e.value.exit_code == 2 and e.value.reason == "InvalidSpec" and not e.value.retryable
+    assert e.value.message.startswith("model.trustRemoteCode: ") and "trustRemoteCode: true" in e.value.message
+    assert "Training" not in [ev.get("phase") for ev in _events(buf)]
+
+
+def test_a_template_that_fails_on_a_row_is_permanent_invalid_spec(tiny_llama, qa_jsonl, tmp_path):
+    doc = job_doc(tiny_llama, qa_jsonl, tmp_path / "o",
+                  dataset={"template": {"prompt": "Q: {{ question + 1 }}", "completion": " {{ answer }}"}})
+    reporter, buf = _reporter(tmp_path)
+    with pytest.raises(PermanentError) as e:
+        run_job(parse_job(doc), reporter, work_dir=tmp_path / "w")
+    assert e.value.exit_code == 2 and e.value.reason == "InvalidSpec"
+    assert e.value.message.startswith("dataset.template.prompt: the template failed on a row (TypeError")
+    assert "Training" not in [ev.get("phase") for ev in _events(buf)]
+
+
+def test_a_stop_says_from_which_step_a_rerun_resumes():
+    stop = StopFlag()
+    assert "starts over" in stop.stopped("/ck").message
+    stop.signal_name, stop.saved = "Ctrl-C", ("checkpoint-40", 40)
+    message = stop.stopped("s3://b/ck").message
+    assert message.startswith("received Ctrl-C") and "checkpoint-40 to s3://b/ck" in message
+    assert "running the same job again resumes from step 40" in message
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc (a place even root cannot write)")
+def test_an_unwritable_checkpoint_location_is_found_at_validating(tiny_llama, qa_jsonl, tmp_path):
+    doc = job_doc(tiny_llama, qa_jsonl, tmp_path / "o",
+                  output={"destination": str(tmp_path / "o"), "checkpoints": "/proc/finetune-checkpoints"})
+    reporter, buf = _reporter(tmp_path)
+    with pytest.raises(PermanentError, match="cannot write under /proc .*set output.checkpoints to a writable place"):
+        run_job(parse_job(doc), reporter, work_dir=tmp_path / "w")
+    assert [ev["phase"] for ev in _events(buf) if ev["event"] == "phase"] == ["Validating"]

@@ -66,6 +66,12 @@ namespaces are watched, by one Role per namespace otherwise. tests/deploy checks
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, delete]
+{{- if .Values.jobset.enabled }}
+# jobs on several nodes: one JobSet per attempt (JobSet itself is installed separately)
+- apiGroups: [jobset.x-k8s.io]
+  resources: [jobsets]
+  verbs: [get, list, watch, create, delete]
+{{- end }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
