@@ -243,7 +243,7 @@ def _resolve(node: dict, defs: dict) -> dict:
 
 def _type(node: dict, defs: dict) -> str:
     if "enum" in node or "const" in node:
-        return "string"
+        return node["type"] if isinstance(node.get("type"), str) else "string"  # integer for quantization.bits
     kind = node.get("type")
     if kind == "array":
         return f"list of {_type(_resolve(node.get('items', {}), defs), defs)}"

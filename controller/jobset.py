@@ -163,17 +163,22 @@ def refusal(nodes: int, *, disabled: bool = False) -> str:
 
 
 class Discovery:
-    """Whether the API server serves jobset.x-k8s.io/v1alpha2 jobsets, asked at most every `ttl` seconds."""
+    """Whether the API server serves jobset.x-k8s.io/v1alpha2 jobsets. A yes is kept `ttl` seconds; a no is
+    asked again each time (JobSet may be installed a moment before the next job), once per job that needs it."""
 
-    def __init__(self, kube, ttl: float = 10.0, clock=time.monotonic):
+    def __init__(self, kube, ttl: float = 60.0, clock=time.monotonic):
         self.kube, self.ttl, self.clock = kube, ttl, clock
-        self._known: tuple[float, bool] | None = None
+        self._yes_at: float | None = None
 
     def available(self) -> bool:
         now = self.clock()
-        if self._known is None or now - self._known[0] >= self.ttl:
-            self._known = (now, available(self.kube))
-        return self._known[1]
+        if self._yes_at is not None and now - self._yes_at < self.ttl:
+            return True
+        if available(self.kube):
+            self._yes_at = now
+            return True
+        self._yes_at = None
+        return False
 
 
 def available(kube) -> bool:

@@ -23,6 +23,7 @@ from runner.api import names, status as contract
 
 log = logging.getLogger("controller")
 COMPONENT = "finetune-controller"
+UNWATCHED_POLL = 5.0  # seconds between passes over a job whose JobSets kopf does not watch (Reconciler._jobs)
 
 
 @dataclass
@@ -54,6 +55,32 @@ class Reconciler:
         self.options = options
         self.clock = clock
         self.jobsets = jobset.Discovery(kube) if jobsets else None
+        self._unwatched_logged = False
+
+    def _jobs(self, snap: Snapshot) -> tuple[list[dict], bool]:
+        """The attempts' Jobs and JobSets, and whether the JobSets had to be listed from the API. Kopf watches
+        JobSets once their CRD exists, also one installed while the controller runs - but it looks for the new
+        API on the CRD's own events, which can come before the API server serves it, and then misses it until
+        a restart. So when a job on several nodes has started an attempt and the cache holds no JobSet of it,
+        they are listed here (and the job looked at again every UNWATCHED_POLL seconds, as no event will come)."""
+        ftj = snap.ftj
+        started = ((ftj.get("status") or {}).get("attempt") is not None
+                   and jobset.nodes_of(ftj.get("spec") or {}) > 1)
+        if self.jobsets is None or not started or any(jobset.is_jobset(j) for j in snap.jobs):
+            return snap.jobs, False
+        md = ftj["metadata"]
+        try:
+            items = self.kube.request("GET", ns_path(jobset.API_VERSION, md["namespace"], jobset.PLURAL),
+                                      query=[("labelSelector", f"{naming.LABEL_JOB_UID}={md['uid']}")])["items"]
+        except ApiException as e:
+            if e.status == 404:  # not installed (any more)
+                return snap.jobs, False
+            raise kopf.TemporaryError(f"listing JobSets: {e.status}: {api_message(e)}", delay=1.0) from e
+        if items and not self._unwatched_logged:
+            self._unwatched_logged = True
+            log.warning("JobSets are not in the watch cache (JobSet installed after the controller started?): "
+                        "reading them every %ss; restart the controller to watch them", UNWATCHED_POLL)
+        return [*snap.jobs, *({**js, "kind": jobset.KIND} for js in items)], bool(items)
 
     def _no_jobsets(self, ftj: dict) -> str | None:
         """Why a job with several nodes cannot run here (JobSet disabled or not installed), asked only for one."""
@@ -78,8 +105,11 @@ class Reconciler:
         if ftj["metadata"].get("deletionTimestamp"):  # the garbage collector removes the children
             return Outcome(None, old.get("phase"), old.get("phase"), False)
         now = self.clock()
-        a = assess(ftj, snap.jobs, snap.pods, now=now, options=self.options, has_identity=snap.has_identity,
-                   no_jobsets=self._no_jobsets(ftj) if not snap.jobs else None)
+        jobs, unwatched = self._jobs(snap)
+        a = assess(ftj, jobs, snap.pods, now=now, options=self.options, has_identity=snap.has_identity,
+                   no_jobsets=self._no_jobsets(ftj) if not jobs else None)
+        if unwatched and a.status.get("phase") not in contract.TERMINAL_PHASES:
+            a.requeue(UNWATCHED_POLL)
         creates = any(x.kind == "create-attempt" for x in a.actions)
         rv = self._write_status(ftj, a, force=creates)  # never start an attempt from a stale view
         patched = rv is not None

@@ -226,9 +226,10 @@ class Tracking:
         for name, run in self.runs.items():
             how = "continuing" if run["resumed"] else "started"
             self._log(f"{name}: {how} run {run['runId']}" + (f" ({run['url']})" if run.get("url") else ""))
-        state = {"attempts": int(attempt) if attempt.isdigit() else attempt,
-                 **{k: {"runId": v["runId"]} for k, v in self.runs.items()}}
-        store.write_text(RUNS_FILE, json.dumps(state, indent=2))
+        if self.runs:
+            state = {"attempts": int(attempt) if attempt.isdigit() else attempt,
+                     **{k: {"runId": v["runId"]} for k, v in self.runs.items()}}
+            store.write_text(RUNS_FILE, json.dumps(state, indent=2))
         if self.runs.get("mlflow", {}).get("resumed"):
             # The first attempt logged the Trainer's params; logged again they would differ in paths (and in
             # the cadence a resumed attempt may change), which MLflow refuses. Read as the Trainer starts.

@@ -97,7 +97,7 @@ class QuantizationSpec(_Section):
         description="Bits per weight of the frozen base's linear layers. 4: QLoRA, quantized to NF4/FP4 by "
         "bitsandbytes (~0.52 bytes per parameter). 8: LLM.int8 by bitsandbytes (~1 byte per parameter; one GPU or "
         "data parallel, not FSDP). 16: plain LoRA on the base kept in the compute dtype, no quantization (2 bytes "
-        "per parameter; fastest where it fits, and FSDP shards it as it is).",
+        "per parameter; FSDP shards it as it is). The bench's tokens/s and memory for each: README, Speed.",
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base (bits 4 only).")
     double_quant: bool = Field(

@@ -3,7 +3,8 @@
 A tiny Llama in real bitsandbytes 4-bit layers (float32 storage: the CPU compute dtype), LoRA added, sharded
 with FSDP2 one decoder layer at a time exactly as accelerate does it for the runner. Compares against the same
 model unsharded in this process, then gathers, saves, and reloads the adapter through runner.parallel.
-Writes what it measured to <out>/rank<N>.json.
+Writes what it measured to <out>/rank<N>.json. An optional third argument sets quantization.bits (16: the
+plain float32 base, sharded as it is).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 
-def main(model_dir: str, out: str) -> None:
+def main(model_dir: str, out: str, bits: int = 4) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -24,7 +25,7 @@ def main(model_dir: str, out: str) -> None:
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    spec, quant = ModelSpec(source=model_dir), QuantizationSpec()
+    spec, quant = ModelSpec(source=model_dir), QuantizationSpec(bits=bits)
 
     def build(seed: int):
         m = model_phase.load_quantized(Path(model_dir), spec, quant, compute=torch.float32, attention="sdpa",
@@ -75,10 +76,11 @@ def main(model_dir: str, out: str) -> None:
         "maxAdapterDiff": max((adapter[n] - ref_params[n].detach()).abs().max().item() for n in adapter),
         "maxReloadDiff": max((reloaded[n] - adapter[n]).abs().max().item() for n in adapter),
         "adapterTensors": len(adapter),
+        "bitsandbytesModules": sum(type(m).__module__.startswith("bitsandbytes") for m in sharded.modules()),
     }
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 4)

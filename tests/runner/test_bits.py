@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from runner.merge_shards import Requantize, _requantize
 from runner.plan import Machine, make_plan
 from runner.report import Reporter
 from runner.train import fingerprint
-from tests.conftest import job_doc
+from tests.conftest import ROOT, job_doc
 
 GiB = 2**30
 CPU = Machine(processes=1)
@@ -89,6 +92,23 @@ def test_the_16bit_base_has_no_bitsandbytes_layers_and_the_8bit_base_int8_ones(t
             assert type(base).__name__ == "Linear4bit"
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n for n in trainable)  # the base is frozen, whatever its bits
+
+
+def test_fsdp_shards_a_16bit_base_as_it_is_and_computes_what_one_process_does(tiny_llama, tmp_path):
+    """FSDP2 over gloo, 2 processes (tests/runner/fsdp_worker.py): the plain base's weights sharded as they are."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(ROOT / "tests" / "runner" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path), "16"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert r["bitsandbytesModules"] == 0
+        assert r["baseWeightSharded"] and r["localRows"] * 2 == r["fullRows"] == 64
+        assert r["loss"] == pytest.approx(r["referenceLoss"], rel=1e-5) and r["maxGradDiff"] < 1e-5
+        assert r["maxAdapterDiff"] == 0.0 and r["maxReloadDiff"] == 0.0
 
 
 @pytest.fixture(scope="module")

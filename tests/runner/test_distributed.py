@@ -120,6 +120,32 @@ def _start_node(tmp_path: Path, job: Path, rank: int, port: int) -> subprocess.P
         start_new_session=True)  # a process group per "node", to kill one node whole
 
 
+def _tree(root: int) -> list[int]:
+    """`root` and every process below it."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) if proc.name.isdigit() else None
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(proc.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _losses(events) -> list[float]:
     return [e["loss"] for e in _events_of(events, "progress") if "loss" in e]
 
@@ -177,15 +203,14 @@ def test_a_node_that_dies_fails_the_other_within_the_bound(tiny_llama, qa_jsonl,
         for line in node0.stdout:
             if json.loads(line)["event"] == "progress":
                 break
-        os.killpg(node1.pid, signal.SIGKILL)  # the whole "machine": runner, torchrun, worker
+        _kill(_tree(node1.pid))  # the whole "machine": runner, torchrun, its worker (in a session of its own)
         killed = time.monotonic()
         node0.stdout.read()
         code = node0.wait(timeout=BOUND_S + 60)
         took = time.monotonic() - killed
     finally:
         for p in (node0, node1):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+            _kill(_tree(p.pid) if p.poll() is None else [])
             p.wait()
     assert took < BOUND_S, took
     result = json.loads((tmp_path / "node0" / "termination-log").read_text())
