@@ -18,6 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controller import children, jobset, limits, naming
 from controller.kube import Kube, api_message, ns_path
+from controller.attempts import parse_time
 from controller.status import Action, Assessment, Options, assess, finalize, format_time
 from runner.api import names, status as contract
 
@@ -76,7 +77,8 @@ class Reconciler:
             if e.status == 404:  # not installed (any more)
                 return snap.jobs, False
             raise kopf.TemporaryError(f"listing JobSets: {e.status}: {api_message(e)}", delay=1.0) from e
-        if items and not self._unwatched_logged:
+        old = [js for js in items if self.clock() - (parse_time(js["metadata"].get("creationTimestamp")) or 0) > 30]
+        if old and not self._unwatched_logged:  # (a younger one may just not be in the cache yet)
             self._unwatched_logged = True
             log.warning("JobSets are not in the watch cache (JobSet installed after the controller started?): "
                         "reading them every %ss; restart the controller to watch them", UNWATCHED_POLL)
