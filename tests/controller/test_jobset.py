@@ -199,6 +199,38 @@ def test_chart_rbac_on_jobsets_follows_jobset_enabled(k8s_binaries):
     assert rules == [r for r in rbac.RULES if r not in rbac.JOBSET_RULES] and "--no-jobsets" in args
 
 
+class StubKube:
+    def __init__(self, items):
+        self.items, self.calls = items, []
+
+    def request(self, method, path, body=None, **kw):
+        self.calls.append((method, path, kw.get("query")))
+        if path.endswith(f"/apis/{jobset.API_VERSION}"):
+            return {"resources": [{"name": jobset.PLURAL}]}
+        return {"items": self.items}
+
+
+def test_jobsets_missing_from_the_watch_cache_are_listed_and_polled():
+    """Kopf can miss a JobSet CRD installed while the controller runs (controller/reconciler.py: _jobs)."""
+    from controller.reconciler import UNWATCHED_POLL, Reconciler, Snapshot
+
+    js = js_obj()
+    del js["kind"]  # as a list's items may come
+    kube = StubKube([js])
+    r = Reconciler(kube, image="reg/runner:1", clock=lambda: T0)
+    f = ftj(resources={"nodes": 2}, status={"attempt": 1, "jobName": "demo-1"})
+    jobs, unwatched = r._jobs(Snapshot(f, jobs=[], pods=[]))
+    assert unwatched and [j["kind"] for j in jobs] == ["JobSet"]
+    assert kube.calls == [("GET", "/apis/jobset.x-k8s.io/v1alpha2/namespaces/ns/jobsets",
+                           [("labelSelector", f"finetune.dev/job-uid={builders.UID}")])]
+    a = assess(f, jobs, [node_pod(1, 0, "Running"), node_pod(1, 1, "Running")], now=T0)
+    assert a.status["phase"] == "Running" and not a.actions  # not taken for a stopped attempt's pods
+    # in the cache, or one node, or no attempt yet: nothing listed
+    assert r._jobs(Snapshot(f, jobs=[js_obj()]))[1] is False
+    assert r._jobs(Snapshot(ftj(resources={"nodes": 2}), jobs=[]))[1] is False
+    assert len(kube.calls) == 1 and UNWATCHED_POLL <= 10
+
+
 # ======================================================================================== cluster
 def jobset_crd_doc() -> dict:
     """The pinned release's CRD, checked against its upstream hash, without what 1.20 refuses (module doc)."""

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -12,6 +13,20 @@ from runner.api import errors
 from tests.conftest import ROOT, job_doc, run_cli
 
 SECRET = "hf_SuperSecretTokenValue123456"
+
+
+def interrupt_training(job: Path, term: Path, signum: int) -> tuple[int, dict]:
+    """Run `job` and send `signum` once training is under way (step 2): (exit code, termination result)."""
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for line in proc.stdout:
+        event = json.loads(line)
+        if event["event"] == "progress" and event["step"] >= 2:
+            proc.send_signal(signum)
+            break
+    proc.stdout.read()
+    return proc.wait(timeout=120), json.loads(term.read_text())
 
 
 def test_success_reports_phases_progress_and_result(tiny_llama, qa_jsonl, tmp_path):
@@ -82,18 +97,8 @@ def test_sigterm_saves_a_checkpoint_exits_retryable_and_a_rerun_resumes(tiny_lla
     doc = job_doc(tiny_llama, qa_jsonl, out, training={"maxSteps": 20, "saveSteps": 1000, "loggingSteps": 1})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
-    term = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for line in proc.stdout:  # preempt once training is under way (like a node drain)
-        event = json.loads(line)
-        if event["event"] == "progress" and event["step"] >= 2:
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=120) == errors.EXIT_RETRYABLE
-    result = json.loads(term.read_text())
+    code, result = interrupt_training(job, tmp_path / "term", signal.SIGTERM)  # like a node drain
+    assert code == errors.EXIT_RETRYABLE
     assert result["retryable"] is True and "SIGTERM" in result["message"]
     saved = [p for p in (tmp_path / "out.checkpoints").iterdir() if p.name.startswith("checkpoint-")]
     assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
@@ -135,18 +140,8 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_says_from_which_step_a_re
                   training={"maxSteps": 20, "saveSteps": 1000, "loggingSteps": 1})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
-    term = tmp_path / "term"
-    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", str(job), "--termination-log", str(term)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for line in proc.stdout:
-        event = json.loads(line)
-        if event["event"] == "progress" and event["step"] >= 2:
-            proc.send_signal(signal.SIGINT)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=120) == errors.EXIT_RETRYABLE
-    result = json.loads(term.read_text())
+    code, result = interrupt_training(job, tmp_path / "term", signal.SIGINT)
+    assert code == errors.EXIT_RETRYABLE
     saved = [p.name for p in (tmp_path / "out.checkpoints").iterdir() if p.name.startswith("checkpoint-")]
     step = int(saved[0].split("-")[1])
     assert result["message"].startswith("received Ctrl-C; stopped after saving checkpoint-")
