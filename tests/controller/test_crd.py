@@ -131,7 +131,7 @@ def test_api_server_rejects_a_bad_spec_naming_the_field(cluster_api, patch, fiel
 def test_defaults_are_filled_in_and_kubectl_shows_the_columns(k8s_cluster, cluster_api):
     cluster_api.create_ftj(ftj_doc("defaults"))
     spec = cluster_api.ftj("defaults")["spec"]
-    assert spec["lora"]["r"] == 16 and spec["resources"] == {"gpus": 1, "gpuResourceName": "nvidia.com/gpu"}
+    assert spec["lora"]["r"] == 16 and spec["resources"] == {"gpus": 1, "nodes": 1, "gpuResourceName": "nvidia.com/gpu"}
     assert spec["backoffLimit"] == 3 and spec["suspend"] is False
     out = k8s_cluster.kubectl_run("get", "ftj", "-n", cluster_api.ns).stdout
     assert out.split()[:6] == ["NAME", "PHASE", "PROGRESS", "LOSS", "ATTEMPT", "AGE"]
