@@ -31,11 +31,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from runner.api import names
+
 # Environment the controller sets in every runner pod, and where credentials come from (Secret references).
 # spec.env may not set these: in a pod the last entry of a name wins, so an override would redirect the runner
 # (FINETUNE_*), the status sink and its token (KUBERNETES_*), the nodes' rendezvous (PET_*: torchrun's), or
 # credentials (HF_ENDPOINT, AWS_ENDPOINT_URL).
-RESERVED_ENV_PREFIXES = ("FINETUNE_", "AWS_", "HF_", "HUGGING_FACE_", "KUBERNETES_", "PET_")
+RESERVED_ENV_PREFIXES = (names.ENV_PREFIX, "AWS_", "HF_", "HUGGING_FACE_", "KUBERNETES_", "PET_")
 RESERVED_ENV_NAMES = ("HOME", "TMPDIR")
 VALUE_FROM_KINDS = ("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef")
 ValueFromKind = Literal["secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef"]

@@ -16,6 +16,7 @@ STATUS_SUBRESOURCE = f"{PLURAL}/status"  # what the runner's identity may get an
 
 # --------------------------------------------------------------------- the runner pod's environment
 # Set by the controller in every runner pod; read by the runner (runner/kube_status.py).
+ENV_PREFIX = "FINETUNE_"  # every variable below starts with it; a spec's `env` may not use it
 ENV_JOB_NAME = "FINETUNE_JOB_NAME"  # the FineTuneJob the pod runs (turns on the status sink)
 ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
 ENV_POD_NAME = "FINETUNE_POD_NAME"  # the pod itself (downward API): status.runner.pod
