@@ -17,6 +17,7 @@ from runner.api.spec import FineTuneJobSpec
 from runner.plan import Plan
 from runner.report import Reporter
 from runner.storage.checkpoints import step_of
+from runner.storage.lease import Lease
 
 FINGERPRINT_FILE = "job-fingerprint.json"
 # Inside every checkpoint: the progress history up to its step, so that a resumed run reports the whole run.
@@ -95,7 +96,7 @@ def check_fingerprint(store, spec: FineTuneJobSpec, checkpoints_uri: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------- callbacks
-def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: list[dict]):
+def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: list[dict], lease=None):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -151,6 +152,8 @@ def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: li
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and local.is_dir():
                 (local / HISTORY_FILE).write_text(json.dumps(progress.history))
+                if lease is not None:
+                    lease.renew()  # heartbeat; raises if another runner took the location over
                 name = store.save(local)
                 store.prune(keep)
                 stop.saved = (name, state.global_step)
@@ -274,7 +277,7 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, plan: Plan, has_eval: b
     return SFTConfig(**kwargs)
 
 
-def train(
+def _train(
     spec: FineTuneJobSpec,
     model,
     tokenizer,
@@ -287,10 +290,12 @@ def train(
     stop: StopFlag,
     plan: Plan,
     tracker=None,
+    lease: Lease,
 ) -> TrainResult:
-    """`tracker` (runner.tracking.Tracking): TensorBoard files and the runs of training.reportTo."""
     scratch = work_dir / "trainer"
     with distributed.node_first():  # each node's first process checks and fetches; the others read its copy
+        if distributed.is_main():
+            lease.acquire()  # one writer per checkpoint location: waits, or fails retryable naming the holder
         if distributed.is_node_main():
             check_fingerprint(store, spec, checkpoints_uri)
             scratch.mkdir(parents=True, exist_ok=True)
@@ -303,7 +308,7 @@ def train(
     resume = scratch / name if name else None
     history = _history_before(resume, step_of(name) or 0) if name else []
 
-    progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop, history)
+    progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop, history, lease)
     tracked = tracker.start(store, work_dir) if tracker is not None else []
     trainer = make_trainer(spec, model, tokenizer, data, scratch, plan, callbacks=[progress, durable, *tracked],
                            **(tracker.trainer_args() if tracker is not None else {}))
@@ -330,6 +335,16 @@ def train(
     adapter_dir = work_dir / "adapter"
     parallel.save_adapter(trainer, adapter_dir)
     return TrainResult(adapter_dir, progress.history, metrics, name)
+
+
+def train(spec: FineTuneJobSpec, model, tokenizer, data, **kw) -> TrainResult:
+    """`tracker` (runner.tracking.Tracking): TensorBoard files and the runs of training.reportTo. Rank 0 holds
+    the checkpoint location's lease (runner/storage/lease.py) from before its first read to the end."""
+    lease = Lease(kw["store"].loc, log=kw["reporter"].log)
+    try:
+        return _train(spec, model, tokenizer, data, lease=lease, **kw)
+    finally:
+        lease.release()
 
 
 def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, plan: Plan, *, callbacks=(),

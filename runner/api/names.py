@@ -33,6 +33,7 @@ ENV_LOCAL_ADDR = "PET_LOCAL_ADDR"  # this node's address as the others reach it 
 RDZV_PORT = 29500  # torchrun's default
 # Read by the runner only.
 ENV_STATUS_INTERVAL = "FINETUNE_STATUS_INTERVAL"  # seconds between progress patches
+ENV_LEASE_WAIT = "FINETUNE_LEASE_WAIT"  # seconds a runner waits for the checkpoint location's lease (runner/storage/lease.py)
 ENV_TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"  # where the result goes (default TERMINATION_LOG)
 ENV_LAUNCHED = "FINETUNE_LAUNCHED"  # set in each rank's environment by the runner's own launcher
 ENV_NPROC = "FINETUNE_NPROC"  # processes per node, overriding resources.gpus (CPU tests, debugging)
