@@ -69,7 +69,7 @@ def test_policy_refuses_before_any_job_and_before_every_retry():
     assert assess(ftj(image="reg/runner:1"), [], [], now=T0, options=opts).actions[0].kind == "create-attempt"
     # the policy tightened after a retryable failure: no next attempt
     spec = ftj(nodeSelector={"gpu": "a100"})["spec"]
-    failed = pod(exit_code=75, message=json.dumps({"reason": "DownloadFailed", "message": "x"}))
+    failed = pod(phase="Failed", exit_code=75, message=json.dumps({"reason": "DownloadFailed", "message": "x"}))
     a = assess(ftj(nodeSelector={"gpu": "a100"}), [job(spec_doc=spec, failed="BackoffLimitExceeded")], [failed],
                now=T0, options=opts)
     assert a.status["phase"] == "Failed" and "policy.nodeSelectorKeys" in a.status["message"]

@@ -143,7 +143,8 @@ def wait_pending_with_job(cluster, controller, ns: str, name: str) -> dict:
     try:
         wait_for(ready, 30, what=f"{ns}/{name} Pending with a Job")
     except AssertionError as e:
-        raise AssertionError(f"{e}\ncontroller log:\n{controller.log()}") from None
+        status = ftj(cluster, ns, name).get("status")
+        raise AssertionError(f"{e}\nstatus: {status}\ncontroller log:\n{controller.log()}") from None
     [job] = jobs(cluster, ns)
     return job
 
