@@ -161,7 +161,7 @@ def _tokenize(spec: FineTuneJobSpec, paths: dict, reporter: Reporter):
     return tokenizer, data
 
 
-def _plan(spec: FineTuneJobSpec, model_dir: Path, work: Path) -> plan_phase.Plan:
+def _plan(spec: FineTuneJobSpec, model_dir: Path) -> plan_phase.Plan:
     """Made once, by rank 0 (free GPU memory differs a little between ranks; the plan must not), and sent to
     every rank, on every node."""
     plan = plan_phase.make_plan(spec, model_dir) if distributed.is_main() else None
@@ -172,7 +172,7 @@ def _plan(spec: FineTuneJobSpec, model_dir: Path, work: Path) -> plan_phase.Plan
 def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, reporter: Reporter,
            stop: StopFlag, tracker: tracking.Tracking | None = None) -> _Trained:
     reporter.phase(status.TRAINING)
-    plan = _plan(spec, model_dir, work)
+    plan = _plan(spec, model_dir)
     model = parallel.load_base(spec, model_dir, plan)
     # Under FSDP every rank takes part in generating (after training); the base sits unsharded in CPU
     # memory until FSDP places it, so there are no before-training samples.

@@ -93,6 +93,9 @@ def test_poison_objects_fail_alone_while_other_jobs_keep_moving(controller, clus
     assert code == 201, body[:300]
     # 3. the runner's own token patches status.metrics 1,000 deep: refused by the CRD (metrics are numbers)
     runner_token = k8s_cluster.service_account_token(ns, "victim-runner", create=False)
+    # the runner's RoleBinding reaches the apiserver's RBAC cache a moment after it is created
+    wait_for(lambda: raw(k8s_cluster, "GET", ftj_path(ns, "victim", "status"), None, token=runner_token)[0] == 200,
+             20, what="the runner's token to read its job's status")
     code, body = raw(k8s_cluster, "PATCH", ftj_path(ns, "victim", "status"),
                      ('{"status":{"metrics":' + deep(1000) + "}}").encode(), token=runner_token,
                      content_type="application/merge-patch+json")
@@ -112,6 +115,8 @@ def test_poison_objects_fail_alone_while_other_jobs_keep_moving(controller, clus
         refused.append(f"status.{field} of 1 MB (runner token): HTTP 422")
     # 4. a 1 MB status the CRD cannot refuse (a metric's name is a map key) reaches the controller
     mb_token = k8s_cluster.service_account_token(ns, "victim-mb-runner", create=False)
+    wait_for(lambda: raw(k8s_cluster, "GET", ftj_path(ns, "victim-mb", "status"), None, token=mb_token)[0] == 200,
+             20, what="the runner's token to read its job's status")
     clock.start_clock("victim-mb")
     code, body = raw(k8s_cluster, "PATCH", ftj_path(ns, "victim-mb", "status"),
                      json.dumps({"status": {"metrics": {"K" * 1_000_000: 1.0}}}).encode(), token=mb_token,

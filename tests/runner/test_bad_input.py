@@ -27,7 +27,7 @@ from tests.conftest import ROOT
 
 SPEC = {"model": {"source": "hf://org/base"}, "dataset": {"source": "hf://datasets/org/data"},
         "output": {"destination": "s3://bucket/out", "checkpoints": "s3://bucket/ckpt"}}
-LIMIT_S = 2.0  # per validate, in-process (the worst case is measured and reported by test_corpus_summary)
+LIMIT_S = 2.0  # per validate, in-process (the worst case is reported by test_corpus_holds_hundreds_of_malformed_specs)
 MAX_MESSAGE = 8192
 TIMES: dict[str, float] = {}
 
@@ -331,14 +331,14 @@ def test_validate_refuses_every_malformed_spec_cleanly(cls, tmp_path):
     assert not failures, f"{len(failures)} of {len(cases)} {cls} cases:\n" + "\n".join(failures)
 
 
-def test_corpus_summary():
-    """Runs after the classes (file order): how many, how fast the worst one was."""
-    if not TIMES:
-        pytest.skip("run with the corpus tests")
-    worst = max(TIMES, key=TIMES.get)
-    print(f"\nmalformed specs: {len(TIMES)}; worst validate: {worst} {TIMES[worst] * 1000:.0f} ms")
-    assert len(TIMES) >= 300
-    assert TIMES[worst] < LIMIT_S
+def test_corpus_holds_hundreds_of_malformed_specs(tmp_path):
+    """The corpus is hundreds of specs by class; each class test asserts every one ends cleanly within LIMIT_S
+    and records its time, reported here when the class tests ran first (file order)."""
+    total = sum(len(list(gen(tmp_path) if cls == "local-paths" else gen())) for cls, gen in CLASSES.items())
+    assert total >= 300
+    if TIMES:
+        worst = max(TIMES, key=TIMES.get)
+        print(f"\nmalformed specs: {total}; worst validate: {worst} {TIMES[worst] * 1000:.0f} ms")
 
 
 def test_a_valid_spec_still_passes(tmp_path):

@@ -160,7 +160,7 @@ def test_two_nodes_train_as_two_processes_do_and_only_node0_publishes(tiny_llama
     assert code == 0, stderr[-3000:]
     reference = _losses(events)
 
-    doc["spec"]["output"]["destination"] = str(tmp_path / "shared" / "out")
+    doc["spec"]["output"]["destination"] = str(tmp_path / "both-nodes" / "out")
     doc["spec"]["resources"] = {"nodes": 2}  # the same YAML on both machines
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
@@ -174,12 +174,12 @@ def test_two_nodes_train_as_two_processes_do_and_only_node0_publishes(tiny_llama
     # Node 0 runs global rank 0: it alone reports, checkpoints and publishes; node 1's processes only train.
     assert not outs[1].strip() and not (tmp_path / "node1" / "termination-log").exists()
     result = json.loads((tmp_path / "node0" / "termination-log").read_text())
-    assert result["phase"] == "Succeeded" and result["output"] == str(tmp_path / "shared" / "out")
+    assert result["phase"] == "Succeeded" and result["output"] == str(tmp_path / "both-nodes" / "out")
     assert result["metrics"]["global_step"] == 4
     assert [e["phase"] for e in _events_of(events, "phase")] == [
         "Validating", "Downloading", "Training", "Merging", "Uploading"]
     assert [e["step"] for e in _events_of(events, "checkpoint")] == [2, 4]
-    assert (tmp_path / "shared" / "out" / "finetune-manifest.json").is_file()
+    assert (tmp_path / "both-nodes" / "out" / "finetune-manifest.json").is_file()
     # each node fetched into its own work directory
     assert all((tmp_path / f"node{r}" / "work" / "downloads.json").is_file() for r in (0, 1))
     # Data parallel over the two nodes is the same training as over two processes of one node: the same losses.
@@ -193,7 +193,7 @@ def test_two_nodes_train_as_two_processes_do_and_only_node0_publishes(tiny_llama
 def test_a_node_that_dies_fails_the_other_within_the_bound(tiny_llama, qa_jsonl, tmp_path):
     from tests.cluster.cluster import free_port
 
-    doc = job_doc(tiny_llama, qa_jsonl, tmp_path / "shared" / "out", resources={"nodes": 2},
+    doc = job_doc(tiny_llama, qa_jsonl, tmp_path / "both-nodes" / "out", resources={"nodes": 2},
                   training={"maxSteps": 2000, "saveSteps": 5000, "loggingSteps": 1})
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
@@ -215,7 +215,7 @@ def test_a_node_that_dies_fails_the_other_within_the_bound(tiny_llama, qa_jsonl,
     assert took < BOUND_S, took
     result = json.loads((tmp_path / "node0" / "termination-log").read_text())
     assert code in (errors.EXIT_RETRYABLE, errors.EXIT_UNEXPECTED) and result["retryable"] is True, result
-    assert not (tmp_path / "shared" / "out" / "finetune-manifest.json").exists()
+    assert not (tmp_path / "both-nodes" / "out" / "finetune-manifest.json").exists()
 
 
 BOUND_S = 120  # the survivor's collective fails as soon as the dead node's connections close (README)
