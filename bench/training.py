@@ -189,7 +189,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     tok = model_phase.load_tokenizer(model_dir, spec.model)
     if name == "seeds":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = model_phase.add_lora(model, spec.lora)
+    model = parallel.add_lora(model, spec.lora)  # under FSDP the sharded loader added them already
     tokens_per_step = spec.training.batch_size * spec.dataset.max_length * spec.training.gradient_accumulation_steps
     from runner import distributed
 
@@ -338,6 +338,7 @@ def run_single(args) -> int:
         res = {"error": f"out of memory: {str(e)[:300]}"}
     if distributed.is_main():
         Path(args.single_out).write_text(json.dumps(res, default=str))
+    distributed.leave_group()  # every rank leaves the process group before it exits
     return 0
 
 

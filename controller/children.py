@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from controller import naming
+from controller.podtemplate import RunnerPod
 from controller.naming import identity_name, job_name, label_value, runner_manifest, spec_hash
 from runner.api import names
 
@@ -86,19 +87,23 @@ def attempt_meta(ftj: dict, name: str, attempt: int, spec: dict) -> dict:
     return meta
 
 
-def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: int | None = None) -> dict:
+def job(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: int | None = None,
+        runner: RunnerPod | None = None) -> dict:
     """The batch/v1 Job of one attempt on one node. `spec` is the spec to run (the original one on retries).
     Several nodes: controller/jobset.py, with the same pod template."""
     meta = attempt_meta(ftj, job_name(ftj["metadata"]["name"], attempt), attempt, spec)
-    job_spec: dict = {"backoffLimit": 0, "template": pod_template(ftj, attempt, spec, image=image)}
+    job_spec: dict = {"backoffLimit": 0, "template": pod_template(ftj, attempt, spec, image=image, runner=runner)}
     if deadline_seconds:
         job_spec["activeDeadlineSeconds"] = int(deadline_seconds)
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
-def pod_template(ftj: dict, attempt: int, spec: dict, *, image: str, env: list[dict] | tuple = ()) -> dict:
+def pod_template(ftj: dict, attempt: int, spec: dict, *, image: str, env: list[dict] | tuple = (),
+                 runner: RunnerPod | None = None) -> dict:
     """The runner pod of an attempt (of each node's pod with several): identity, security, volumes, the job
-    file. `env`: variables added before the spec's own (the nodes' rendezvous, controller/jobset.py)."""
+    file. `env`: variables added before the spec's own (the nodes' rendezvous, controller/jobset.py). `runner`:
+    the admin's additions (runner.podTemplate, runner.modelCache; controller/podtemplate.py), merged last, with
+    the job's spec.volumes and spec.modelCache."""
     md = ftj["metadata"]
     meta = attempt_meta(ftj, md["name"], attempt, spec)
     manifest = json.dumps(runner_manifest(ftj, spec), sort_keys=True, separators=(",", ":"))
@@ -131,7 +136,7 @@ def pod_template(ftj: dict, attempt: int, spec: dict, *, image: str, env: list[d
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
         if spec.get(key):
             pod_spec[key] = spec[key]
-    return {"metadata": pod_meta, "spec": pod_spec}
+    return (runner or RunnerPod()).apply({"metadata": pod_meta, "spec": pod_spec}, spec)
 
 
 def container(ftj: dict, spec: dict, image: str, attempt: int, *, extra_env: list[dict] | tuple = ()) -> dict:

@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--workers", type=int, default=8, help="parallel reconcile passes (default %(default)s)")
     r.add_argument("--http-port", type=int, default=8080,
                    help="port of /metrics, /healthz and /readyz; 0 disables (default %(default)s)")
+    r.add_argument("--http-host", default="0.0.0.0",
+                   help="address /metrics, /healthz and /readyz listen on (default %(default)s)")
     r.add_argument("--retry-backoff", type=float, default=10.0,
                    help="seconds before the first retry of a failed attempt; doubles per failure (default %(default)s)")
     r.add_argument("--image-pull-timeout", type=float, default=300.0,
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                    "images, ServiceAccounts, env sources, tolerations, node labels and priority classes a "
                    "FineTuneJob may use; default: the secure defaults of controller/policy.py")
     r.add_argument("--policy-file", default=None, metavar="PATH", help="read the admin policy from a file instead")
+    r.add_argument("--runner-pod", default=None, metavar="JSON",
+                   help="what the admin adds to every runner pod (JSON or YAML mapping; the chart passes its "
+                   "`runner.podTemplate` and `runner.modelCache` values as {podTemplate, modelCache}): see "
+                   "controller/podtemplate.py; default: nothing")
+    r.add_argument("--runner-pod-file", default=None, metavar="PATH", help="read --runner-pod from a file instead")
     r.add_argument("--webhook-cert", default=None, metavar="PEM",
                    help="serve the validating admission webhook over TLS with this certificate (and --webhook-key)")
     r.add_argument("--webhook-key", default=None, metavar="PEM", help="the webhook certificate's private key")
@@ -80,20 +87,26 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.all_namespaces and args.namespace:
         p.error("--all-namespaces and --namespace exclude each other")
+    from controller.podtemplate import RunnerPod, RunnerPodError
     from controller.policy import Policy, PolicyError
 
     try:
-        policy = (Policy.from_file(args.policy_file, operator_image=args.image) if args.policy_file else
-                  Policy.from_text(args.policy or "", operator_image=args.image))
-    except (PolicyError, OSError) as e:
+        runner = (RunnerPod.from_file(args.runner_pod_file) if args.runner_pod_file else
+                  RunnerPod.from_text(args.runner_pod or ""))
+        kw = {"operator_image": args.image, "admin_mounts": runner.mount_paths()}
+        policy = (Policy.from_file(args.policy_file, **kw) if args.policy_file else
+                  Policy.from_text(args.policy or "", **kw))
+    except (PolicyError, RunnerPodError, OSError) as e:
         p.error(str(e))
     logging.getLogger("controller").info("admin policy: %s", policy.describe())
+    logging.getLogger("controller").info("runner pod additions: %s", runner.describe())
     if bool(args.webhook_cert) != bool(args.webhook_key):
         p.error("--webhook-cert and --webhook-key go together")
     hook = (Webhook(cert=args.webhook_cert, key=args.webhook_key, port=args.webhook_port, host=args.webhook_host)
             if args.webhook_cert else None)
-    run(Config(image=args.image, workers=args.workers, http_port=args.http_port, kubeconfig=args.kubeconfig,
+    run(Config(image=args.image, workers=args.workers, http_port=args.http_port, http_host=args.http_host,
+               kubeconfig=args.kubeconfig,
                options=Options(retry_backoff=args.retry_backoff, image_pull_timeout=args.image_pull_timeout,
-                               policy=policy), webhook=hook, jobsets=not args.no_jobsets),
+                               policy=policy, runner=runner), webhook=hook, jobsets=not args.no_jobsets),
         namespaces=args.namespace)
     return 0

@@ -81,7 +81,7 @@ def _convert(node: dict, defs: dict, path: tuple[str, ...]) -> dict:
             out["properties"] = {k: _convert(v, defs, path + (k,)) for k, v in props.items()}
             if node.get("required"):
                 out["required"] = list(node["required"])
-            elif "default" not in out:
+            elif "default" not in node:  # (an optional section, `X | None = None`, stays unset)
                 out["default"] = {}  # every field has a default: let the API server fill them in
         elif isinstance(extra, dict):
             out["additionalProperties"] = _convert(extra, defs, path + ("*",))

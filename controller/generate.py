@@ -196,7 +196,10 @@ def _section(path: str, intro: str, model: type[BaseModel], props: dict, defs: d
         sub = _submodel(info.annotation)
         field_path = f"{path}.{name}"
         description = _description(raw, node)
-        if sub is not None:  # a nested section: a row that links to its own table
+        if sub is not None and node.get("type") == "array":  # a list of sections: its items' own table
+            kind = f"list of objects ([`{field_path}[]`](#{_anchor(field_path + '[]')}))"
+            nested.append((f"{field_path}[]", sub, _resolve(node["items"], defs), description))
+        elif sub is not None:  # a nested section: a row that links to its own table
             kind = f"object ([`{field_path}`](#{_anchor(field_path)}))"
             nested.append((field_path, sub, node, description))
         else:

@@ -88,13 +88,14 @@ def env(jobset_name: str, nodes: int) -> list[dict]:
     ]
 
 
-def jobset(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: int | None = None) -> dict:
+def jobset(ftj: dict, attempt: int, spec: dict, *, image: str, deadline_seconds: int | None = None,
+           runner=None) -> dict:
     """The JobSet of one attempt. `spec` is the spec to run (the original one on retries)."""
     js_name = name(ftj["metadata"]["name"], attempt)
     nodes = nodes_of(spec)
     job_spec: dict = {
         "parallelism": nodes, "completions": nodes, "completionMode": "Indexed", "backoffLimit": 0,
-        "template": children.pod_template(ftj, attempt, spec, image=image, env=env(js_name, nodes)),
+        "template": children.pod_template(ftj, attempt, spec, image=image, env=env(js_name, nodes), runner=runner),
     }
     if deadline_seconds:
         job_spec["activeDeadlineSeconds"] = int(deadline_seconds)

@@ -43,6 +43,7 @@ class Config:
     image: str
     workers: int = 8
     http_port: int = 8080
+    http_host: str = "0.0.0.0"
     kubeconfig: str | None = None
     options: Options = field(default_factory=Options)
     webhook: Webhook | None = None
@@ -222,7 +223,7 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs):
                           lambda: len(STATE.queue))
     if cfg.http_port:
         STATE.http = await metrics.serve(cfg.http_port, ready=lambda: STATE.ready,
-                                         healthy=lambda: all(not t.done() for t in STATE.workers))
+                                         healthy=lambda: all(not t.done() for t in STATE.workers), host=cfg.http_host)
     if cfg.webhook:
         STATE.webhook = await webhook.serve(cfg.webhook.port, cfg.webhook.cert, cfg.webhook.key, cfg.options.policy,
                                             webhook.sar_check(kube), STATE.pool, host=cfg.webhook.host)

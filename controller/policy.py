@@ -17,6 +17,8 @@ policy key that refused it).
     nodeSelectorKeys: []                      no spec.nodeSelector, no node affinity ("*": any label)
     priorityClassNames: []                    no spec.priorityClassName
     podAffinity: false                        no spec.affinity.podAffinity / podAntiAffinity
+    volumeClaims: []                          no spec.volumes (PersistentVolumeClaims; "*": any in the namespace)
+    modelCacheClaims: []                      no spec.modelCache (the operator's runner.modelCache, if any, only)
 
 The chart renders its `policy` values as the controller's `--policy` flag (JSON); `--policy-file` reads a
 YAML or JSON file instead.
@@ -31,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from controller.podtemplate import RUNNER_PATHS, SYSTEM_PATHS, claim_name_problem, mount_path_problem
 from runner.api import names
 
 # Environment the controller sets in every runner pod, and where credentials come from (Secret references).
@@ -68,11 +71,17 @@ class Policy(BaseModel):
         (), description="Node label keys spec.nodeSelector and spec.affinity.nodeAffinity may use; `*` any.")
     priority_class_names: tuple[str, ...] = Field((), description="PriorityClasses spec.priorityClassName may name.")
     pod_affinity: bool = Field(False, description="Allow spec.affinity.podAffinity and podAntiAffinity.")
+    volume_claims: tuple[str, ...] = Field(
+        (), description="PersistentVolumeClaims (in the job's namespace) spec.volumes may mount; `*` any.")
+    model_cache_claims: tuple[str, ...] = Field(
+        (), description="PersistentVolumeClaims spec.modelCache.claimName may name (a job's own model cache).")
     operator_image: str = Field("", exclude=True, description="The operator's runner image (set from --image).")
+    admin_mounts: tuple[str, ...] = Field((), exclude=True, description="Where runner.podTemplate mounts volumes.")
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
-    def parse(cls, doc: Any, *, operator_image: str = "", source: str = "--policy") -> "Policy":
+    def parse(cls, doc: Any, *, operator_image: str = "", admin_mounts: tuple[str, ...] = (),
+              source: str = "--policy") -> "Policy":
         if doc is None:
             doc = {}
         if not isinstance(doc, dict):
@@ -82,7 +91,7 @@ class Policy(BaseModel):
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
             raise PolicyError(f"{source}: invalid policy: {problems}") from None
-        return p.model_copy(update={"operator_image": operator_image})
+        return p.model_copy(update={"operator_image": operator_image, "admin_mounts": tuple(admin_mounts)})
 
     @classmethod
     def from_text(cls, text: str, **kw) -> "Policy":
@@ -118,6 +127,44 @@ class Policy(BaseModel):
         pc = spec.get("priorityClassName")
         if pc and pc not in self.priority_class_names:
             out.append(_refused("spec.priorityClassName", pc, "priorityClassNames", self.priority_class_names))
+        out += self._volumes(spec.get("volumes"))
+        cache = (spec.get("modelCache") or {}).get("claimName") if isinstance(spec.get("modelCache"), dict) else None
+        if cache and cache not in self.model_cache_claims:
+            out.append(_refused("spec.modelCache.claimName", cache, "modelCacheClaims", self.model_cache_claims,
+                                "leave spec.modelCache out to use the operator's model cache"))
+        return out
+
+    def _volumes(self, volumes: Any) -> list[str]:
+        """spec.volumes: only PersistentVolumeClaims the policy names, mounted where nothing of the runner's is.
+        (No other kind of volume exists in the spec: no hostPath, Secret or ConfigMap.)"""
+        out: list[str] = []
+        reserved = (*SYSTEM_PATHS, *RUNNER_PATHS, *self.admin_mounts)
+        seen: set[str] = set()
+        for i, v in enumerate(volumes or []):
+            where = f"spec.volumes[{i}]"
+            if not isinstance(v, dict):
+                out.append(f"{where}: must be a mapping of claimName and mountPath")
+                continue
+            for key in sorted(set(v) - {"claimName", "mountPath", "readOnly", "subPath"}):
+                out.append(f"{where}.{key}: a FineTuneJob mounts only PersistentVolumeClaims (claimName, mountPath, "
+                           "readOnly, subPath); hostPath, Secret, ConfigMap and other volumes come only from the "
+                           "cluster admin (chart values runner.podTemplate)")
+            claim = v.get("claimName")
+            if claim_name_problem(claim):
+                out.append(f"{where}.claimName: {claim_name_problem(claim)}")
+            elif not _allowed(claim, self.volume_claims):
+                out.append(_refused(f"{where}.claimName", claim, "volumeClaims", self.volume_claims))
+            path = v.get("mountPath")
+            problem = mount_path_problem(path, reserved)
+            if problem:
+                out.append(f"{where}.mountPath: {problem}")
+            elif path in seen:
+                out.append(f"{where}.mountPath: {path} is mounted twice; give each volume its own path")
+            seen.add(path)
+            sub = v.get("subPath")
+            if sub is not None and (not isinstance(sub, str) or sub.startswith("/") or
+                                    ".." in sub.split("/") or not sub):
+                out.append(f"{where}.subPath: {sub!r} must be a relative path inside the volume, without '..'")
         return out
 
     def _image(self, image: Any) -> list[str]:

@@ -160,11 +160,11 @@ class Reconciler:
             spec = action.spec or ftj["spec"]
             if jobset.nodes_of(spec) > 1:
                 body = jobset.jobset(ftj, action.attempt, spec, image=self.image,
-                                     deadline_seconds=action.deadline_seconds)
+                                     deadline_seconds=action.deadline_seconds, runner=self.options.runner)
                 path = ns_path(jobset.API_VERSION, ns, jobset.PLURAL)
             else:
                 body = children.job(ftj, action.attempt, spec, image=self.image,
-                                    deadline_seconds=action.deadline_seconds)
+                                    deadline_seconds=action.deadline_seconds, runner=self.options.runner)
                 path = ns_path("batch/v1", ns, "jobs")
             try:
                 self.kube.create(path, body)

@@ -32,6 +32,7 @@ from controller.attempts import (
     terminated, true_condition,
 )
 from controller.naming import spec_hash
+from controller.podtemplate import RunnerPod
 from controller.policy import Policy
 from runner.api import names, status as contract
 from runner.api.errors import SpecError
@@ -44,6 +45,7 @@ class Options:
     retry_backoff_max: float = 300.0
     image_pull_timeout: float = 300.0  # a pod that cannot pull its image (or find its Secret) this long fails
     policy: Policy = field(default_factory=Policy)  # what a spec may ask of the cluster (controller/policy.py)
+    runner: RunnerPod = field(default_factory=RunnerPod)  # the admin's pod additions (controller/podtemplate.py)
 
 
 def spec_problems(ftj: dict, spec: dict) -> list[str]:

@@ -81,8 +81,11 @@ def _run_job(args, events_out, *, console=None, log=None) -> int:
         sink = sink_from_env()  # under the controller: live phase and progress into this job's status
         reporter = Reporter(stdout=events_out, stderr=log, termination_log=args.termination_log,
                             sinks=[sink] if sink else None, console=console)
-    else:  # ranks > 0 train silently; rank 0 reports for all
-        reporter = Reporter(stdout=open(os.devnull, "w"), termination_log=os.devnull)
+    else:  # ranks > 0 train silently (failures aside); rank 0 reports for all
+        from runner.console import FailuresOnly
+
+        reporter = Reporter(stdout=open(os.devnull, "w"), stderr=FailuresOnly(sys.stderr, distributed.rank()),
+                            termination_log=os.devnull)
     if not sys.stderr.isatty():
         _quiet_progress_bars()
     job = None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from runner import card
+from runner import card, plots
 from runner.card import METHODS  # noqa: F401 - how the adapter was trained, by quantization.bits
 from runner.api.parse import manifest
 from runner.api.spec import Job
@@ -35,50 +35,8 @@ def write_report(
     (report_dir / "job.yaml").write_text(
         yaml.safe_dump(manifest(job.name, spec), sort_keys=False, allow_unicode=True)
     )
-    _plot_loss(history, report_dir / "loss.png")
-    _plot_lengths(lengths, job.spec.dataset.max_length, report_dir / "token_lengths.png")
-
-
-def _plot_loss(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["evalLoss"]) for h in history if "evalLoss" in h]
-    if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Training loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_lengths(lengths: list[int], max_length: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.hist(lengths, bins=min(40, max(5, len(set(lengths)))), color="tab:blue", alpha=0.8)
-    ax.axvline(max_length, color="tab:red", linestyle="--", label=f"maxLength {max_length}")
-    over = sum(1 for n in lengths if n > max_length)
-    ax.set_title(f"Token lengths of {len(lengths)} training examples ({over} truncated)")
-    ax.set_xlabel("tokens per example")
-    ax.set_ylabel("examples")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plots.loss_plot(history, report_dir / "loss.png", published=metrics.get("published"))
+    plots.lengths_plot(lengths, job.spec.dataset.max_length, report_dir / "token_lengths.png")
 
 
 def model_card(job: Job, metrics: dict, *, merged: bool, samples: list[dict] | None = None,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import yaml
 
 from runner.api import names
-from runner.api.spec import Job
+from runner.api.spec import CHAT_TEMPLATE_NAMES, Job
+from runner.chat import CHAT_TEMPLATES
 
 # How the adapter was trained, by quantization.bits: "QLoRA" only for a 4-bit base.
 METHODS = {4: "QLoRA (LoRA on a 4-bit NF4/FP4 base)", 8: "LoRA on an 8-bit (LLM.int8) base",
@@ -49,7 +50,14 @@ def _prompt_section(job: Job, metrics: dict) -> list[str]:
     eos = " The end of every training example was the tokenizer's EOS token, so the model stops by itself." \
         if d.add_eos else ""
     out = ["## How to prompt it", ""]
-    if fmt == "chat":
+    if fmt == "chat" and d.chat_template:
+        which = f"the built-in `{d.chat_template}` chat template" if d.chat_template in CHAT_TEMPLATE_NAMES else \
+            "this job's own chat template (`dataset.chatTemplate`)"
+        out += [f"Trained on conversations rendered with {which} (loss on the assistant turns only); the published "
+                "tokenizer carries it, so `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` "
+                "renders prompts exactly as in training. The template:", "", "```jinja",
+                CHAT_TEMPLATES.get(d.chat_template, d.chat_template), "```"]
+    elif fmt == "chat":
         out += ["Trained on conversations rendered with the tokenizer's chat template (loss on the assistant turns "
                 "only). Prompt it the same way: `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`."]
     elif fmt == "text":
@@ -128,8 +136,9 @@ def _samples_section(samples: list[dict] | None, merged: bool) -> list[str]:
 
 
 def _results_section(metrics: dict) -> list[str]:
-    rows = [("final train loss", metrics.get("final_train_loss") or metrics.get("finalTrainLoss")),
+    rows = [("final train loss", metrics.get("final_train_loss")),
             ("mean train loss", metrics.get("train_loss")), ("eval loss", metrics.get("eval_loss")),
+            ("eval loss at the last step", metrics.get("last_eval_loss")),
             ("optimizer steps", metrics.get("global_step")), ("tokens seen", metrics.get("num_input_tokens_seen")),
             ("training examples", metrics.get("examples")),
             ("examples cut at maxLength", metrics.get("truncatedExamples")),
@@ -138,10 +147,15 @@ def _results_section(metrics: dict) -> list[str]:
     for name, value in rows:
         if value is not None:
             out.append(f"| {name} | {value:.4g} |" if isinstance(value, float) else f"| {name} | {value} |")
+    published = metrics.get("published")
+    if isinstance(published, dict) and published.get("step") is not None:
+        out.append(f"| published step | {published['step']} ({published.get('choice')}) |")
     check = metrics.get("mergeCheck")
     if isinstance(check, dict) and check.get("relativeLogitError") is not None:
         out.append(f"| merge check: relative logit error ({check.get('method')}) | "
                    f"{check['relativeLogitError']:.3g} (tolerance {check.get('tolerance')}) |")
+    if isinstance(published, dict) and published.get("reason"):
+        out += ["", f"Published weights: those of step {published['step']}. Why: {published['reason']}."]
     out += ["", "The full metrics are in `report/metrics.json`, the loss curve in `report/loss.png`"
             + (", TensorBoard event files in `report/tensorboard/` (`tensorboard --logdir report`)"
                if metrics.get("tensorboard") else "") + "."]

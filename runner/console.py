@@ -274,3 +274,24 @@ class Tee:
     def flush(self) -> None:
         for s in self.streams:
             s.flush()
+
+
+class FailuresOnly:
+    """The stderr of a rank other than global rank 0: rank 0 prints the `[runner]` lines for every rank, so the
+    others pass on only their failures (the `failed (...)` line and a traceback), marked with their rank."""
+
+    FAILURES = ("[runner] failed", "[runner] Traceback")
+
+    def __init__(self, out: TextIO, rank: int):
+        self.out, self.rank = out, rank
+
+    def write(self, text: str) -> int:
+        if text.startswith(self.FAILURES):
+            self.out.write(f"[rank {self.rank}] {text}")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def isatty(self) -> bool:
+        return False

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner.api.errors import PermanentError, DOWNLOAD_FAILED, INVALID_SPEC
-from runner.api.spec import DatasetSpec
+from runner import chat
+from runner.api.spec import CHAT_TEMPLATE_NAMES, DatasetSpec
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -126,7 +127,8 @@ def template_problems(spec: DatasetSpec) -> list[str]:
         except TemplateSyntaxError as e:
             problems.append(f"dataset.template.{key}: Jinja syntax error on line {e.lineno}: {str(e.message)[:200]}; "
                             "fix the template")
-    return problems
+    problem = chat.syntax_problem(spec)
+    return problems + ([problem] if problem else [])
 
 
 def _require(names, columns: list[str], where: str) -> None:
@@ -182,6 +184,9 @@ def infer_format(spec: DatasetSpec, columns: list[str]) -> str:
 def build_formatter(spec: DatasetSpec, columns: list[str], *, chat_template: Callable | None = None) -> Formatter:
     fmt = infer_format(spec, columns)
     t = spec.template
+    if spec.chat_template is not None and fmt != "chat":
+        raise DataError(f"dataset.chatTemplate: used only with format chat, and this job's format is {fmt}; remove "
+                        "dataset.chatTemplate, or set dataset.format: chat with a messages column")
     if fmt == "text":
         if t.text:
             fill, used = _template_fn(t.text, columns, "dataset.template.text")
@@ -223,7 +228,9 @@ def build_formatter(spec: DatasetSpec, columns: list[str], *, chat_template: Cal
     # chat
     mc = _column(spec, "messages", columns)
     if chat_template is None:
-        raise DataError("dataset.format: chat needs a tokenizer with a chat template")
+        raise DataError("dataset.chatTemplate: format chat needs a chat template, and this tokenizer has none (a base "
+                        "model's, usually); set dataset.chatTemplate to a built-in (" + ", ".join(CHAT_TEMPLATE_NAMES)
+                        + ") or to a Jinja chat template (README: Chat templates)")
 
     def render_chat(row: dict) -> Example:
         messages = row[mc]
@@ -305,11 +312,8 @@ def tokenize(rows, formatter: Formatter, tokenizer, *, max_length: int, add_eos:
 
 def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int) -> TokenizedData:
     columns = list(train_rows.column_names)
-    chat_fn = None
-    if getattr(tokenizer, "chat_template", None):
-        chat_fn = lambda msgs, add_generation_prompt: tokenizer.apply_chat_template(  # noqa: E731
-            msgs, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+    # dataset.chatTemplate becomes the tokenizer's (published with the model) only when the format is chat
+    chat_fn = chat.chat_function(spec, tokenizer, install=infer_format(spec, columns) == "chat")
     formatter = build_formatter(spec, columns, chat_template=chat_fn)
     if len(train_rows) == 0:
         raise DataError(f"dataset.split: {spec.split!r} selects no rows; choose a larger split")

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, parallel
-from runner import outputs, plan as plan_phase, storage, tracking
-from runner.api import status
+from runner import cache, outputs, plan as plan_phase, storage, tracking
+from runner.api import errors, status
 from runner.api.errors import INVALID_SPEC, PermanentError, SpecError
 from runner.outputs import checkpoint_location
 from runner.storage import local as local_storage
@@ -48,6 +48,8 @@ def _validate(job: Job) -> dict:
     if problems:
         raise SpecError(problems)
     storage.check_source(locations["model"], repo_type="model")
+    if problem := outputs.remote_model_problem(spec):  # an S3 prefix or Hub repo with no config or weights
+        raise SpecError([problem])
     storage.check_source(locations["data"], repo_type="dataset")
     if locations["eval"]:
         storage.check_source(locations["eval"], repo_type="dataset")
@@ -70,7 +72,7 @@ def _download(spec: FineTuneJobSpec, loc: dict, work: Path, reporter: Reporter) 
     reporter.log(f"data: {len(rows)} training rows")
     if loc["eval"]:
         paths["eval"] = storage.download(loc["eval"], work / "eval-data", repo_type="dataset")
-    paths["model"] = storage.download(loc["model"], work / "model", repo_type="model")
+    paths["model"] = cache.download(loc["model"], work / "model", log=reporter.log)  # FINETUNE_MODEL_CACHE
     model_phase.check_target_modules(spec.lora, _linear_layers(spec, paths["model"]))
     return paths
 
@@ -99,6 +101,11 @@ def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop:
     work.mkdir(parents=True, exist_ok=True)
     try:
         return _run(job, spec, reporter, work, stop)
+    except Exception as e:  # noqa: BLE001 - a full disk is the user's to fix (exit 2); anything else unchanged
+        full = errors.disk_full(e, work, status.PHASE_REASON.get(reporter.phase_name or "", errors.TRAINING_FAILED))
+        if full is None:
+            raise
+        raise full from e
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
@@ -174,8 +181,7 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
     reporter.phase(status.TRAINING)
     plan = _plan(spec, model_dir)
     model = parallel.load_base(spec, model_dir, plan)
-    # Under FSDP every rank takes part in generating (after training); the base sits unsharded in CPU
-    # memory until FSDP places it, so there are no before-training samples.
+    # Under FSDP every rank takes part in generating (after training); no before-training samples there.
     prompts = spec.eval_prompts if plan.fsdp or distributed.is_main() else []
     if plan.fsdp:
         before = [None] * len(prompts)
@@ -186,7 +192,7 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
         reporter.log(f"packed examples could attend to each other here ({plan.attention} attention, strategy "
                      f"{plan.strategy}); training unpacked instead")
     reporter.log(plan.line())
-    model = model_phase.add_lora(model, spec.lora)
+    model = parallel.add_lora(model, spec.lora)  # under FSDP the sharded loader added them
     ckpt_loc = checkpoint_location(spec)
     result = train(
         spec, model, tokenizer, data, work_dir=work, store=storage.CheckpointStore(ckpt_loc),
@@ -227,7 +233,7 @@ def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data,
     else:
         shutil.copytree(trained.adapter_dir, staging, dirs_exist_ok=True)
         tokenizer.save_pretrained(staging)
-    metrics["phaseSeconds"] = dict(reporter.phase_seconds)
+    metrics["phaseSeconds"] = reporter.phase_times()  # Merging complete; Uploading: the result and status.metrics
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(spec.eval_prompts, trained.samples_before, after or [])]
     reporter.details.update(samples=samples, metrics=metrics)  # for the terminal's summary
@@ -249,7 +255,9 @@ def _upload(job: Job, spec: FineTuneJobSpec, staging: Path, metrics: dict, repor
                                 private=spec.output.private,
                                 commit_message=f"FineTuneJob {job.name}: {method} fine-tune of {spec.model.source}",
                                 job=outputs.identity(job))
-    summary = {k: metrics[k] for k in ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen",
-                                       "train_runtime") if k in metrics}
+    summary = {k: metrics[k] for k in ("train_loss", "final_train_loss", "eval_loss", "global_step",
+                                       "num_input_tokens_seen", "train_runtime") if k in metrics}
+    if isinstance(metrics.get("published"), dict):
+        summary["published_step"] = metrics["published"]["step"]
     return {"output": published, "metrics": summary, "samples": len(spec.eval_prompts),
             "checkpoints": metrics["checkpoints"]}

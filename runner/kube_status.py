@@ -12,6 +12,7 @@ FineTuneJob. The sink writes only the runner's part of the status (see runner/ap
   status.progress        {step, totalSteps, percent, summary, epoch, loss, evalLoss, learningRate,
                           tokensPerSecond, eta, updated}      at most every ENV_STATUS_INTERVAL s
   status.lastCheckpoint  {name, step, time}                    on every durable checkpoint
+  status.published       {step, choice, evalLoss, reason}      when training ends (output.publish)
 
 Credentials: the file named by $KUBECONFIG (current context; token or tokenFile, CA file or data), else
 the pod's service account (token re-read on every request, as bound tokens rotate). Standard library
@@ -97,6 +98,7 @@ class StatusSink:
         self._eval_loss: float | None = None
         self._phase: str | None = None
         self.patches = 0
+        self._resumed: dict | None = None
 
     def __call__(self, event: dict) -> None:
         kind = event.get("event")
@@ -112,6 +114,12 @@ class StatusSink:
                 self._patch({"progress": self._progress(event)}, force=last)
         elif kind == "eval" and event.get("evalLoss") is not None:
             self._eval_loss = event["evalLoss"]
+        elif kind == "published":
+            self._patch({"published": {k: event[k] for k in ("step", "choice", "evalLoss", "reason")
+                                       if event.get(k) is not None}}, force=True)
+        elif kind == "resumed":
+            self._resumed = {"name": event.get("name"), "step": event.get("step")}
+            self._patch({"runner": self._runner()}, force=True)
         elif kind == "checkpoint":
             self._patch({"lastCheckpoint": {"name": event.get("name"), "step": event.get("step"),
                                             "time": event.get("time") or _now()}}, force=True)
@@ -122,6 +130,8 @@ class StatusSink:
             r["pod"] = self.pod
         if self.attempt is not None:
             r["attempt"] = self.attempt
+        if self._resumed:
+            r["resumedFrom"] = self._resumed
         return r
 
     def _progress(self, e: dict) -> dict:

@@ -5,11 +5,13 @@
                              compile, a local model or data path that does not exist (or a model folder without
                              config, weights or tokenizer), a destination that overlaps a source or the
                              checkpoints, a local destination holding files the runner did not write
+    remote_model_problem(spec)  a model.source on S3 or the Hub without config, weights or tokenizer
     already_complete(job)    the result of an earlier run of this same job whose output is published complete
                              (its manifest names this job and spec, every file it lists is there); else None
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -62,15 +64,34 @@ def _missing_source(field: str, loc: Location) -> str | None:
         return None
     if not path.is_dir():
         return f"{field}: {path} is a file; give the model's folder (config.json, weights and tokenizer)"
+    return _not_a_model(field, path, [p.name for p in path.iterdir() if p.is_file()], "folder")
+
+
+def _not_a_model(field: str, where, names: list[str], kind: str) -> str | None:
+    """Why the files `names` (at the top of a model folder, S3 prefix or Hub repo) are not a model, or None."""
     lacks = [what for what, present in (
-        ("config.json", (path / "config.json").is_file()),
-        ("weights (*.safetensors or *.bin)", any(any(path.glob(p)) for p in _MODEL_WEIGHTS)),
-        ("a tokenizer (tokenizer.json, tokenizer.model, ...)", any((path / f).is_file() for f in _TOKENIZER_FILES)),
+        ("config.json", "config.json" in names),
+        ("weights (*.safetensors or *.bin)", any(fnmatch.fnmatch(n, p) for n in names for p in _MODEL_WEIGHTS)),
+        ("a tokenizer (tokenizer.json, tokenizer.model, ...)", any(f in names for f in _TOKENIZER_FILES)),
     ) if not present]
     if lacks:
-        return (f"{field}: {path} is not a model folder: it has no {' and no '.join(lacks)}; give the folder "
-                "save_pretrained wrote (config.json, weights and tokenizer together)")
+        return (f"{field}: {where} is not a model {kind}: it has no {' and no '.join(lacks)}; give the {kind} "
+                "that holds what save_pretrained wrote (config.json, weights and tokenizer together)")
     return None
+
+
+def remote_model_problem(spec: FineTuneJobSpec) -> str | None:
+    """A model.source on S3 or the Hub that is not a model (asked of the store: its file list), or None. Called
+    after storage.check_source, so the source exists and is readable."""
+    loc = Location.parse(spec.model.source)
+    names = storage.list_names(loc, repo_type="model")
+    if names is None:  # local (checked by local_problems), or the Hub offline
+        return None
+    if loc.scheme == "s3" and not names:
+        return (f"model.source: {loc} is a single object, not a model; give the prefix (folder) that holds "
+                "config.json, the weights and the tokenizer")
+    top = [n for n in names if "/" not in n]
+    return _not_a_model("model.source", loc, top, "prefix" if loc.scheme == "s3" else "repo")
 
 
 def _overlaps(a: Location, b: Location) -> bool:

@@ -2,16 +2,19 @@
 
   single  one process (resources.gpus <= 1)
   data    data parallel: every rank holds the whole base model on its GPU and trains on its own batches
-  fsdp    FSDP2: every rank loads the base model into CPU memory; FSDP moves only its shard of each decoder
-          layer to the GPU and all-gathers a layer at a time for compute. Packed 4-bit weights are stored as
-          the compute dtype (bfloat16), since FSDP shards and casts only floating-point tensors; a 16-bit
-          base is sharded as it is. (LLM.int8 weights cannot be sharded: 8 bits is data parallel only.)
+  fsdp    FSDP2: each rank reads only its own shard of every weight from the checkpoint's files, straight to
+          its GPU (runner.fsdp_load: host memory about one tensor per rank, not the whole model), and
+          all-gathers a decoder layer at a time for compute. Packed 4-bit weights are stored as the compute
+          dtype (bfloat16), since FSDP shards and casts only floating-point tensors; a 16-bit base is
+          sharded as it is. (LLM.int8 weights cannot be sharded: 8 bits is data parallel only.)
+          FINETUNE_FSDP_LOAD=full loads the whole model on every rank instead, for FSDP to shard.
 
 Under FSDP the adapter is gathered from its shards (only the LoRA tensors, never the frozen base) for
 checkpoints and the result, so checkpoints have the same format as on one GPU and resume the same way.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -22,8 +25,21 @@ from runner.api.spec import FineTuneJobSpec
 from runner.plan import Plan
 
 
+FULL_LOAD_ENV = "FINETUNE_FSDP_LOAD"  # "full": every rank loads the whole base into CPU memory (the old way)
+
+
+def loads_sharded(plan: Plan) -> bool:
+    """FSDP with each rank reading only its own shard (the default under FSDP)."""
+    return plan.fsdp and os.environ.get(FULL_LOAD_ENV, "sharded") != "full"
+
+
 def load_base(spec: FineTuneJobSpec, model_dir: Path, plan: Plan):
-    """The base where the plan wants it: on this rank's GPU, or in CPU memory for FSDP to shard."""
+    """The base where the plan wants it: on this rank's GPU; under FSDP this rank's shard with its LoRA
+    adapters (runner.fsdp_load), or (FINETUNE_FSDP_LOAD=full) the whole base in CPU memory for FSDP to shard."""
+    if loads_sharded(plan):
+        from runner import fsdp_load
+
+        return fsdp_load.load_sharded(spec, model_dir, plan)
     model = model_phase.load_base(
         model_dir, spec.model, spec.quantization, compute=plan.compute_dtype, attention=plan.attention,
         storage=plan.storage_dtype, load_on=torch.device("cpu") if plan.fsdp else None,
@@ -56,7 +72,8 @@ def layer_classes(model) -> list[str]:
     for m in model.modules():
         names.update(getattr(m, "_no_split_modules", None) or [])
     present = {type(m).__name__ for m in model.modules()}
-    found = sorted(names & present)
+    # Already sharded (runner.fsdp_load): FSDP2 renamed each class FSDP<name>; accelerate then keeps the units.
+    found = sorted(names & present) or sorted(f"FSDP{n}" for n in names if f"FSDP{n}" in present)
     if not found:
         raise PermanentError(f"training.strategy: fsdp does not know the layers of {type(model).__name__}; "
                              f"use training.strategy: data", reason=INVALID_SPEC)
@@ -72,10 +89,17 @@ def trainer_args(model) -> dict:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "transformer_layer_cls_to_wrap": layer_classes(model),
             "reshard_after_forward": True,  # full sharding: a layer is gathered only while it computes
-            "cpu_ram_efficient_loading": False,  # every rank loads the base model into CPU memory itself
+            "cpu_ram_efficient_loading": False,  # runner.fsdp_load loads and shards it (or every rank loads it)
             "state_dict_type": "FULL_STATE_DICT",
         },
     }
+
+
+def add_lora(model, lora):
+    """LoRA adapters, unless the sharded loader added them already (before sharding, as FSDP needs)."""
+    if hasattr(model, "peft_config"):
+        return model
+    return model_phase.add_lora(model, lora)
 
 
 # ----------------------------------------------------------------------------------- adapter tensors

@@ -54,6 +54,21 @@ LINEAR_BYTES = {4: NF4_BYTES, 8: 1}
 # add ~8% margin.
 ACT_BYTES = {True: 40, False: 52}
 
+# With checkpointing, the activations of the one layer being recomputed, its backward's transients included
+# (128k tokens, Llama-3-8B shape, H200: 66.1 GB peak less 5.6 GB of weights, 0.9 GB of LoRA state and 32 GiB of
+# layer inputs is ~47 bytes); and of the larger half of a layer (the MLP) when offloading checkpoints each half.
+ONE_LAYER_BYTES = {True: 48, False: 60}
+HALF_LAYER_BYTES = {True: 30, False: 38}
+# Checkpointing modes, fastest first, with their relative speed (recomputing the forward pass costs about a
+# third of a step; offloading adds transfers that overlap it), and a micro-batch's efficiency: rows of few
+# tokens launch small kernels and leave the GPU waiting on the host (EFFICIENT_TOKENS: half efficiency).
+MODES = {"none": 1.0, "gpu": 0.75, "layer": 0.74, "split": 0.72}
+EFFICIENT_TOKENS = 2048
+# Bytes per trainable LoRA parameter: fp32 weight, gradient and two AdamW moments.
+LORA_STATE_BYTES = 16
+# Under a memory budget (a peak of allocated memory): the allocator's slack and the loss's transients.
+BUDGET_MARGIN = GiB // 2
+
 # Attention kernels that take sequence boundaries from restarting position ids (cu_seqlens): packed
 # examples cannot attend to each other, whatever the architecture.
 ISOLATING_ATTENTION = ("varlen", "flash_attention_2")
@@ -247,6 +262,12 @@ class Plan:
     gpu_total_bytes: int | None
     gpu_usable_bytes: int | None
     bits: int = 4  # quantization.bits: 4 (QLoRA), 8 (LLM.int8) or 16 (plain LoRA)
+    # Checkpointed inputs kept in CPU memory (runner/offload.py): None, "layer" (one per decoder layer) or
+    # "split" (attention and MLP halves checkpointed apart: half the live activations, twice the CPU memory).
+    offload: str | None = None
+    accumulation: int = 1  # micro-batches per optimizer step (micro_batch x accumulation = the spec's rows)
+    memory_budget_bytes: int | None = None  # training.memoryBudget
+    peak_bytes: int | None = None  # the chosen mode's estimated peak (GPU only)
 
     @property
     def fsdp(self) -> bool:
@@ -280,9 +301,12 @@ class Plan:
         return (f"plan: strategy={self.strategy} processes={self.processes} compute={_name(self.compute_dtype)} "
                 f"storage={_name(self.storage_dtype)} bits={self.bits} gradient_checkpointing={self.gradient_checkpointing} "
                 f"fused_kernels={self.fused_kernels} attention={self.attention} packing={packing} "
-                f"micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} | memory GiB: "
+                f"micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
+                f"accumulation={self.accumulation} offload={self.offload} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
-                f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}")
+                f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}"
+                + (f", budget {gib(self.memory_budget_bytes)}" if self.memory_budget_bytes else "")
+                + (f", estimated peak {gib(self.peak_bytes)}" if self.peak_bytes else ""))
 
 
 def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = None) -> Plan:
@@ -307,10 +331,19 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     on_gpu = weights
     if chosen == "fsdp":
         on_gpu = weights // machine.processes + 2 * weights // layers
-    if t.gradient_checkpointing is not None:
-        checkpointing = t.gradient_checkpointing
-    else:  # CPU runs are small: recomputation only costs time there
-        checkpointing = usable is not None and on_gpu + activations > usable
+    budget = int(t.memory_budget * GiB) if t.memory_budget else None
+    fit = dict(mode="none" if not t.gradient_checkpointing else "gpu", micro_batch=t.batch_size,
+               accumulation=t.gradient_accumulation_steps, peak=None)
+    if usable is not None and chosen != "fsdp":
+        if budget is not None:
+            usable = min(usable, budget - _lora_bytes(skeleton, spec) - BUDGET_MARGIN)
+        fit = choose_mode(t, spec.dataset.max_length, layers, hidden, on_gpu, usable, fused)
+    elif usable is not None and t.gradient_checkpointing is None:  # FSDP: on when the activations do not fit
+        fit["mode"] = "gpu" if on_gpu + activations > usable else "none"
+    checkpointing = fit["mode"] != "none"
+    tokens = fit["micro_batch"] * spec.dataset.max_length
+    activations = tokens * layers * hidden * ACT_BYTES[fused]
+    checkpointed = tokens * hidden * (2 * layers + ACT_BYTES[False])
     attn = attention(spec, machine)
     if not spec.dataset.packing:
         packing = False
@@ -321,10 +354,59 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     return Plan(
         strategy=chosen, processes=machine.processes, compute_dtype=compute,
         storage_dtype=storage_dtype(spec, chosen, compute), gradient_checkpointing=checkpointing,
-        fused_kernels=fused, attention=attn, packing=packing, micro_batch=t.batch_size,
+        fused_kernels=fused, attention=attn, packing=packing, micro_batch=fit["micro_batch"],
         micro_batch_tokens=tokens, weight_bytes=weights, gpu_weight_bytes=on_gpu, activation_bytes=activations,
         checkpointed_bytes=checkpointed, gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits,
+        offload=fit["mode"] if fit["mode"] in ("layer", "split") else None, accumulation=fit["accumulation"],
+        memory_budget_bytes=budget, peak_bytes=fit["peak"],
     )
+
+
+def mode_bytes(mode: str, tokens: int, layers: int, hidden: int, fused: bool) -> int:
+    """Activation bytes of one micro-batch of `tokens` under a checkpointing mode (none, gpu, layer, split)."""
+    if mode == "none":
+        return tokens * layers * hidden * ACT_BYTES[fused]
+    if mode == "gpu":  # every layer's input kept on the GPU (bf16), one layer recomputed at a time
+        return tokens * hidden * (2 * layers + ONE_LAYER_BYTES[fused])
+    if mode == "layer":  # inputs in CPU memory: a few in flight
+        return tokens * hidden * (2 * 3 + ONE_LAYER_BYTES[fused])
+    return tokens * hidden * (2 * 4 + HALF_LAYER_BYTES[fused])
+
+
+def choose_mode(t, max_length: int, layers: int, hidden: int, weights: int, usable: int, fused: bool) -> dict:
+    """The fastest (checkpointing mode, micro-batch) that fits `usable` bytes beside the weights, for one
+    optimizer step of the spec's rows (batchSize x gradientAccumulationSteps, split into equal micro-batches).
+    A spec's gradientCheckpointing wins: false allows only no checkpointing, true only the checkpointing modes.
+    Nothing fits: the smallest micro-batch with split offloading (the job then fails on memory, with a plan
+    that says why)."""
+    rows = t.batch_size * t.gradient_accumulation_steps
+    modes = [m for m in MODES if t.gradient_checkpointing is None or (m != "none") == t.gradient_checkpointing]
+    best = None
+    for micro in (d for d in range(rows, 0, -1) if rows % d == 0):
+        tokens = micro * max_length
+        for mode in modes:
+            peak = weights + mode_bytes(mode, tokens, layers, hidden, fused)
+            if peak > usable:
+                continue
+            score = MODES[mode] * tokens / (tokens + EFFICIENT_TOKENS)
+            if best is None or score > best[0]:
+                best = (score, dict(mode=mode, micro_batch=micro, accumulation=rows // micro, peak=peak))
+    if best is None:
+        mode = modes[-1]
+        return dict(mode=mode, micro_batch=1, accumulation=rows,
+                    peak=weights + mode_bytes(mode, max_length, layers, hidden, fused))
+    return best[1]
+
+
+def _lora_bytes(skeleton, spec: FineTuneJobSpec) -> int:
+    """GPU bytes of the LoRA parameters and their optimizer state (LORA_STATE_BYTES each)."""
+    targets = set(spec.lora.target_modules)
+    params = 0
+    for name, module in skeleton.named_modules():
+        if model_phase.is_quantized_linear(name, module) and (
+                targets == {"all-linear"} or name.rsplit(".", 1)[-1] in targets):
+            params += spec.lora.r * (module.in_features + module.out_features)
+    return params * LORA_STATE_BYTES
 
 
 def check_prequantized_base(model_dir: Path, bits: int) -> None:

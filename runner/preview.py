@@ -86,11 +86,9 @@ def _gather(job: Job, n: int, work: Path) -> Preview:
                                  allow_patterns=TOKENIZER_FILES)
     tokenizer = model_phase.load_tokenizer(model_dir, spec.model)
     columns = list(rows.column_names)
-    chat = None
-    if getattr(tokenizer, "chat_template", None):
-        chat = lambda msgs, add_generation_prompt: tokenizer.apply_chat_template(  # noqa: E731
-            msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-    formatter = data_phase.build_formatter(d, columns, chat_template=chat)
+    from runner.chat import chat_function
+
+    formatter = data_phase.build_formatter(d, columns, chat_template=chat_function(d, tokenizer))
     if len(rows) == 0:
         raise data_phase.DataError(f"dataset.split: {d.split!r} selects no rows; choose a larger split")
     eval_rows, eval_note = None, None

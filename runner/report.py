@@ -5,8 +5,13 @@ Events:
   {"event": "phase", "phase": "Training", "time": ...}
   {"event": "progress", "step": 10, "totalSteps": 100, "epoch": 0.4, "loss": 2.1, "learningRate": 1e-4,
    "tokensPerSecond": 5123.0, "time": ...}
+  {"event": "eval", "step": 25, "evalLoss": 1.9, "time": ...}                 once per evaluation
+  {"event": "checkpoint", "name": "checkpoint-100", "step": 100, "time": ...}
+  {"event": "published", "step": 75, "choice": "best" | "last", "evalLoss": 1.7, "reason": ..., "time": ...}
+                                                                                 at the end of Training
   {"event": "result", "phase": "Succeeded" | "Failed", "reason": ..., "message": ..., "output": ...,
-   "metrics": {...}, "exitCode": 0, "time": ...}
+   "metrics": {..., "training_seconds": 80.1, "uploading_seconds": 0.4}, "phaseSeconds": {...}, "exitCode": 0,
+   "time": ...}
 Other sinks (the controller's status patcher) receive the same dicts. On a terminal, a `console`
 (runner/console.py) renders the same events and log lines for a person instead; `details` carries what only the
 human summary shows (the eval prompts' answers, the job), never emitted.
@@ -134,12 +139,23 @@ class Reporter:
                 time.monotonic() - self.phase_started[self.phase_name], 3
             )
 
+    def phase_times(self) -> dict[str, float]:
+        """Seconds of every phase so far, the current one up to now (what the report records: it is written at
+        the end of Merging, before Uploading)."""
+        times = dict(self.phase_seconds)
+        if self.phase_name in self.phase_started:
+            times[self.phase_name] = round(time.monotonic() - self.phase_started[self.phase_name], 3)
+        return times
+
     def result(self, *, succeeded: bool, exit_code: int, **fields: Any) -> dict:
         self._close_phase()
         phase = status.SUCCEEDED if succeeded else status.FAILED
         self.phase_name = phase
         event = {"event": "result", "phase": phase, "exitCode": exit_code, "phaseSeconds": self.phase_seconds}
         event.update(fields)
+        if isinstance(event.get("metrics"), dict):  # every phase's seconds as numbers: status.metrics shows them
+            event["metrics"] = {**event["metrics"],
+                                **{f"{p.lower()}_seconds": s for p, s in self.phase_seconds.items()}}
         self.emit(event)
         self.write_termination(event)
         return event

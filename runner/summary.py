@@ -28,6 +28,10 @@ def summary(console, result: dict) -> list[str]:
     loss = _loss_text(console, result)
     if loss:
         rows.append(("Loss", loss))
+    published = (console.details.get("metrics") or {}).get("published")
+    if isinstance(published, dict) and (published.get("choice") == "best" or "bestStep" in published
+                                        or published.get("stoppedEarly")):
+        rows.append(("Published", f"step {published.get('step')}: {published.get('reason')}"))
     seconds = result.get("phaseSeconds") or {}
     if seconds:
         rows.append(("Time", " · ".join(f"{p} {_secs(s)}" for p, s in seconds.items())))
@@ -82,7 +86,7 @@ def _table(console, rows: list[tuple[str, str]]) -> list[str]:
 def _loss_text(console, result: dict) -> str:
     metrics = {**(result.get("metrics") or {}), **(console.details.get("metrics") or {})}
     parts = []
-    last = (console.progress or {}).get("loss")
+    last = (console.progress or {}).get("loss", metrics.get("final_train_loss"))
     if isinstance(last, (int, float)):
         first = console.first_loss
         parts.append(f"train {first:.4g} → {last:.4g}" if isinstance(first, (int, float)) else f"train {last:.4g}")

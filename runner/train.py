@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from runner import distributed, parallel
+from runner import distributed, offload, parallel
+from runner.best import Best, callback as best_callback
 from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.api.spec import FineTuneJobSpec
 from runner.plan import Plan
@@ -64,13 +65,15 @@ class _AlreadyTrained(Exception):
 def fingerprint(spec: FineTuneJobSpec) -> dict:
     """What must match for a checkpoint to be resumed: the model, data and everything that shapes the
     optimisation. Logging/saving cadence and output places may change between runs."""
-    training = spec.training.model_dump(
-        by_alias=True, exclude={"logging_steps", "save_steps", "eval_steps", "report_to"}
+    training = spec.training.model_dump(  # early stopping decides when to stop, not what a step does
+        by_alias=True, exclude={"logging_steps", "save_steps", "eval_steps", "report_to", "early_stopping",
+                                  "memory_budget"}
     )
     q = spec.quantization  # bits 4 fingerprints as before bits existed: those checkpoints still resume
     parts = {
         "model": spec.model.model_dump(by_alias=True),
-        "dataset": spec.dataset.model_dump(by_alias=True),
+        "dataset": spec.dataset.model_dump(by_alias=True,  # as before chatTemplate existed, when unset
+                                           exclude={"chat_template"} if spec.dataset.chat_template is None else None),
         "quantization": q.model_dump(by_alias=True, exclude={"bits"} if q.bits == 4 else None),
         "lora": spec.lora.model_dump(by_alias=True),
         "training": training,
@@ -96,7 +99,8 @@ def check_fingerprint(store, spec: FineTuneJobSpec, checkpoints_uri: str) -> Non
 
 
 # ---------------------------------------------------------------------------------------- callbacks
-def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: list[dict], lease=None):
+def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: list[dict], lease=None,
+               best: Best | None = None):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
@@ -137,21 +141,24 @@ def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: li
         with the history up to step N in it."""
 
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step >= state.max_steps:  # resumed from the last step (the Trainer would go on)
-                raise _AlreadyTrained()
+            if state.global_step >= state.max_steps or (best is not None and best.should_stop()):
+                raise _AlreadyTrained()  # resumed from the last step, or after early stopping (the Trainer would go on)
 
         def on_step_end(self, args, state, control, **kw):
             if state.global_step >= state.max_steps or stop.requested:
                 control.should_save = True  # the last step (and a preempted one) is always durable
             if stop.requested:
                 control.should_training_stop = True
-            if control.should_save:
+            if control.should_save or (control.should_evaluate and best is not None and best.early is not None):
                 control.should_log = True  # every checkpoint's history ends at its step: the run's loss adds up
+                #                            (early stopping may save at any evaluation)
 
         def on_save(self, args, state, control, **kw):
             local = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and local.is_dir():
                 (local / HISTORY_FILE).write_text(json.dumps(progress.history))
+                if best is not None:
+                    best.persist(local)
                 if lease is not None:
                     lease.renew()  # heartbeat; raises if another runner took the location over
                 name = store.save(local)
@@ -207,13 +214,13 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, plan: Plan, has_eval: b
         raise ValueError("the plan's packing is not settled: call plan.with_packing(model) after loading it")
     t, d = spec.training, spec.dataset
     on_cuda = torch.cuda.is_available()
-    gc = plan.gradient_checkpointing
+    gc = plan.gradient_checkpointing and not plan.offload  # offloaded checkpointing: runner/offload.py instead
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     kwargs = dict(
         output_dir=str(out_dir),
         per_device_train_batch_size=plan.micro_batch,
         per_device_eval_batch_size=plan.micro_batch,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=plan.accumulation,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps or -1,
         learning_rate=t.learning_rate,
@@ -303,14 +310,21 @@ def _train(
             if complete:
                 store.fetch(complete[-1], scratch)
                 reporter.log(f"resuming from {complete[-1]} in {checkpoints_uri}")
+                reporter.emit({"event": "resumed", "name": complete[-1], "step": step_of(complete[-1])})
             (scratch / "resume.json").write_text(json.dumps(complete[-1] if complete else None))
     name = json.loads((scratch / "resume.json").read_text())
     resume = scratch / name if name else None
     history = _history_before(resume, step_of(name) or 0) if name else []
+    best = Best(spec, scratch)
+    best.replay(history)
+    best.restore(resume, copy=distributed.is_main())
 
-    progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop, history, lease)
+    progress, durable = _callbacks(reporter, store, spec.output.keep_checkpoints, stop, history, lease, best)
     tracked = tracker.start(store, work_dir) if tracker is not None else []
-    trainer = make_trainer(spec, model, tokenizer, data, scratch, plan, callbacks=[progress, durable, *tracked],
+    trainer = None
+    watch = best_callback(best, reporter, lambda where: parallel.save_adapter(trainer, where))
+    trainer = make_trainer(spec, model, tokenizer, data, scratch, plan,
+                           callbacks=[progress, durable, watch, *tracked],
                            **(tracker.trainer_args() if tracker is not None else {}))
     stop.training = True
     try:
@@ -326,14 +340,31 @@ def _train(
     whole = run_loss(progress.history, trainer.state.global_step)
     if whole is not None:
         metrics["train_loss"] = whole  # the Trainer's counts only the steps since the resume
-    if data.eval is not None:
-        metrics.update(trainer.evaluate())
+    last_step = trainer.state.global_step
+    if data.eval is not None:  # the Trainer evaluates at the last step itself: once is enough
+        last_eval = next((h["evalLoss"] for h in reversed(progress.history) if h.get("step") == last_step
+                          and "evalLoss" in h), None)
+        if last_eval is None:
+            metrics.update(trainer.evaluate())
+        else:
+            metrics["eval_loss"] = last_eval
+    final = [h["loss"] for h in progress.history if "loss" in h]
+    if final:
+        metrics["final_train_loss"] = final[-1]  # the last logged loss (the mean since the log before it)
     if tracker is not None:
         metrics.update(tracker.finish())
     metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
-    metrics["global_step"] = trainer.state.global_step
+    metrics["global_step"] = last_step
+    published = best.published(spec, last_step, metrics.get("eval_loss"))
+    metrics["published"] = published
+    reporter.emit({"event": "published", **{k: published.get(k) for k in ("step", "choice", "evalLoss", "reason")}})
     adapter_dir = work_dir / "adapter"
     parallel.save_adapter(trainer, adapter_dir)
+    if published["step"] != last_step:  # the best step's adapter is published (rank 0 wrote and merges it)
+        metrics["last_eval_loss"], metrics["eval_loss"] = metrics.get("eval_loss"), published.get("evalLoss")
+        adapter_dir = best.dir
+        if not plan.fsdp and distributed.is_main():  # its weights answer the eval prompts when nothing is merged
+            parallel.load_adapter(trainer.model, best.dir)
     return TrainResult(adapter_dir, progress.history, metrics, name)
 
 
@@ -361,7 +392,7 @@ def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, p
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=list(callbacks),
+        callbacks=list(callbacks) + ([offload.callback(plan.offload)] if plan.offload else []),
     )
     trainer.remove_callback(PrinterCallback)  # progress is reported as JSON events instead
     return trainer

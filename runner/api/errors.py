@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 
+from runner.api.names import ENV_WORK_DIR
+
 from runner.api.status import (  # noqa: F401 - re-exported: the reasons a RunnerError carries
     DOWNLOAD_FAILED,
     INVALID_SPEC,
@@ -25,7 +27,10 @@ EXIT_OK = 0
 EXIT_UNEXPECTED = 1  # a bug or an unclassified error: treated as retryable
 EXIT_PERMANENT = 2  # invalid spec, missing credentials, data that does not match, auth refused
 EXIT_OUT_OF_MEMORY = 3  # CUDA OOM: permanent until a memory knob changes
-EXIT_RETRYABLE = 75  # EX_TEMPFAIL: network, store 5xx, preemption (SIGTERM)
+EXIT_RETRYABLE = 75  # EX_TEMPFAIL: network, store 5xx or timeout, preemption (SIGTERM)
+# Deliberately permanent (2): a model source that is not a model, a template error, a seed out of range, a disk
+# full in the work dir (`disk_full`). Deliberately retryable (75): a store that cannot be reached, answers 5xx,
+# or does not finish an operation within FINETUNE_STORE_TIMEOUTS (runner/storage/timeouts.py).
 
 
 class RunnerError(Exception):
@@ -103,3 +108,33 @@ def redact(text: str) -> str:
             text = text.replace(value, "***")
     text = _BEARER.sub(lambda m: m.group(1) + "***", text)
     return _HF_TOKEN.sub("hf_***", text)
+
+
+_DISK_FULL = re.compile(r"No space left on device|StorageFull|Disk quota exceeded")
+
+
+def disk_full(exc: BaseException, work_dir, reason: str) -> PermanentError | None:
+    """The failure to report when `exc` (not already a RunnerError) comes from a full disk or quota (ENOSPC,
+    EDQUOT - also as text, as torch and safetensors report it), else None. Permanent, like an out-of-memory:
+    the same job needs the same space again, and only freeing space or a bigger volume helps."""
+    import errno
+
+    if isinstance(exc, RunnerError):
+        return None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        by_errno = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        if by_errno or _DISK_FULL.search(str(e)):
+            where = getattr(e, "filename", None) if isinstance(e, OSError) else None
+            work = os.path.abspath(str(work_dir))
+            inside = not where or os.path.abspath(str(where)).startswith(work + os.sep)
+            place = (f"the work dir {work} ({ENV_WORK_DIR})" if inside else f"{where} (outside the work dir {work})")
+            return PermanentError(
+                f"no space left on device in {place}: {type(e).__name__}: {str(e)[:200]}; free space there, or set "
+                f"{ENV_WORK_DIR} to a directory on a larger volume (it holds the downloaded model and data, the "
+                "trainer's checkpoints and the merged model before publishing; in a cluster, give the runner's "
+                "node more ephemeral storage)", reason=reason)
+        e = e.__cause__ or e.__context__
+    return None

@@ -45,3 +45,13 @@ ENV_RUNNER_IMAGE = "FINETUNE_RUNNER_IMAGE"  # the operator's runner image
 # writes its final result event there, the controller reads it back from the pod's status.
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096
+# Limits on every call to a remote store (S3, the Hub), read by the runner (runner/storage/timeouts.py):
+# "connect=10,read=60,deadline=10800" (seconds; any subset): connecting, waiting for the next byte, and one whole
+# store operation (a download, a publish, a checkpoint save), retries included. Past one: exit 75, endpoint named.
+ENV_STORE_TIMEOUTS = "FINETUNE_STORE_TIMEOUTS"
+# The shared model cache (runner/cache.py): a directory where model downloads land keyed by source and revision,
+# complete or absent, so a retry, a resume or the next job on the same base downloads nothing. Set by the
+# controller when the admin configures one (chart values runner.modelCache: a PVC mounted at MODEL_CACHE_DIR);
+# set it by hand for standalone runs. Unset: no cache (each run downloads into its work dir).
+ENV_MODEL_CACHE = "FINETUNE_MODEL_CACHE"
+MODEL_CACHE_DIR = "/model-cache"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel
@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 from runner.api import untrusted
 from runner.api.errors import SpecError
 from runner.api.names import API_VERSION, KIND
-from runner.api.spec import FineTuneJobSpec, Job
+from runner.api.spec import CHAT_TEMPLATE_NAMES, FineTuneJobSpec, Job
 from runner.api.untrusted import short
 from runner.api.uris import Location
 
@@ -113,9 +113,12 @@ def _loc_str(loc: tuple, prefix: str) -> str:
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     model: Any = FineTuneJobSpec
     for part in loc:
+        if isinstance(part, int):  # an item of a list of sections (spec.volumes[0])
+            continue
         fields = {f.alias or n: f for n, f in model.model_fields.items()}
         f = fields.get(part)
         ann = getattr(f, "annotation", None)
+        ann = next((a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann
         else:
@@ -182,7 +185,18 @@ def cross_field_problems(doc: dict) -> list[str]:
         missing = "completion" if template.get("prompt") else "prompt"
         problems.append(f"dataset.template.{missing}: required together with the other half of the pair")
     if fmt == "chat" and template:
-        problems.append("dataset.template: not used with format chat (the tokenizer's chat template is)")
+        problems.append("dataset.template: not used with format chat (the chat template is: the tokenizer's, or "
+                        "dataset.chatTemplate); remove dataset.template")
+    problems += _chat_template_problems(data.get("chatTemplate"), fmt)
+    has_eval = any(data.get(k) is not None for k in ("evalSource", "evalSplit", "evalFraction"))
+    needs_eval = [(f, why) for f, given, why in (
+        ("training.earlyStopping", section("training").get("earlyStopping") is not None, "watches the eval loss"),
+        ("output.publish", out.get("publish") == "best", "best picks the checkpoint by its eval loss"),
+    ) if given]
+    for field, why in needs_eval if not has_eval else []:
+        problems.append(f"{field}: {why}, and this job has no eval set; set dataset.evalSource, dataset.evalSplit or "
+                        f"dataset.evalFraction (e.g. evalFraction: 0.1), or remove {field}"
+                        + (" (or set it to last)" if field == "output.publish" else ""))
     if fmt == "text" and (template.get("prompt") or template.get("completion")):
         problems.append("dataset.format: `text` has no prompt/completion split; use prompt-completion")
 
@@ -222,6 +236,21 @@ def _template_problems(template: dict) -> list[str]:
             problems.append(f"{where}: mixes a `{mixed.group()}` placeholder with Jinja (`{{{{ ... }}}}`); in a Jinja "
                             f"template `{mixed.group()}` would stay literal text: write `{{{{ {column} }}}}`")
     return problems  # Jinja syntax: runner.data.template_problems (the contract does not import jinja2)
+
+
+def _chat_template_problems(value: Any, fmt: Any) -> list[str]:
+    if not isinstance(value, str):
+        return []
+    if fmt not in ("auto", "chat"):
+        return [f"dataset.chatTemplate: used only with format chat, and dataset.format is {short(fmt)}; remove "
+                "dataset.chatTemplate, or set dataset.format: chat"]
+    if value in CHAT_TEMPLATE_NAMES or "{{" in value or "{%" in value:
+        return []  # Jinja syntax: runner.data.template_problems
+    close = difflib.get_close_matches(value.strip().lower(), CHAT_TEMPLATE_NAMES, n=1, cutoff=0.5)
+    hint = f"did you mean `{close[0]}`? " if close else ""
+    return [f"dataset.chatTemplate: {short(value)} is neither a built-in template ({', '.join(CHAT_TEMPLATE_NAMES)}) "
+            f"nor a Jinja chat template (no `{{{{ ... }}}}` or `{{% ... %}}` in it); {hint}use one of those names, "
+            "or write the template in Jinja over `messages` (README: Chat templates)"]
 
 
 def _target_problems(targets: Any) -> list[str]:

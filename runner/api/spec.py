@@ -35,6 +35,8 @@ class ModelSpec(_Section):
 
 # --------------------------------------------------------------------------------------------- dataset
 DatasetFormat = Literal["auto", "text", "prompt-completion", "instruction", "chat"]
+# dataset.chatTemplate's built-in names (their Jinja: runner/data.py, CHAT_TEMPLATES; the rendering: README).
+CHAT_TEMPLATE_NAMES = ("chatml", "llama-2", "alpaca")
 
 
 class DatasetColumns(_Section):
@@ -88,6 +90,15 @@ class DatasetSpec(_Section):
         "them). false pads each example to the longest in its batch, as the seeds do.",
     )
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every example.")
+    chat_template: str | None = Field(
+        None,
+        description="Format `chat` only: how conversations become text, instead of (or when the base tokenizer "
+        "has no) tokenizer chat template. A built-in name - `chatml` (`<|im_start|>{role}\\n{content}<|im_end|>\\n` "
+        "per message), `llama-2` (`<s>[INST] {user} [/INST] {assistant} </s>`, a system message in `<<SYS>>`), "
+        "`alpaca` (`### Instruction:\\n{user}\\n\\n### Response:\\n{assistant}</s>`) - or a Jinja chat template "
+        "over `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, rendered in a sandbox. The "
+        "published tokenizer carries it (`apply_chat_template` works on the output). README: Chat templates.",
+    )
 
 
 # -------------------------------------------------------------------------------------- quantization
@@ -150,6 +161,19 @@ Scheduler = Literal[
 ]
 
 
+class EarlyStoppingSpec(_Section):
+    """Stop when the eval loss stops improving (needs an eval set)."""
+
+    patience: int = Field(
+        3, ge=1, le=1000,
+        description="Stop after this many evaluations in a row that do not lower the best eval loss by more than "
+        "minDelta.",
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="How much lower than the best so far an eval loss must be to count as improving."
+    )
+
+
 class TrainingSpec(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if maxSteps set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
@@ -172,6 +196,12 @@ class TrainingSpec(_Section):
         None,
         description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (GPU, needs liger-kernel). Unset: on where "
         "installed (~25% faster, ~20% less activation memory measured on an H100).",
+    )
+    memory_budget: float | None = Field(
+        None, gt=0,
+        description="GiB of GPU memory the job may use at its peak (a shared or smaller GPU). The plan then "
+        "chooses the fastest mode that fits: no checkpointing, checkpointing, checkpointing with the saved "
+        "activations in CPU memory, smaller micro-batches. Unset: what the GPU has free.",
     )
     group_by_length: bool = Field(
         False, description="Batch examples of similar length together (unpacked data only)."
@@ -199,6 +229,12 @@ class TrainingSpec(_Section):
         "cluster: `env` entries with valueFrom.secretKeyRef); an unreachable tracker fails the job in Validating. "
         "Runs are named after the job, tagged with its name, namespace and attempt; a resumed attempt continues "
         "the same run.",
+    )
+
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None,
+        description="Stop training when the eval loss (evaluated every evalSteps) has not improved for `patience` "
+        "evaluations; needs an eval set (dataset.evalSource, evalSplit or evalFraction). Unset: train to the end.",
     )
 
     @field_validator("report_to", mode="before")
@@ -236,6 +272,13 @@ class OutputSpec(_Section):
         "the destination (`<destination>.checkpoints`). Required when the destination is the Hub.",
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
+    publish: Literal["last", "best"] = Field(
+        "last",
+        description="Which weights are merged and published. `last`: those of the last training step. `best`: "
+        "those of the evaluation with the lowest eval loss (every evalSteps and at the end; needs an eval set), "
+        "kept across resumed attempts. The step published and why: report/metrics.json `published`, the model "
+        "card, status.published.",
+    )
 
 
 # -------------------------------------------------------------------------------- cluster-only fields
@@ -246,6 +289,21 @@ class SecretKeyRef(_Section):
 
 class SecretRef(_Section):
     name: str = Field(description="Secret name in the job's namespace (standard AWS_* keys).")
+
+
+class VolumeSpec(_Section):
+    claim_name: str = Field(description="PersistentVolumeClaim in the job's namespace; only one the operator's "
+                            "policy allows (policy.volumeClaims).")
+    mount_path: str = Field(description="Absolute path in the runner pod, e.g. `/mnt/checkpoints` (then "
+                            "`output.checkpoints: /mnt/checkpoints/run-1`); not a system or runner directory.")
+    read_only: bool = Field(False, description="Mount it read-only.")
+    sub_path: str | None = Field(None, description="A relative path inside the volume to mount instead of its root.")
+
+
+class ModelCacheSpec(_Section):
+    claim_name: str = Field(description="PersistentVolumeClaim (in the job's namespace) holding the shared model "
+                            "cache for this job, instead of the operator's (chart values runner.modelCache); only "
+                            "one the operator's policy allows (policy.modelCacheClaims).")
 
 
 class ResourcesSpec(_Section):
@@ -299,6 +357,11 @@ class ClusterFields(_Section):
     suspend: bool = Field(
         False, description="true stops the runner (it saves a checkpoint); false again resumes from that checkpoint."
     )
+    volumes: list[VolumeSpec] = Field(
+        default_factory=list, description="PersistentVolumeClaims mounted into the runner pods, e.g. for a local "
+        "`output.checkpoints` or `output.destination` (cluster only; policy.volumeClaims).")
+    model_cache: ModelCacheSpec | None = Field(
+        None, description="The model cache volume of this job (cluster only; default: the operator's, if any).")
 
 
 # ------------------------------------------------------------------------------------------ the job

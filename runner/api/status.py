@@ -3,7 +3,8 @@
 Status ownership (one writer per field, so neither side can clobber the other):
 
 * the runner (runner/kube_status.py, through the job's own least-privilege identity) writes only
-  `status.runner` (its phase, pod and attempt), `status.progress` and `status.lastCheckpoint`;
+  `status.runner` (its phase, pod and attempt), `status.progress`, `status.lastCheckpoint` and
+  `status.published` (RUNNER_STATUS_FIELDS);
 * the controller writes every other field, rebuilt from what it observes on every pass (the attempt
   Jobs, their Pods, the Pods' termination messages, and `status.runner` of the live pod).
 
@@ -115,6 +116,7 @@ class RunnerReport(_Status):
     pod: str | None = Field(None, description="The pod the runner runs in.")
     attempt: int | None = None
     result: str | None = Field(None, description="Succeeded or Failed, once the runner has finished.")
+    resumed_from: "Checkpoint | None" = Field(None, description="The checkpoint this attempt resumed from.")
     updated: str | None = None
 
 
@@ -122,6 +124,16 @@ class Checkpoint(_Status):
     name: str | None = Field(None, description="Checkpoint name in the durable store, e.g. checkpoint-300.")
     step: int | None = None
     time: str | None = None
+
+
+class Published(_Status):
+    """Whose weights the output holds, written by the runner when training ends (output.publish)."""
+
+    step: int | None = Field(None, description="The training step whose weights are merged and published.")
+    choice: Literal["best", "last"] | None = Field(
+        None, description="best: the step with the lowest eval loss; last: the last step.")
+    eval_loss: float | None = Field(None, description="The eval loss of the published weights, if evaluated.")
+    reason: str | None = Field(None, description="Why this step: the rule, the eval losses, early stopping.")
 
 
 class FineTuneJobStatus(_Status):
@@ -143,8 +155,12 @@ class FineTuneJobStatus(_Status):
     progress: Progress | None = None
     runner: RunnerReport | None = None
     last_checkpoint: Checkpoint | None = Field(None, description="The newest durable checkpoint.")
+    published: Published | None = Field(
+        None, description="The step whose weights are published, and why (output.publish, training.earlyStopping).")
 
 
+# What the runner writes (everything else is the controller's), by alias.
+RUNNER_STATUS_FIELDS = ("progress", "runner", "lastCheckpoint", "published")
 CONTROLLER_STATUS_FIELDS = tuple(
-    f.alias for n, f in FineTuneJobStatus.model_fields.items() if n not in ("progress", "runner", "last_checkpoint")
+    f.alias for f in FineTuneJobStatus.model_fields.values() if f.alias not in RUNNER_STATUS_FIELDS
 )

@@ -25,6 +25,7 @@ __all__ = [
     "check_source",
     "download",
     "is_complete",
+    "list_names",
     "publish",
     "read_manifest",
 ]
@@ -45,17 +46,31 @@ def check_source(loc: Location, *, repo_type: str = "model") -> None:
     return local.check_source(loc)
 
 
-def check_destination(loc: Location, job: dict | None = None) -> None:
-    """Before training: the destination can be written with the credentials in the environment; a local one
-    only if what it holds now is an earlier output of the same `job` ({"name", "spec"}) or nothing."""
+def list_names(loc: Location, *, repo_type: str = "model") -> list[str] | None:
+    """The files of a remote source, relative to it (S3: the keys under the prefix; the Hub: the repo's files at
+    its revision); None for a local one, or the Hub when offline."""
     if loc.scheme == "hf":
         from . import hub
 
-        return hub.check_destination(loc)
+        return hub.list_names(loc, repo_type)
     if loc.scheme == "s3":
         from . import s3
 
-        return s3.check_destination(loc)
+        return s3.list_names(loc)
+    return None
+
+
+def check_destination(loc: Location, job: dict | None = None) -> None:
+    """Before training: the destination can be written with the credentials in the environment, and only if
+    what it holds now is an earlier output of the same `job` ({"name", "spec"}) or nothing."""
+    if loc.scheme == "hf":
+        from . import hub
+
+        return hub.check_destination(loc, job)
+    if loc.scheme == "s3":
+        from . import s3_output
+
+        return s3_output.check_destination(loc, job)
     from . import local
 
     return local.check_destination(loc, job)
@@ -90,25 +105,27 @@ def publish(local_dir: Path, loc: Location, *, private: bool = True,
 
         return hub.publish(Path(local_dir), loc, private=private, commit_message=commit_message, job=job)
     if loc.scheme == "s3":
-        from . import s3
+        from . import s3_output
 
-        return s3.publish(Path(local_dir), loc, job=job)
+        return s3_output.publish(Path(local_dir), loc, job=job)
     from . import local
 
     return local.publish(Path(local_dir), loc, job)
 
 
 def read_manifest(loc: Location) -> dict | None:
-    """The manifest of the output published at a local or S3 location (None: none, or the Hub)."""
+    """The manifest of the output published there (None: none)."""
+    if loc.scheme == "hf":
+        from . import hub
+
+        return hub.read_manifest(loc)
     if loc.scheme == "s3":
-        from . import s3
+        from . import s3_output
 
-        return s3.read_manifest(loc)
-    if loc.scheme == "local":
-        from . import local
+        return s3_output.read_manifest(loc)
+    from . import local
 
-        return local.read_manifest(loc)
-    return None
+    return local.read_manifest(loc)
 
 
 def is_complete(loc: Location) -> bool:
@@ -118,9 +135,9 @@ def is_complete(loc: Location) -> bool:
 
         return hub.is_complete(loc)
     if loc.scheme == "s3":
-        from . import s3
+        from . import s3_output
 
-        return s3.is_complete(loc)
+        return s3_output.is_complete(loc)
     from . import local
 
     return local.is_complete(loc)

@@ -2,18 +2,22 @@
 
 huggingface_hub reads HF_ENDPOINT once, at import. This module reads HF_ENDPOINT and HF_TOKEN from the
 environment at every call and passes them explicitly (endpoint=..., token=...), and builds a new HfApi per
-call, so a changed environment always takes effect.
+call, so a changed environment always takes effect. Every request runs under the limits of FINETUNE_STORE_TIMEOUTS
+(runner/storage/timeouts.py): huggingface_hub's shared HTTP client is built with them (`_configure`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
+from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
-from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes
+from . import timeouts
+from .manifest import MANIFEST_NAME, build_manifest, iter_files, listed, manifest_bytes, ownership_problem, parse_manifest
 from runner.api.uris import Location
 
 TOKEN_HINT = "set HF_TOKEN to a Hugging Face access token (e.g. from a Kubernetes Secret)"
@@ -37,9 +41,41 @@ def _base_url() -> str:
     return constants.ENDPOINT
 
 
+_configured: list = [None]
+_configure_lock = threading.Lock()
+
+
+def _configure() -> None:
+    """huggingface_hub's shared client with the connect/read limits, and a deadline check before every request
+    (its default client has no timeout at all: a frozen endpoint would hang a call for ever)."""
+    limits = timeouts.limits()
+    with _configure_lock:
+        if _configured[0] == limits:
+            return
+        import httpx2
+        from huggingface_hub import constants
+        from huggingface_hub.utils import _http
+
+        def factory():
+            return httpx2.Client(
+                event_hooks={"request": [_http.hf_request_event_hook, timeouts.check]}, follow_redirects=True,
+                timeout=httpx2.Timeout(limits.read, connect=limits.connect, pool=limits.connect))
+
+        _http.set_client_factory(factory)
+        # Downloads and metadata requests pass their own timeout (these constants): the same limits.
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = limits.read
+        constants.HF_HUB_ETAG_TIMEOUT = limits.read
+        from huggingface_hub import file_download
+
+        if hasattr(file_download, "_ETAG_RETRY_TIMEOUT"):  # its second try of a file's metadata: 60 s, fixed
+            file_download._ETAG_RETRY_TIMEOUT = limits.read
+        _configured[0] = limits
+
+
 def _api():
     from huggingface_hub import HfApi
 
+    _configure()
     return HfApi(endpoint=endpoint(), token=token())
 
 
@@ -116,8 +152,9 @@ def translate(exc: BaseException, *, action: str, uri: str, reason: str) -> Runn
             return PermanentError(f"{what}: invalid repo id or revision: {_short(e)}", reason=reason)
         if _is_transport_error(e):
             return RetryableError(
-                f"{what}: could not reach the Hub at {_base_url()} ({type(e).__name__}); retrying may help; "
-                "if it persists check HF_ENDPOINT and the network",
+                f"{what}: could not reach the Hub at {_base_url()} ({type(e).__name__}; "
+                f"{timeouts.ENV}={timeouts.limits().describe()}); retrying may help; if it persists check "
+                "HF_ENDPOINT and the network",
                 reason=reason,
             )
         e = e.__cause__ or e.__context__
@@ -142,8 +179,11 @@ def _short(e: BaseException) -> str:
 
 @contextlib.contextmanager
 def errors(action: str, uri: str, reason: str) -> Iterator[None]:
+    """One Hub operation: its failures become RunnerErrors, and it ends within the deadline (timeouts.py)."""
     try:
-        yield
+        _configure()
+        with timeouts.operation(f"{action} {uri}", f"the Hub at {_base_url()}", reason):
+            yield
     except RunnerError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
@@ -165,19 +205,65 @@ def check_source(loc: Location, repo_type: str = "model") -> None:
         _api().repo_info(loc.path, repo_type=_repo_type(loc, repo_type), revision=loc.revision)
 
 
-def check_destination(loc: Location) -> None:
+FIX = ("set output.destination to a new repo (or one holding only this job's earlier output), or move those "
+       "files out of the repo yourself: the runner never deletes them")
+
+
+def _remote_state(api, loc: Location, rtype: str) -> tuple[list[str], dict | None]:
+    """(the files at the destination's revision, .gitattributes aside; its manifest) - nothing for a repo or
+    branch that does not exist yet."""
+    from huggingface_hub import errors as he
+
+    try:
+        files = [f for f in api.list_repo_files(loc.path, repo_type=rtype, revision=loc.revision)
+                 if f != ".gitattributes"]
+    except (he.RepositoryNotFoundError, he.RevisionNotFoundError):
+        return [], None
+    if MANIFEST_NAME not in files:
+        return files, None
+    with tempfile.TemporaryDirectory(prefix="finetune-manifest-") as tmp:
+        path = api.hf_hub_download(loc.path, MANIFEST_NAME, repo_type=rtype, revision=loc.revision, local_dir=tmp)
+        return files, parse_manifest(Path(path).read_bytes())
+
+
+def _owned(api, loc: Location, rtype: str, job: dict | None) -> tuple[list[str], dict | None]:
+    files, manifest = _remote_state(api, loc, rtype)
+    problem = ownership_problem(f"output.destination: {loc}", files, [manifest], job, FIX,
+                                ours=lambda rel: rel == MANIFEST_NAME)
+    if problem:
+        raise PermanentError(problem, reason=INVALID_SPEC)
+    return files, manifest
+
+
+def check_destination(loc: Location, job: dict | None = None) -> None:
+    """Before training: a token with write access, and what the repo holds may be replaced by this job."""
     uri = str(loc)
     if not token():
         raise PermanentError(f"cannot publish to {uri}: no Hub token; {TOKEN_HINT} with write access",
                              reason=UPLOAD_FAILED)
     with errors("publish to", uri, UPLOAD_FAILED):
-        info = _api().whoami()
-    role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
-    if role == "read":
-        raise PermanentError(
-            f"cannot publish to {uri}: the token in HF_TOKEN is read-only; {TOKEN_HINT} with write access",
-            reason=UPLOAD_FAILED,
-        )
+        api = _api()
+        info = api.whoami()
+        role = ((info.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            raise PermanentError(
+                f"cannot publish to {uri}: the token in HF_TOKEN is read-only; {TOKEN_HINT} with write access",
+                reason=UPLOAD_FAILED,
+            )
+        _owned(api, loc, _repo_type(loc, "model"), job)
+
+
+def list_names(loc: Location, repo_type: str = "model") -> list[str] | None:
+    """The files of a source repo at its revision (None when offline: the cache decides)."""
+    if offline():
+        return None
+    with errors("read", str(loc), DOWNLOAD_FAILED):
+        return list(_api().list_repo_files(loc.path, repo_type=_repo_type(loc, repo_type), revision=loc.revision))
+
+
+def read_manifest(loc: Location) -> dict | None:
+    with errors("read", str(loc), DOWNLOAD_FAILED):
+        return _remote_state(_api(), loc, _repo_type(loc, "model"))[1]
 
 
 def download(loc: Location, dest: Path, repo_type: str = "model", allow_patterns: list[str] | None = None) -> Path:
@@ -200,8 +286,9 @@ def download(loc: Location, dest: Path, repo_type: str = "model", allow_patterns
 
 
 def publish(local_dir: Path, loc: Location, *, private: bool, commit_message: str, job: dict | None = None) -> str:
-    """Create the repo if needed, then ONE commit with every file and the manifest; files from an earlier
-    publish that this output does not have are deleted in the same commit (.gitattributes is kept)."""
+    """Create the repo if needed, then ONE commit with every file and the manifest (the earlier output is
+    replaced only by that commit, once the new one is complete); files the earlier output's manifest listed and
+    this output does not have are deleted in the same commit. A repo holding anything else is refused."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     uri = str(loc)
@@ -223,11 +310,11 @@ def publish(local_dir: Path, loc: Location, *, private: bool, commit_message: st
             )
         if loc.revision and loc.revision != "main":
             api.create_branch(loc.path, branch=loc.revision, repo_type=rtype, exist_ok=True)
+        remote, old = _owned(api, loc, rtype, job)  # nothing there but this job's earlier output
         new = {rel for rel, _ in files} | {MANIFEST_NAME}
-        remote = api.list_repo_files(loc.path, repo_type=rtype, revision=loc.revision)
         operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files]
         operations.append(CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=manifest_bytes(manifest)))
-        operations += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in new and p != ".gitattributes"]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in remote if p not in new and p in listed(old)]
         api.create_commit(loc.path, operations=operations, commit_message=commit_message, repo_type=rtype,
                           revision=loc.revision)
     return repo_url(loc, rtype)

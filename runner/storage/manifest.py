@@ -83,3 +83,34 @@ def job_of(manifest: dict | None) -> dict:
 
 def manifest_bytes(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def listed(*manifests: dict | None) -> set[str]:
+    """Every file path the given manifests (or publish markers) list."""
+    return {f["path"] for m in manifests if m for f in m.get("files", [])}
+
+
+def ownership_problem(where: str, present: list[str], manifests: list[dict | None], job: dict | None, fix: str,
+                      ours=lambda rel: False) -> str | None:
+    """Why the runner may not replace the files `present` at a remote destination (S3 keys or Hub paths,
+    relative), or None - the rule local destinations follow (runner/storage/local.py): nothing there, or a
+    previous output of the same job (`job["name"]`; a manifest from before manifests named their job counts as
+    the runner's own) and nothing its manifests do not list. `ours(rel)`: files the runner writes besides
+    (manifests, markers, staging)."""
+    present = [p for p in present if not ours(p)]
+    found = [m for m in manifests if m]
+    if not present and not found:
+        return None
+    if not found:
+        shown = ", ".join(sorted(present)[:4])
+        return (f"{where} already holds files the runner did not write ({shown}, ...); it never deletes or "
+                f"overwrites them: {fix}")
+    owners = {job_of(m).get("name") for m in found} - {None}
+    if owners and owners != {(job or {}).get("name")}:
+        return (f"{where} holds the output of another job ({', '.join(repr(o) for o in sorted(owners))}); the "
+                f"runner replaces only this job's own earlier output: {fix}")
+    extra = sorted(set(present) - listed(*found))[:4]
+    if extra:
+        return (f"{where} holds files its earlier output did not ({', '.join(extra)}); the runner never deletes "
+                f"them when it replaces that output: {fix}")
+    return None

@@ -2,13 +2,14 @@
 
 A client is built per call from the environment as it is then: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION (default us-east-1), AWS_ENDPOINT_URL_S3 or
-AWS_ENDPOINT_URL (path-style addressing when set), AWS_MAX_ATTEMPTS (default 5, standard retry mode).
+AWS_ENDPOINT_URL (path-style addressing when set), AWS_MAX_ATTEMPTS (default 5, standard retry mode), and
+FINETUNE_STORE_TIMEOUTS (runner/storage/timeouts.py: connect and read timeouts, a deadline per operation).
+Publishing and the destination's ownership rules are in runner/storage/s3_output.py.
 """
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import json
 import os
 import threading
 import uuid
@@ -16,9 +17,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
+from runner.api.errors import DOWNLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
-from .manifest import MANIFEST_NAME, build_manifest, iter_files, manifest_bytes, parse_manifest
+from . import timeouts
 from runner.api.uris import Location
 
 MIB = 1 << 20
@@ -56,7 +57,7 @@ def _session_and_client():
     """A (session, client) for the AWS_* environment as it is now. Building one costs ~0.1-0.2 s (botocore
     loads its service model), so it is kept per distinct AWS_* environment: any change gives a new one.
     boto3 clients are thread-safe."""
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_") or k == timeouts.ENV))
     with _cache_lock:
         hit = _cache.get(key)
         if hit is None:
@@ -75,10 +76,11 @@ def _build():
     from botocore.config import Config
 
     endpoint = endpoint_url()
+    limits = timeouts.limits()
     options: dict = {
         "retries": {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 5), "mode": "standard"},
-        "connect_timeout": 10,
-        "read_timeout": 120,
+        "connect_timeout": limits.connect,
+        "read_timeout": limits.read,
         "max_pool_connections": 4 * MAX_CONCURRENCY,
     }
     if endpoint:
@@ -95,7 +97,9 @@ def _build():
         options.pop("response_checksum_validation", None)
         config = Config(**options)
     session = boto3.session.Session(region_name=region())
-    return session, session.client("s3", endpoint_url=endpoint, config=config)
+    c = session.client("s3", endpoint_url=endpoint, config=config)
+    c.meta.events.register("before-send.s3", timeouts.check)  # no request starts past an operation's deadline
+    return session, c
 
 
 def transfer_config():
@@ -132,8 +136,9 @@ def translate(exc: BaseException, *, action: str, uri: str, bucket: str | None, 
         if isinstance(e, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                           bx.ConnectTimeoutError, bx.ConnectionError, bx.HTTPClientError)):
             return RetryableError(
-                f"cannot {action} {uri}: could not reach {_where()} ({type(e).__name__}); "
-                "retrying may help; if it persists check AWS_ENDPOINT_URL_S3 and the network",
+                f"cannot {action} {uri}: could not reach {_where()} ({type(e).__name__}; "
+                f"{timeouts.ENV}={timeouts.limits().describe()}); retrying may help; if it persists check "
+                "AWS_ENDPOINT_URL_S3 and the network",
                 reason=reason,
             )
         last = getattr(e, "last_exception", None)
@@ -171,8 +176,10 @@ def _client_error(e, *, action: str, uri: str, bucket: str | None, reason: str) 
 
 @contextlib.contextmanager
 def errors(action: str, uri: str, bucket: str | None, reason: str) -> Iterator[None]:
+    """One store operation: its failures become RunnerErrors, and it ends within the deadline (timeouts.py)."""
     try:
-        yield
+        with timeouts.operation(f"{action} {uri}", _where(), reason):
+            yield
     except RunnerError:
         raise
     except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
@@ -275,7 +282,7 @@ def safe_relative(key: str, prefix: str) -> str:
     return rel
 
 
-def _require_credentials(action: str, uri: str, reason: str) -> None:
+def require_credentials(action: str, uri: str, reason: str) -> None:
     if _session_and_client()[0].get_credentials() is None:
         raise PermanentError(f"cannot {action} {uri}: no AWS credentials found; {CREDENTIALS_HINT}", reason=reason)
 
@@ -283,7 +290,7 @@ def _require_credentials(action: str, uri: str, reason: str) -> None:
 # ---------------------------------------------------------------------------------------------- public
 def check_source(loc: Location) -> None:
     uri = str(loc)
-    _require_credentials("read", uri, DOWNLOAD_FAILED)
+    require_credentials("read", uri, DOWNLOAD_FAILED)
     with errors("read", uri, loc.bucket, DOWNLOAD_FAILED):
         c = client()
         resp = c.list_objects_v2(Bucket=loc.bucket, Prefix=_dir_prefix(loc.path), MaxKeys=1)
@@ -298,15 +305,10 @@ def check_source(loc: Location) -> None:
     )
 
 
-def check_destination(loc: Location) -> None:
-    uri = str(loc)
-    _require_credentials("write to", uri, UPLOAD_FAILED)
-    with errors("write to", uri, loc.bucket, UPLOAD_FAILED):
-        c = client()
-        c.head_bucket(Bucket=loc.bucket)
-        probe = f"{_dir_prefix(loc.path)}.finetune-write-probe-{uuid.uuid4().hex[:12]}"
-        c.put_object(Bucket=loc.bucket, Key=probe, Body=b"probe")
-        c.delete_object(Bucket=loc.bucket, Key=probe)
+def list_names(loc: Location) -> list[str]:
+    """Every key under the prefix, relative to it."""
+    with errors("read", str(loc), loc.bucket, DOWNLOAD_FAILED):
+        return [key[len(_dir_prefix(loc.path)):] for key, _ in list_objects(client(), loc.bucket, loc.path)]
 
 
 def download(loc: Location, dest: Path, allow_patterns: list[str] | None = None) -> Path:
@@ -331,47 +333,3 @@ def download(loc: Location, dest: Path, allow_patterns: list[str] | None = None)
         dest.mkdir(parents=True, exist_ok=True)
         download_objects(c, loc.bucket, items)
     return dest
-
-
-def publish(local_dir: Path, loc: Location, job: dict | None = None) -> str:
-    """Upload every file, then the manifest last. The old manifest goes first, so that a prefix that is
-    half re-uploaded never looks complete; files the old manifest listed and the new one does not are removed
-    before the new manifest is written."""
-    uri = str(loc)
-    files = iter_files(Path(local_dir))
-    manifest = build_manifest(files, job)
-    base = _dir_prefix(loc.path)
-    manifest_key = base + MANIFEST_NAME
-    with errors("upload to", uri, loc.bucket, UPLOAD_FAILED):
-        c = client()
-        old = get_bytes(c, loc.bucket, manifest_key)
-        if old is not None:
-            c.delete_object(Bucket=loc.bucket, Key=manifest_key)
-        upload_files(c, loc.bucket, [(path, base + rel) for rel, path in files])
-        new_keys = {base + rel for rel, _ in files}
-        stale = [base + f["path"] for f in _manifest_files(old) if base + f["path"] not in new_keys]
-        delete_keys(c, loc.bucket, stale)
-        c.put_object(Bucket=loc.bucket, Key=manifest_key, Body=manifest_bytes(manifest),
-                     ContentType="application/json")
-    return uri
-
-
-def _manifest_files(data: bytes | None) -> list[dict]:
-    if not data:
-        return []
-    try:
-        files = json.loads(data).get("files", [])
-        return [f for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)]
-    except (ValueError, AttributeError):
-        return []
-
-
-def read_manifest(loc: Location) -> dict | None:
-    with errors("read", str(loc), loc.bucket, DOWNLOAD_FAILED):
-        return parse_manifest(get_bytes(client(), loc.bucket, _dir_prefix(loc.path) + MANIFEST_NAME))
-
-
-def is_complete(loc: Location) -> bool:
-    uri = str(loc)
-    with errors("read", uri, loc.bucket, DOWNLOAD_FAILED):
-        return exists(client(), loc.bucket, _dir_prefix(loc.path) + MANIFEST_NAME)

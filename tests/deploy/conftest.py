@@ -98,18 +98,51 @@ def instructions(text: str) -> list[tuple[str, str]]:
     return out
 
 
+def _arg(rest: str) -> tuple[str, str | None]:
+    name, eq, default = rest.partition("=")
+    return name.strip(), (shlex.split(default)[0] if default.strip() else "") if eq else None
+
+
+def _expand(text: str, args: dict[str, str | None]) -> str:
+    """${NAME} and $NAME of declared build arguments replaced by their defaults (what a plain build uses)."""
+    def sub(m: re.Match) -> str:
+        name = m.group(1) or m.group(2)
+        return args[name] or "" if name in args else m.group(0)
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", sub, text)
+
+
+def build_args() -> dict[str, str | None]:
+    """The global build arguments (ARG before the first FROM) and their defaults."""
+    out = {}
+    for word, rest in instructions(DOCKERFILE.read_text()):
+        if word == "FROM":
+            break
+        if word == "ARG":
+            name, default = _arg(rest)
+            out[name] = default
+    return out
+
+
 def stages() -> dict[str, list[tuple[str, str]]]:
+    """Each named stage's instructions, with build arguments expanded to their defaults."""
     result: dict[str, list[tuple[str, str]]] = {}
     current = None
+    global_args = build_args()
+    scope: dict[str, str | None] = {}
     for word, rest in instructions(DOCKERFILE.read_text()):
         if word == "FROM":
             m = re.match(r"(\S+)\s+AS\s+(\S+)$", rest, re.I)
             assert m, f"every stage is named: FROM {rest}"
             current = m.group(2)
-            result[current] = [(word, m.group(1))]
+            scope = {}
+            result[current] = [(word, _expand(m.group(1), global_args))]
+        elif current is None:
+            assert word == "ARG", f"{word} before FROM"
         else:
-            assert current, f"{word} before FROM"
-            result[current].append((word, rest))
+            if word == "ARG":
+                name, default = _arg(rest)
+                scope[name] = default if default is not None else global_args.get(name)
+            result[current].append((word, _expand(rest, scope) if word == "RUN" else rest))
     return result
 
 

@@ -235,12 +235,12 @@ def _controller(objs: list[dict]) -> dict:
 def test_deployment_flags_probes_and_security(rendered):
     c = _controller(rendered["defaults"])
     assert c["image"] == "finetune-controller:0.1.0"
-    assert c["args"][:6] == ["run", "--http-port=8080", "--image=finetune-runner:0.1.0", "--workers=8",
-                             "--retry-backoff=10", "--image-pull-timeout=300"]
+    assert c["args"][:7] == ["run", "--http-port=8080", "--http-host=0.0.0.0", "--image=finetune-runner:0.1.0",
+                             "--workers=8", "--retry-backoff=10", "--image-pull-timeout=300"]
     # the admin policy (values `policy`): the secure defaults of controller/policy.py
     from controller.policy import Policy
 
-    assert c["args"][6:] == [f"--policy={Policy().describe().replace(' ', '')}"]
+    assert c["args"][7:8] == [f"--policy={Policy().describe().replace(' ', '')}"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]

@@ -20,7 +20,7 @@ from controller import children
 from tests.deploy.conftest import CHART, DOCKERFILE, ROOT, hadolint_binary, pins_and_extras, pip_installs, stages
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-STAGE_EXTRAS = {"controller": {"controller"}, "runner": {"runner", "gpu"}}
+STAGE_EXTRAS = {"controller": {"controller"}, "runner": {"runner", "gpu", "tracking"}}
 
 
 def declared(extras: set[str]) -> dict[str, Requirement]:

@@ -5,6 +5,11 @@ with FSDP2 one decoder layer at a time exactly as accelerate does it for the run
 model unsharded in this process, then gathers, saves, and reloads the adapter through runner.parallel.
 Writes what it measured to <out>/rank<N>.json. An optional third argument sets quantization.bits (16: the
 plain float32 base, sharded as it is).
+
+`fsdp_worker.py sharded MODEL OUT [full]`: the runner's own FSDP loader (runner.fsdp_load), each rank reading only
+its shard; peak RSS per process measured around the load (the kernel's high-water mark reset first), then the
+loaded weights, quantization states, loss and gradients compared with the whole model loaded the usual way.
+With `full`, the old way instead (every rank loads the whole model, then shards it), for the memory contrast.
 """
 from __future__ import annotations
 
@@ -82,5 +87,116 @@ def main(model_dir: str, out: str, bits: int = 4) -> None:
     dist.destroy_process_group()
 
 
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def sharded(model_dir: str, out: str, how: str = "sharded") -> None:
+    """The runner's sharded loader: memory per rank, then equality with the unsharded model."""
+    from types import SimpleNamespace
+
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401 - imported before the baseline, as is everything the load uses
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    from safetensors import safe_open  # noqa: F401
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    from runner import fsdp_load, model as model_phase
+    from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    lora = LoraSpec(r=4, alpha=8)
+    spec = SimpleNamespace(model=ModelSpec(source=model_dir), quantization=QuantizationSpec(bits=4), lora=lora,
+                           training=SimpleNamespace(seed=5))
+    plan = SimpleNamespace(compute_dtype=torch.float32, storage_dtype=torch.float32, attention="sdpa", fsdp=True)
+    dist.barrier()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the present RSS
+    before = _rss("VmRSS")
+    if how == "full":
+        model = model_phase.load_quantized(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
+                                           attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
+        model = model_phase.add_lora(model, lora)
+        fsdp_load.shard(model, init_device_mesh("cpu", (world,)), torch.float32)
+    else:
+        model = fsdp_load.load_sharded(spec, Path(model_dir), plan)
+    import gc
+
+    gc.collect()
+    peak, after = _rss("VmHWM"), _rss("VmRSS")
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    full = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = {"rssBefore": before, "peakGrowth": peak - before, "heldGrowth": after - before, "localParamBytes": local,
+              "modelParamBytes": full, "how": how}
+    if how == "sharded":
+        result.update(_compare(model, model_dir, spec, out, rank))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def _compare(model, model_dir: str, spec, out: str, rank: int) -> dict:
+    """The sharded model against the whole model loaded as on one GPU, with the same adapter."""
+    import bitsandbytes as bnb
+
+    from runner import model as model_phase, parallel
+
+    adapter0 = parallel.gather_adapter(model)  # the loader's own LoRA init, gathered
+    ref = model_phase.load_quantized(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
+                                     attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
+    torch.manual_seed(0)
+    ref = model_phase.add_lora(ref, spec.lora)
+    ref_params = dict(ref.named_parameters())
+    weight_diff, state_diff, states = 0.0, 0.0, 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            weight_diff = max(weight_diff, (p.full_tensor() - ref_params[name].detach()).abs().max().item())
+    ref_mods = dict(ref.named_modules())
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            mine, theirs = m.quant_state, ref_mods[name].weight.quant_state
+            for a, b in ((mine.absmax, theirs.absmax), (mine.code, theirs.code)):
+                state_diff = max(state_diff, (a.float() - b.float()).abs().max().item())
+            if mine.nested:
+                state_diff = max(state_diff, (mine.state2.absmax - theirs.state2.absmax).abs().max().item(),
+                                 abs(float(mine.offset) - float(theirs.offset)))
+            assert tuple(mine.shape) == tuple(theirs.shape) and mine.quant_type == theirs.quant_type
+            states += 1
+    a_bound = max(1 / v.shape[1] ** 0.5 for k, v in adapter0.items() if "lora_A" in k)
+    with torch.no_grad():  # the same adapter in both, lora_B non-zero so that it matters
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    saved = Path(out) / "adapter"
+    if rank == 0:
+        ref.save_pretrained(saved)
+    dist.barrier()
+    parallel.load_adapter(model, saved)
+    for p in model.parameters():  # what trl's SFTTrainer does to the adapter of a 4-bit model
+        if p.requires_grad:
+            p.data = p.data.to(p.dtype)
+    ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    ref_loss = ref(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        "maxBaseWeightDiff": weight_diff, "maxQuantStateDiff": state_diff, "quantStates": states,
+        "loss": loss.item(), "lossDtype": str(loss.dtype), "referenceLoss": ref_loss.item(),
+        "maxGradDiff": max((grads[n] - ref_params[n].grad).abs().max().item() for n in grads),
+        "initialLoraBMax": max(v.abs().max().item() for k, v in adapter0.items() if "lora_B" in k),
+        "initialLoraAMax": max(v.abs().max().item() for k, v in adapter0.items() if "lora_A" in k),
+        "loraABound": a_bound, "adapterTensors": len(adapter0),
+    }
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 4)
+    if sys.argv[1] == "sharded":
+        sharded(sys.argv[2], sys.argv[3], *sys.argv[4:])
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 4)

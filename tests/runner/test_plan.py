@@ -85,15 +85,74 @@ def test_checkpointing_is_on_only_when_the_activations_do_not_fit(tiny_llama):
     spec = _spec(tiny_llama, dataset={"maxLength": 4096}, training={"batchSize": 64, "gradientCheckpointing": None})
     small = make_plan(spec, tiny_llama, _gpu(4))  # 4 GiB: 0.6 GiB usable
     big = make_plan(spec, tiny_llama, _gpu(80))
-    assert small.gpu_weight_bytes + small.activation_bytes > small.gpu_usable_bytes
-    assert small.gradient_checkpointing is True
+    # 64 rows' activations do not fit 0.6 GiB: the plan trains the same 64 rows per step in smaller micro-batches
+    assert small.gpu_weight_bytes + 64 * 4096 * 2 * 64 * plan_phase.ACT_BYTES[False] > small.gpu_usable_bytes
+    assert small.micro_batch < 64 and small.micro_batch * small.accumulation == 64
+    assert small.gpu_weight_bytes + small.activation_bytes <= small.gpu_usable_bytes or small.gradient_checkpointing
+    assert small.peak_bytes <= small.gpu_usable_bytes
     assert big.gpu_weight_bytes + big.activation_bytes <= big.gpu_usable_bytes
-    assert big.gradient_checkpointing is False
+    assert big.gradient_checkpointing is False and (big.micro_batch, big.accumulation) == (64, 1)
+    forced = _spec(tiny_llama, dataset={"maxLength": 4096}, training={"batchSize": 64, "gradientCheckpointing": True})
+    on = make_plan(forced, tiny_llama, _gpu(4))
+    assert on.gradient_checkpointing is True and on.micro_batch * on.accumulation == 64  # the spec wins
     forced = _spec(tiny_llama, dataset={"maxLength": 4096}, training={"batchSize": 64, "gradientCheckpointing": False})
     assert make_plan(forced, tiny_llama, _gpu(4)).gradient_checkpointing is False  # the spec wins
     # Fused kernels keep fewer activations, and the plan counts with the kernels it chose.
     fused = make_plan(spec, tiny_llama, _gpu(80, liger=True))
     assert fused.fused_kernels and fused.activation_bytes < big.activation_bytes
+
+
+@pytest.fixture(scope="module")
+def llama_8b(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    from bench.training import SHAPES
+
+    d = tmp_path_factory.mktemp("llama-3-8b")
+    LlamaConfig(**SHAPES["llama-3-8b"], tie_word_embeddings=False).save_pretrained(d)
+    return d
+
+
+H200 = _gpu(139.8, liger=True, varlen=True)
+
+
+def _choice(plan: Plan) -> tuple:
+    return plan.gradient_checkpointing, plan.offload, plan.micro_batch, plan.accumulation
+
+
+@pytest.mark.parametrize("budget, expected", [
+    (None, (False, None, 4, 1)),  # memory to spare: no checkpointing, 4x2048 in one micro-batch
+    (24, (True, None, 4, 1)),  # checkpointing on the GPU beats no checkpointing at 1x2048
+    (10, (True, "layer", 4, 1)),  # the layer inputs go to CPU memory
+    (8, (True, "layer", 2, 2)),  # ... and 2x2048 twice
+])
+def test_a_memory_budget_chooses_the_fastest_mode_that_fits(llama_8b, budget, expected):
+    spec = _spec(llama_8b, dataset={"maxLength": 2048}, training={"batchSize": 4, "memoryBudget": budget, "gradientCheckpointing": None},
+                 lora={"r": 32, "alpha": 64})
+    plan = make_plan(spec, llama_8b, H200)
+    assert _choice(plan) == expected
+    assert plan.memory_budget_bytes == (int(budget * GiB) if budget else None)
+    lora = plan_phase._lora_bytes(plan_phase.model_phase.skeleton(llama_8b, spec.model), spec)
+    assert 1.2 * GiB < lora < 1.3 * GiB  # r=32 on the 7 projections of 32 layers: 84M parameters
+    if budget:
+        assert plan.peak_bytes + lora + plan_phase.BUDGET_MARGIN <= budget * GiB
+    assert f"offload={expected[1]}" in plan.line() and "estimated peak" in plan.line()
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_one_long_sequence_under_a_budget_is_split_and_offloaded(llama_8b):
+    doc = dict(dataset={"maxLength": 131072}, training={"batchSize": 1, "gradientCheckpointing": None}, lora={"r": 32, "alpha": 64})
+    free = make_plan(_spec(llama_8b, **doc), llama_8b, H200)
+    assert _choice(free) == (True, None, 1, 1)  # 128k tokens: checkpointing, the inputs fit on the GPU
+    tight = make_plan(_spec(llama_8b, **{**doc, "training": {"batchSize": 1, "memoryBudget": 29,
+                                                                  "gradientCheckpointing": None}}), llama_8b, H200)
+    assert _choice(tight) == (True, "split", 1, 1) and tight.peak_bytes < free.peak_bytes / 2
+    hopeless = make_plan(_spec(llama_8b, **{**doc, "training": {"batchSize": 1, "memoryBudget": 6,
+                                                                      "gradientCheckpointing": None}}), llama_8b, H200)
+    assert _choice(hopeless) == (True, "split", 1, 1) and hopeless.peak_bytes > 6 * GiB  # fails on memory, said why
+    no_ckpt = _spec(llama_8b, dataset={"maxLength": 2048}, lora={"r": 32, "alpha": 64},
+                    training={"batchSize": 4, "memoryBudget": 24, "gradientCheckpointing": False})
+    assert _choice(make_plan(no_ckpt, llama_8b, H200)) == (False, None, 1, 4)  # the spec wins: smaller micro-batches
 
 
 def test_spec_settings_win_over_automatic_choices(tiny_llama):

@@ -10,10 +10,20 @@ conftest. Fixtures:
                 .requests; HF_ENDPOINT / HF_TOKEN set for the test; state reset per test
 
 Both servers are started once per session (a port that stays the same all session) and reset per test.
+
+    s3_process, hub_process   the same servers, each in a process of its own started for the test, with
+                .freeze() (SIGSTOP: the endpoint still accepts connections, and answers nothing) and .thaw()
+                (SIGCONT); teardown always thaws and kills it. The env is set as for s3_server / hub_server.
 """
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -50,10 +60,15 @@ def _moto_endpoint():
 
 @pytest.fixture
 def s3_server(_moto_endpoint, monkeypatch, tmp_path) -> S3Server:
+    urllib.request.urlopen(urllib.request.Request(f"{_moto_endpoint}/moto-api/reset", method="POST"), timeout=30)
+    return point_s3_clients_at(_moto_endpoint, monkeypatch, tmp_path)
+
+
+def point_s3_clients_at(_moto_endpoint: str, monkeypatch, tmp_path) -> S3Server:
+    """AWS_* env for the test pointing at `_moto_endpoint`, and bucket `test-bucket` there."""
     import boto3
     from botocore.config import Config
 
-    urllib.request.urlopen(urllib.request.Request(f"{_moto_endpoint}/moto-api/reset", method="POST"), timeout=30)
     access_key, secret_key, region = "AKIATESTFIXTURE00001", "fixture-secret-" + uuid.uuid4().hex, "us-east-1"
     env = {
         "AWS_ACCESS_KEY_ID": access_key,
@@ -142,3 +157,79 @@ def hub_server(_hub_server_session, monkeypatch, tmp_path) -> HubServer:
     monkeypatch.setenv("NO_PROXY", _LOOPBACK)
     monkeypatch.setenv("no_proxy", _LOOPBACK)
     return server
+
+
+# ---------------------------------------------------------------------------------------------- in a process
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+
+    def freeze(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(argv: list[str], url: str) -> ServerProcess:
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"test server {argv} did not start") from None
+            time.sleep(0.1)
+    return ServerProcess(proc, url)
+
+
+def _stop(server: ServerProcess) -> None:
+    try:
+        server.thaw()  # a stopped process must run again to die cleanly
+    except ProcessLookupError:
+        pass
+    server.proc.kill()
+    server.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_process(monkeypatch, tmp_path):
+    """(ServerProcess, S3Server): a moto S3 server in its own process, the env pointing at it."""
+    port = _free_port()
+    server = _start([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(port)],
+                    f"http://127.0.0.1:{port}")
+    try:
+        yield server, point_s3_clients_at(server.url, monkeypatch, tmp_path)
+    finally:
+        _stop(server)
+
+
+@pytest.fixture
+def hub_process(monkeypatch, tmp_path):
+    """(ServerProcess, token): the Hub test server in its own process, the env pointing at it."""
+    token = "hf_" + uuid.uuid4().hex
+    port = _free_port()
+    server = _start([sys.executable, "-m", "tests.runner.storage.hub_server", "--port", str(port), "--token", token],
+                    f"http://127.0.0.1:{port}")
+    try:
+        point_hub_clients_at(server.url, monkeypatch, tmp_path / "hf-home")
+        monkeypatch.setenv("HF_TOKEN", token)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        monkeypatch.setenv("NO_PROXY", _LOOPBACK)
+        monkeypatch.setenv("no_proxy", _LOOPBACK)
+        yield server, token
+    finally:
+        _stop(server)

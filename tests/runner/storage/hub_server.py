@@ -451,3 +451,14 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Content-Length"] = len(chunk)  # HEAD too: the true size, never 0
         self._send(status, chunk, headers, content_type="application/octet-stream")
 
+
+
+if __name__ == "__main__":  # a server in a process of its own (tests freeze it with SIGSTOP)
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", required=True)
+    args = parser.parse_args()
+    server = HubServer(token=args.token, port=args.port)
+    server._httpd.serve_forever()

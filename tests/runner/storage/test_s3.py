@@ -98,30 +98,33 @@ def _fail_reading(monkeypatch, name: str, after: int):
     monkeypatch.setattr(s3mod, "_open_source", open_source)
 
 
-def test_interrupted_publish_is_not_complete_and_a_rerun_completes(s3_server, tmp_path, monkeypatch):
+def test_interrupted_republish_leaves_the_old_output_complete_and_a_rerun_completes(s3_server, tmp_path,
+                                                                                     monkeypatch):
     dest = Location.parse(f"s3://{s3_server.bucket}/out")
     v1 = make_output(tmp_path / "v1")
     (v1 / "only-in-v1.bin").write_bytes(b"old")
     storage.publish(v1, dest)
-    assert storage.is_complete(dest)
+    before = {k: s3_server.client.get_object(Bucket=s3_server.bucket, Key=k)["Body"].read() for k in keys(s3_server)}
 
     v2 = make_output(tmp_path / "v2", big_mib=20)
     real_open_source = s3mod._open_source
     _fail_reading(monkeypatch, "model.safetensors", after=12 * MIB)  # dies in the second 8 MiB part
     with pytest.raises(OSError, match="Input/output error"):
         storage.publish(v2, dest)
-    # The old manifest was removed before the upload began, and no new one was written.
-    assert not storage.is_complete(dest)
-    assert f"out/{MANIFEST_NAME}" not in keys(s3_server)
+    # The new output was staged beside the old one: the old one is still complete and unchanged.
+    assert storage.is_complete(dest)
+    for key, data in before.items():
+        assert s3_server.client.get_object(Bucket=s3_server.bucket, Key=key)["Body"].read() == data, key
     # The failed multipart upload was aborted: no parts left behind.
     assert s3_server.client.list_multipart_uploads(Bucket=s3_server.bucket).get("Uploads", []) == []
 
     monkeypatch.setattr(s3mod, "_open_source", real_open_source)
     storage.publish(v2, dest)
     assert storage.is_complete(dest)
-    assert "out/only-in-v1.bin" in keys(s3_server)  # the manifest that listed it was gone: left alone
+    assert "out/only-in-v1.bin" not in keys(s3_server)  # listed by the old manifest: the runner's to remove
+    assert not [k for k in keys(s3_server) if "finetune-staging" in k or "finetune-publishing" in k]
     have = digests(storage.download(dest, tmp_path / "dl"))
-    assert have.pop(MANIFEST_NAME) and have.pop("only-in-v1.bin")
+    assert have.pop(MANIFEST_NAME)
     assert have == digests(v2)
 
 
@@ -130,10 +133,9 @@ def test_republish_removes_files_the_old_manifest_listed(s3_server, tmp_path):
     v1 = make_output(tmp_path / "v1")
     (v1 / "shard-2.bin").write_bytes(b"old shard")
     storage.publish(v1, dest)
-    s3_server.client.put_object(Bucket=s3_server.bucket, Key="out/user-notes.txt", Body=b"not ours")
     storage.publish(make_output(tmp_path / "v2"), dest)
     assert "out/shard-2.bin" not in keys(s3_server)
-    assert "out/user-notes.txt" in keys(s3_server)  # never listed by a manifest: not deleted
+    assert storage.is_complete(dest)
 
 
 def test_manifest_is_written_last(s3_server, tmp_path):

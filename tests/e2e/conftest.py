@@ -1,0 +1,188 @@
+"""The end-to-end tier: the project's images, built from its Dockerfile, run as real containers (`docker run`) and
+as real pods on a real kubelet (tests/cluster/node.py), with a real S3 server on loopback.
+
+Everything is session-scoped and started once: the private Docker daemon, the images (built or found cached by
+`python -m tests.e2e.images`, which .ci/run runs first), the node, the S3 server with the tiny model and data in it,
+and the operator installed with `helm install` from charts/. Every test has its own namespace.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.cluster.cluster import free_port, wait_for
+from tests.cluster.dockerd import Dockerd
+from tests.cluster.node import RealNode
+from tests.conftest import QA_ROWS, ROOT, write_jsonl
+from tests.e2e import images
+
+RELEASE, OPERATOR_NS = "finetune", "finetune-system"
+BUCKET = "e2e"
+CHART = ROOT / "charts" / "finetune-operator"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def dockerd():
+    d = Dockerd().start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def built_images(dockerd, k8s_binaries) -> dict:
+    return images.build_all(dockerd, k8s_binaries.pause)
+
+
+@pytest.fixture(scope="session")
+def node(dockerd, built_images):
+    n = RealNode(dockerd=dockerd).start()
+    yield n
+    n.stop()
+
+
+class S3:
+    def __init__(self, endpoint: str):
+        import boto3
+        from botocore.config import Config
+
+        self.endpoint = endpoint
+        self.env = {"AWS_ACCESS_KEY_ID": "AKIAE2E0000000000001", "AWS_SECRET_ACCESS_KEY": "e2e-" + uuid.uuid4().hex,
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                   aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                                   aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+                                   config=Config(s3={"addressing_style": "path"}))
+        self.client.create_bucket(Bucket=BUCKET)
+
+    def upload_dir(self, local: Path, prefix: str) -> str:
+        for f in sorted(local.rglob("*")):
+            if f.is_file():
+                self.client.upload_file(str(f), BUCKET, f"{prefix}/{f.relative_to(local)}")
+        return f"s3://{BUCKET}/{prefix}"
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def download_dir(self, prefix: str, dest: Path) -> Path:
+        for key in self.keys(prefix):
+            target = dest / key[len(prefix):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(BUCKET, key, str(target))
+        return dest
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory, tiny_llama) -> S3:
+    """A real S3 API (moto server) on 127.0.0.1, with the tiny model and the Q/A data in it."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    store = S3(f"http://{host}:{port}")
+    store.model = store.upload_dir(tiny_llama, "models/tiny-llama")
+    data = write_jsonl(tmp_path_factory.mktemp("e2e-data") / "qa.jsonl", QA_ROWS)
+    store.client.upload_file(str(data), BUCKET, "data/qa.jsonl")
+    store.data = f"s3://{BUCKET}/data/qa.jsonl"
+    yield store
+    server.stop()
+
+
+def in_cluster_env(node: RealNode) -> list[dict]:
+    """What a pod on this node needs to reach the API server: there is no service network, only loopback."""
+    return [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": str(node.cluster.apiserver_port)}]
+
+
+def operator_values(node: RealNode, http_port: int) -> dict:
+    """The chart values of this tier: the images built here, and the node's networking through the admin's
+    runner.podTemplate (hostNetwork and the API server address) - the feature platform teams use the same way."""
+    return {
+        "image": {"repository": "finetune-controller", "tag": "e2e", "pullPolicy": "Never"},
+        "runner": {"image": {"repository": "finetune-runner", "tag": "e2e"},
+                   "podTemplate": {"spec": {"hostNetwork": True, "containers": [
+                       {"name": "runner", "env": in_cluster_env(node)}]}}},
+        "hostNetwork": True,
+        "controller": {"httpHost": "127.0.0.1", "httpPort": http_port, "extraEnv": in_cluster_env(node),
+                       "imagePullTimeoutSeconds": 20, "retryBackoffSeconds": 1},
+        "jobset": {"enabled": False},
+        "policy": {"imagePrefixes": ["finetune-runner:"]},  # any tag of the runner repository (the bad-image test)
+        "metrics": {"service": {"enabled": False}},
+    }
+
+
+@pytest.fixture(scope="session")
+def operator(node, tmp_path_factory):
+    """`helm install` of charts/finetune-operator with the controller image built here; waits for Ready."""
+    values = tmp_path_factory.mktemp("helm") / "values.yaml"
+    values.write_text(yaml.safe_dump(operator_values(node, free_port())))
+    node.kubectl("create", "namespace", OPERATOR_NS)
+    r = node.cluster.helm_run("install", RELEASE, str(CHART), "-n", OPERATOR_NS, "-f", str(values), "--wait",
+                              "--timeout", "180s", check=False, timeout=240)
+    if r.returncode != 0:
+        pods = node.kubectl("get", "pods", "-n", OPERATOR_NS, "-o", "wide", check=False).stdout
+        logs = node.kubectl("logs", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=finetune-operator",
+                            "--tail=60", check=False)
+        pytest.fail(f"helm install failed:\n{r.stderr}\n{pods}\n{logs.stdout}{logs.stderr}\n{node.log_tail()}")
+    yield RELEASE
+    node.cluster.helm_run("uninstall", RELEASE, "-n", OPERATOR_NS, check=False)
+
+
+@pytest.fixture
+def namespace(node, s3, operator):
+    """A fresh namespace with the S3 Secret the jobs name (spec.s3SecretRef)."""
+    ns = f"e2e-{uuid.uuid4().hex[:6]}"
+    node.kubectl("create", "namespace", ns)
+    node.kubectl("create", "secret", "generic", "s3-creds", "-n", ns,
+                 *[f"--from-literal={k}={v}" for k, v in s3.env.items()])
+    yield ns
+    node.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def ftj(name: str, s3: S3, **spec) -> dict:
+    """A small CPU FineTuneJob reading the tiny model and data from S3 and publishing to S3."""
+    body = {
+        "model": {"source": s3.model},
+        "dataset": {"source": s3.data, "template": {"prompt": "Q: {question}\nA:", "completion": " {answer}"},
+                    "maxLength": 32},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {"maxSteps": 6, "batchSize": 2, "learningRate": 0.003, "loggingSteps": 1, "saveSteps": 3,
+                     "gradientCheckpointing": False},
+        "output": {"destination": f"s3://{BUCKET}/out/{name}-{uuid.uuid4().hex[:6]}"},
+        "resources": {"gpus": 0, "memory": "3Gi"},
+        "s3SecretRef": {"name": "s3-creds"},
+    }
+    for key, value in spec.items():
+        body[key] = {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
+    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+
+
+def apply(node: RealNode, ns: str, doc: dict) -> None:
+    node.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+
+
+def status(node: RealNode, ns: str, name: str) -> dict:
+    r = node.kubectl("get", "ftj", name, "-n", ns, "-o", "json", check=False)
+    return json.loads(r.stdout).get("status", {}) if r.returncode == 0 else {}
+
+
+def wait_status(node: RealNode, ns: str, name: str, pred, timeout: float, what: str) -> dict:
+    def check():
+        s = status(node, ns, name)
+        return s if pred(s) else None
+    try:
+        return wait_for(check, timeout=timeout, interval=0.5, what=what)
+    except Exception as e:  # the status and the pods say why
+        pods = node.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
+        raise AssertionError(f"{e}\nstatus: {json.dumps(status(node, ns, name), indent=1)[-3000:]}\n{pods}") from None

@@ -1,0 +1,178 @@
+"""Build the project's two images from its Dockerfile, offline except for the package registries.
+
+    python -m tests.e2e.images          # build (or check) everything; prints sizes and times as JSON
+
+No base image can be pulled here, so CI makes one from Debian packages (mmdebstrap: Debian 12 with python3 and
+python3-venv), imports it into the private daemon (tests/cluster/dockerd.py) and builds both Dockerfile targets
+on it with the build arguments the Dockerfile documents: CONTROLLER_BASE and RUNNER_BASE set to that base, the
+runner with the CPU torch build from the machine's local wheel folder (served on loopback as PIP_FIND_LINKS).
+Everything else is installed by the Dockerfile's own pip commands, from the package registry.
+
+Cached between runs: the base tarball (in ~/.cache/finetune-test-cluster/images) and the daemon's data root, so
+a second build reuses every layer whose inputs did not change (the dependency layers come before the source).
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+
+from tests.cluster.dockerd import CACHE, Dockerd, DockerError
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = "ftc-debian:bookworm"
+PAUSE = "ftc-pause:3.4"
+RUNNER = "finetune-runner:e2e"
+CONTROLLER = "finetune-controller:e2e"
+BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
+REPORT = CACHE / "images" / "last-build.json"
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+
+
+def debian_mirror() -> str:
+    """The machine's own Debian mirror (its apt sources), as tests/cluster/build.sh finds it."""
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")):
+        for stanza in f.read_text().split("\n\n"):
+            if "bookworm" in stanza:
+                for line in stanza.splitlines():
+                    if line.startswith("URIs:"):
+                        return line.split()[1]
+    for f in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*.list")]:
+        if f.exists():
+            for line in f.read_text().splitlines():
+                parts = line.split()
+                if parts[:1] == ["deb"] and " bookworm " in f" {line} ":
+                    return next(p for p in parts[1:] if p.startswith(("http", "file")))
+    raise DockerError("no Debian bookworm mirror in /etc/apt/sources.list*")
+
+
+def ensure_base(d: Dockerd) -> float:
+    """The Debian base image: mmdebstrap once (tarball cached), docker import when the daemon lacks it."""
+    if d.has_image(BASE):
+        return 0.0
+    t0 = time.monotonic()
+    tar = CACHE / "images" / "debian-bookworm-base.tar"
+    if not tar.exists():
+        tar.parent.mkdir(parents=True, exist_ok=True)
+        part = tar.with_suffix(".part")
+        # The machine's trust store goes in (its package registries may sit behind a TLS proxy with its own CA),
+        # and pip is told to use it rather than its bundled certificates, as on the machine itself.
+        subprocess.run(["mmdebstrap", "--quiet", "--format=tar", "--variant=minbase",
+                        f"--include={','.join(BASE_PACKAGES)}",
+                        f"--customize-hook=copy-in {HOST_CA_BUNDLE} /etc/ssl/certs",
+                        f"--customize-hook=echo '[global]\ncert = {HOST_CA_BUNDLE}' > \"$1/etc/pip.conf\"",
+                        "bookworm", str(part), debian_mirror()],
+                       check=True, stdin=subprocess.DEVNULL)
+        part.rename(tar)
+    d.run("import", "--change", 'CMD ["/bin/bash"]', str(tar), BASE, timeout=600)
+    return time.monotonic() - t0
+
+
+def ensure_pause(d: Dockerd, pause_binary: str) -> None:
+    """The pod sandbox image, from the pause binary tests/cluster/build.sh compiles from the kubelet's tree."""
+    if d.has_image(PAUSE):
+        return
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(pause_binary, arcname="pause")
+    d.run("import", "--change", 'ENTRYPOINT ["/pause"]', "-", PAUSE, input=buf.getvalue(), timeout=120)
+
+
+def local_wheel_dir() -> Path:
+    """The machine's local wheel folder (pip's find-links), which holds the CPU torch build."""
+    value = os.environ.get("PIP_FIND_LINKS") or subprocess.run(
+        [sys.executable, "-m", "pip", "config", "get", "global.find-links"], capture_output=True, text=True).stdout
+    for candidate in value.split():
+        if Path(candidate).is_dir():
+            return Path(candidate)
+    raise DockerError("no local wheel folder (pip's find-links) with the CPU torch build on this machine")
+
+
+@contextmanager
+def serve(directory: Path):
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # noqa: D102 - pip's requests are not news
+        pass
+
+
+def default_index() -> str:
+    """pip's own default index (the package registry), without writing its address into the project."""
+    from pip._internal.models.index import PyPI
+
+    return PyPI.simple_url
+
+
+def build(d: Dockerd, target: str, tag: str, *build_args: str, log: Path) -> float:
+    t0 = time.monotonic()
+    argv = ["build", "--network", "host", "--target", target, "-t", tag]
+    for a in build_args:
+        argv += ["--build-arg", a]
+    with open(log, "w") as f:
+        p = subprocess.run(["docker", "-H", d.host, *argv, str(ROOT)], stdout=f, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, env={**d.env(), "DOCKER_BUILDKIT": "0"}, timeout=3000)
+    if p.returncode != 0:
+        raise DockerError(f"docker build --target {target} failed; log {log}:\n"
+                          + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    return time.monotonic() - t0
+
+
+def build_all(d: Dockerd, pause_binary: str | None = None) -> dict:
+    """Both images (and the base, and the pause image when given): seconds and sizes."""
+    logs = CACHE / "images"
+    logs.mkdir(parents=True, exist_ok=True)
+    report: dict = {"base_seconds": round(ensure_base(d), 1)}
+    if pause_binary:
+        ensure_pause(d, pause_binary)
+    torch = version("torch")  # the CPU build the test venv runs: 2.13.0+cpu
+    wheels = local_wheel_dir()
+    if not list(wheels.glob(f"torch-{torch}-*.whl")):
+        raise DockerError(f"{wheels} has no torch-{torch} wheel for the CPU runner image")
+    bases = (f"CONTROLLER_BASE={BASE}", f"RUNNER_BASE={BASE}")  # the legacy builder reads every stage's FROM
+    report["controller_seconds"] = round(build(d, "controller", CONTROLLER, *bases,
+                                               log=logs / "controller-build.log"), 1)
+    with serve(wheels) as url:
+        report["runner_seconds"] = round(build(
+            d, "runner", RUNNER, *bases, f"TORCH=torch=={torch}",
+            f"TORCH_INDEX_URL={default_index()}", f"PIP_FIND_LINKS={url}", log=logs / "runner-build.log"), 1)
+    report["sizes_mb"] = {tag: round(d.image_size(tag) / 1e6) for tag in (BASE, CONTROLLER, RUNNER)}
+    REPORT.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main() -> int:
+    from tests.cluster.cluster import ensure_binaries
+
+    pause = ensure_binaries().pause
+    try:
+        with Dockerd() as d:
+            print(json.dumps(build_all(d, pause), indent=1))
+    except DockerError as e:
+        print(f"images: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The images as built from the Dockerfile, run as real containers: what each image is, and the runner standalone
+with the README's `docker run` command (CPU here: the CPU torch build; `--gpus all` needs a GPU host)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import yaml
+
+from tests.cluster.cluster import wait_for
+from tests.e2e.images import CONTROLLER, RUNNER
+
+# README "Run standalone with docker", less --gpus/--ipc: read-only root, uid 1000, /tmp and HOME in a tmpfs.
+STANDALONE = ["--user", "1000:1000", "--read-only", "--tmpfs", "/tmp:exec", "-e", "HOME=/tmp", "--network", "host"]
+
+
+def docker_run(dockerd, image, *args, opts=(), timeout=600, check=True):
+    return dockerd.run("run", "--rm", *opts, image, *args, check=check, timeout=timeout)
+
+
+def test_image_facts(dockerd, built_images):
+    print(f"\nimages: {json.dumps(built_images)}")  # sizes and build seconds, for the CI log
+    # the runner: uid 1000, its CLI, a read-only root filesystem
+    r = docker_run(dockerd, RUNNER, "-c", "import os; print(os.getuid(), os.getgid())",
+                   opts=["--read-only", "--entrypoint", "python"])
+    assert r.stdout.split() == ["1000", "1000"]
+    r = docker_run(dockerd, RUNNER, "--help", opts=["--read-only"])
+    assert r.returncode == 0 and "usage:" in r.stdout and "quickstart" in r.stdout, r.stdout + r.stderr
+    r = docker_run(dockerd, RUNNER, "-c", "import torch, transformers, peft, bitsandbytes, trl, mlflow, wandb;"
+                   "print(torch.__version__)", opts=["--read-only", "--entrypoint", "python"])
+    assert r.stdout.strip().endswith("+cpu"), r.stdout  # this tier's build argument: the CPU torch
+    # the controller: uid 1000, no torch, prints its CRD from a read-only root
+    r = docker_run(dockerd, CONTROLLER, "-c", "import os; print(os.getuid())",
+                   opts=["--read-only", "--entrypoint", "python"])
+    assert r.stdout.strip() == "1000"
+    r = docker_run(dockerd, CONTROLLER, "-c", "import torch", opts=["--read-only", "--entrypoint", "python"],
+                   check=False)
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    r = docker_run(dockerd, CONTROLLER, "crd", opts=["--read-only"])
+    assert yaml.safe_load(r.stdout)["kind"] == "CustomResourceDefinition"
+    sizes = built_images["sizes_mb"]
+    assert sizes[CONTROLLER] < sizes[RUNNER] / 3, sizes  # the controller image is the slim one
+
+
+def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_path):
+    """The README's docker command: the quickstart succeeds and writes the merged model to the mounted directory;
+    `docker stop` (SIGTERM) mid-training leaves a checkpoint that the next run resumes from."""
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)  # the container runs as uid 1000
+    mount = ["-v", f"{work}:/work"]
+    r = docker_run(dockerd, RUNNER, "quickstart", "--dir", "/work/qs", opts=[*STANDALONE, *mount], timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = work / "qs" / "output"
+    assert (out / "finetune-manifest.json").exists() and (out / "config.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.num_parameters() > 0
+
+    # a longer run of the same job, stopped the way Ctrl-C / `docker stop` stops it
+    job = yaml.safe_load((work / "qs" / "job.yaml").read_text())
+    job["spec"]["training"].update(maxSteps=300, saveSteps=10000, loggingSteps=1)
+    job["spec"]["output"]["destination"] = "/work/long-output"
+    (work / "long.yaml").write_text(yaml.safe_dump(job))
+    name = f"ftc-stop-{int(time.time())}"
+    dockerd.run("run", "-d", "--name", name, *STANDALONE, *mount, RUNNER, "run", "/work/long.yaml")
+    try:
+        def training():
+            logs = dockerd.run("logs", name, check=False).stdout
+            steps = [json.loads(line).get("step", 0) for line in logs.splitlines()
+                     if line.startswith("{") and '"progress"' in line]
+            return steps and steps[-1] >= 3
+        wait_for(training, timeout=300, interval=1, what="the standalone run to train 3 steps")
+        dockerd.run("stop", "-t", "60", name, timeout=120)
+        code = int(dockerd.run("inspect", "-f", "{{.State.ExitCode}}", name).stdout)
+        logs = dockerd.run("logs", name, check=False)
+    finally:
+        dockerd.run("rm", "-f", name, check=False)
+    assert code == 75, logs.stderr[-3000:]  # retryable: re-running resumes
+    assert "re-run" in logs.stderr.lower() and "resume" in logs.stderr.lower(), logs.stderr[-2000:]
+    checkpoints = sorted(p.name for p in (work / "long-output.checkpoints").glob("checkpoint-*"))
+    assert checkpoints, list((work).iterdir())
+    assert not (work / "long-output" / "finetune-manifest.json").exists()  # nothing looks complete
+
+    r = docker_run(dockerd, RUNNER, "run", "/work/long.yaml", opts=[*STANDALONE, *mount], timeout=900, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resuming from {checkpoints[-1]}" in r.stderr, r.stderr[-3000:]
+    assert (work / "long-output" / "finetune-manifest.json").exists()
+
+
+def test_images_have_no_pip_cache_or_sources(dockerd, built_images):
+    r = subprocess.run(["docker", "-H", dockerd.host, "history", "--no-trunc", "--format", "{{.CreatedBy}}", RUNNER],
+                       capture_output=True, text=True, check=True)
+    assert "--no-cache-dir" in r.stdout
+    r = docker_run(dockerd, RUNNER, "-c", "import os; print(os.path.exists('/tmp/src'))",
+                   opts=["--entrypoint", "python"])
+    assert r.stdout.strip() == "False"

@@ -1,0 +1,157 @@
+"""The operator installed with `helm install` from charts/, running its own image as a real pod, and FineTuneJobs
+run by the real runner image in real pods on a real kubelet (CPU jobs, `resources.gpus: 0`; data, model and
+outputs in a real S3 server on loopback)."""
+from __future__ import annotations
+
+import json
+import time
+
+from runner.api import status as st
+from tests.cluster.cluster import wait_for
+from tests.e2e.conftest import OPERATOR_NS, apply, ftj, status, wait_status
+
+
+def _controller_pod(node) -> dict:
+    pods = json.loads(node.kubectl("get", "pods", "-n", OPERATOR_NS, "-o", "json").stdout)["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    return pods[0]
+
+
+def _runner_pods(node, ns: str, job: str) -> list[dict]:
+    pods = json.loads(node.kubectl("get", "pods", "-n", ns, "-o", "json").stdout)["items"]
+    return sorted((p for p in pods if p["metadata"]["name"].startswith(f"{job}-")),
+                  key=lambda p: p["metadata"]["creationTimestamp"])
+
+
+def test_controller_pod_is_ready_non_root_and_read_only(node, operator):
+    t0 = time.monotonic()
+    pod = _controller_pod(node)
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True"  # its readiness probe (/readyz) answers
+    name = pod["metadata"]["name"]
+    uid = node.kubectl("exec", "-n", OPERATOR_NS, name, "--", "python", "-c", "import os; print(os.getuid())")
+    assert uid.stdout.strip() == "1000"
+    r = node.kubectl("exec", "-n", OPERATOR_NS, name, "--", "python", "-c", "open('/opt/x', 'w')", check=False)
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    # it talks to the API server with its own in-cluster ServiceAccount token (no kubeconfig in the image)
+    sa = pod["spec"]["serviceAccountName"]
+    assert sa and sa != "default"
+    logs = node.kubectl("logs", "-n", OPERATOR_NS, name).stdout
+    assert "Traceback" not in logs, logs[-3000:]
+    print(f"\ncontroller pod checks: {time.monotonic() - t0:.1f} s")
+
+
+def test_job_runs_in_a_real_pod_and_publishes_to_s3(node, namespace, s3, tmp_path):
+    t0 = time.monotonic()
+    doc = ftj("happy", s3)
+    apply(node, namespace, doc)
+    seen: list[str] = []
+
+    def succeeded():
+        s = status(node, namespace, "happy")
+        if s.get("phase") and (not seen or seen[-1] != s["phase"]):
+            seen.append(s["phase"])
+        if s.get("phase") == st.FAILED:
+            raise AssertionError(f"job failed: {s.get('reason')}: {s.get('message')}")
+        return s.get("phase") == st.SUCCEEDED
+    wait_for(succeeded, timeout=600, interval=0.3, what="the job to succeed")
+    r = node.kubectl("wait", "--for=condition=Succeeded", "ftj/happy", "-n", namespace, "--timeout=30s")
+    assert "condition met" in r.stdout
+    s = status(node, namespace, "happy")
+    assert s["attempt"] == 1 and s["output"] == doc["spec"]["output"]["destination"]
+    assert s["progress"]["step"] == s["progress"]["totalSteps"] == 6
+    assert s["runner"]["pod"] == _runner_pods(node, namespace, "happy")[-1]["metadata"]["name"]
+    order = [st.PENDING, st.RUNNING, st.DOWNLOADING, st.TRAINING, st.MERGING, st.UPLOADING, st.SUCCEEDED]
+    assert st.TRAINING in seen and [order.index(p) for p in seen] == sorted(order.index(p) for p in seen), seen
+    pod = _runner_pods(node, namespace, "happy")[-1]
+    assert pod["spec"]["hostNetwork"] is True  # the admin's runner.podTemplate, merged by the controller
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 0 and json.loads(term["message"])["phase"] == st.SUCCEEDED
+    # the published model loads
+    prefix = doc["spec"]["output"]["destination"].split("/", 3)[3]
+    out = s3.download_dir(prefix, tmp_path / "out")
+    assert (out / "finetune-manifest.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).num_parameters() > 0
+    # no credential in the published files, the status or the pod's log
+    secret = s3.env["AWS_SECRET_ACCESS_KEY"]
+    log = node.kubectl("logs", "-n", namespace, pod["metadata"]["name"]).stdout
+    assert secret not in log and secret not in json.dumps(s)
+    assert not [f for f in out.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+    print(f"\nhappy path: {time.monotonic() - t0:.1f} s; phases {seen}")
+
+
+def test_too_little_memory_is_really_oomkilled(node, namespace, s3):
+    t0 = time.monotonic()
+    apply(node, namespace, ftj("oom", s3, resources={"gpus": 0, "memory": "160Mi"}))
+    s = wait_status(node, namespace, "oom", lambda s: s.get("phase") == st.FAILED, 300, "the OOM job to fail")
+    assert s["reason"] == st.OUT_OF_MEMORY, s
+    assert "resources.memory" in s["message"], s["message"]
+    pod = _runner_pods(node, namespace, "oom")[-1]
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["reason"] == "OOMKilled" and term["exitCode"] == 137, term
+    print(f"\nOOM: {time.monotonic() - t0:.1f} s")
+
+
+def _long_job(name, s3):
+    return ftj(name, s3, training={"maxSteps": 300, "saveSteps": 10000, "loggingSteps": 1},
+               merge={"enabled": False})
+
+
+def _training(node, ns, name, at_least=3):
+    return wait_status(node, ns, name, lambda s: (s.get("progress") or {}).get("step", 0) >= at_least
+                       or s.get("phase") == st.FAILED, 300, f"{name} to train {at_least} steps")
+
+
+def _resumed_and_succeeded(node, ns, name) -> dict:
+    s = wait_status(node, ns, name, lambda s: s.get("phase") in (st.SUCCEEDED, st.FAILED), 600, f"{name} to finish")
+    assert s["phase"] == st.SUCCEEDED, s
+    assert s["attempt"] == 2, s
+    resumed = s["runner"]["resumedFrom"]
+    assert resumed["name"] == s["lastCheckpoint"]["name"] or resumed["step"] <= s["lastCheckpoint"]["step"]
+    pods = _runner_pods(node, ns, name)
+    log = node.kubectl("logs", "-n", ns, pods[-1]["metadata"]["name"]).stdout
+    first = [json.loads(line)["step"] for line in log.splitlines() if line.startswith("{") and '"progress"' in line]
+    assert first[0] == resumed["step"] + 1, (first[:3], resumed)  # training went on from the checkpoint
+    return s
+
+
+def test_deleted_pod_checkpoints_on_sigterm_and_the_next_attempt_resumes(node, namespace, s3):
+    t0 = time.monotonic()
+    apply(node, namespace, _long_job("preempted", s3))
+    s = _training(node, namespace, "preempted")
+    assert s.get("phase") != st.FAILED, s
+    pod = _runner_pods(node, namespace, "preempted")[-1]["metadata"]["name"]
+    node.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")  # a real SIGTERM, grace period honoured
+    s = wait_status(node, namespace, "preempted", lambda s: (s.get("attempt") or 0) >= 2, 180, "attempt 2")
+    assert s["failedAttempts"] == 1 and s["lastCheckpoint"]["step"] >= 3, s
+    s = _resumed_and_succeeded(node, namespace, "preempted")
+    print(f"\ndelete pod -> resume: {time.monotonic() - t0:.1f} s; resumed from {s['runner']['resumedFrom']}")
+
+
+def test_suspend_then_resume_goes_on_from_the_checkpoint(node, namespace, s3):
+    t0 = time.monotonic()
+    doc = _long_job("paused", s3)
+    apply(node, namespace, doc)
+    _training(node, namespace, "paused")
+    node.kubectl("patch", "ftj", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    s = wait_status(node, namespace, "paused", lambda s: s.get("phase") == st.SUSPENDED, 180, "Suspended")
+    assert s["lastCheckpoint"]["step"] >= 3, s
+    wait_for(lambda: not [p for p in _runner_pods(node, namespace, "paused")
+                          if p["status"].get("phase") in ("Pending", "Running")], 120, what="no runner pod")
+    node.kubectl("patch", "ftj", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    s = _resumed_and_succeeded(node, namespace, "paused")
+    print(f"\nsuspend -> resume: {time.monotonic() - t0:.1f} s; resumed from {s['runner']['resumedFrom']}")
+
+
+def test_an_image_that_cannot_be_pulled_fails_with_a_reason(node, namespace, s3):
+    t0 = time.monotonic()
+    # spec.image must be allowed by the admin policy: the operator's own runner repository with another tag is
+    doc = ftj("badimage", s3)
+    doc["spec"]["image"] = "finetune-runner:no-such-tag"
+    apply(node, namespace, doc)
+    s = wait_status(node, namespace, "badimage", lambda s: s.get("phase") == st.FAILED, 240, "ImagePullFailed")
+    assert s["reason"] == st.IMAGE_PULL_FAILED, s
+    assert "finetune-runner:no-such-tag" in s["message"], s["message"]
+    print(f"\nbad image: {time.monotonic() - t0:.1f} s: {s['message'][:200]}")
