@@ -2,6 +2,8 @@
 
     python -m bench --shape llama-3-8b --configs seeds,defaults,lean --out result.json   # GPU training
     python -m bench controller --jobs 1000                                              # the controller
+    python -m bench frontier --out frontier.json          # runner vs Unsloth: throughput, memory, long sequences
+    python -m bench table                                 # README's runner-vs-Unsloth table from bench/results/
 
 The first form is the training benchmark (bench/training.py); `python -m bench --help` lists its options.
 `controller` runs bench/controller/bench.py (the same as `python -m bench.controller.bench`) with the rest of
@@ -48,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.argv = ["python -m bench controller", *argv[1:]]
         return controller_bench.main()
+    if argv[:1] == ["table"]:
+        from bench import table
+
+        return table.main(argv[1:])
+    if argv[:1] == ["frontier"]:
+        from bench import frontier
+
+        return frontier.main(frontier.parser().parse_args(argv[1:]))
     args = parser().parse_args(argv)
     from bench import training
 

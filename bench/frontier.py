@@ -31,6 +31,26 @@ import torch
 from bench import training as tb
 
 GiB = 2**30
+CUDA = torch.cuda.is_available()  # on CPU (a dry run of the tiny shape) the GPU figures are 0
+
+
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def _peak() -> tuple[float, float]:
+    """Peak allocated and reserved GiB since the last reset."""
+    if not CUDA:
+        return 0.0, 0.0
+    return torch.cuda.max_memory_allocated() / GiB, torch.cuda.max_memory_reserved() / GiB
+
+
+def _reset() -> None:
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 LORA = {"r": 32, "alpha": 64, "targetModules": "all-linear"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -75,7 +95,7 @@ def batches(vocab: int, workload: dict, steps: int) -> list[tuple[torch.Tensor, 
 def summarise(step_seconds: list[float], step_tokens: list[int], warmup: int, peak: float, **extra) -> dict:
     tps = [t / s for t, s in zip(step_tokens, step_seconds)]
     timed = tps[warmup:]
-    last = tps[-10:]
+    last = tps[max(warmup, len(tps) - 10):]  # the last 10 steps, never a warm-up step
     return {
         "steps": len(step_seconds),
         "stepSeconds": [round(s, 4) for s in step_seconds],
@@ -117,11 +137,11 @@ def _step_callback(rec: dict, profile_at: int | None):
                 rec["prof"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
                 rec["prof"].__enter__()
             if "t" not in rec:
-                torch.cuda.synchronize()
+                _sync()
                 rec["t"], rec["n"] = time.perf_counter(), state.num_input_tokens_seen
 
         def on_step_end(self, args, state, control, **kw):
-            torch.cuda.synchronize()
+            _sync()
             now = time.perf_counter()
             rec["seconds"].append(now - rec["t"])
             rec["tokens"].append(state.num_input_tokens_seen - rec["n"])
@@ -172,15 +192,14 @@ def runner_worker(model_dir: Path, shape: str, workloads: list[dict], out: Path,
                 n = max(64, int(w["batchSize"] * w["maxLength"] * (steps + 2) / 300 * 1.3))
                 data = tb.synthetic_data(model.config.vocab_size, n, w["maxLength"])
             rec = {"seconds": [], "tokens": [], "losses": []}
-            profile_at = steps - 2 if w.get("profile") else None
+            profile_at = steps - 2 if w.get("profile") and CUDA else None
             trainer = make_trainer(spec, model, tok, data, work / name, plan,
                                    callbacks=[_step_callback(rec, profile_at)], max_steps=steps,
                                    save_strategy="no", logging_steps=1, shuffle_dataset=False)
             model.gradient_checkpointing_disable()  # a previous workload's plain checkpointing
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+            _reset()
             trainer.train()
-            peak = torch.cuda.max_memory_allocated() / GiB
+            peak, reserved = _peak()
             seconds, tokens = rec["seconds"], rec["tokens"]
             if profile_at is not None:  # the profiled steps are left out of the figures
                 prof_info = profile_busy(rec["prof"], 2)
@@ -189,13 +208,11 @@ def runner_worker(model_dir: Path, shape: str, workloads: list[dict], out: Path,
                 prof_info = {}
             results[name] = summarise(seconds, tokens, w.get("warmup", 3), peak, losses=rec["losses"],
                                       plan=plan.to_dict(), **prof_info,
-                                      reservedGiB=round(torch.cuda.max_memory_reserved() / GiB, 2))
+                                      reservedGiB=round(reserved, 2))
             del trainer
         except torch.OutOfMemoryError as e:
-            results[name] = {"error": f"out of memory: {str(e)[:200]}",
-                             "peakAllocatedGiB": round(torch.cuda.max_memory_allocated() / GiB, 2)}
-        gc.collect()
-        torch.cuda.empty_cache()
+            results[name] = {"error": f"out of memory: {str(e)[:200]}", "peakAllocatedGiB": round(_peak()[0], 2)}
+        _reset()
         out.write_text(json.dumps(results, indent=1))
         print(f"[frontier] runner {name}: " + json.dumps({k: results[name].get(k) for k in (
             "last10MedianTokensPerSecond", "peakAllocatedGiB", "gpuBusyFraction", "kernelsPerStep", "error")}),
@@ -203,18 +220,18 @@ def runner_worker(model_dir: Path, shape: str, workloads: list[dict], out: Path,
 
 
 # ------------------------------------------------------------------------------------------- driver
-def _worker(kind: str, model_dir: Path, args, workloads: list[dict], out: Path, extra_env: dict) -> None:
+def _worker(kind: str, model_dir: Path, args, workloads: list[dict], out: Path, extra_env: dict,
+            timeout: int | None = None) -> None:
     spec = out.with_suffix(".workloads.json")
     spec.write_text(json.dumps(workloads))
-    cmd = [sys.executable, "-m", "bench.unsloth_worker" if kind == "unsloth" else "bench", "frontier",
-           "--worker", kind, "--model-dir", str(model_dir), "--shape", args.shape, "--workloads", str(spec),
+    cmd = [sys.executable, "-m", "bench", "frontier", "--worker", kind, "--model-dir", str(model_dir), "--shape", args.shape, "--workloads", str(spec),
            "--result", str(out), "--work-dir", args.work_dir]
     if kind == "unsloth":
         cmd = [sys.executable, "-m", "bench.unsloth_worker", str(model_dir), str(spec), str(out)]
     env = {**os.environ, **extra_env}
     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     try:
-        subprocess.run(cmd, env=env, timeout=args.worker_timeout)
+        subprocess.run(cmd, env=env, timeout=timeout or args.worker_timeout)
     except subprocess.TimeoutExpired:
         print(f"[frontier] {kind} worker timed out", flush=True)
 
@@ -243,7 +260,7 @@ def main(args) -> int:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     steps, short = args.steps, args.long_steps
     packed = dict(maxLength=2048, batchSize=4, steps=steps, warmup=3)
-    result = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "versions": tb.versions(),
+    result = {"shape": args.shape, "gpu": torch.cuda.get_device_name() if CUDA else "cpu", "versions": tb.versions(),
               "lengths": lengths, "runner": {}, "unsloth": {}, "pairs": {}}
     out = Path(args.out)
 
@@ -252,7 +269,7 @@ def main(args) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
 
-    singles = [dict(name=f"single-{n // 1024}k", maxLength=n, batchSize=1, steps=short, warmup=1, single=True)
+    singles = [dict(name=f"single-{n // 1024}k" if n >= 1024 else f"single-{n}", maxLength=n, batchSize=1, steps=short, warmup=1, single=True)
                for n in lengths]
     if not args.no_unsloth:
         uenv = {"PYTHONPATH": os.pathsep.join(filter(None, [args.unsloth_path, os.environ.get("PYTHONPATH")]))}
@@ -260,13 +277,14 @@ def main(args) -> int:
                                ("none", [dict(packed, name="packed")])):
             part = work / f"unsloth-{gc_mode}.json"
             part.unlink(missing_ok=True)
-            _worker("unsloth", model_dir, args, [dict(w, checkpointing=gc_mode) for w in loads], part, uenv)
+            _worker("unsloth", model_dir, args, [dict(w, checkpointing=gc_mode) for w in loads], part, uenv,
+                    args.unsloth_timeout if gc_mode == "unsloth" else None)
             if part.exists():
                 result["unsloth"].update(json.loads(part.read_text()))
             save()
     budgets = {w["name"]: result["unsloth"].get(w["name"], {}).get("peakAllocatedGiB") for w in singles}
     loads = [dict(packed, name="packed"), dict(packed, name="packed-10gib", budget=10.0),
-             dict(packed, name="lean-profiled", batchSize=1, steps=12, training={"gradientAccumulationSteps": 2,
+             dict(packed, name="lean-profiled", batchSize=1, steps=16, training={"gradientAccumulationSteps": 2,
                   "optimizer": "paged_adamw_8bit"}, checkpointing=True,
                   plan={"micro_batch": 1, "accumulation": 2, "micro_batch_tokens": 2048}, profile=True)]
     loads += [dict(w, budget=budgets[w["name"]]) for w in singles]
@@ -303,7 +321,8 @@ def parser():
     p.add_argument("--no-unsloth", action="store_true")
     p.add_argument("--unsloth-path", default="/tmp/site-unsloth", help="put first on PYTHONPATH for Unsloth")
     p.add_argument("--only", default=None, help="runner workloads to run (comma-separated names)")
-    p.add_argument("--worker-timeout", type=int, default=1200)
+    p.add_argument("--worker-timeout", type=int, default=1200, help="seconds for each worker process")
+    p.add_argument("--unsloth-timeout", type=int, default=None, help="seconds for Unsloth's checkpointed worker")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--workloads", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)

@@ -197,8 +197,8 @@ def _section(path: str, intro: str, model: type[BaseModel], props: dict, defs: d
         field_path = f"{path}.{name}"
         description = _description(raw, node)
         if sub is not None and node.get("type") == "array":  # a list of sections: its items' own table
-            kind = f"list of objects ([`{field_path}[]`](#{_anchor(field_path + '[]')}))"
-            nested.append((f"{field_path}[]", sub, _resolve(node["items"], defs), description))
+            kind = f"list of objects ([`{field_path}`](#{_anchor(field_path)}))"
+            nested.append((field_path, sub, _resolve(node["items"], defs), description))
         elif sub is not None:  # a nested section: a row that links to its own table
             kind = f"object ([`{field_path}`](#{_anchor(field_path)}))"
             nested.append((field_path, sub, node, description))

@@ -172,7 +172,7 @@ class RunnerPod(_Model):
             for key in mapping:
                 if key.startswith(f"{names.GROUP}/") or key in CONTROLLER_LABELS:
                     out.append(f"{SOURCE}.metadata.{kind}[{key!r}]: refused: the controller sets it (it finds its "
-                               f"pods and their job file by it); use a key outside {names.GROUP}/")
+                               f"pods and their job file by it); use another key, outside {names.GROUP}/")
         vols: set[str] = set()
         for i, v in enumerate(spec.volumes):
             name = v.get("name")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import CHAT_TEMPLATE_NAMES, DatasetSpec
 
 # The built-in templates (README "Chat templates" writes out what each renders). A message's role is system,
@@ -55,6 +56,11 @@ assert tuple(CHAT_TEMPLATES) == CHAT_TEMPLATE_NAMES
 ChatFn = Callable[..., str]  # (messages, add_generation_prompt=...) -> text
 
 
+class ChatTemplateError(PermanentError):
+    def __init__(self, message: str):
+        super().__init__(message, reason=INVALID_SPEC)
+
+
 def template_source(spec: DatasetSpec) -> str | None:
     """The Jinja of dataset.chatTemplate (a built-in's, or the spec's own), or None when it is not set."""
     value = spec.chat_template
@@ -95,8 +101,6 @@ def chat_function(spec: DatasetSpec, tokenizer, *, install: bool = False) -> Cha
     """How conversations are rendered for this job: dataset.chatTemplate, else the tokenizer's own chat template,
     else None. `install` sets dataset.chatTemplate as the tokenizer's chat template, so that the saved tokenizer
     renders prompts as training did."""
-    from runner.data import DataError
-
     source = template_source(spec)
     if source is None:
         if not getattr(tokenizer, "chat_template", None):
@@ -105,7 +109,7 @@ def chat_function(spec: DatasetSpec, tokenizer, *, install: bool = False) -> Cha
             msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
     problem = syntax_problem(spec)
     if problem:
-        raise DataError(problem)
+        raise ChatTemplateError(problem)
     compiled = _environment().from_string(source)
     special = {"bos_token": getattr(tokenizer, "bos_token", None) or "",
                "eos_token": getattr(tokenizer, "eos_token", None) or ""}
@@ -116,7 +120,7 @@ def chat_function(spec: DatasetSpec, tokenizer, *, install: bool = False) -> Cha
         try:
             return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
         except Exception as e:  # noqa: BLE001 - the template is the user's code: any failure is theirs
-            raise DataError(f"dataset.chatTemplate: the template failed on a conversation ({e.__class__.__name__}: "
+            raise ChatTemplateError(f"dataset.chatTemplate: the template failed on a conversation ({e.__class__.__name__}: "
                             f"{str(e)[:300]}); fix the template, or the messages column") from e
 
     return render

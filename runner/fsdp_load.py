@@ -80,8 +80,9 @@ def skeleton(model_dir: Path, spec, plan, files: BaseFiles):
                                    "quant_type": quant_type}  # the weight loses these when FSDP shards it
             parent, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, leaf, layer)
-        model.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: peft adds 4-bit LoRA layers
-        model.is_quantized, model.quantization_method = True, "bitsandbytes"
+        # As transformers marks a 4-bit model, so that peft adds 4-bit LoRA layers (not `is_quantized`, which
+        # makes the Trainer ask for transformers' own quantizer object).
+        model.is_loaded_in_4bit = True
     return model
 
 

@@ -192,6 +192,7 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
         reporter.log(f"packed examples could attend to each other here ({plan.attention} attention, strategy "
                      f"{plan.strategy}); training unpacked instead")
     reporter.log(plan.line())
+    torch.manual_seed(spec.training.seed)  # LoRA's initial A matrices: training.seed makes a run repeatable
     model = parallel.add_lora(model, spec.lora)  # under FSDP the sharded loader added them
     ckpt_loc = checkpoint_location(spec)
     result = train(

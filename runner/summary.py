@@ -31,7 +31,7 @@ def summary(console, result: dict) -> list[str]:
     published = (console.details.get("metrics") or {}).get("published")
     if isinstance(published, dict) and (published.get("choice") == "best" or "bestStep" in published
                                         or published.get("stoppedEarly")):
-        rows.append(("Published", f"step {published.get('step')}: {published.get('reason')}"))
+        rows.append(("Published", _published_text(published)))
     seconds = result.get("phaseSeconds") or {}
     if seconds:
         rows.append(("Time", " · ".join(f"{p} {_secs(s)}" for p, s in seconds.items())))
@@ -98,6 +98,18 @@ def _loss_text(console, result: dict) -> str:
     if isinstance(ev, (int, float)):
         parts.append(f"eval {ev:.4g}")
     return " · ".join(parts)
+
+
+def _published_text(p: dict) -> str:
+    """One line; the whole reason is in metrics.json and the card."""
+    if p.get("choice") == "best":
+        loss = f", {p['evalLoss']:.4g}" if isinstance(p.get("evalLoss"), (int, float)) else ""
+        text = f"step {p.get('step')} (lowest eval loss{loss}; last step {p.get('lastStep')})"
+    else:
+        text = f"step {p.get('step')}, the last"
+        if p.get("bestStep") not in (None, p.get("step")) and isinstance(p.get("bestEvalLoss"), (int, float)):
+            text += f" (lowest eval loss {p['bestEvalLoss']:.4g} at step {p['bestStep']})"
+    return text + (" · stopped early" if p.get("stoppedEarly") else "")
 
 
 def _secs(s: float) -> str:

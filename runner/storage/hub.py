@@ -56,10 +56,20 @@ def _configure() -> None:
         from huggingface_hub import constants
         from huggingface_hub.utils import _http
 
+        def limit(request) -> None:
+            """Before each request: the deadline, and the limits wherever the caller left a timeout unset (HfApi
+            passes timeout=None explicitly, which overrides a client's default)."""
+            timeouts.check()
+            given = dict(request.extensions.get("timeout") or {})
+            for key, value in (("connect", limits.connect), ("read", limits.read), ("write", limits.read),
+                               ("pool", limits.connect)):
+                if given.get(key) is None:
+                    given[key] = value
+            request.extensions["timeout"] = given
+
         def factory():
-            return httpx2.Client(
-                event_hooks={"request": [_http.hf_request_event_hook, timeouts.check]}, follow_redirects=True,
-                timeout=httpx2.Timeout(limits.read, connect=limits.connect, pool=limits.connect))
+            return httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook, limit]},
+                                 follow_redirects=True, timeout=httpx2.Timeout(limits.read, connect=limits.connect))
 
         _http.set_client_factory(factory)
         # Downloads and metadata requests pass their own timeout (these constants): the same limits.

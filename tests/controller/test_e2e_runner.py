@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 from controller import naming
+from runner.api import names
 from tests.conftest import job_doc
-from tests.controller.conftest import ROOT, pod_of, wait_for
+from tests.controller.conftest import ROOT, Controller, pod_of, wait_for
+from tests.runner.test_cache import SlowProxy
 
 
 class RunnerProcess:
@@ -36,6 +38,8 @@ class RunnerProcess:
         env.update(FINETUNE_POD_NAME=pod["metadata"]["name"], FINETUNE_STATUS_INTERVAL="0",
                    KUBECONFIG=k8s_cluster.kubeconfig_for(token=token), PYTHONPATH=str(ROOT),
                    FINETUNE_WORK_DIR=str(workdir / "work"), HOME=str(workdir), TMPDIR=str(workdir))
+        if names.ENV_MODEL_CACHE in env:  # the pod's model cache volume: a host directory stands in for the PVC
+            env[names.ENV_MODEL_CACHE] = str(workdir / "model-cache")
         assert container["command"][-1] == "/etc/finetune/job.yaml"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runner", "run", str(self.job_file),
@@ -140,3 +144,57 @@ def test_retry_resumes_from_the_checkpoint(controller, cluster_api, fake_kubelet
     s = cluster_api.wait_phase("resume", "Succeeded")
     assert (s["attempt"], s["output"]) == (2, str(out))
     assert cluster_api.status("resume")["runner"]["pod"] == pod2["metadata"]["name"]
+
+
+def test_a_second_attempt_reads_the_base_model_from_the_cache(controller_kubeconfig, cluster_api, fake_kubelet,
+                                                              k8s_cluster, tiny_llama, qa_jsonl, s3_server, tmp_path,
+                                                              monkeypatch):
+    """runner.modelCache set: attempt 1 downloads the base from S3 into the cache volume and is preempted;
+    attempt 2 reads the base from the cache - no model bytes come from S3 - and resumes."""
+    ns, bucket = cluster_api.ns, s3_server.bucket
+    proxy = SlowProxy(s3_server.endpoint, rate=None)  # counts what S3 sends
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
+    files = [f for f in tiny_llama.rglob("*") if f.is_file()]
+    for f in files:
+        s3_server.client.upload_file(str(f), bucket, f"bases/tiny-llama/{f.relative_to(tiny_llama)}")
+    model_bytes = sum(f.stat().st_size for f in files)
+    ctl = Controller(controller_kubeconfig, ns, tmp_path, '--runner-pod={"modelCache": {"claimName": "model-cache"}}')
+    ctl.start()
+    try:
+        doc = job_doc(f"s3://{bucket}/bases/tiny-llama", qa_jsonl, tmp_path / "model-out", resources={"gpus": 0},
+                      merge={"enabled": False}, training={"maxSteps": 12, "saveSteps": 1000, "loggingSteps": 1})
+        doc["metadata"]["name"] = "cached"
+        cluster_api.create_ftj(doc)
+        pod1 = pod_of(fake_kubelet, ns, "cached-1")
+        vols = {v["name"]: v for v in pod1["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in pod1["spec"]["containers"][0]["volumeMounts"]}
+        assert vols[mounts["/model-cache"]]["persistentVolumeClaim"] == {"claimName": "model-cache"}
+        fake_kubelet.running(pod1)
+        first = RunnerProcess(k8s_cluster, ns, "cached", pod1, tmp_path)
+        wait_for(lambda: (cluster_api.status("cached").get("progress") or {}).get("step", 0) >= 2, 120,
+                 interval=0.02, what="attempt 1 training")
+        first.proc.send_signal(signal.SIGTERM)
+        code, _, err1 = first.wait()
+        assert code == 75, err1[-2000:]
+        assert f"model cache miss: s3://{bucket}/bases/tiny-llama" in err1, err1[-2000:]
+        first_bytes = proxy.sent
+        assert first_bytes >= model_bytes
+        fake_kubelet.failed(pod1, exit_code=code, message=first.term.read_text())
+        wait_for(lambda: cluster_api.status("cached").get("attempt") == 2, 20, what="attempt 2")
+
+        pod2 = pod_of(fake_kubelet, ns, "cached-2")
+        fake_kubelet.running(pod2)
+        second = RunnerProcess(k8s_cluster, ns, "cached", pod2, tmp_path)
+        code, _, err2 = second.wait()
+        assert code == 0, err2[-3000:]
+        hit = next(line for line in err2.splitlines() if "model cache hit" in line)
+        assert hit.endswith("downloaded 0 bytes") and f"s3://{bucket}/bases/tiny-llama" in hit
+        assert "resuming from checkpoint-" in err2
+        second_bytes = proxy.sent - first_bytes  # the listing that keys the cache, the source check: no model
+        print(f"\nS3 bytes sent: attempt 1 {first_bytes}, attempt 2 {second_bytes} (model {model_bytes})")
+        assert second_bytes < model_bytes / 10
+        fake_kubelet.succeeded(pod2, message=second.term.read_text())
+        assert cluster_api.wait_phase("cached", "Succeeded")["attempt"] == 2
+    finally:
+        ctl.stop()
+        proxy.close()

@@ -104,6 +104,22 @@ def test_admin_patch_merges_into_every_runner_pod_and_the_controller_keeps_its_o
     assert pod["metadata"]["annotations"]["finetune.dev/spec"] == plain["metadata"]["annotations"]["finetune.dev/spec"]
 
 
+def test_the_readme_example_is_what_the_controller_accepts():
+    import re
+
+    import yaml
+
+    from tests.controller.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Runner pods: the admin's pod template"):text.index("### Model cache")]
+    values = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    pod = _pod(RunnerPod.parse({"podTemplate": values["runner"]["podTemplate"]}))
+    env = {e["name"]: e.get("value") for e in _runner(pod)["env"]}
+    assert pod["spec"]["hostNetwork"] is True and pod["spec"]["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("127.0.0.1", "6443")
+
+
 def test_a_jobs_own_priority_class_wins_over_the_admin_default_and_jobsets_get_the_patch_too():
     admin = RunnerPod.from_text(ADMIN)
     assert _pod(admin, priorityClassName="batch-high")["spec"]["priorityClassName"] == "batch-high"
@@ -215,3 +231,13 @@ def test_volumes_outside_the_policy_are_refused_at_admission_naming_the_field(vo
     problems = _review({"volumes": [volume]}, ALLOWING)
     mine = [p for p in problems if p.startswith(field)]
     assert mine and any(words in p for p in mine), problems
+
+
+def test_without_a_cache_or_volumes_the_pod_has_neither_and_a_star_allows_any_claim_of_the_namespace():
+    pod = _pod(RunnerPod())
+    assert not any(v["name"].startswith("finetune-") for v in pod["spec"]["volumes"])
+    assert "FINETUNE_MODEL_CACHE" not in {e["name"] for e in _runner(pod)["env"]}
+    anyone = Policy.parse({"volumeClaims": ["*"]})
+    assert anyone.refusals(ftj(volumes=[{"claimName": "whatever", "mountPath": "/data"}])["spec"]) == []
+    assert anyone.refusals(ftj(volumes=[VOLUME, VOLUME])["spec"]) == [
+        "spec.volumes[1].mountPath: /mnt/checkpoints is mounted twice; give each volume its own path"]

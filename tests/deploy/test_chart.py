@@ -75,6 +75,16 @@ def test_rendered_manifests_are_valid_for_every_supported_kubernetes(rendered):
                        "Deployment", "Secret", "ValidatingWebhookConfiguration"}
 
 
+def test_chart_declares_the_kubernetes_versions_it_installs_on(helm_bin):
+    """Chart.yaml kubeVersion: helm itself refuses an older cluster (1.20.2 is the oldest run, by tests/e2e)."""
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["kubeVersion"] == ">=1.20.0-0"
+    assert template(helm_bin, "--kube-version=1.20.2").returncode == 0
+    assert template(helm_bin, "--kube-version=1.33.0").returncode == 0
+    old = template(helm_bin, "--kube-version=1.19.9", check=False)
+    assert old.returncode != 0 and "chart requires kubeVersion: >=1.20.0-0" in old.stderr, old.stderr
+
+
 def test_strict_validation_catches_a_typo_in_a_free_form_value(helm_bin):
     """podSecurityContext/securityContext are Kubernetes objects: a misspelt field fails schema validation."""
     objs = docs(template(helm_bin, "securityContext.readOnlyRootFileSystem=true").stdout)
@@ -241,6 +251,11 @@ def test_deployment_flags_probes_and_security(rendered):
     from controller.policy import Policy
 
     assert c["args"][7:8] == [f"--policy={Policy().describe().replace(' ', '')}"]
+    # the admin's additions to runner pods (values runner.podTemplate, runner.modelCache): none by default
+    from controller.podtemplate import RunnerPod
+
+    assert c["args"][8].startswith("--runner-pod=")
+    assert RunnerPod.from_text(c["args"][8].split("=", 1)[1]) == RunnerPod()
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]

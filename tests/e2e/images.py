@@ -35,6 +35,7 @@ CONTROLLER = "finetune-controller:e2e"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
 REPORT = CACHE / "images" / "last-build.json"
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+WHEEL_PORT = 38517
 
 
 def debian_mirror() -> str:
@@ -101,8 +102,13 @@ def local_wheel_dir() -> Path:
 
 @contextmanager
 def serve(directory: Path):
+    """The wheel folder on loopback. A fixed port: the URL is a build argument, and the legacy builder keys its
+    layer cache on the values of the build arguments a stage declares (a new port would rebuild every layer)."""
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEEL_PORT), handler)
+    except OSError:  # taken: any port (the build is right, only its cache is missed)
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -179,6 +179,9 @@ def _compare(model, model_dir: str, spec, out: str, rank: int) -> dict:
     for p in model.parameters():  # what trl's SFTTrainer does to the adapter of a 4-bit model
         if p.requires_grad:
             p.data = p.data.to(p.dtype)
+    from transformers import trainer_utils
+
+    trainer_utils.validate_quantization_for_training(model)  # what the Trainer checks of a quantized model
     ids = torch.randint(5, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     ref_loss = ref(input_ids=ids, labels=ids).loss
     ref_loss.backward()

@@ -20,6 +20,7 @@ from runner.__main__ import main
 from runner.api import errors
 from runner.api.parse import manifest, parse_job
 from runner.api.status import FineTuneJobStatus
+from runner.console import Console
 from runner.job import run_job
 from runner.report import Reporter
 from runner.train import StopFlag
@@ -40,9 +41,10 @@ def _job(tiny_llama, tmp_path: Path, **training):
     return parse_job(doc)
 
 
-def _run(job, tmp_path: Path, work: str, *, stop=None, sinks=()):
+def _run(job, tmp_path: Path, work: str, *, stop=None, sinks=(), console=None):
     out = io.StringIO()
-    reporter = Reporter(stdout=out, stderr=io.StringIO(), termination_log=str(tmp_path / "term.log"), sinks=list(sinks))
+    reporter = Reporter(stdout=out, stderr=io.StringIO(), termination_log=str(tmp_path / "term.log"), sinks=list(sinks),
+                        console=console)
     result = run_job(job, reporter, work_dir=tmp_path / work, stop=stop)
     reporter.result(succeeded=True, exit_code=errors.EXIT_OK, **result)  # as `python -m runner run` ends
     return result, [json.loads(line) for line in out.getvalue().splitlines()]
@@ -54,8 +56,9 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def test_publish_best_merges_the_step_with_the_lowest_eval_loss(tiny_llama, tmp_path):
-    status = Recorder()
-    result, events = _run(_job(tiny_llama, tmp_path), tmp_path, "w", sinks=[status])
+    status, screen = Recorder(), io.StringIO()
+    result, events = _run(_job(tiny_llama, tmp_path), tmp_path, "w", sinks=[status],
+                          console=Console(screen, color=False, tick=None, width=120))
     out, ckpts = tmp_path / "out", tmp_path / "out.checkpoints"
     evals = [(e["step"], e["evalLoss"]) for e in events if e["event"] == "eval"]
     assert [s for s, _ in evals] == [2, 4, 6, 8]  # one eval event per evaluation, the last step's once
@@ -78,6 +81,8 @@ def test_publish_best_merges_the_step_with_the_lowest_eval_loss(tiny_llama, tmp_
     patch = next(p for p in status.sent if "published" in p)
     assert patch["published"]["step"] == best_step and patch["published"]["choice"] == "best"
     FineTuneJobStatus.model_validate(patch)  # the shape the CRD's status schema is generated from
+    line = next(ln for ln in screen.getvalue().splitlines() if ln.strip().startswith("Published"))
+    assert line.split(None, 1)[1] == f"step {best_step} (lowest eval loss, {best_loss:.4g}; last step 8)"
 
     # metrics.json: the final train loss beside the mean, and every phase up to the report (Merging included);
     # the result (status.metrics, the terminal) has Uploading's too.
@@ -129,26 +134,26 @@ def test_a_resumed_attempt_keeps_the_best_of_the_attempt_before(tiny_llama, tmp_
     job = _job(tiny_llama, tmp_path, maxSteps=12, saveSteps=4)
     stop = StopFlag()
 
-    def preempt(event):  # SIGTERM during step 7: checkpoint-8 is saved, then the attempt ends
+    def preempt(event):  # SIGTERM during step 7: checkpoint-7 is saved, then the attempt ends
         if event.get("event") == "progress" and event["step"] == 6:
             stop.requested = True
 
-    with pytest.raises(errors.Preempted):
+    with pytest.raises(errors.Preempted, match="resumes from step 7"):
         _run(job, tmp_path, "w1", stop=stop, sinks=[preempt])
-    saved = tmp_path / "out.checkpoints" / "checkpoint-8" / "finetune-best"
+    saved = tmp_path / "out.checkpoints" / "checkpoint-7" / "finetune-best"
     kept = json.loads((saved / "best.json").read_text())
     first_best = tmp_path / "first-best.safetensors"
     shutil.copy(saved / ADAPTER, first_best)
 
     _, events = _run(job, tmp_path, "w2")
-    assert min(e["step"] for e in events if e["event"] == "progress") == 9  # resumed, not restarted
+    assert min(e["step"] for e in events if e["event"] == "progress") == 8  # resumed, not restarted
     history = json.loads((tmp_path / "out/report/history.json").read_text())
     evals = [(h["step"], h["evalLoss"]) for h in history if "evalLoss" in h]
     assert [s for s, _ in evals] == [2, 4, 6, 8, 10, 12]  # the whole run's evaluations, each once
     best_step, best_loss = min(evals, key=lambda e: e[1])
     published = json.loads((tmp_path / "out/report/metrics.json").read_text())["published"]
     assert published["step"] == best_step and published["evalLoss"] == pytest.approx(best_loss)
-    assert best_step == kept["step"] <= 8, "these data are meant to put the best in the first attempt"
+    assert best_step == kept["step"] <= 6, "these data are meant to put the best in the first attempt"
     assert _same(tmp_path / "out/adapter" / ADAPTER, first_best)
 
 

@@ -46,19 +46,22 @@ def _entries(root: Path) -> list[Path]:
 
 
 class SlowProxy:
-    """A real TCP proxy in front of a server that sends the answers at `rate` bytes/s: a download that takes
-    seconds, so a second filler really meets the first one mid-fill."""
+    """A real TCP proxy in front of a server that sends the answers at `rate` bytes/s (None: at full speed): a
+    download that takes seconds, so a second filler really meets the first one mid-fill. `.sent`: the bytes the
+    server has sent through it (what clients downloaded)."""
 
-    def __init__(self, upstream: str, rate: int):
+    def __init__(self, upstream: str, rate: int | None):
         host, port = upstream.rsplit("//", 1)[1].split(":")
         proxy = self
+        self.sent = 0
+        self._lock = threading.Lock()
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self):
                 up = socket.create_connection((host, int(port)))
-                t = threading.Thread(target=proxy._pump, args=(self.request, up, None), daemon=True)
+                t = threading.Thread(target=proxy._pump, args=(self.request, up, None, False), daemon=True)
                 t.start()
-                proxy._pump(up, self.request, rate)
+                proxy._pump(up, self.request, rate, True)
                 t.join(timeout=5)
                 up.close()
 
@@ -67,11 +70,13 @@ class SlowProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    @staticmethod
-    def _pump(src, dst, rate):
+    def _pump(self, src, dst, rate, count):
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
+                if count:
+                    with self._lock:
+                        self.sent += len(data)
                 if rate:
                     time.sleep(len(data) / rate)
             dst.shutdown(socket.SHUT_WR)

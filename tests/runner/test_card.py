@@ -77,3 +77,29 @@ def test_instruction_and_chat_formats_are_written_out():
 def test_eight_bit_base_is_not_called_qlora():
     card = artifacts.model_card(_job(quantization={"bits": 8}), METRICS, merged=True)
     assert "LoRA on an 8-bit (LLM.int8) base" in card and "- qlora" not in card
+
+
+def test_a_chat_template_of_the_job_is_written_out_in_the_card():
+    doc = job_doc("hf://org/base", "hf://datasets/org/chat", "unused", dataset={"format": "chat", "chatTemplate": "llama-2"},
+                  output={"destination": "hf://me/tuned", "checkpoints": "/tmp/ck"})
+    del doc["spec"]["dataset"]["template"]
+    card = artifacts.model_card(parse_job(doc), {**METRICS, "format": "chat"}, merged=True)
+    from runner.chat import CHAT_TEMPLATES
+
+    assert "built-in `llama-2` chat template" in card and CHAT_TEMPLATES["llama-2"] in card
+    assert "apply_chat_template" in _python(card)  # no eval prompt: the worked example is a chat prompt
+
+
+def test_the_published_step_and_why_and_the_final_loss_are_in_the_results():
+    published = {"step": 75, "choice": "best", "lastStep": 200, "evalLoss": 0.38,
+                 "reason": "output.publish is best: step 75 had the lowest eval loss (0.38) of 8 evaluations; the "
+                           "last step (200) had 0.41"}
+    metrics = {**METRICS, "final_train_loss": 0.21, "eval_loss": 0.38, "last_eval_loss": 0.41, "published": published}
+    job = _job(dataset={"evalFraction": 0.1}, output={"destination": "hf://me/tuned", "checkpoints": "/tmp/ck",
+                                                      "publish": "best"})
+    card = artifacts.model_card(job, metrics, merged=True, samples=SAMPLES)
+    results = card.split("## Results", 1)[1].split("## Training", 1)[0]
+    assert "| final train loss | 0.21 |" in results and "| mean train loss | 0.53 |" in results
+    assert "| eval loss | 0.38 |" in results and "| eval loss at the last step | 0.41 |" in results
+    assert "| published step | 75 (best) |" in results
+    assert f"Published weights: those of step 75. Why: {published['reason']}." in results

@@ -18,6 +18,7 @@ from runner import data as data_phase
 from runner import model as model_phase
 from runner.__main__ import main
 from runner.api import errors
+from runner.api.errors import PermanentError
 from runner.api.parse import manifest, parse_job
 from runner.api.spec import DatasetSpec, ModelSpec
 from runner.data import DataError
@@ -99,8 +100,9 @@ def test_a_jinja_template_of_ones_own_is_rendered_in_the_sandbox(base_tok):
     assert _trained(text, tok, out.train[0]) == ["hi", "there", "</s>"]
     # the sandbox: a template that reaches for Python internals fails as the user's error, naming the field
     escape = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    with pytest.raises(DataError, match=r"^dataset\.chatTemplate: the template failed"):
+    with pytest.raises(PermanentError, match=r"^dataset\.chatTemplate: the template failed") as e:
         _prepare(copy.deepcopy(base_tok), [{"messages": TALK[1:3]}], chat_template=escape)
+    assert e.value.reason == errors.INVALID_SPEC
 
 
 def test_the_spec_tokenizers_own_template_is_overridden(tiny_llama):

@@ -136,3 +136,9 @@ def test_unsupported_file_is_a_clear_error(tmp_path):
     p.write_text("x")
     with pytest.raises(DataError, match="use .jsonl, .json, .csv or .parquet"):
         data_phase.load_rows(p, split="train")
+
+
+def test_a_chat_template_on_data_that_is_not_chat_names_the_field(tok):
+    with pytest.raises(DataError, match=r"^dataset\.chatTemplate: used only with format chat, and this job's format "
+                                        r"is prompt-completion"):
+        _prepare(tok, [{"prompt": "What is 3 plus 4 ?", "completion": " 7"}], chat_template="chatml")

@@ -36,6 +36,11 @@ def test_two_processes_split_the_data_and_only_rank0_writes(tiny_llama, qa_jsonl
     code, events, stderr, result = run_cli(tmp_path / "two", doc, env={"FINETUNE_NPROC": "2"})
     assert code == 0, stderr[-3000:]
     assert "launching 2 processes" in stderr
+    # Rank 0 alone prints the runner's lines: each once, none from rank 1.
+    lines = [ln for ln in stderr.splitlines() if ln.startswith(("[runner]", "[rank"))]
+    assert sum(ln.startswith("[runner] tokenized") for ln in lines) == 1
+    assert sum(ln.startswith("[runner] plan:") for ln in lines) == 1
+    assert not [ln for ln in lines if ln.startswith("[rank")]
     progress = _events_of(events, "progress")
     assert progress[-1]["totalSteps"] == (single_total + 1) // 2  # each step takes a batch from each rank
     # Rank 0 alone reports, checkpoints and publishes: one of each, nothing duplicated.
@@ -47,6 +52,20 @@ def test_two_processes_split_the_data_and_only_rank0_writes(tiny_llama, qa_jsonl
     ckpts = sorted(p.name for p in (tmp_path / "two" / "out.checkpoints").iterdir())
     assert ckpts == sorted(["job-fingerprint.json", *[f"checkpoint-{s}" for s in steps[-2:]]])
     assert (tmp_path / "two" / "out" / "finetune-manifest.json").is_file()
+
+
+def test_a_rank_other_than_0_prints_only_its_failures():
+    import io
+
+    from runner.console import FailuresOnly
+    from runner.report import Reporter
+
+    err = io.StringIO()
+    reporter = Reporter(stdout=io.StringIO(), stderr=FailuresOnly(err, 1), termination_log=os.devnull)
+    reporter.log("tokenized 10 examples as prompt-completion; 0 truncated to 32 tokens")
+    reporter.phase("Training")
+    reporter.log("failed (TrainingFailed): CUDA error: an illegal memory access")
+    assert err.getvalue() == "[rank 1] [runner] failed (TrainingFailed): CUDA error: an illegal memory access\n"
 
 
 def _rank_pid(job: Path, rank: int) -> int | None:

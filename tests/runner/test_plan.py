@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from runner import plan as plan_phase
+from runner import modes, plan as plan_phase
 from runner.api import errors
 from runner.api.errors import PermanentError
 from runner.api.parse import parse_job
@@ -86,7 +86,7 @@ def test_checkpointing_is_on_only_when_the_activations_do_not_fit(tiny_llama):
     small = make_plan(spec, tiny_llama, _gpu(4))  # 4 GiB: 0.6 GiB usable
     big = make_plan(spec, tiny_llama, _gpu(80))
     # 64 rows' activations do not fit 0.6 GiB: the plan trains the same 64 rows per step in smaller micro-batches
-    assert small.gpu_weight_bytes + 64 * 4096 * 2 * 64 * plan_phase.ACT_BYTES[False] > small.gpu_usable_bytes
+    assert small.gpu_weight_bytes + 64 * 4096 * 2 * 64 * modes.ACT_BYTES[False] > small.gpu_usable_bytes
     assert small.micro_batch < 64 and small.micro_batch * small.accumulation == 64
     assert small.gpu_weight_bytes + small.activation_bytes <= small.gpu_usable_bytes or small.gradient_checkpointing
     assert small.peak_bytes <= small.gpu_usable_bytes
@@ -132,10 +132,10 @@ def test_a_memory_budget_chooses_the_fastest_mode_that_fits(llama_8b, budget, ex
     plan = make_plan(spec, llama_8b, H200)
     assert _choice(plan) == expected
     assert plan.memory_budget_bytes == (int(budget * GiB) if budget else None)
-    lora = plan_phase._lora_bytes(plan_phase.model_phase.skeleton(llama_8b, spec.model), spec)
+    lora = modes.lora_bytes(plan_phase.model_phase.skeleton(llama_8b, spec.model), spec)
     assert 1.2 * GiB < lora < 1.3 * GiB  # r=32 on the 7 projections of 32 layers: 84M parameters
     if budget:
-        assert plan.peak_bytes + lora + plan_phase.BUDGET_MARGIN <= budget * GiB
+        assert plan.peak_bytes + lora + modes.BUDGET_MARGIN <= budget * GiB
     assert f"offload={expected[1]}" in plan.line() and "estimated peak" in plan.line()
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 

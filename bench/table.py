@@ -1,0 +1,79 @@
+"""`python -m bench table [--check]`: the README's runner-vs-Unsloth table, regenerated from the committed result
+file of `python -m bench frontier` (bench/results/h200-llama-3-8b-frontier.json), between the README's markers."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "bench" / "results" / "h200-llama-3-8b-frontier.json"
+README = ROOT / "README.md"
+START, END = "<!-- frontier-table:start -->", "<!-- frontier-table:end -->"
+
+
+def _mode(plan: dict | None) -> str:
+    if not plan:
+        return ""
+    mode = {None: "checkpointing" if plan.get("gradientCheckpointing") else "no checkpointing"}.get(
+        plan.get("offload"), f"offloaded checkpointing ({plan.get('offload')})")
+    return f"{mode}, {plan['microBatch']}x{plan['microBatchTokens'] // plan['microBatch']}" + (
+        f" x{plan['accumulation']}" if plan.get("accumulation", 1) > 1 else "")
+
+
+def _tps(row: dict) -> str:
+    if not row:
+        return "not run"
+    if "error" in row:
+        return "OOM" if "out of memory" in row["error"] else "failed"
+    v = row.get("last10MedianTokensPerSecond")
+    return f"{v:,.0f}" if v else ""
+
+
+def _gib(row: dict) -> str:
+    v = (row or {}).get("peakAllocatedGiB")
+    return f"{v:.1f}" if v is not None else ""
+
+
+def table(result: dict) -> str:
+    lines = ["| workload | runner tokens/s | runner peak GiB | runner plan | Unsloth tokens/s | Unsloth peak GiB "
+             "| speed | memory |", "|---|---|---|---|---|---|---|---|"]
+    for name, (ours, theirs) in result.get("pairs", {}).items():
+        a, b = result["runner"].get(ours, {}), result["unsloth"].get(theirs, {})
+        r = result.get("ratios", {}).get(name, {})
+        speed = f"{r['speed']:.2f}x" if r.get("speed") else ""
+        memory = f"{r['memory']:.2f}x" if r.get("memory") else ""
+        lines.append(f"| {name} | {_tps(a)} | {_gib(a)} | {_mode(a.get('plan'))} | {_tps(b)} | {_gib(b)} "
+                     f"| {speed} | {memory} |")
+    lean = result["runner"].get("lean-profiled", {})
+    if lean.get("gpuBusyFraction") is not None:
+        lines.append("")
+        lines.append(f"Lean row (1x2048 x2, checkpointing, paged 8-bit AdamW): {_tps(lean)} tokens/s, GPU busy "
+                     f"{lean['gpuBusyFraction']:.0%} of the profiled steps, {lean['kernelsPerStep']:,} kernels "
+                     "per step.")
+    check = result.get("lossCheck")
+    if check:
+        lines.append("")
+        lines.append(f"Loss, {check['fast']} against {check['reference']} (same data and initial LoRA weights), "
+                     f"{check['steps']} steps: max relative difference {check['maxRelativeDifference']:.1e} "
+                     f"(tolerance {check['tolerance']}).")
+    return "\n".join(lines) + "\n"
+
+
+def render(readme: str, result: dict) -> str:
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    note = f"<!-- Generated from {RESULT.relative_to(ROOT)} by `python -m bench table`; do not edit by hand. -->\n"
+    return f"{head}{START}\n{note}{table(result)}{END}{tail}"
+
+
+def main(argv: list[str]) -> int:
+    text = README.read_text(encoding="utf-8")
+    new = render(text, json.loads(RESULT.read_text()))
+    if "--check" in argv:
+        if new != text:
+            print("README.md: the frontier table is stale: run python -m bench table", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new, encoding="utf-8")
+    return 0

@@ -1,0 +1,84 @@
+"""The memory side of the Plan: what one micro-batch's activations take under each checkpointing mode, and the
+fastest (mode, micro-batch) that fits the memory a job may use (runner/plan.py applies it; runner/offload.py
+implements the offloaded modes).
+
+  none    no checkpointing: every layer's activations kept
+  gpu     checkpointing: every layer's input kept on the GPU, one layer recomputed at a time
+  layer   checkpointing with the layer inputs in CPU memory (offloaded asynchronously)
+  split   as layer, with the attention and MLP halves checkpointed apart: half the live activations
+"""
+from __future__ import annotations
+
+from runner import model as model_phase
+
+GiB = 2**30
+
+# Activation bytes per token, per layer, per hidden unit of one micro-batch without checkpointing (bf16,
+# trl's chunked LM head), keyed by fused kernels on/off. Measured on an H100, Llama-3-8B shape, 4x2048
+# tokens (bench/results/h100-llama-3-8b.json): peak allocated 43.4 GiB with fused kernels, 54.6 GiB
+# without; less ~6.3 GiB of 4-bit weights and LoRA state, that is ~37 and ~48 bytes. The values used here
+# add ~8% margin.
+ACT_BYTES = {True: 40, False: 52}
+
+# With checkpointing, the activations of the one layer being recomputed, its backward's transients included
+# (128k tokens, Llama-3-8B shape, H200: 66.1 GB peak less 5.6 GB of weights, 0.9 GB of LoRA state and 32 GiB of
+# layer inputs is ~47 bytes); and of the larger half of a layer (the MLP) when offloading checkpoints each half.
+ONE_LAYER_BYTES = {True: 48, False: 60}
+HALF_LAYER_BYTES = {True: 30, False: 38}
+# Checkpointing modes, fastest first, with their relative speed (recomputing the forward pass costs about a
+# third of a step; offloading adds transfers that overlap it), and a micro-batch's efficiency: rows of few
+# tokens launch small kernels and leave the GPU waiting on the host (EFFICIENT_TOKENS: half efficiency).
+MODES = {"none": 1.0, "gpu": 0.75, "layer": 0.74, "split": 0.72}
+EFFICIENT_TOKENS = 2048
+# Bytes per trainable LoRA parameter: fp32 weight, gradient and two AdamW moments.
+LORA_STATE_BYTES = 16
+# Under a memory budget (a peak of allocated memory): the allocator's slack and the loss's transients.
+BUDGET_MARGIN = GiB // 2
+
+
+def mode_bytes(mode: str, tokens: int, layers: int, hidden: int, fused: bool) -> int:
+    """Activation bytes of one micro-batch of `tokens` under a checkpointing mode (none, gpu, layer, split)."""
+    if mode == "none":
+        return tokens * layers * hidden * ACT_BYTES[fused]
+    if mode == "gpu":  # every layer's input kept on the GPU (bf16), one layer recomputed at a time
+        return tokens * hidden * (2 * layers + ONE_LAYER_BYTES[fused])
+    if mode == "layer":  # inputs in CPU memory: a few in flight
+        return tokens * hidden * (2 * 3 + ONE_LAYER_BYTES[fused])
+    return tokens * hidden * (2 * 4 + HALF_LAYER_BYTES[fused])
+
+
+def choose_mode(t, max_length: int, layers: int, hidden: int, weights: int, usable: int, fused: bool) -> dict:
+    """The fastest (checkpointing mode, micro-batch) that fits `usable` bytes beside the weights, for one
+    optimizer step of the spec's rows (batchSize x gradientAccumulationSteps, split into equal micro-batches).
+    A spec's gradientCheckpointing wins: false allows only no checkpointing, true only the checkpointing modes.
+    Nothing fits: the smallest micro-batch with split offloading (the job then fails on memory, with a plan
+    that says why)."""
+    rows = t.batch_size * t.gradient_accumulation_steps
+    modes = [m for m in MODES if t.gradient_checkpointing is None or (m != "none") == t.gradient_checkpointing]
+    best = None
+    for micro in (d for d in range(rows, 0, -1) if rows % d == 0):
+        tokens = micro * max_length
+        for mode in modes:
+            peak = weights + mode_bytes(mode, tokens, layers, hidden, fused)
+            if peak > usable:
+                continue
+            score = MODES[mode] * tokens / (tokens + EFFICIENT_TOKENS)
+            if best is None or score > best[0]:
+                best = (score, dict(mode=mode, micro_batch=micro, accumulation=rows // micro, peak=peak))
+    if best is None:
+        mode = modes[-1]
+        return dict(mode=mode, micro_batch=1, accumulation=rows,
+                    peak=weights + mode_bytes(mode, max_length, layers, hidden, fused))
+    return best[1]
+
+
+def lora_bytes(skeleton, spec) -> int:
+    """GPU bytes of the LoRA parameters and their optimizer state (LORA_STATE_BYTES each)."""
+    targets = set(spec.lora.target_modules)
+    params = 0
+    for name, module in skeleton.named_modules():
+        if model_phase.is_quantized_linear(name, module) and (
+                targets == {"all-linear"} or name.rsplit(".", 1)[-1] in targets):
+            params += spec.lora.r * (module.in_features + module.out_features)
+    return params * LORA_STATE_BYTES
+
