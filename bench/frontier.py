@@ -271,7 +271,10 @@ def main(args) -> int:
 
     singles = [dict(name=f"single-{n // 1024}k" if n >= 1024 else f"single-{n}", maxLength=n, batchSize=1, steps=short, warmup=1, single=True)
                for n in lengths]
-    if not args.no_unsloth:
+    if args.unsloth_from:  # Unsloth's rows from an earlier call of this benchmark (same GPU kind, model, data)
+        result["unsloth"] = json.loads(Path(args.unsloth_from).read_text())["unsloth"]
+        result["unslothFrom"] = str(args.unsloth_from)
+    elif not args.no_unsloth:
         uenv = {"PYTHONPATH": os.pathsep.join(filter(None, [args.unsloth_path, os.environ.get("PYTHONPATH")]))}
         for gc_mode, loads in (("unsloth", [dict(packed, name="packed-offload"), *singles]),
                                ("none", [dict(packed, name="packed")])):
@@ -319,6 +322,7 @@ def parser():
     p.add_argument("--long-steps", type=int, default=3, help="steps of each single-sequence workload")
     p.add_argument("--lengths", default="16384,32768,65536", help="single-sequence lengths, comma-separated")
     p.add_argument("--no-unsloth", action="store_true")
+    p.add_argument("--unsloth-from", default=None, help="take Unsloth's rows from an earlier result file")
     p.add_argument("--unsloth-path", default="/tmp/site-unsloth", help="put first on PYTHONPATH for Unsloth")
     p.add_argument("--only", default=None, help="runner workloads to run (comma-separated names)")
     p.add_argument("--worker-timeout", type=int, default=1200, help="seconds for each worker process")

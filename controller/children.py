@@ -25,7 +25,8 @@ RUNNER_UID = 1000
 SCRATCH = "/scratch"  # an emptyDir: the only writable place besides /tmp and /dev/shm
 TERMINATION_GRACE_SECONDS = 120  # time to save a checkpoint after SIGTERM (suspend, preemption, delete)
 AWS_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True),
-            ("AWS_DEFAULT_REGION", True), ("AWS_REGION", True), ("AWS_ENDPOINT_URL", True))
+            ("AWS_DEFAULT_REGION", True), ("AWS_REGION", True), ("AWS_ENDPOINT_URL", True),
+            ("AWS_ENDPOINT_URL_S3", True))  # the runner reads either endpoint variable
 
 
 def owner_reference(ftj: dict) -> dict:

@@ -52,7 +52,8 @@ UNTRUSTED = "__untrusted__"  # key of the screening verdict in a cached FineTune
 
 # Status fields the runner writes, and the contract models they must match.
 RUNNER_STATUS_MODELS: dict[str, type[BaseModel]] = {
-    "progress": contract.Progress, "runner": contract.RunnerReport, "lastCheckpoint": contract.Checkpoint}
+    "progress": contract.Progress, "runner": contract.RunnerReport, "lastCheckpoint": contract.Checkpoint,
+    "published": contract.Published}
 
 
 def raise_recursion_limit() -> None:

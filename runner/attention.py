@@ -54,6 +54,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         cu, max_len = cu.to(torch.int32), int(kwargs.get("max_length_q") or cu.diff().max())
     _, hq, s, d = query.shape
     hkv = key.shape[1]
+    if cu.numel() == 2:  # the row is one sequence: plain causal attention, where cuDNN's Hopper kernel is faster
+        return single_sequence(query, key, value, scaling), None
     q = query.transpose(1, 2).reshape(s, hq, d)
     k = key.transpose(1, 2).reshape(s, hkv, d)
     v = value.transpose(1, 2).reshape(s, hkv, d)
@@ -66,6 +68,23 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
             v = v.repeat_interleave(hq // hkv, dim=1)
     out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **extra)
     return out.reshape(1, s, hq, d), None
+
+
+def single_sequence(query, key, value, scaling=None) -> torch.Tensor:
+    """Causal attention of one sequence (b=1, h, s, d) -> (1, s, h, d): SDPA, preferring cuDNN's kernel, then
+    flash-attention 2, then memory-efficient attention (no backend here materialises the s x s scores)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    gqa = query.shape[1] != key.shape[1]
+    try:
+        context = sdpa_kernel(backends, set_priority=True)
+    except TypeError:  # PyTorch without backend priorities: its own order
+        context = sdpa_kernel(backends)
+    with context:
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                               enable_gqa=gqa)
+    return out.transpose(1, 2)
 
 
 _PARAMS: set[str] | None = None

@@ -103,9 +103,13 @@ class Best:
                 reason = (f"output.publish is best: step {self.step} had the lowest eval loss ({self.loss:.4g}) of "
                           f"{evals}" + (f"; the last step ({last_step}) had {last_eval:.4g}" if last_eval is not None
                                         else f"; training ended at step {last_step}"))
-            elif best_known:
+            elif best_known and self.step == last_step:
                 reason = f"output.publish is best: the last step ({last_step}) had the lowest eval loss " \
                          f"({self.loss:.4g}) of {evals}"
+            elif best_known:  # resumed from a checkpoint that did not carry the best adapter (publish was last)
+                reason = (f"output.publish is best, but the adapter of step {self.step} (the lowest eval loss, "
+                          f"{self.loss:.4g}) was not kept by the attempt that evaluated it: the last step "
+                          f"({last_step}) is published")
             else:
                 reason = f"output.publish is best, but no evaluation ran: the last step ({last_step}) is published"
         else:

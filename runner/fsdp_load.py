@@ -86,25 +86,39 @@ def skeleton(model_dir: Path, spec, plan, files: BaseFiles):
     return model
 
 
-def shard(model, mesh, compute: torch.dtype):
-    """FSDP2 units as accelerate makes them; the loss stays in float32 (no cast of the outputs)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def layer_classes(model) -> list[str]:
+    """The decoder-layer classes FSDP wraps one by one (transformers names them in `_no_split_modules`)."""
+    names = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in model.modules()}
+    # Already sharded (runner.fsdp_load): FSDP2 renamed each class FSDP<name>; accelerate then keeps the units.
+    found = sorted(names & present) or sorted(f"FSDP{n}" for n in names if f"FSDP{n}" in present)
+    if not found:
+        raise PermanentError(f"training.strategy: fsdp does not know the layers of {type(model).__name__}; "
+                             f"use training.strategy: data", reason=INVALID_SPEC)
+    return found
 
-    from runner import parallel
+
+def shard(model, mesh, compute: torch.dtype):
+    """FSDP2 units as accelerate makes them (each decoder layer, the embeddings, the output head, the root); the
+    loss stays in float32 (no cast of the outputs)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=compute, output_dtype=None)
     kw = {"mesh": mesh, "mp_policy": policy}
-    layers = set(parallel.layer_classes(model))
+    layers = set(layer_classes(model))
     for module in list(model.modules()):
         if type(module).__name__ in layers:
             fully_shard(module, reshard_after_forward=True, **kw)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     inp, out = base.get_input_embeddings(), base.get_output_embeddings()
     tied = out is not None and inp.weight is out.weight
-    norm = next((mod for n, mod in base.named_modules() if n.endswith(".norm") or n == "norm"), None)
     if not tied and inp is not None:
         fully_shard(inp, reshard_after_forward=True, **kw)
-    tail = [mod for mod in ((norm, inp, out) if tied else (norm, out)) if mod is not None]
+    # The output head alone, kept gathered from forward to backward; the final norm stays with the root. (What
+    # accelerate makes of a peft model: a group of norm and head warns on GPUs that the head ran no forward.)
+    tail = [mod for mod in ((inp, out) if tied else (out,)) if mod is not None]
     if tail:
         fully_shard(tail, reshard_after_forward=False, **kw)
     fully_shard(model, **kw)
@@ -126,6 +140,13 @@ def load_sharded(spec, model_dir: Path, plan, *, seed: int | None = None):
     files = BaseFiles(model_dir)
     model = skeleton(model_dir, spec, plan, files)
     model = model_phase.add_lora(model, spec.lora)
+    # The adapters in the compute dtype before FSDP records each parameter's dtype (peft makes them float32;
+    # for a 4-bit model trl casts them to bfloat16 by assigning `.data`, which a sharded parameter must not
+    # see: its gradients would stay float32 and the optimizer refuse the mix). So trl is told nothing.
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(plan.compute_dtype)
+    model.get_base_model().__dict__.pop("is_loaded_in_4bit", None)
     dev = model_phase.device()
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(dev.type, (world,))
@@ -182,8 +203,9 @@ def _fill(model, files: BaseFiles, rank: int, world: int, dev: torch.device, com
                 _put(local, packed.data[start:end], name)
                 del w, packed
     if missing:
-        raise PermanentError(f"model.source: {len(missing)} weights of the model are not in its files (e.g. "
-                             f"{missing[0]}); use training.strategy: data", reason=INVALID_SPEC)
+        raise PermanentError(f"model.source: {len(missing)} weights of the model are not in its files under their "
+                             f"names (e.g. {missing[0]}); set FINETUNE_FSDP_LOAD=full (every rank loads the whole "
+                             f"model through transformers) or use training.strategy: data", reason=INVALID_SPEC)
 
 
 def _put(local: torch.Tensor, rows: torch.Tensor, name: str) -> None:

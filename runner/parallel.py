@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from runner import distributed, model as model_phase
+from runner.fsdp_load import layer_classes
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec
 from runner.plan import Plan
@@ -64,20 +65,6 @@ def check_prequantized(model, strategy: str, compute: torch.dtype) -> None:
                     f"{str(compute).removeprefix('torch.')}. Use the 16-bit base, or training.strategy: data",
                     reason=INVALID_SPEC)
             return
-
-
-def layer_classes(model) -> list[str]:
-    """The decoder-layer classes FSDP wraps one by one (transformers names them in `_no_split_modules`)."""
-    names = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or [])
-    present = {type(m).__name__ for m in model.modules()}
-    # Already sharded (runner.fsdp_load): FSDP2 renamed each class FSDP<name>; accelerate then keeps the units.
-    found = sorted(names & present) or sorted(f"FSDP{n}" for n in names if f"FSDP{n}" in present)
-    if not found:
-        raise PermanentError(f"training.strategy: fsdp does not know the layers of {type(model).__name__}; "
-                             f"use training.strategy: data", reason=INVALID_SPEC)
-    return found
 
 
 def trainer_args(model) -> dict:
@@ -151,11 +138,29 @@ def load_adapter(model, checkpoint: Path, adapter_name: str = "default") -> None
                              f"(e.g. {missing[0]}); delete it to start over", reason=INVALID_SPEC)
 
 
+def float32_outputs(plugin) -> None:
+    """accelerate's FSDP2 mixed precision casts the model's outputs to bfloat16, the loss included (logged as
+    12.5625 or 12.625); keep them as computed (the loss in float32). Only where accelerate shards the model
+    (FINETUNE_FSDP_LOAD=full); runner.fsdp_load sets its own policy."""
+    import dataclasses
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if isinstance(policy, MixedPrecisionPolicy) and policy.output_dtype is not None:
+        plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+
+
 def sft_trainer_class():
     """trl's SFTTrainer, saving and resuming only the adapter under FSDP (the base is frozen and large)."""
     from trl import SFTTrainer
 
     class QLoRATrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.is_fsdp_enabled:
+                float32_outputs(self.accelerator.state.fsdp_plugin)
+
         def save_model(self, output_dir=None, _internal_call=False):
             if not self.is_fsdp_enabled:
                 return super().save_model(output_dir, _internal_call)

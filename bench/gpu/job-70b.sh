@@ -46,7 +46,10 @@ SMOKE=$?
 echo "smoke rc=$SMOKE"; grep -h '"progress"\|"result"' /tmp/smoke/events.jsonl | cut -c1-300
 echo "smoke stderr lines: $(wc -l < /tmp/smoke/err); [runner] lines: $(grep -c '^\[runner\]' /tmp/smoke/err); [rank 1] lines: $(grep -c '^\[rank 1\]' /tmp/smoke/err)"
 grep '^\[runner\]' /tmp/smoke/err | cut -c1-200
-if [ $SMOKE -ne 0 ]; then tail -n 40 /tmp/smoke/err; export FINETUNE_FSDP_LOAD=full; fi
+if [ $SMOKE -ne 0 ]; then
+  grep -v '^\[runner\]' /tmp/smoke/err | grep -i 'error\|abort\|assert' | sort | uniq -c | sort -rn | head -20
+  tail -n 40 /tmp/smoke/err; export FINETUNE_FSDP_LOAD=full
+fi
 wait $BUILD; cat $OUT/build.txt | tail -3
 rm -rf /tmp/smoke
 

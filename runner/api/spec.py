@@ -307,7 +307,9 @@ class ModelCacheSpec(_Section):
 
 
 class ResourcesSpec(_Section):
-    gpus: int = Field(1, ge=0, le=64, description="GPUs on each node (one runner pod per node).")
+    gpus: int = Field(1, ge=0, le=64, description="GPUs on each node (one runner pod per node). Standalone too: "
+                      "one process per GPU; 0 or 1 runs one process (a GPU if one is visible, else the CPU); more "
+                      "than are visible stops the run at once (exit 2).")
     nodes: int = Field(
         1, ge=1, le=64,
         description="Nodes the job spreads over, one runner pod of `gpus` GPUs each. More than 1: one JobSet "

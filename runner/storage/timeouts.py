@@ -103,13 +103,3 @@ def check(*_args, **_kwargs) -> None:
             f"may help; if it persists check the endpoint and the network, or raise the deadline in {ENV}",
             reason=op.reason)
 
-
-def expired(exc: BaseException | None) -> StoreTimeout | None:
-    """The StoreTimeout in an exception's chain, if any."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, StoreTimeout):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None

@@ -176,9 +176,10 @@ def _compare(model, model_dir: str, spec, out: str, rank: int) -> dict:
         ref.save_pretrained(saved)
     dist.barrier()
     parallel.load_adapter(model, saved)
-    for p in model.parameters():  # what trl's SFTTrainer does to the adapter of a 4-bit model
-        if p.requires_grad:
-            p.data = p.data.to(p.dtype)
+    if getattr(model, "is_loaded_in_4bit", False):  # what trl's SFTTrainer does to the adapter of a 4-bit model
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     from transformers import trainer_utils
 
     trainer_utils.validate_quantization_for_training(model)  # what the Trainer checks of a quantized model
@@ -188,7 +189,14 @@ def _compare(model, model_dir: str, spec, out: str, rank: int) -> dict:
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = trainable[0].full_tensor().clone()
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, fused=True)  # the runner's default optimizer
+    optimizer.step()
     return {
+        "adapterDtypes": sorted({str(p.dtype) for p in trainable}),
+        "gradDtypes": sorted({str(p.grad.dtype) for p in trainable}),
+        "optimizerStepChanged": bool((trainable[0].full_tensor() != before).any()),
         "maxBaseWeightDiff": weight_diff, "maxQuantStateDiff": state_diff, "quantStates": states,
         "loss": loss.item(), "lossDtype": str(loss.dtype), "referenceLoss": ref_loss.item(),
         "maxGradDiff": max((grads[n] - ref_params[n].grad).abs().max().item() for n in grads),

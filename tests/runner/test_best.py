@@ -24,7 +24,7 @@ from runner.console import Console
 from runner.job import run_job
 from runner.report import Reporter
 from runner.train import StopFlag
-from tests.conftest import QA_ROWS, job_doc, write_jsonl
+from tests.conftest import QA_ROWS, job_doc, run_cli, write_jsonl
 from tests.runner.test_kube_status import Recorder
 
 ADAPTER = "adapter_model.safetensors"
@@ -175,3 +175,37 @@ def test_best_and_early_stopping_without_an_eval_set_are_refused_at_validate(spe
     assert main(["validate", "--spec-only", str(path)]) == errors.EXIT_PERMANENT
     text = "".join(capsys.readouterr())
     assert needle in text and "Traceback" not in text
+
+
+def test_two_processes_agree_on_the_best_step_and_publish_its_weights(tiny_llama, tmp_path):
+    """Data parallel on CPU (FINETUNE_NPROC=2): every rank evaluates, only rank 0 keeps the adapter aside."""
+    job = _job(tiny_llama, tmp_path)
+    doc = manifest(job.name, job.spec.model_dump(by_alias=True, exclude_defaults=True, mode="json"))
+    (tmp_path / "cli").mkdir()
+    code, events, stderr, result = run_cli(tmp_path / "cli", doc, env={"FINETUNE_NPROC": "2"})
+    assert code == 0, stderr[-3000:]
+    evals = [(e["step"], e["evalLoss"]) for e in events if e["event"] == "eval"]
+    assert [s for s, _ in evals] == [2, 4, 6, 8]
+    best_step = min(evals, key=lambda e: e[1])[0]
+    published = json.loads((tmp_path / "out/report/metrics.json").read_text())["published"]
+    assert published["step"] == best_step and result["metrics"]["published_step"] == best_step
+    assert _same(tmp_path / "out/adapter" / ADAPTER, tmp_path / f"out.checkpoints/checkpoint-{best_step}" / ADAPTER)
+
+
+def test_min_delta_counts_evaluations_that_do_not_improve_enough_while_the_best_follows_the_lowest(tmp_path):
+    from runner.best import Best
+
+    job = parse_job(job_doc("hf://org/base", "hf://datasets/org/d", "s3://b/out", dataset={"evalFraction": 0.1},
+                            training={"earlyStopping": {"patience": 3, "minDelta": 0.01}}, output={"publish": "best"}))
+    best = Best(job.spec, tmp_path)
+    losses = [3.0, 2.0, 1.995, 1.99, 1.985]  # the last three are each less than 0.01 below the best before them
+    for i, loss in enumerate(losses[:-1]):
+        best.observe(10 * (i + 1), loss)
+        assert not best.should_stop()
+    best.observe(50, losses[-1])
+    assert best.should_stop() and best.stopped_early == 50
+    assert (best.step, best.loss) == (50, 1.985)  # the best is the lowest, however small the step down
+    # No adapter was kept (nothing trained here): the last step is published, and the reason says so.
+    published = best.published(job.spec, 50, 1.985)
+    assert published["choice"] == "best" and published["step"] == 50 and published["stoppedEarly"] is True
+    assert "training stopped early at step 50: 3 evaluation(s) in a row" in published["reason"]

@@ -1,8 +1,9 @@
 """FSDP-QLoRA and the strategy choice: what runs without GPUs.
 
-The sharded path itself runs here on real bitsandbytes 4-bit layers with FSDP2 over gloo (2 processes);
-the full trainer path under FSDP needs GPUs (accelerate enables FSDP only there) and is measured by
-`bash bench/gpu/fsdp-job.sh` and `bench/gpu/fsdp-70b.sh`.
+The sharded path itself runs here on real bitsandbytes 4-bit layers with FSDP2 over gloo (2 processes), and
+so does the runner's own loader (runner.fsdp_load: each rank reads only its shard), with each process's peak RSS
+measured; the full trainer path under FSDP needs GPUs (accelerate enables FSDP only there) and is measured by
+`bash bench/gpu/fsdp-load.sh`, `bench/gpu/fsdp-job.sh`, `bench/gpu/fsdp-70b.sh` and `bench/gpu/job-70b.sh`.
 """
 from __future__ import annotations
 
@@ -76,6 +77,8 @@ def _assert_equals_the_whole_model(r: dict) -> None:
     # ...the loss (in float32, as logged) and LoRA gradients are the unsharded model's...
     assert r["lossDtype"] == "torch.float32" and r["loss"] == pytest.approx(r["referenceLoss"], rel=1e-6)
     assert r["maxGradDiff"] < 1e-6
+    # The adapters and their gradients share the compute dtype, so the fused AdamW step runs (and moves them).
+    assert r["adapterDtypes"] == r["gradDtypes"] == ["torch.float32"] and r["optimizerStepChanged"]
     # ...and the adapters start as peft starts them: B zero, A kaiming-uniform within 1/sqrt(fan_in).
     assert r["initialLoraBMax"] == 0.0 and 0.5 * r["loraABound"] < r["initialLoraAMax"] <= r["loraABound"]
 
