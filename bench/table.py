@@ -1,5 +1,5 @@
-"""`python -m bench table [--check]`: the README's runner-vs-Unsloth table, regenerated from the committed result
-file of `python -m bench frontier` (bench/results/h200-llama-3-8b-frontier.json), between the README's markers."""
+"""`python -m bench table [--check]`: the README's runner-vs-Unsloth tables, regenerated from the committed result
+files of `python -m bench frontier` (RESULTS), between the README's markers."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULT = ROOT / "bench" / "results" / "h200-llama-3-8b-frontier.json"
+# (result file, the line above its table)
+RESULTS = [
+    ("bench/results/h200-llama-3-8b-frontier.json", "One call, both frameworks, one H200 (`bash bench/gpu/frontier.sh`, "
+     "lengths 16k-64k, 2 steps per length of which the second is timed):"),
+    ("bench/results/h200-llama-3-8b-frontier-cudnn.json", "Then single sequences on cuDNN's attention kernel "
+     "(runner/attention.py), the runner alone in a second call, against the Unsloth rows above:"),
+]
 README = ROOT / "README.md"
 START, END = "<!-- frontier-table:start -->", "<!-- frontier-table:end -->"
 
@@ -60,16 +66,18 @@ def table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(readme: str, result: dict) -> str:
+def render(readme: str, results: list[tuple[str, str, dict]]) -> str:
     head, rest = readme.split(START, 1)
     _, tail = rest.split(END, 1)
-    note = f"<!-- Generated from {RESULT.relative_to(ROOT)} by `python -m bench table`; do not edit by hand. -->\n"
-    return f"{head}{START}\n{note}{table(result)}{END}{tail}"
+    files = ", ".join(f for f, _, _ in results)
+    body = "\n".join(f"{line}\n\n{table(result)}" for _, line, result in results)
+    note = f"<!-- Generated from {files} by `python -m bench table`; do not edit by hand. -->\n"
+    return f"{head}{START}\n{note}{body}{END}{tail}"
 
 
 def main(argv: list[str]) -> int:
     text = README.read_text(encoding="utf-8")
-    new = render(text, json.loads(RESULT.read_text()))
+    new = render(text, [(f, line, json.loads((ROOT / f).read_text())) for f, line in RESULTS if (ROOT / f).exists()])
     if "--check" in argv:
         if new != text:
             print("README.md: the frontier table is stale: run python -m bench table", file=sys.stderr)

@@ -55,7 +55,7 @@ def _validate(job: Job) -> dict:
         storage.check_source(locations["eval"], repo_type="dataset")
     storage.check_destination(dest, outputs.identity(job))
     if ckpt_loc.scheme == "s3":
-        storage.check_destination(ckpt_loc)
+        storage.check_writable(ckpt_loc)
     elif ckpt_loc.scheme == "local":
         local_storage.check_writable(Path(ckpt_loc.path), f"checkpoints {ckpt_loc}",
                                      "set output.checkpoints to a writable place")

@@ -6,7 +6,9 @@
   dtypes          the compute dtype, and what the base's weights are stored as: packed 4-bit weights as uint8,
                   or as the compute dtype under FSDP (which shards and casts only floating-point tensors); int8
                   with 8 bits; the compute dtype itself with 16
-  checkpointing   gradient checkpointing: on only when one micro-batch's activations would not fit
+  checkpointing   gradient checkpointing: on only when one micro-batch's activations would not fit; its saved
+                  inputs in CPU memory (runner/offload.py) when even that does not fit; the micro-batch too
+                  (runner/modes.py: the fastest mode and micro-batch that fit, under training.memoryBudget if set)
   fused kernels   Liger's fused RMSNorm/RoPE/SwiGLU, on a GPU where liger-kernel is installed
   attention       flash-attention 2, PyTorch's varlen flash kernel (packed rows), or SDPA
   packing         only where packed examples cannot attend to each other

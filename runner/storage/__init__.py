@@ -22,6 +22,7 @@ __all__ = [
     "CheckpointStore",
     "Location",
     "check_destination",
+    "check_writable",
     "check_source",
     "download",
     "is_complete",
@@ -58,6 +59,14 @@ def list_names(loc: Location, *, repo_type: str = "model") -> list[str] | None:
 
         return s3.list_names(loc)
     return None
+
+
+def check_writable(loc: Location) -> None:
+    """Before training: an S3 checkpoint location can be written with the credentials in the environment (what
+    it holds is the job's own checkpoints: resumed from, never refused)."""
+    from . import s3_output
+
+    s3_output.check_destination(loc, output=False)
 
 
 def check_destination(loc: Location, job: dict | None = None) -> None:

@@ -53,15 +53,16 @@ def _problem(loc: Location, rels: list[str], manifest, marker, job: dict | None)
     return ownership_problem(f"output.destination: {loc}", rels, [manifest, marker], job, FIX, ours=ours)
 
 
-def check_destination(loc: Location, job: dict | None = None) -> None:
-    """Before training: credentials and permissions (a probe object written and removed), and what the prefix
-    holds may be replaced by this job."""
+def check_destination(loc: Location, job: dict | None = None, *, output: bool = True) -> None:
+    """Before training: credentials and permissions (a probe object written and removed), and, for an output
+    (not a checkpoint location, which holds the job's own earlier checkpoints), that what the prefix holds may
+    be replaced by this job."""
     uri = str(loc)
     s3.require_credentials("write to", uri, UPLOAD_FAILED)
     with s3.errors("write to", uri, loc.bucket, UPLOAD_FAILED):
         c = s3.client()
         c.head_bucket(Bucket=loc.bucket)
-        problem = _problem(loc, *_state(c, loc), job)
+        problem = _problem(loc, *_state(c, loc), job) if output else None
         if problem:
             raise PermanentError(problem, reason=INVALID_SPEC)
         probe = f"{_base(loc)}{PROBE}{uuid.uuid4().hex[:12]}"

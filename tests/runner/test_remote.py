@@ -52,6 +52,26 @@ def test_hub_model_and_s3_data_to_s3_output_with_s3_checkpoints(tiny_llama, hub_
     assert AutoModelForCausalLM.from_pretrained(local).config.model_type == "llama"
 
 
+def test_a_second_attempt_resumes_from_s3_checkpoints(tiny_llama, s3_server, tmp_path):
+    """Checkpoints on S3 are the job's own: the next attempt (here: another run of the same job) is not refused
+    at Validating for what they hold, it resumes from them."""
+    body = "".join(json.dumps(r) + "\n" for r in QA_ROWS).encode()
+    s3_server.client.put_object(Bucket=s3_server.bucket, Key="data/qa.jsonl", Body=body)
+    ckpt = f"s3://{s3_server.bucket}/runs/ckpt"
+    data = f"s3://{s3_server.bucket}/data/qa.jsonl"
+    first = parse_job(job_doc(tiny_llama, data, f"s3://{s3_server.bucket}/runs/first", merge={"enabled": False},
+                              training={"maxSteps": 4, "saveSteps": 2}, output={"checkpoints": ckpt}))
+    run_job(first, _reporter(tmp_path)[0], work_dir=tmp_path / "w1")
+    again = parse_job(job_doc(tiny_llama, data, f"s3://{s3_server.bucket}/runs/again", merge={"enabled": False},
+                              training={"maxSteps": 4, "saveSteps": 2}, output={"checkpoints": ckpt}))
+    reporter, out = _reporter(tmp_path)
+    result = run_job(again, reporter, work_dir=tmp_path / "w2")
+    assert result["output"] == f"s3://{s3_server.bucket}/runs/again"
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert [(e["name"], e["step"]) for e in resumed] == [("checkpoint-4", 4)], events[:8]
+
+
 def test_hub_dataset_split_to_a_private_hub_repo_in_one_commit(tiny_llama, hub_server, tmp_path):
     import pandas as pd
 
