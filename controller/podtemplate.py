@@ -71,6 +71,14 @@ class RunnerPodError(ValueError):
     pass
 
 
+def load_mapping(text: str, source: str, error: type[Exception]) -> Any:
+    """An admin's JSON or YAML setting (a flag or a file); empty means {}. A syntax error raises `error`."""
+    try:
+        return yaml.safe_load(text) if text.strip() else {}
+    except yaml.YAMLError as e:
+        raise error(f"{source}: not JSON or YAML: {e}") from None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
 
@@ -148,11 +156,7 @@ class RunnerPod(_Model):
 
     @classmethod
     def from_text(cls, text: str, **kw) -> "RunnerPod":
-        try:
-            doc = yaml.safe_load(text) if text.strip() else {}
-        except yaml.YAMLError as e:
-            raise RunnerPodError(f"{kw.get('source', '--runner-pod')}: not JSON or YAML: {e}") from None
-        return cls.parse(doc, **kw)
+        return cls.parse(load_mapping(text, kw.get("source", "--runner-pod"), RunnerPodError), **kw)
 
     @classmethod
     def from_file(cls, path: str) -> "RunnerPod":

@@ -29,11 +29,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from controller.podtemplate import RUNNER_PATHS, SYSTEM_PATHS, claim_name_problem, mount_path_problem
+from controller.podtemplate import (RUNNER_PATHS, SYSTEM_PATHS, claim_name_problem, load_mapping,
+                                   mount_path_problem)
 from runner.api import names
 
 # Environment the controller sets in every runner pod, and where credentials come from (Secret references).
@@ -95,11 +95,7 @@ class Policy(BaseModel):
 
     @classmethod
     def from_text(cls, text: str, **kw) -> "Policy":
-        try:
-            doc = yaml.safe_load(text) if text.strip() else {}
-        except yaml.YAMLError as e:
-            raise PolicyError(f"{kw.get('source', '--policy')}: not JSON or YAML: {e}") from None
-        return cls.parse(doc, **kw)
+        return cls.parse(load_mapping(text, kw.get("source", "--policy"), PolicyError), **kw)
 
     @classmethod
     def from_file(cls, path: str, **kw) -> "Policy":

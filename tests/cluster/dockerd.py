@@ -125,7 +125,7 @@ class Dockerd:
             self.proc.wait(timeout=30)
             self.proc = None
         for leftover in (self.home / "exec",):
-            _unmount_under(leftover)
+            unmount_under(leftover)
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -191,6 +191,6 @@ def mounts_under(prefix: Path) -> list[str]:
     return out
 
 
-def _unmount_under(prefix: Path) -> None:
+def unmount_under(prefix: Path) -> None:
     for mount_point in sorted(mounts_under(prefix), key=len, reverse=True):
         subprocess.run(["umount", "-l", mount_point], capture_output=True)

@@ -14,17 +14,19 @@ or IfNotPresent with a non-latest tag): nothing can be pulled, and there is no p
 """
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 from tests.cluster.cluster import ClusterError, TestCluster, _die_with_parent, _tail, wait_for
-from tests.cluster.dockerd import Dockerd, _alive, _stop_pid, mounts_under
+from tests.cluster.dockerd import Dockerd, _alive, _stop_pid, mounts_under, unmount_under
 
 NODE_NAME = "127.0.0.1"  # --hostname-override; --node-ip cannot be a loopback address
 NODE_USER = f"system:node:{NODE_NAME}"
@@ -32,6 +34,16 @@ PAUSE_IMAGE = "ftc-pause:3.4"
 SYSCTLS = ("vm/overcommit_memory", "kernel/panic", "kernel/panic_on_oops")
 FIXED_PATHS = (Path("/var/log/pods"), Path("/var/log/containers"), Path("/var/lib/kubelet/device-plugins"),
                Path("/var/lib/kubelet"))
+
+
+def ensure_pause(d: Dockerd, pause_binary: str) -> None:
+    """The pod sandbox image, from the pause binary tests/cluster/build.sh compiles from the kubelet's tree."""
+    if d.has_image(PAUSE_IMAGE):
+        return
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        tf.add(pause_binary, arcname="pause")
+    d.run("import", "--change", 'ENTRYPOINT ["/pause"]', "-", PAUSE_IMAGE, input=buf.getvalue(), timeout=120)
 
 
 def read_sysctls() -> dict[str, str]:
@@ -78,8 +90,6 @@ class RealNode:
         self._made = [p for p in FIXED_PATHS if not p.exists()]
         if self.dockerd is None:
             self.dockerd = Dockerd().start()
-        from tests.e2e.images import ensure_pause
-
         ensure_pause(self.dockerd, b.pause)
         self.cluster.start()
         self.timings["control plane"] = self.cluster.start_seconds
@@ -137,8 +147,7 @@ class RealNode:
             if ids:
                 self.dockerd.run("rm", "-f", *ids, check=False, timeout=300)
         if self.dir is not None:
-            for mount_point in sorted(mounts_under(self.dir), key=len, reverse=True):
-                subprocess.run(["umount", "-l", mount_point], capture_output=True)
+            unmount_under(self.dir)
         self.cluster.stop()  # removes its dir, and ours inside it
         if self.dockerd is not None and self._own_dockerd:
             self.dockerd.stop()

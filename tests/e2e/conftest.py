@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.api.parse import manifest
 from tests.cluster.cluster import free_port, wait_for
 from tests.cluster.dockerd import Dockerd
 from tests.cluster.node import RealNode
@@ -39,8 +40,8 @@ def dockerd():
 
 
 @pytest.fixture(scope="session")
-def built_images(dockerd, k8s_binaries) -> dict:
-    return images.build_all(dockerd, k8s_binaries.pause)
+def built_images(dockerd) -> dict:
+    return images.build_all(dockerd)
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +167,7 @@ def ftj(name: str, s3: S3, **spec) -> dict:
     }
     for key, value in spec.items():
         body[key] = {**body[key], **value} if isinstance(value, dict) and isinstance(body.get(key), dict) else value
-    return {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+    return manifest(name, body)
 
 
 def apply(node: RealNode, ns: str, doc: dict) -> None:

@@ -29,7 +29,6 @@ from tests.cluster.dockerd import CACHE, Dockerd, DockerError
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "ftc-debian:bookworm"
-PAUSE = "ftc-pause:3.4"
 RUNNER = "finetune-runner:e2e"
 CONTROLLER = "finetune-controller:e2e"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
@@ -75,19 +74,6 @@ def ensure_base(d: Dockerd) -> float:
         part.rename(tar)
     d.run("import", "--change", 'CMD ["/bin/bash"]', str(tar), BASE, timeout=600)
     return time.monotonic() - t0
-
-
-def ensure_pause(d: Dockerd, pause_binary: str) -> None:
-    """The pod sandbox image, from the pause binary tests/cluster/build.sh compiles from the kubelet's tree."""
-    if d.has_image(PAUSE):
-        return
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        tf.add(pause_binary, arcname="pause")
-    d.run("import", "--change", 'ENTRYPOINT ["/pause"]', "-", PAUSE, input=buf.getvalue(), timeout=120)
 
 
 def local_wheel_dir() -> Path:
@@ -144,13 +130,11 @@ def build(d: Dockerd, target: str, tag: str, *build_args: str, log: Path) -> flo
     return time.monotonic() - t0
 
 
-def build_all(d: Dockerd, pause_binary: str | None = None) -> dict:
-    """Both images (and the base, and the pause image when given): seconds and sizes."""
+def build_all(d: Dockerd) -> dict:
+    """Both images (and the base): seconds and sizes."""
     logs = CACHE / "images"
     logs.mkdir(parents=True, exist_ok=True)
     report: dict = {"base_seconds": round(ensure_base(d), 1)}
-    if pause_binary:
-        ensure_pause(d, pause_binary)
     torch = version("torch")  # the CPU build the test venv runs: 2.13.0+cpu
     wheels = local_wheel_dir()
     if not list(wheels.glob(f"torch-{torch}-*.whl")):
@@ -168,12 +152,9 @@ def build_all(d: Dockerd, pause_binary: str | None = None) -> dict:
 
 
 def main() -> int:
-    from tests.cluster.cluster import ensure_binaries
-
-    pause = ensure_binaries().pause
     try:
         with Dockerd() as d:
-            print(json.dumps(build_all(d, pause), indent=1))
+            print(json.dumps(build_all(d), indent=1))
     except DockerError as e:
         print(f"images: {e}", file=sys.stderr)
         return 1
