@@ -67,8 +67,15 @@ class Api:
         items = self.kube.request("GET", ns_path("v1", self.ns, "events"))["items"]
         return [e for e in items if e["involvedObject"].get("kind") == names.KIND and e["involvedObject"]["name"] == name]
 
-    def event_reasons(self, name: str) -> list[str]:
-        return [e["reason"] for e in sorted(self.events(name), key=lambda e: e["metadata"]["creationTimestamp"])]
+    def event_reasons(self, name: str, *expected: str, timeout: float = 10) -> list[str]:
+        """The Events' reasons in order, once each of `expected` is among them (as often as listed): the
+        controller posts an Event after the status patch that a test waits on, so reading at once races it."""
+        def reasons():
+            got = [e["reason"] for e in sorted(self.events(name), key=lambda e: e["metadata"]["creationTimestamp"])]
+            return got if all(got.count(r) >= expected.count(r) for r in expected) else None
+        if not expected:
+            return reasons()
+        return wait_for(reasons, timeout, what=f"Events {expected} on {name}")
 
     def wait_phase(self, name: str, phase: str, timeout: float = 20, reason: str | None = None) -> dict:
         def ok():

@@ -101,7 +101,7 @@ def test_happy_path_real_runner_reports_progress(controller, cluster_api, fake_k
     assert [order.index(p) for p in rec.seen] == sorted({order.index(p) for p in rec.seen}), rec.seen  # in order
     steps = [p["step"] for p in rec.progress]
     assert steps == sorted(steps) and steps[-1] == 6
-    reasons = cluster_api.event_reasons("real")
+    reasons = cluster_api.event_reasons("real", "Succeeded")
     assert {"Pending", "Running", "Training", "Succeeded"} <= set(reasons), reasons
     out_lines = k8s_cluster.kubectl_run("get", "ftj", "real", "-n", ns).stdout.splitlines()
     assert out_lines[1].split()[1:4] == ["Succeeded", "6/6", "(100%)"], out_lines

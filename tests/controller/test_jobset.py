@@ -424,7 +424,7 @@ def test_a_job_on_two_nodes_runs_as_one_jobset_until_it_completes(jobset_crd, co
     fake.finish("multi-1", "Completed", "AllJobsCompleted", "jobset completed successfully")
     s = cluster_api.wait_phase("multi", "Succeeded")
     assert s["output"] == "s3://models/multi" and s["metrics"] == {"train_loss": 0.4}
-    assert sorted(cluster_api.event_reasons("multi")) == ["Pending", "Running", "Succeeded", "Unschedulable"]
+    assert sorted(cluster_api.event_reasons("multi", "Succeeded")) == ["Pending", "Running", "Succeeded", "Unschedulable"]
 
     # Deleting the FineTuneJob removes the JobSet, and through it its Service, Job and pods.
     cluster_api.delete_ftj("multi")
@@ -457,7 +457,7 @@ def test_a_failed_jobset_is_retried_as_a_new_attempt(jobset_crd, controller, clu
     second = fake.wait("again-2", timeout=30)
     s = cluster_api.status("again")
     assert (s["attempt"], s["failedAttempts"], s["jobName"]) == (2, 1, "again-2")
-    assert "AttemptFailed" in cluster_api.event_reasons("again")
+    assert "AttemptFailed" in cluster_api.event_reasons("again", "AttemptFailed")
     key = "finetune.dev/spec"  # the retry runs the same spec (and so resumes from the same checkpoints)
     assert (jobset.pod_template_of(second)["metadata"]["annotations"][key]
             == jobset.pod_template_of(first)["metadata"]["annotations"][key])
