@@ -276,8 +276,12 @@ def main(args) -> int:
         result["unslothFrom"] = str(args.unsloth_from)
     elif not args.no_unsloth:
         uenv = {"PYTHONPATH": os.pathsep.join(filter(None, [args.unsloth_path, os.environ.get("PYTHONPATH")]))}
-        for gc_mode, loads in (("unsloth", [dict(packed, name="packed-offload"), *singles]),
-                               ("none", [dict(packed, name="packed")])):
+        runs = (("unsloth", [dict(packed, name="packed-offload"), *singles]), ("none", [dict(packed, name="packed")]))
+        if args.skip_packed:
+            runs = (("unsloth", singles),)
+        for gc_mode, loads in runs:
+            if not loads:
+                continue
             part = work / f"unsloth-{gc_mode}.json"
             part.unlink(missing_ok=True)
             _worker("unsloth", model_dir, args, [dict(w, checkpointing=gc_mode) for w in loads], part, uenv,
@@ -286,10 +290,13 @@ def main(args) -> int:
                 result["unsloth"].update(json.loads(part.read_text()))
             save()
     budgets = {w["name"]: result["unsloth"].get(w["name"], {}).get("peakAllocatedGiB") for w in singles}
-    loads = [dict(packed, name="packed"), dict(packed, name="packed-10gib", budget=10.0),
+    loads = [dict(packed, name="packed"), dict(packed, name="packed-peft-lora", plan={"fused_lora": False}),
+             dict(packed, name="packed-10gib", budget=10.0),
              dict(packed, name="lean-profiled", batchSize=1, steps=16, training={"gradientAccumulationSteps": 2,
                   "optimizer": "paged_adamw_8bit"}, checkpointing=True,
                   plan={"micro_batch": 1, "accumulation": 2, "micro_batch_tokens": 2048}, profile=True)]
+    if args.skip_packed:
+        loads = []
     loads += [dict(w, budget=budgets[w["name"]]) for w in singles]
     if args.only:
         loads = [w for w in loads if w["name"] in args.only.split(",")]
@@ -298,15 +305,18 @@ def main(args) -> int:
     _worker("runner", model_dir, args, loads, part, {})
     if part.exists():
         result["runner"].update(json.loads(part.read_text()))
-    result["pairs"] = {"packed (memory to spare)": ("packed", "packed"),
-                       "packed, <= 10 GiB": ("packed-10gib", "packed-offload"),
+    result["pairs"] = {**({} if args.skip_packed else {"packed (memory to spare)": ("packed", "packed"),
+                                                       "packed, <= 10 GiB": ("packed-10gib", "packed-offload")}),
                        **{w["name"]: (w["name"], w["name"]) for w in singles}}
-    a, b = result["runner"].get("packed", {}), result["runner"].get("packed-10gib", {})
-    if a.get("losses") and b.get("losses"):
-        result["lossCheck"] = tb.loss_check({"a": {"stepLosses": b["losses"]}, "b": {"stepLosses": a["losses"]}},
-                                            ["a", "b"]) | {"fast": "packed-10gib", "reference": "packed"}
+    for key, fast, reference in (("lossCheck", "packed-10gib", "packed"),
+                                 ("lossCheckFusedLora", "packed", "packed-peft-lora")):
+        a, b = result["runner"].get(reference, {}), result["runner"].get(fast, {})
+        if a.get("losses") and b.get("losses"):
+            result[key] = tb.loss_check({"a": {"stepLosses": b["losses"]}, "b": {"stepLosses": a["losses"]}},
+                                        ["a", "b"]) | {"fast": fast, "reference": reference}
     save()
-    print(json.dumps({"ratios": result["ratios"], "lossCheck": result.get("lossCheck")}, indent=1), flush=True)
+    print(json.dumps({"ratios": result["ratios"], "lossCheck": result.get("lossCheck"),
+                      "lossCheckFusedLora": result.get("lossCheckFusedLora")}, indent=1), flush=True)
     return 0
 
 
@@ -322,6 +332,7 @@ def parser():
     p.add_argument("--long-steps", type=int, default=3, help="steps of each single-sequence workload")
     p.add_argument("--lengths", default="16384,32768,65536", help="single-sequence lengths, comma-separated")
     p.add_argument("--no-unsloth", action="store_true")
+    p.add_argument("--skip-packed", action="store_true", help="single sequences only (both frameworks)")
     p.add_argument("--unsloth-from", default=None, help="take Unsloth's rows from an earlier result file")
     p.add_argument("--unsloth-path", default="/tmp/site-unsloth", help="put first on PYTHONPATH for Unsloth")
     p.add_argument("--only", default=None, help="runner workloads to run (comma-separated names)")

@@ -249,6 +249,9 @@ class Plan:
     accumulation: int = 1  # micro-batches per optimizer step (micro_batch x accumulation = the spec's rows)
     memory_budget_bytes: int | None = None  # training.memoryBudget
     peak_bytes: int | None = None  # the chosen mode's estimated peak (GPU only)
+    # Each LoRA projection as one autograd node (runner/fused_lora.py): lora.dropout 0, bits 4 or 16, not FSDP,
+    # and training.fusedKernels not false (false keeps peft's modules: the reference path).
+    fused_lora: bool = False
 
     @property
     def fsdp(self) -> bool:
@@ -283,7 +286,7 @@ class Plan:
                 f"storage={_name(self.storage_dtype)} bits={self.bits} gradient_checkpointing={self.gradient_checkpointing} "
                 f"fused_kernels={self.fused_kernels} attention={self.attention} packing={packing} "
                 f"micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
-                f"accumulation={self.accumulation} offload={self.offload} | memory GiB: "
+                f"accumulation={self.accumulation} offload={self.offload} fused_lora={self.fused_lora} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
                 f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}"
                 + (f", budget {gib(self.memory_budget_bytes)}" if self.memory_budget_bytes else "")
@@ -340,6 +343,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         checkpointed_bytes=checkpointed, gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits,
         offload=fit["mode"] if fit["mode"] in ("layer", "split") else None, accumulation=fit["accumulation"],
         memory_budget_bytes=budget, peak_bytes=fit["peak"],
+        fused_lora=t.fused_kernels is not False and chosen != "fsdp" and bits != 8 and spec.lora.dropout == 0,
     )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from runner import distributed, offload, parallel
+from runner import distributed, fused_lora, offload, parallel
 from runner.best import Best, callback as best_callback
 from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.api.spec import FineTuneJobSpec
@@ -392,7 +392,8 @@ def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, p
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=list(callbacks) + ([offload.callback(plan.offload)] if plan.offload else []),
+        callbacks=list(callbacks) + ([offload.callback(plan.offload)] if plan.offload else [])
+        + ([fused_lora.callback()] if plan.fused_lora else []),
     )
     trainer.remove_callback(PrinterCallback)  # progress is reported as JSON events instead
     return trainer
