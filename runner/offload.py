@@ -13,8 +13,8 @@ checkpointed separately, norms inside, residual adds outside (an add saves nothi
 larger half's activations are ever live: about half of a whole layer's at long sequences, for the same single
 recomputation. Any other architecture checkpoints whole decoder layers (transformers' GradientCheckpointingLayer).
 
-`callback(mode)` installs it when training begins, after the trainer's Liger patches (which replace the norms' and
-MLPs' forward: the units call those), and removes it when training ends; the trainer's own gradient
+`callback(mode)` installs it when training begins, after the Liger patches (runner/layer_kernels.py: they replace
+the norms' and MLPs' forward, and the units call those), and removes it when training ends; the trainer's own gradient
 checkpointing must be off. Outside training (eval, generation) the units run as plain modules.
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@
                   inputs in CPU memory (runner/offload.py) when even that does not fit; the micro-batch too
                   (runner/modes.py: the fastest mode and micro-batch that fit, under training.memoryBudget if set)
   fused kernels   Liger's fused RMSNorm/RoPE/SwiGLU, on a GPU where liger-kernel is installed
+                  (runner/layer_kernels.py); each LoRA projection one autograd node (runner/fused_lora.py)
   attention       flash-attention 2, PyTorch's varlen flash kernel (packed rows), or SDPA
   packing         only where packed examples cannot attend to each other
 

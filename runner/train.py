@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from runner import distributed, fused_lora, offload, parallel
+from runner import distributed, fused_lora, layer_kernels, offload, parallel
 from runner.best import Best, callback as best_callback
 from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.api.spec import FineTuneJobSpec
@@ -230,7 +230,7 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, plan: Plan, has_eval: b
         optim=t.optimizer,
         gradient_checkpointing=gc,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gc else None,
-        use_liger_kernel=plan.fused_kernels,
+        use_liger_kernel=False,  # deprecated in trl 1.x: runner/layer_kernels.py applies the same kernels
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -386,6 +386,8 @@ def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, p
 
     args = _training_args(spec, out_dir, plan, data.eval is not None, data.has_completion_mask, model=model,
                           **overrides)
+    if plan.fused_kernels:
+        layer_kernels.apply(model)
     trainer = parallel.sft_trainer_class()(
         model=model,
         args=args,
