@@ -10,7 +10,7 @@ base output by the matrix multiply itself (`addmm_`, beta 1, alpha s), and the b
 with W the 16-bit weight (4-bit weights are dequantised again in the backward pass, as bitsandbytes does, so
 nothing of the size of W is kept). Saved for backward: x and the small x A^T, as in peft.
 
-It applies while training, on LoRA layers with one active plain adapter (no DoRA, no dropout: `lora.dropout`
+It applies in training mode, on LoRA layers with one active plain adapter (no DoRA, no dropout: `lora.dropout`
 > 0 keeps peft's path) over a bitsandbytes 4-bit or a 16-bit `nn.Linear` base; every other case, eval and
 generation keep peft's forward. `install(model)` patches the layers, `Installed.remove()` restores them;
 `callback()` does both around a trainer's training (runner/train.py, when the plan's fused kernels are on).
@@ -122,8 +122,8 @@ def install(model) -> Installed:
         original = layer.forward  # bound method of the class
 
         def forward(x, *args, _layer=layer, _original=original, **kwargs):
-            name = _plain_adapter(_layer) if _layer.training and torch.is_grad_enabled() and not args and not kwargs \
-                else None
+            # training mode, with or without grad: an offloaded unit's no-grad forward computes as its recompute
+            name = _plain_adapter(_layer) if _layer.training and not args and not kwargs else None
             if name is None:
                 return _original(x, *args, **kwargs)
             return lora_matmul(x, _layer.lora_A[name].weight, _layer.lora_B[name].weight, _layer.get_base_layer(),
