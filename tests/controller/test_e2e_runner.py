@@ -107,13 +107,17 @@ def test_happy_path_real_runner_reports_progress(controller, cluster_api, fake_k
     assert out_lines[1].split()[1:4] == ["Succeeded", "6/6", "(100%)"], out_lines
 
 
+# Enough steps that the SIGTERM sent at step 2 lands mid-training (the tiny model trains at ~50 steps/s on CPU).
+PREEMPTED_STEPS = 60
+
+
 def test_retry_resumes_from_the_checkpoint(controller, cluster_api, fake_kubelet, k8s_cluster, tiny_llama,
                                            qa_jsonl, tmp_path):
     """Attempt 1 is preempted (SIGTERM: checkpoint, exit 75); attempt 2 resumes from it and finishes."""
     ns = cluster_api.ns
     out = tmp_path / "model-out"
     doc = job_doc(tiny_llama, qa_jsonl, out, resources={"gpus": 0}, merge={"enabled": False},
-                  training={"maxSteps": 12, "saveSteps": 1000, "loggingSteps": 1})
+                  training={"maxSteps": PREEMPTED_STEPS, "saveSteps": 1000, "loggingSteps": 1})
     doc["metadata"]["name"] = "resume"
     cluster_api.create_ftj(doc)
     pod1 = pod_of(fake_kubelet, ns, "resume-1")
@@ -139,7 +143,7 @@ def test_retry_resumes_from_the_checkpoint(controller, cluster_api, fake_kubelet
     assert code == 0, err[-3000:]
     assert f"resuming from {checkpoint['name']}" in err
     steps = [json.loads(line)["step"] for line in stdout.splitlines() if '"progress"' in line]
-    assert steps[0] == checkpoint["step"] + 1 and steps[-1] == 12
+    assert steps[0] == checkpoint["step"] + 1 and steps[-1] == PREEMPTED_STEPS
     fake_kubelet.succeeded(pod2, message=second.term.read_text())
     s = cluster_api.wait_phase("resume", "Succeeded")
     assert (s["attempt"], s["output"]) == (2, str(out))
@@ -162,7 +166,8 @@ def test_a_second_attempt_reads_the_base_model_from_the_cache(controller_kubecon
     ctl.start()
     try:
         doc = job_doc(f"s3://{bucket}/bases/tiny-llama", qa_jsonl, tmp_path / "model-out", resources={"gpus": 0},
-                      merge={"enabled": False}, training={"maxSteps": 12, "saveSteps": 1000, "loggingSteps": 1})
+                      merge={"enabled": False},
+                      training={"maxSteps": PREEMPTED_STEPS, "saveSteps": 1000, "loggingSteps": 1})
         doc["metadata"]["name"] = "cached"
         cluster_api.create_ftj(doc)
         pod1 = pod_of(fake_kubelet, ns, "cached-1")

@@ -61,7 +61,8 @@ def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_p
 
     # a longer run of the same job, stopped the way Ctrl-C / `docker stop` stops it
     job = yaml.safe_load((work / "qs" / "job.yaml").read_text())
-    job["spec"]["training"].update(maxSteps=300, saveSteps=10000, loggingSteps=1)
+    # long enough that the stop lands mid-training (the CPU runner trains the tiny model at ~50 steps/s)
+    job["spec"]["training"].update(maxSteps=1000, saveSteps=10000, loggingSteps=1)
     job["spec"]["output"]["destination"] = "/work/long-output"
     (work / "long.yaml").write_text(yaml.safe_dump(job))
     name = f"ftc-stop-{int(time.time())}"
