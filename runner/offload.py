@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from runner import modes
+
 _SPLIT_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
@@ -78,34 +80,117 @@ class _Store:
         return x
 
 
+# Token-wise units (a norm and the MLP) run over the sequence in chunks of this many tokens, forward and backward:
+# their intermediate activations (3 x 14,336 per token for a Llama-3-8B MLP) then take a chunk's worth of memory
+# however long the sequence. Chunks this long keep the matmuls as efficient as whole sequences.
+CHUNK_TOKENS = modes.CHUNK_TOKENS
+
+
+def _spans(x: torch.Tensor, chunk: int | None) -> list[slice]:
+    n = x.shape[-2]
+    if not chunk or n <= chunk:
+        return [slice(None)]
+    return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _chunked(run, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """`run(x)` for a token-wise `run` (same shape out as in), a chunk of the sequence (dim -2) at a time."""
+    spans = _spans(x, chunk)
+    if len(spans) == 1:
+        return run(x)
+    out = torch.empty_like(x)
+    for s in spans:
+        out[..., s, :] = run(x[..., s, :])
+    return out
+
+
+def _chunked_backward(run, x: torch.Tensor, grad: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """Recompute a token-wise `run` a chunk at a time, each chunk's backward done before the next is recomputed
+    (the parameters' gradients accumulate); the gradient of `x`. Call under enable_grad with the RNG state the
+    forward pass started from (the chunks consume it in the same order)."""
+    dx = torch.zeros_like(x) if len(_spans(x, chunk)) > 1 else None
+    for s in _spans(x, chunk):
+        xc = x[..., s, :].detach().requires_grad_(True)
+        out = run(xc)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad[..., s, :])
+        if dx is None:
+            return xc.grad if xc.grad is not None else torch.zeros_like(x)
+        if xc.grad is not None:
+            dx[..., s, :] = xc.grad
+    return dx
+
+
+class _Recompute:
+    """The autocast and RNG state of a forward pass, to recompute it exactly in the backward pass."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.device = x.device
+        self.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        self.rng = _rng_state(x.device)
+
+    def __call__(self):
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(torch.enable_grad())
+        enabled, dtype = self.autocast
+        stack.enter_context(torch.autocast(self.device.type, dtype=dtype, enabled=enabled))
+        _set_rng_state(self.device, self.rng)
+        return stack
+
+
 class _Offloaded(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, store, flag, x, *args):  # noqa: ARG004 (flag makes the output require grad)
-        ctx.run, ctx.store, ctx.args, ctx.device = run, store, args, x.device
-        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        ctx.rng = _rng_state(x.device)
+    def forward(ctx, run, store, flag, chunk, x, *args):  # noqa: ARG004 (flag makes the output require grad)
+        ctx.run, ctx.store, ctx.args, ctx.device, ctx.chunk = run, store, args, x.device, chunk
+        ctx.recompute = _Recompute(x)
         ctx.slot = store.save(x)
         with torch.no_grad():
-            out = run(x, *args)
+            out = _chunked(run, x, chunk) if chunk else run(x, *args)
         ctx.is_tuple = isinstance(out, tuple)
         return out
 
     @staticmethod
     def backward(ctx, *grads):
         x = ctx.store.load(ctx.slot, ctx.device).detach().requires_grad_(True)
-        enabled, dtype = ctx.autocast
-        devices = [ctx.device.index or 0] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-                torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
-            _set_rng_state(ctx.device, ctx.rng)
+        n = len(ctx.args)
+        if ctx.chunk:  # token-wise unit: recomputed and back-propagated a chunk at a time
+            with ctx.recompute():
+                dx = None if grads[0] is None else _chunked_backward(ctx.run, x, grads[0], ctx.chunk)
+            ctx.run, ctx.args = None, None
+            return (None, None, None, None, dx, *(None,) * n)
+        with ctx.recompute():
             out = ctx.run(x, *ctx.args)
         outs = out if ctx.is_tuple else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        n, ctx.run, ctx.args = len(ctx.args), None, None
-        return (None, None, None, x.grad, *(None,) * n)
+        ctx.run, ctx.args = None, None
+        return (None, None, None, None, x.grad, *(None,) * n)
+
+
+class _Tiled(torch.autograd.Function):
+    """A token-wise unit checkpointed on the GPU a chunk at a time (its input kept; used inside a recomputed
+    layer, where that input is live anyway): a whole sequence's MLP activations never exist at once."""
+
+    @staticmethod
+    def forward(ctx, run, flag, chunk, x):  # noqa: ARG004
+        ctx.run, ctx.chunk, ctx.recompute = run, chunk, _Recompute(x)
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return _chunked(run, x, chunk)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with ctx.recompute():
+            dx = _chunked_backward(ctx.run, x, grad, ctx.chunk)
+        ctx.run = None
+        return None, None, None, dx
 
 
 def _rng_state(device: torch.device):
@@ -130,22 +215,27 @@ def _flag(device: torch.device) -> torch.Tensor:
     return _FLAG[device]
 
 
-def checkpoint(run, store: _Store, x: torch.Tensor, *args):
-    """`run(x, *args)` with its activations recomputed in the backward pass and `x` kept in CPU memory meanwhile."""
-    return _Offloaded.apply(run, store, _flag(x.device), x, *args)
+def checkpoint(run, store: _Store, x: torch.Tensor, *args, chunk: int | None = None):
+    """`run(x, *args)` with its activations recomputed in the backward pass and `x` kept in CPU memory meanwhile;
+    `chunk`: `run` is token-wise (no args), and runs and is recomputed `chunk` tokens at a time."""
+    return _Offloaded.apply(run, store, _flag(x.device), chunk, x, *args)
+
+
+def tiled(run, x: torch.Tensor, chunk: int | None = None):
+    """A token-wise `run(x)` a chunk at a time; with grad, checkpointed: recomputed a chunk at a time in backward."""
+    chunk = chunk or CHUNK_TOKENS
+    if torch.is_grad_enabled():
+        return _Tiled.apply(run, _flag(x.device), chunk, x)
+    return _chunked(run, x, chunk)
 
 
 class Offload:
     """What `install` changed on a model, to `remove` it again."""
 
-    def __init__(self, model, store: _Store) -> None:
-        self.model, self.store = model, store
-        self.split: list = []  # (norm, norm forward, module, module forward)
+    def __init__(self, model, store: _Store, mode: str) -> None:
+        self.model, self.store, self.mode = model, store, mode
+        self.split: list = []  # (norm, norm forward, module, module forward) patched
         self.layers: list = []  # whole layers checkpointed by transformers' hook
-
-    @property
-    def mode(self) -> str:
-        return "split" if self.split else "layer"
 
     def remove(self) -> None:
         for norm, norm_fwd, module, fwd in self.split:
@@ -166,19 +256,29 @@ def _splittable(layer) -> bool:
     return all(isinstance(getattr(layer, p, None), torch.nn.Module) for p in _SPLIT_PARTS)
 
 
-def install(model, split: bool = True) -> Offload:
+MODES = ("layer", "split", "tiled")
+
+
+def install(model, mode: str = "split") -> Offload:
+    """Offloaded checkpointing on every decoder layer: `layer` (whole layers), `split` (attention and MLP halves
+    apart, the MLP a chunk of tokens at a time) or `tiled` (whole layers, their MLP recomputed a chunk at a time:
+    half of split's CPU memory, one more MLP forward). Layers that are not pre-norm decoder layers: whole."""
+    if mode not in MODES:
+        raise ValueError(f"offloaded checkpointing mode {mode!r}: one of {', '.join(MODES)}")
     store = _Store()
-    done = Offload(model, store)
+    done = Offload(model, store, mode)
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("offloaded checkpointing: the model has no decoder layers transformers can checkpoint")
     for layer in layers:
-        if split and _splittable(layer):
+        if mode == "split" and _splittable(layer):
             _split(layer, store, done)
-        else:
-            layer.gradient_checkpointing = True
-            layer._gradient_checkpointing_func = lambda fn, x, *a: checkpoint(fn, store, x, *a)
-            done.layers.append(layer)
+            continue
+        if mode == "tiled" and _splittable(layer):
+            _tile_mlp(layer, done)
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = lambda fn, x, *a: checkpoint(fn, store, x, *a)
+        done.layers.append(layer)
     return done
 
 
@@ -204,15 +304,32 @@ def _split(layer, store: _Store, done: Offload) -> None:
                 out = _fwd(_norm(h), *args, **kwargs)
                 return out[0] if _tuple else out
 
-            out = checkpoint(run, store, x) if _module.training and torch.is_grad_enabled() else run(x)
+            if not (_module.training and torch.is_grad_enabled()):
+                out = run(x)
+            else:  # the MLP half is token-wise: run and recomputed a chunk of tokens at a time
+                out = checkpoint(run, store, x, chunk=None if _tuple else CHUNK_TOKENS)
             return (out, None) if _tuple else out
 
         norm.forward, module.forward = _identity, unit
         done.split.append((norm, norm_fwd, module, fwd))
 
 
+def _tile_mlp(layer, done: Offload) -> None:
+    """The post-attention norm and the MLP as one token-wise unit run a chunk of tokens at a time (runner's
+    `tiled`): the norm becomes an identity in the layer's own forward and runs inside the unit."""
+    norm, mlp = layer.post_attention_layernorm, layer.mlp
+    norm_fwd, fwd = norm.forward, mlp.forward
+
+    def unit(x, _norm=norm_fwd, _fwd=fwd, _module=mlp):
+        run = lambda h: _fwd(_norm(h))  # noqa: E731
+        return tiled(run, x) if _module.training else run(x)
+
+    norm.forward, mlp.forward = _identity, unit
+    done.split.append((norm, norm_fwd, mlp, fwd))
+
+
 def callback(mode: str):
-    """A TrainerCallback that installs offloaded checkpointing ("layer" or "split" units) for the training."""
+    """A TrainerCallback that installs offloaded checkpointing (`layer`, `split` or `tiled`) for the training."""
     from transformers import TrainerCallback
 
     class OffloadedCheckpointing(TrainerCallback):
@@ -221,7 +338,7 @@ def callback(mode: str):
 
         def on_train_begin(self, args, state, control, model=None, **kw):
             if self.handle is None:
-                self.handle = install(model, split=mode == "split")
+                self.handle = install(model, mode)
 
         def on_train_end(self, args, state, control, **kw):
             if self.handle is not None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from runner import attention as attention_kernels, distributed, model as model_phase
-from runner.modes import ACT_BYTES, BUDGET_MARGIN, choose_mode, lora_bytes
+from runner.modes import ACT_BYTES, BUDGET_MARGIN, HOST_FRACTION, choose_mode, lora_bytes
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec
 
@@ -107,6 +107,7 @@ class Machine:
     liger: bool = False  # liger-kernel is installed
     flash_attn: bool = False  # flash-attn is installed
     varlen: bool = False  # PyTorch's varlen flash-attention kernel is available
+    host_available: int | None = None  # bytes of host memory this machine (container) can still give; None: unknown
 
     @property
     def gpu(self) -> bool:
@@ -119,7 +120,37 @@ class Machine:
             return cls(processes=processes, liger=liger)
         free, total = torch.cuda.mem_get_info(model_phase.device())
         return cls(processes=processes, gpu_total=total, gpu_free=free, bf16=torch.cuda.is_bf16_supported(),
-                   liger=liger, flash_attn=_importable("flash_attn"), varlen=attention_kernels.available())
+                   liger=liger, flash_attn=_importable("flash_attn"), varlen=attention_kernels.available(),
+                   host_available=host_available())
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def host_available() -> int | None:
+    """Host memory this container can still use: the kernel's MemAvailable, capped by the cgroup's limit less its
+    usage (a pod's memory limit; cgroup v2, else v1)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            room = max(limit - usage, 0)
+            available = room if available is None else min(available, room)
+            break
+    return available
 
 
 # ----------------------------------------------------------------------------------- single choices
@@ -244,8 +275,9 @@ class Plan:
     gpu_total_bytes: int | None
     gpu_usable_bytes: int | None
     bits: int = 4  # quantization.bits: 4 (QLoRA), 8 (LLM.int8) or 16 (plain LoRA)
-    # Checkpointed inputs kept in CPU memory (runner/offload.py): None, "layer" (one per decoder layer) or
-    # "split" (attention and MLP halves checkpointed apart: half the live activations, twice the CPU memory).
+    # Checkpointed inputs kept in CPU memory (runner/offload.py): None, "layer" (one per decoder layer), "split"
+    # (attention and MLP halves checkpointed apart: fewer live activations, twice the CPU memory) or "tiled"
+    # (layers, their MLP recomputed a chunk of tokens at a time: split's GPU memory, layer's CPU memory).
     offload: str | None = None
     accumulation: int = 1  # micro-batches per optimizer step (micro_batch x accumulation = the spec's rows)
     memory_budget_bytes: int | None = None  # training.memoryBudget
@@ -322,7 +354,8 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     if usable is not None and chosen != "fsdp":
         if budget is not None:
             usable = min(usable, budget - lora_bytes(skeleton, spec) - BUDGET_MARGIN)
-        fit = choose_mode(t, spec.dataset.max_length, layers, hidden, on_gpu, usable, fused)
+        host = None if machine.host_available is None else int(HOST_FRACTION * machine.host_available) // machine.processes
+        fit = choose_mode(t, spec.dataset.max_length, layers, hidden, on_gpu, usable, fused, host)
     elif usable is not None and t.gradient_checkpointing is None:  # FSDP: on when the activations do not fit
         fit["mode"] = "gpu" if on_gpu + activations > usable else "none"
     checkpointing = fit["mode"] != "none"
@@ -342,7 +375,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         fused_kernels=fused, attention=attn, packing=packing, micro_batch=fit["micro_batch"],
         micro_batch_tokens=tokens, weight_bytes=weights, gpu_weight_bytes=on_gpu, activation_bytes=activations,
         checkpointed_bytes=checkpointed, gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits,
-        offload=fit["mode"] if fit["mode"] in ("layer", "split") else None, accumulation=fit["accumulation"],
+        offload=fit["mode"] if fit["mode"] in ("layer", "split", "tiled") else None, accumulation=fit["accumulation"],
         memory_budget_bytes=budget, peak_bytes=fit["peak"],
         fused_lora=t.fused_kernels is not False and chosen != "fsdp" and bits != 8 and spec.lora.dropout == 0,
     )

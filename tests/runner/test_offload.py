@@ -39,22 +39,27 @@ def _grads(model, mode: str):
     handle = None
     if mode == "plain":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif mode in ("layer", "split"):
-        handle = offload.install(model, split=mode == "split")
+    elif mode in offload.MODES:
+        handle = offload.install(model, mode)
         real_save, saved = handle.store.save, []
         handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
     loss = model(**_batch()).loss
     loss.backward()
     if handle is not None:  # one saved input per unit: a layer, or its attention and MLP halves
         assert len(saved) == len(offload.decoder_layers(model)) * (2 if mode == "split" else 1)
+        assert handle.store.saved == []  # the backward pass took every saved input back
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     if handle is not None:
         handle.remove()
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("mode", ["layer", "split"])
-def test_offloaded_gradients_equal_plain_checkpointing(mode):
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("mode", ["layer", "split", "tiled"])
+def test_offloaded_gradients_equal_plain_checkpointing(mode, chunk, monkeypatch):
+    """`chunked`: the MLP units (split, tiled) run and are recomputed 5 tokens at a time (5 chunks of the 24)."""
+    if chunk:
+        monkeypatch.setattr(offload, "CHUNK_TOKENS", chunk)
     ref_loss, ref = _grads(_model(), "none")
     plain_loss, plain = _grads(_model(), "plain")
     loss, got = _grads(_model(), mode)
@@ -138,8 +143,8 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
         seen = []
         real_install = offload.install
 
-        def spy(m, split=True):
-            handle = real_install(m, split)
+        def spy(m, mode="split"):
+            handle = real_install(m, mode)
             seen.append((handle, handle.mode))
             return handle
 

@@ -4,6 +4,7 @@ Machines are described (GPU size, installed kernels), so the GPU rules are check
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -149,10 +150,30 @@ def test_one_long_sequence_under_a_budget_is_split_and_offloaded(llama_8b):
     assert _choice(tight) == (True, "split", 1, 1) and tight.peak_bytes < free.peak_bytes / 2
     hopeless = make_plan(_spec(llama_8b, **{**doc, "training": {"batchSize": 1, "memoryBudget": 6,
                                                                       "gradientCheckpointing": None}}), llama_8b, H200)
-    assert _choice(hopeless) == (True, "split", 1, 1) and hopeless.peak_bytes > 6 * GiB  # fails on memory, said why
+    assert _choice(hopeless) == (True, "tiled", 1, 1) and hopeless.peak_bytes > 6 * GiB  # fails on memory, said why
     no_ckpt = _spec(llama_8b, dataset={"maxLength": 2048}, lora={"r": 32, "alpha": 64},
                     training={"batchSize": 4, "memoryBudget": 24, "gradientCheckpointing": False})
     assert _choice(make_plan(no_ckpt, llama_8b, H200)) == (False, None, 1, 4)  # the spec wins: smaller micro-batches
+
+
+@pytest.mark.parametrize("host_gib, expected", [
+    (None, "split"),  # host memory unknown: not a limit
+    (100, "split"),  # 64 GiB of pinned inputs (two per layer) fit in 70% of 100
+    (60, "tiled"),  # they do not; one per layer (32 GiB) does: tiled, as little GPU memory, half the CPU memory
+    (40, "tiled"),  # 32 GiB > 70% of 40: nothing offloaded fits; the plan still says so (fails on memory)
+])
+def test_the_offloaded_inputs_must_fit_in_host_memory(llama_8b, host_gib, expected):
+    """One 128k-token sequence under a 29 GiB budget: the GPU has room for split offloading, which pins two inputs
+    per layer (128k x 4096 x 2 bytes each, 64 in all: 64 GiB); the host may not."""
+    machine = dataclasses.replace(H200, host_available=host_gib and host_gib * GiB)
+    spec = _spec(llama_8b, dataset={"maxLength": 131072}, lora={"r": 32, "alpha": 64},
+                 training={"batchSize": 1, "memoryBudget": 29, "gradientCheckpointing": None})
+    plan = make_plan(spec, llama_8b, machine)
+    assert _choice(plan) == (True, expected, 1, 1)
+    pinned = modes.host_bytes(expected, 131072, 32, 4096)
+    assert pinned == (64 if expected == "split" else 32) * GiB
+    if host_gib:
+        assert (pinned <= modes.HOST_FRACTION * host_gib * GiB) == (host_gib != 40)
 
 
 def test_spec_settings_win_over_automatic_choices(tiny_llama):
@@ -273,3 +294,10 @@ def test_a_job_logs_its_plan_as_one_line_and_writes_it_into_metrics(tiny_llama, 
     assert plan["strategy"] == "single" and plan["packing"] is True and plan["gradientCheckpointing"] is False
     assert plan["computeDtype"] == "float32" and plan["storageDtype"] == "uint8" and plan["attention"] == "sdpa"
     assert plan["weightBytes"] > 0 and plan["gpuTotalBytes"] is None
+
+
+def test_host_memory_is_what_the_kernel_and_the_cgroup_leave():
+    got = plan_phase.host_available()
+    meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/meminfo")}
+    assert 0 < got <= meminfo["MemAvailable"] * 1.1  # read a moment apart
+    assert got <= meminfo["MemTotal"]
