@@ -16,6 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from runner import notices
 from runner.api import errors, names, status
 from runner.api.errors import RunnerError, redact
 
@@ -245,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="on a terminal: where library output goes (default: runner.log in the work dir, "
                        "the quickstart's dir, or a temp file)")
     args = parser.parse_args(argv)
+    notices.quiet()  # before any library that logs them is imported
     if args.command == "run":
         return _run(args)
     if args.command == "validate":

@@ -2,13 +2,12 @@
 that need only the config."""
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import torch
 
-from runner import attention as attention_kernels
+from runner import attention as attention_kernels, notices
 from runner.api.errors import PermanentError, INVALID_SPEC
 from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 
@@ -100,9 +99,7 @@ def load_base(model_dir: Path, m: ModelSpec, q: QuantizationSpec, *, compute: to
 
     if attention == attention_kernels.NAME:
         attention_kernels.register()  # make "varlen" loadable by transformers in this process
-    if q.bits == 8 and compute != torch.float16:
-        # LLM.int8 computes in float16 whatever the compute dtype; bitsandbytes says so on every matmul.
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8CastNotice())
+    notices.quiet()  # e.g. LLM.int8's "inputs will be cast" on every matmul (runner/notices.py)
     load_on = load_on or device()
     quantization = bnb_config(q, compute, storage)
     model = AutoModelForCausalLM.from_pretrained(
@@ -120,11 +117,6 @@ def load_base(model_dir: Path, m: ModelSpec, q: QuantizationSpec, *, compute: to
 
 
 load_quantized = load_base  # the name it had when every base was 4-bit
-
-
-class _Int8CastNotice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
 def _keep_training_layout(model) -> None:

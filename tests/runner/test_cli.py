@@ -42,6 +42,26 @@ def test_success_reports_phases_progress_and_result(tiny_llama, qa_jsonl, tmp_pa
     assert result["phase"] == "Succeeded" and result["exitCode"] == 0
     assert result["output"] == str(tmp_path / "out") and "train_loss" in result["metrics"]
     assert SECRET not in stderr and SECRET not in json.dumps(events)
+    assert "gemm_4bit_forward" not in stderr and "pip install kernels" not in stderr  # runner/notices.py
+
+
+def test_the_notices_the_runner_drops_are_real_and_only_those():
+    """bitsandbytes logs an optional-kernel notice at import on CPUs with AVX512-BF16 (this machine's kind):
+    printed without the runner's filters, gone with them, while its other warnings still pass."""
+    probe = ("import logging, sys; logging.basicConfig(stream=sys.stderr)\n"
+             "{quiet}\n"
+             "from bitsandbytes.backends.cpu import ops\n"
+             "print(bool(ops.has_avx512bf16()))\n"
+             "ops.logger.warning('another bitsandbytes warning')\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    plain = subprocess.run([sys.executable, "-c", probe.format(quiet="")], capture_output=True, text=True, env=env)
+    quiet = subprocess.run([sys.executable, "-c", probe.format(quiet="from runner import notices; notices.quiet()")],
+                           capture_output=True, text=True, env=env)
+    assert plain.returncode == quiet.returncode == 0, plain.stderr + quiet.stderr
+    if plain.stdout.strip() == "True":  # the CPU the notice is about
+        assert "Failed to load CPU gemm_4bit_forward" in plain.stderr
+    assert "gemm_4bit_forward" not in quiet.stderr
+    assert "another bitsandbytes warning" in quiet.stderr
 
 
 def test_invalid_spec_exits_permanent_with_every_problem(tmp_path):
