@@ -8,6 +8,8 @@ How `runner.podTemplate` merges into the pod the controller builds (for a Job an
     spec.runtimeClassName, hostNetwork,     set (a FineTuneJob cannot set them)
       dnsPolicy, dnsConfig, schedulerName
     spec.priorityClassName                  a default: a job's own spec.priorityClassName (policy-allowed) wins
+    spec.terminationGracePeriodSeconds      the runner's time to save a checkpoint after SIGTERM (30-3600; the
+                                            controller's default is 120: raise it for large models)
     spec.nodeSelector                       merged; on the same key the patch wins
     spec.tolerations, hostAliases, volumes  appended after the job's
     spec.affinity                           node affinity: the job's required terms AND the patch's (each pair of
@@ -17,7 +19,7 @@ How `runner.podTemplate` merges into the pod the controller builds (for a Job an
                                             name; volumeMounts appended (of the patch's own volumes only)
 
 Refused at controller start (the error names the field): the security context, ServiceAccount and token, image,
-command, args, resources, restart policy, grace period, host PID/IPC, init containers - the controller's own -
+command, args, resources, restart policy, host PID/IPC, init containers - the controller's own -
 and any other field; env the controller sets (FINETUNE_JOB_*, FINETUNE_ATTEMPT, FINETUNE_POD_NAME,
 FINETUNE_WORK_DIR, FINETUNE_MODEL_CACHE, HOME, TMPDIR, PET_*); volume names `job`, `dshm`, `scratch`, `tmp` or
 `finetune-*`; mounts at or around the runner's own paths.
@@ -58,8 +60,7 @@ _WHY = {
     "serviceAccount": "each job runs as its own ServiceAccount, allowed only to report its own status",
     "automountServiceAccountToken": "the runner reports its status with the token",
     "restartPolicy": "the controller retries attempts itself", "initContainers": "only the runner runs",
-    "ephemeralContainers": "only the runner runs", "terminationGracePeriodSeconds": "it is the runner's time to "
-    "save a checkpoint", "hostPID": "model code would see the node's processes", "hostIPC": "model code would "
+    "ephemeralContainers": "only the runner runs", "hostPID": "model code would see the node's processes", "hostIPC": "model code would "
     "share the node's IPC", "nodeName": "use nodeSelector or affinity", "imagePullSecrets": "use "
     "runner.imagePullSecrets", "image": "it is runner.image (or a job's spec.image within policy.imagePrefixes)",
     "command": "the controller runs the runner's command", "args": "the controller runs the runner's command",
@@ -110,6 +111,9 @@ class PodSpecPatch(_Model):
     dns_config: dict[str, Any] | None = None
     scheduler_name: str | None = None
     priority_class_name: str | None = None
+    # The runner's time to save a checkpoint after SIGTERM (suspend, preemption, delete); a 70B checkpoint can take
+    # longer than the controller's default (children.TERMINATION_GRACE_SECONDS).
+    termination_grace_period_seconds: int | None = Field(None, ge=30, le=3600)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     affinity: dict[str, Any] | None = None
@@ -231,6 +235,8 @@ class RunnerPod(_Model):
             value = getattr(p, _snake(key))
             if value not in (None, "", {}):
                 pod[key] = copy.deepcopy(value)
+        if p.termination_grace_period_seconds:
+            pod["terminationGracePeriodSeconds"] = p.termination_grace_period_seconds
         if p.priority_class_name and not pod.get("priorityClassName"):
             pod["priorityClassName"] = p.priority_class_name
         if p.node_selector:

@@ -18,7 +18,7 @@ CHART_DEFAULTS = {"modelCache": {"claimName": ""}, "podTemplate": {
     "metadata": {"annotations": {}, "labels": {}},
     "spec": {"affinity": {}, "containers": [], "dnsConfig": {}, "dnsPolicy": "", "hostAliases": [],
              "hostNetwork": False, "nodeSelector": {}, "priorityClassName": "", "runtimeClassName": "",
-             "schedulerName": "", "tolerations": [], "volumes": []}}}
+             "schedulerName": "", "terminationGracePeriodSeconds": 0, "tolerations": [], "volumes": []}}}
 
 # The end-to-end tier's values (hostNetwork, the API server on loopback), plus what platform teams set.
 ADMIN = """
@@ -104,6 +104,17 @@ def test_admin_patch_merges_into_every_runner_pod_and_the_controller_keeps_its_o
     assert pod["metadata"]["annotations"]["finetune.dev/spec"] == plain["metadata"]["annotations"]["finetune.dev/spec"]
 
 
+def test_the_admin_may_give_the_runner_longer_to_save_a_checkpoint():
+    """A 70B checkpoint can take longer than the controller's 120 s grace period: the admin raises it for every
+    runner pod (a FineTuneJob cannot)."""
+    plain = _pod(None)
+    assert plain["spec"]["terminationGracePeriodSeconds"] == children.TERMINATION_GRACE_SECONDS == 120
+    longer = _pod(RunnerPod.parse({"podTemplate": {"spec": {"terminationGracePeriodSeconds": 900}}}))
+    assert longer["spec"]["terminationGracePeriodSeconds"] == 900
+    assert {k: v for k, v in longer["spec"].items() if k != "terminationGracePeriodSeconds"} == {
+        k: v for k, v in plain["spec"].items() if k != "terminationGracePeriodSeconds"}
+
+
 def test_the_readme_example_is_what_the_controller_accepts():
     import re
 
@@ -154,6 +165,8 @@ def test_a_jobs_own_priority_class_wins_over_the_admin_default_and_jobsets_get_t
     ({"podTemplate": {"metadata": {"annotations": {"finetune.dev/spec": "{}"}}}},
      "runner.podTemplate.metadata.annotations['finetune.dev/spec']"),
     ({"podTemplate": {"spec": {"dnsPolicy": "Sometimes"}}}, "runner.podTemplate.spec.dnsPolicy"),
+    ({"podTemplate": {"spec": {"terminationGracePeriodSeconds": 5}}},
+     "runner.podTemplate.spec.terminationGracePeriodSeconds"),  # too short to save a checkpoint
     ({"modelCache": {"claimName": "Not A Name"}}, "runner.modelCache.claimName"),
 ])
 def test_what_the_patch_may_not_set_is_refused_naming_the_field(doc, field):
