@@ -117,7 +117,7 @@ class Installed:
 
 def install(model) -> Installed:
     """Every fusable LoRA layer of `model` computes its training forward as one `lora_matmul`."""
-    layers = [m for m in model.modules() if fusable(m)]
+    layers = [m for m in model.modules() if fusable(m) and "forward" not in vars(m)]  # not patched twice
     for layer in layers:
         original = layer.forward  # bound method of the class
 

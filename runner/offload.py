@@ -234,15 +234,15 @@ class Offload:
 
     def __init__(self, model, store: _Store, mode: str) -> None:
         self.model, self.store, self.mode = model, store, mode
-        self.split: list = []  # (norm, norm forward, module, module forward) patched
+        self.patched: list = []  # (norm, norm forward, module, module forward): split units, tiled MLPs
         self.layers: list = []  # whole layers checkpointed by transformers' hook
 
     def remove(self) -> None:
-        for norm, norm_fwd, module, fwd in self.split:
+        for norm, norm_fwd, module, fwd in self.patched:
             norm.forward, module.forward = norm_fwd, fwd
         for layer in self.layers:
             layer.gradient_checkpointing = False
-        self.split, self.layers = [], []
+        self.patched, self.layers = [], []
 
 
 def decoder_layers(model) -> list:
@@ -311,7 +311,7 @@ def _split(layer, store: _Store, done: Offload) -> None:
             return (out, None) if _tuple else out
 
         norm.forward, module.forward = _identity, unit
-        done.split.append((norm, norm_fwd, module, fwd))
+        done.patched.append((norm, norm_fwd, module, fwd))
 
 
 def _tile_mlp(layer, done: Offload) -> None:
@@ -325,7 +325,7 @@ def _tile_mlp(layer, done: Offload) -> None:
         return tiled(run, x) if _module.training else run(x)
 
     norm.forward, mlp.forward = _identity, unit
-    done.split.append((norm, norm_fwd, mlp, fwd))
+    done.patched.append((norm, norm_fwd, mlp, fwd))
 
 
 def callback(mode: str):

@@ -79,6 +79,7 @@ def test_layers_it_cannot_run_keep_peft():
     assert fused_lora.install(with_dropout).layers == []
     model = _peft("fp32", False)
     handle = fused_lora.install(model)
+    assert fused_lora.install(model).layers == []  # a patched layer is not patched again
     model.eval()
     with torch.no_grad():  # outside training: peft's own forward (its result computed as peft computes it)
         x = torch.randn(3, 64)

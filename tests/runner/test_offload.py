@@ -76,7 +76,7 @@ def test_split_units_are_used_and_removed():
     model = _model()
     layers = offload.decoder_layers(model)
     handle = offload.install(model)
-    assert handle.mode == "split" and len(handle.split) == 2 * len(layers)
+    assert handle.mode == "split" and len(handle.patched) == 2 * len(layers)
     saved = []
     real_save = handle.store.save
     handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
@@ -158,6 +158,6 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
         losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         assert len(seen) == (1 if mode else 0)
         if mode:
-            assert seen[0][1] == "split" and seen[0][0].split == []  # removed when training ended
+            assert seen[0][1] == "split" and seen[0][0].patched == []  # removed when training ended
     assert len(losses[None]) == 3
     assert losses["split"] == pytest.approx(losses[None], rel=1e-4)
