@@ -60,8 +60,8 @@ _WHY = {
     "serviceAccount": "each job runs as its own ServiceAccount, allowed only to report its own status",
     "automountServiceAccountToken": "the runner reports its status with the token",
     "restartPolicy": "the controller retries attempts itself", "initContainers": "only the runner runs",
-    "ephemeralContainers": "only the runner runs", "hostPID": "model code would see the node's processes", "hostIPC": "model code would "
-    "share the node's IPC", "nodeName": "use nodeSelector or affinity", "imagePullSecrets": "use "
+    "ephemeralContainers": "only the runner runs", "hostPID": "model code would see the node's processes",
+    "hostIPC": "model code would share the node's IPC", "nodeName": "use nodeSelector or affinity", "imagePullSecrets": "use "
     "runner.imagePullSecrets", "image": "it is runner.image (or a job's spec.image within policy.imagePrefixes)",
     "command": "the controller runs the runner's command", "args": "the controller runs the runner's command",
     "resources": "a job's spec.resources", "workingDir": "the runner works in /scratch",
@@ -231,12 +231,11 @@ class RunnerPod(_Model):
         md["labels"] = {**patch.metadata.labels, **md.get("labels", {})}
         md["annotations"] = {**patch.metadata.annotations, **md.get("annotations", {})}
         p = patch.spec
-        for key in ("runtimeClassName", "hostNetwork", "dnsPolicy", "dnsConfig", "schedulerName"):
+        for key in ("runtimeClassName", "hostNetwork", "dnsPolicy", "dnsConfig", "schedulerName",
+                    "terminationGracePeriodSeconds"):
             value = getattr(p, _snake(key))
             if value not in (None, "", {}):
                 pod[key] = copy.deepcopy(value)
-        if p.termination_grace_period_seconds:
-            pod["terminationGracePeriodSeconds"] = p.termination_grace_period_seconds
         if p.priority_class_name and not pod.get("priorityClassName"):
             pod["priorityClassName"] = p.priority_class_name
         if p.node_selector:

@@ -19,6 +19,8 @@ checkpointing must be off. Outside training (eval, generation) the units run as 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from runner import modes
@@ -104,18 +106,19 @@ def _chunked(run, x: torch.Tensor, chunk: int | None) -> torch.Tensor:
     return out
 
 
-def _chunked_backward(run, x: torch.Tensor, grad: torch.Tensor, chunk: int | None) -> torch.Tensor:
+def _chunked_backward(run, x: torch.Tensor, grad: torch.Tensor, chunk: int | None) -> torch.Tensor | None:
     """Recompute a token-wise `run` a chunk at a time, each chunk's backward done before the next is recomputed
     (the parameters' gradients accumulate); the gradient of `x`. Call under enable_grad with the RNG state the
     forward pass started from (the chunks consume it in the same order)."""
-    dx = torch.zeros_like(x) if len(_spans(x, chunk)) > 1 else None
-    for s in _spans(x, chunk):
+    spans = _spans(x, chunk)
+    dx = torch.zeros_like(x) if len(spans) > 1 else None
+    for s in spans:
         xc = x[..., s, :].detach().requires_grad_(True)
         out = run(xc)
         if out.requires_grad:
             torch.autograd.backward(out, grad[..., s, :])
-        if dx is None:
-            return xc.grad if xc.grad is not None else torch.zeros_like(x)
+        if dx is None:  # one span: its gradient is the whole input's
+            return xc.grad
         if xc.grad is not None:
             dx[..., s, :] = xc.grad
     return dx
@@ -129,9 +132,7 @@ class _Recompute:
         self.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
         self.rng = _rng_state(x.device)
 
-    def __call__(self):
-        import contextlib
-
+    def __call__(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         stack.enter_context(torch.random.fork_rng(devices=devices))
