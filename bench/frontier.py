@@ -60,7 +60,7 @@ def single_data(vocab: int, n: int, length: int, seed: int = 0):
     """`n` examples of exactly `length` tokens, 30% prompt: one sequence per step."""
     import datasets
 
-    from runner.data import TokenizedData
+    from runner.data.dataset import TokenizedData
 
     g = torch.Generator().manual_seed(seed)
     rows = {"input_ids": [], "completion_mask": []}
@@ -158,10 +158,11 @@ def _step_callback(rec: dict, profile_at: int | None):
 
 def runner_worker(model_dir: Path, shape: str, workloads: list[dict], out: Path, work: Path) -> None:
     """Every workload on one loaded base: LoRA weights restored before each, so the losses compare."""
-    from runner import model as model_phase, parallel
+    from runner.model import load as model_phase
+    from runner.train import fsdp as parallel
     from runner.api.parse import parse_job
-    from runner.plan import make_plan
-    from runner.train import make_trainer
+    from runner.train.plan import make_plan
+    from runner.train.trainer import make_trainer
 
     results = json.loads(out.read_text()) if out.exists() else {}
     first = parse_job(tb.job_for(json.dumps({"lora": LORA}), model_dir, shape)).spec

@@ -1,4 +1,4 @@
-"""`python -m bench.merge_bench`: time and peak memory of the shard-by-shard merge (runner.merge) on a random
+"""`python -m bench.merge_bench`: time and peak memory of the shard-by-shard merge (runner.merge.fold) on a random
 model of a real shape.
 
     python -m bench.merge_bench --shape llama-3-8b                           # bf16 base in ~5 GiB shards
@@ -10,7 +10,7 @@ writes each tensor of a LlamaConfig of the real shape (normal weights, std 0.02;
 GPU when there is one, straight into safetensors shards of about --shard-mib; `--base 4bit` writes the base
 already in NF4, a layer at a time (bench/prequantize.py, as the training benchmark makes its 70B). Then a
 random LoRA adapter (r=32, alpha=64, all 7 projections of every layer). Then the job's merge phase,
-runner.merge.merge, runs in a fresh process (so its peak RSS is the merge's own) on the GPU when there is one,
+runner.merge.fold.merge, runs in a fresh process (so its peak RSS is the merge's own) on the GPU when there is one,
 and one JSON document is printed: seconds, peak CPU RSS, peak GPU memory, merged size and the checks.
 
 Disk: the base (bf16: 2 bytes/parameter; 4bit: ~0.56) plus the merged output (2 bytes/parameter): 16 + 16 GB
@@ -141,7 +141,7 @@ def run_merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str, merg
     """The job's merge phase, timed, in this process (the caller runs it in a fresh one)."""
     from transformers import AutoTokenizer
 
-    from runner import merge as merge_phase
+    from runner.merge import fold as merge_phase
     from runner.api.parse import manifest, parse_job
 
     spec = parse_job(manifest("merge-bench", {

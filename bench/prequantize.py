@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runner.model import is_quantized_linear
+from runner.model.load import is_quantized_linear
 
 
 def units(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -12,7 +12,7 @@ RESULTS = [
     ("bench/results/h200-llama-3-8b-frontier.json", "One call, both frameworks, one H200 (`bash bench/gpu/frontier.sh`, "
      "lengths 16k-64k, 2 steps per length of which the second is timed):"),
     ("bench/results/h200-llama-3-8b-frontier-cudnn.json", "Then single sequences on cuDNN's attention kernel "
-     "(runner/attention.py), the runner alone in a second call, against the Unsloth rows above:"),
+     "(runner/model/attention.py), the runner alone in a second call, against the Unsloth rows above:"),
 ]
 README = ROOT / "README.md"
 START, END = "<!-- frontier-table:start -->", "<!-- frontier-table:end -->"

@@ -94,7 +94,7 @@ def synthetic_data(vocab: int, n: int, max_length: int, seed: int = 0):
     """Examples of realistic lengths (log-normal, median ~300 tokens), 30% prompt / 70% completion."""
     import datasets
 
-    from runner.data import TokenizedData
+    from runner.data.dataset import TokenizedData
 
     g = torch.Generator().manual_seed(seed)
     lengths = torch.exp(torch.randn(n, generator=g) * 0.8 + math.log(300)).clamp(32, max_length).long().tolist()
@@ -172,10 +172,10 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
                log_every_step: bool = False) -> tuple[dict, Path]:
     from peft import prepare_model_for_kbit_training
 
-    from runner import model as model_phase
-    from runner import parallel
-    from runner.plan import make_plan
-    from runner.train import make_trainer
+    from runner.model import load as model_phase
+    from runner.train import fsdp as parallel
+    from runner.train.plan import make_plan
+    from runner.train.trainer import make_trainer
 
     job = parse_job(job_for(name, model_dir, shape))
     spec = job.spec
@@ -191,7 +191,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = parallel.add_lora(model, spec.lora)  # under FSDP the sharded loader added them already
     tokens_per_step = spec.training.batch_size * spec.dataset.max_length * spec.training.gradient_accumulation_steps
-    from runner import distributed
+    from runner.parallel import distributed as distributed
 
     n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3)) * distributed.world_size()
     data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
@@ -251,8 +251,8 @@ def _per_rank(value: float) -> list[float]:
 
 
 def time_merge(model_dir: Path, adapter: Path, work: Path, shape: str) -> dict:
-    from runner import merge as merge_phase
-    from runner import model as model_phase
+    from runner.merge import fold as merge_phase
+    from runner.model import load as model_phase
 
     spec = parse_job(job_for("defaults", model_dir, shape)).spec
     tok = model_phase.load_tokenizer(model_dir, spec.model)
@@ -327,7 +327,7 @@ def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30
 
 
 def run_single(args) -> int:
-    from runner import distributed
+    from runner.parallel import distributed as distributed
 
     try:
         res, adapter = run_config(args.single, Path(args.model_dir), args.shape, args.steps, args.warmup,

@@ -114,7 +114,7 @@ def pod_template(ftj: dict, attempt: int, spec: dict, *, image: str, env: list[d
     pod_spec: dict = {
         "restartPolicy": "Never",
         "serviceAccountName": spec.get("serviceAccountName") or identity_name(md["name"]),
-        # The status sink (runner/kube_status.py) patches this job's status with the pod's token; under the
+        # The status sink (runner/report/kube_status.py) patches this job's status with the pod's token; under the
         # controller it always reports, so the token is always mounted - it is allowed nothing else.
         "automountServiceAccountToken": True,
         "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,

@@ -7,7 +7,7 @@ JobSet gives the pods stable DNS names through its headless Service (network.ena
 `<jobset>-node-0-<i>.<jobset>`, where i is the pod's completion index, read through the downward API from the
 annotation the Indexed Job sets. The runner gets them as torchrun's own variables (runner/api/names.py: PET_NNODES,
 PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT, PET_LOCAL_ADDR) and starts torchrun with c10d rendezvous hosted by
-node 0 (runner/distributed.py). c10d numbers the nodes by their addresses, and `<jobset>-node-0-0.` sorts before
+node 0 (runner/parallel/distributed.py). c10d numbers the nodes by their addresses, and `<jobset>-node-0-0.` sorts before
 every other node's, so global rank 0 - the process that reports progress, checkpoints, merges and publishes, and
 whose result the controller reads - always runs in node 0's pod.
 

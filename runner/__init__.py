@@ -1,0 +1,17 @@
+"""The runner: one FineTuneJob spec in; model and data pulled, trained, merged, published, every phase reported.
+
+Packages, lowest layer first; each imports only the layers below it (tests/test_layout.py checks it):
+
+    api       the FineTuneJob contract shared with the controller: spec, parsing, status, errors, names
+    data      rows read, formatted into text with loss spans, tokenized, packed
+    store     every place files live (local, S3, the Hub) behind one interface: download, publish, checkpoints,
+              the lease, the shared model cache
+    model     the base loaded 4-bit/8-bit/16-bit with LoRA, its files, attention kernels
+    parallel  several processes: the launcher, ranks, FSDP loading
+    report    events, console, status patches, trackers, the published report and model card
+    train     the Plan, the memory modes and kernels, the trainer with durable checkpoints
+    merge     the adapter folded into a 16-bit base, shard by shard, and checked
+
+At the top: job (one job start to finish, phase by phase), preview (what will be trained, before any GPU is
+held), __main__ (the command line), quickstart/ (the embedded CPU job).
+"""

@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from runner import notices
+from runner.model import notices as notices
 from runner.api import errors, names, status
 from runner.api.errors import RunnerError, redact
 
@@ -45,12 +45,12 @@ def _human(args) -> bool:
 
 def _run(args, before=None) -> int:
     """`before(console)` runs first, inside the same view (the quickstart writes its files there)."""
-    from runner.console import Tee
+    from runner.report.console import Tee
 
     events_file = open(args.events, "w", encoding="utf-8", buffering=1) if args.events else None
     try:
         if _human(args):
-            from runner.console import default_log_path, session
+            from runner.report.console import default_log_path, session
 
             log_path = Path(args.log) if args.log else default_log_path(args.work_dir, getattr(args, "log_dir", None))
             with session(log_path, verbose=args.verbose) as (console, log):
@@ -72,18 +72,18 @@ def _run(args, before=None) -> int:
 
 
 def _run_job(args, events_out, *, console=None, log=None) -> int:
-    from runner.report import Reporter
+    from runner.report.events import Reporter
     from runner.api.parse import load_job
 
-    from runner import distributed
-    from runner.kube_status import sink_from_env
+    from runner.parallel import distributed as distributed
+    from runner.report.kube_status import sink_from_env
 
     if distributed.is_main():
         sink = sink_from_env()  # under the controller: live phase and progress into this job's status
         reporter = Reporter(stdout=events_out, stderr=log, termination_log=args.termination_log,
                             sinks=[sink] if sink else None, console=console)
     else:  # ranks > 0 train silently (failures aside); rank 0 reports for all
-        from runner.console import FailuresOnly
+        from runner.report.console import FailuresOnly
 
         reporter = Reporter(stdout=open(os.devnull, "w"), stderr=FailuresOnly(sys.stderr, distributed.rank()),
                             termination_log=os.devnull)
@@ -99,7 +99,7 @@ def _run_job(args, events_out, *, console=None, log=None) -> int:
         if distributed.world_size() == 1:
             distributed.pin_one_gpu()
         from runner.job import run_job
-        from runner.train import StopFlag
+        from runner.train.trainer import StopFlag
 
         stop = StopFlag()
         stop.install()
@@ -155,12 +155,13 @@ def _fail(reporter, e: RunnerError) -> int:
 def _validate(args) -> int:
     from runner.api.errors import SpecError
     from runner.api.parse import load_job
-    from runner.outputs import local_problems
+    from runner.data.dataset import template_problems
+    from runner.store.outputs import local_problems
 
     try:
         job = load_job(args.job)
         # Templates; local paths that do not exist, overlaps, a destination holding files the runner did not write.
-        problems = local_problems(job, paths=not args.spec_only)
+        problems = template_problems(job.spec.dataset) + ([] if args.spec_only else local_problems(job))
         if any(not p.startswith("dataset.template.") for p in problems):
             problems.append("(local paths are checked on this machine; for a job whose volumes are mounted "
                             "only where it runs, pass --spec-only)")

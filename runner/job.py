@@ -13,15 +13,24 @@ from pathlib import Path
 
 import torch
 
-from runner import artifacts, data as data_phase, distributed, merge as merge_phase, model as model_phase, parallel
-from runner import cache, outputs, plan as plan_phase, storage, tracking
+from runner.report import artifacts as artifacts
+from runner.data import dataset as data_phase
+from runner.parallel import distributed as distributed
+from runner.merge import fold as merge_phase
+from runner.model import load as model_phase
+from runner.train import fsdp as parallel
+from runner.store import cache as cache
+from runner.store import outputs as outputs
+from runner.train import plan as plan_phase
+import runner.store as storage
+from runner.report import tracking as tracking
 from runner.api import errors, status
 from runner.api.errors import INVALID_SPEC, PermanentError, SpecError
-from runner.outputs import checkpoint_location
-from runner.storage import local as local_storage
-from runner.report import Reporter
+from runner.store.outputs import checkpoint_location
+from runner.store import local as local_storage
+from runner.report.events import Reporter
 from runner.api.spec import FineTuneJobSpec, Job
-from runner.train import StopFlag, train
+from runner.train.trainer import StopFlag, train
 
 
 def _uri_problem(field: str, value: str) -> storage.Location:
@@ -44,7 +53,7 @@ def _validate(job: Job) -> dict:
     }
     dest = _uri_problem("output.destination", spec.output.destination)
     ckpt_loc = checkpoint_location(spec)
-    problems = outputs.local_problems(job)
+    problems = data_phase.template_problems(spec.dataset) + outputs.local_problems(job)
     if problems:
         raise SpecError(problems)
     storage.check_source(locations["model"], repo_type="model")

@@ -1,7 +1,7 @@
 """`python -m runner preview job.yaml`: what will be trained, before any GPU is held.
 
 It reads the data and only the tokenizer (no weights), formats and tokenizes every example exactly as `run`
-does (runner/data.py), and shows: N examples as the model sees them with the loss mask marked, the format
+does (runner/data/dataset.py), and shows: N examples as the model sees them with the loss mask marked, the format
 and why, token-length statistics and a histogram, what maxLength cuts, packing, steps and tokens, and
 warnings.
 """
@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner import data as data_phase, storage
+from runner.data import dataset as data_phase
+import runner.store as storage
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import Job
 
@@ -77,7 +78,7 @@ def gather(job: Job, *, n: int = 3, work: Path | None = None) -> Preview:
 
 
 def _gather(job: Job, n: int, work: Path) -> Preview:
-    from runner import model as model_phase
+    from runner.model import load as model_phase
 
     spec, d = job.spec, job.spec.dataset
     data_path = storage.download(_parse(d.source, "dataset.source"), work / "data", repo_type="dataset")
@@ -86,7 +87,7 @@ def _gather(job: Job, n: int, work: Path) -> Preview:
                                  allow_patterns=TOKENIZER_FILES)
     tokenizer = model_phase.load_tokenizer(model_dir, spec.model)
     columns = list(rows.column_names)
-    from runner.chat import chat_function
+    from runner.data.chat import chat_function
 
     formatter = data_phase.build_formatter(d, columns, chat_template=chat_function(d, tokenizer))
     if len(rows) == 0:

@@ -15,12 +15,12 @@ from runner.api.parse import manifest
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 # Hub access stays on (HF_HUB_OFFLINE=0): the Hub tests talk to a Hub server of their own on loopback
-# (tests/runner/storage/hub_server.py), and no test names a repository of the real Hub.
+# (tests/runner/store/hub_server.py), and no test names a repository of the real Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.runner.storage.fixtures", "tests.cluster.conftest_plugin"]
+pytest_plugins = ["tests.runner.store.fixtures", "tests.cluster.conftest_plugin"]
 
 ARCHS = ("llama", "gpt_neox", "opt")
 

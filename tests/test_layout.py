@@ -1,6 +1,6 @@
-"""The shape of the code, as the developer section of the README promises it: the contract imports only
-pydantic and pyyaml, the controller takes nothing from runner/ but the contract, no import circles, product
-code only in the product, small modules."""
+"""The shape of the code, as the README's Architecture section draws it: runner/ is packages in layers, each
+importing only the layers below it; the contract imports only pydantic and pyyaml; the controller takes nothing
+from runner/ but the contract; no import circles; product code only in the product; small modules."""
 from __future__ import annotations
 
 import ast
@@ -11,6 +11,26 @@ from tests.conftest import ROOT
 
 PRODUCT = ("runner", "controller")
 MAX_LINES = 420
+# runner/'s packages, lowest first: a package may import the packages of lower layers, never its own layer's
+# neighbours or anything above. The modules at runner/'s top (job, preview, __main__) and quickstart/ orchestrate:
+# they may import any package, and no package imports them.
+LAYERS: tuple[tuple[str, ...], ...] = (
+    ("api",),
+    ("data", "store"),
+    ("model",),
+    ("parallel",),
+    ("report",),
+    ("train",),
+    ("merge",),
+)
+TOP = "top"
+
+
+def package_of(module: str) -> str:
+    """runner.train.plan -> "train"; runner.job, runner.__main__, runner.quickstart... -> TOP."""
+    parts = module.split(".")
+    packages = {p for layer in LAYERS for p in layer}
+    return parts[1] if len(parts) > 1 and parts[1] in packages else TOP
 
 
 def modules() -> dict[str, Path]:
@@ -37,7 +57,7 @@ def imports_of(name: str, path: Path, known: frozenset[str] = frozenset()) -> se
             if node.level:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*anchor, base] if base else anchor)
-            for alias in node.names:  # `from runner import data` imports runner.data; `from x import f`, x
+            for alias in node.names:  # `from runner import data` imports runner.data.dataset; `from x import f`, x
                 found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return found
 
@@ -48,6 +68,32 @@ def product_graph() -> dict[str, set[str]]:
     # A package's own modules may import it back: Python runs the package's __init__ first either way.
     return {name: {m for m in imports_of(name, path, known) if m in mods and m != name and not name.startswith(m + ".")}
             for name, path in mods.items()}
+
+
+def test_each_package_imports_only_the_layers_below_it():
+    layer = {p: i for i, names in enumerate(LAYERS) for p in names}
+    wrong = []
+    for name, deps in product_graph().items():
+        if not name.startswith("runner"):
+            continue
+        mine = package_of(name)
+        for dep in sorted(deps):
+            theirs = package_of(dep)
+            if theirs == mine:
+                continue
+            if theirs == TOP or (mine != TOP and layer[theirs] >= layer[mine]):
+                wrong.append(f"{name} ({mine}) imports {dep} ({theirs})")
+    assert not wrong, "imports against the layering (tests/test_layout.py LAYERS):\n" + "\n".join(wrong)
+
+
+def test_every_runner_module_lives_in_a_package():
+    top = sorted(n for n in modules() if n.startswith("runner.") and n.count(".") == 1 and package_of(n) == TOP
+                 and n != "runner.quickstart")
+    assert top == ["runner.__main__", "runner.job", "runner.preview"], f"modules at runner/'s top: {top}"
+    for name, path in modules().items():
+        if path.name == "__init__.py" and name.startswith("runner"):
+            doc = ast.get_docstring(ast.parse(path.read_text()))
+            assert doc, f"{path}: a package says what it owns in its docstring"
 
 
 def test_the_contract_imports_only_pydantic_yaml_and_the_standard_library():

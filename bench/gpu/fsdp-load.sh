@@ -1,4 +1,4 @@
-# Each FSDP rank reading only its own shard (runner.fsdp_load) through `python -m runner run` on 2 GPUs: a
+# Each FSDP rank reading only its own shard (runner.parallel.fsdp_load) through `python -m runner run` on 2 GPUs: a
 # Llama-3-8B-shape base saved in 4-bit (5.7 GB), 4 steps, no merge; host memory per rank and GPU memory per
 # device sampled by bench/memwatch.py, the logged losses (float32 now). Usage: bash bench/gpu/fsdp-load.sh [SHAPE]
 # (SHAPE: llama-3-8b by default; tiny checks the path in seconds)

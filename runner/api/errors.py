@@ -30,7 +30,7 @@ EXIT_OUT_OF_MEMORY = 3  # CUDA OOM: permanent until a memory knob changes
 EXIT_RETRYABLE = 75  # EX_TEMPFAIL: network, store 5xx or timeout, preemption (SIGTERM)
 # Deliberately permanent (2): a model source that is not a model, a template error, a seed out of range, a disk
 # full in the work dir (`disk_full`). Deliberately retryable (75): a store that cannot be reached, answers 5xx,
-# or does not finish an operation within FINETUNE_STORE_TIMEOUTS (runner/storage/timeouts.py).
+# or does not finish an operation within FINETUNE_STORE_TIMEOUTS (runner/store/timeouts.py).
 
 
 class RunnerError(Exception):
@@ -89,7 +89,7 @@ SECRET_ENV_VARS = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
     "AWS_ACCESS_KEY_ID",
-    "MLFLOW_TRACKING_PASSWORD",  # experiment trackers (runner/tracking.py)
+    "MLFLOW_TRACKING_PASSWORD",  # experiment trackers (runner/report/tracking.py)
     "MLFLOW_TRACKING_TOKEN",
     "WANDB_API_KEY",
 )

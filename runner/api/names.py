@@ -15,7 +15,7 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 STATUS_SUBRESOURCE = f"{PLURAL}/status"  # what the runner's identity may get and patch
 
 # --------------------------------------------------------------------- the runner pod's environment
-# Set by the controller in every runner pod; read by the runner (runner/kube_status.py).
+# Set by the controller in every runner pod; read by the runner (runner/report/kube_status.py).
 ENV_PREFIX = "FINETUNE_"  # every variable below starts with it; a spec's `env` may not use it
 ENV_JOB_NAME = "FINETUNE_JOB_NAME"  # the FineTuneJob the pod runs (turns on the status sink)
 ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
@@ -33,7 +33,7 @@ ENV_LOCAL_ADDR = "PET_LOCAL_ADDR"  # this node's address as the others reach it 
 RDZV_PORT = 29500  # torchrun's default
 # Read by the runner only.
 ENV_STATUS_INTERVAL = "FINETUNE_STATUS_INTERVAL"  # seconds between progress patches
-ENV_LEASE_WAIT = "FINETUNE_LEASE_WAIT"  # seconds a runner waits for the checkpoint location's lease (runner/storage/lease.py)
+ENV_LEASE_WAIT = "FINETUNE_LEASE_WAIT"  # seconds a runner waits for the checkpoint location's lease (runner/store/lease.py)
 ENV_TERMINATION_LOG = "FINETUNE_TERMINATION_LOG"  # where the result goes (default TERMINATION_LOG)
 ENV_LAUNCHED = "FINETUNE_LAUNCHED"  # set in each rank's environment by the runner's own launcher
 ENV_NPROC = "FINETUNE_NPROC"  # processes per node, overriding resources.gpus (CPU tests, debugging)
@@ -45,11 +45,11 @@ ENV_RUNNER_IMAGE = "FINETUNE_RUNNER_IMAGE"  # the operator's runner image
 # writes its final result event there, the controller reads it back from the pod's status.
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096
-# Limits on every call to a remote store (S3, the Hub), read by the runner (runner/storage/timeouts.py):
+# Limits on every call to a remote store (S3, the Hub), read by the runner (runner/store/timeouts.py):
 # "connect=10,read=60,deadline=10800" (seconds; any subset): connecting, waiting for the next byte, and one whole
 # store operation (a download, a publish, a checkpoint save), retries included. Past one: exit 75, endpoint named.
 ENV_STORE_TIMEOUTS = "FINETUNE_STORE_TIMEOUTS"
-# The shared model cache (runner/cache.py): a directory where model downloads land keyed by source and revision,
+# The shared model cache (runner/store/cache.py): a directory where model downloads land keyed by source and revision,
 # complete or absent, so a retry, a resume or the next job on the same base downloads nothing. Set by the
 # controller when the admin configures one (chart values runner.modelCache: a PVC mounted at MODEL_CACHE_DIR);
 # set it by hand for standalone runs. Unset: no cache (each run downloads into its work dir).

@@ -21,7 +21,7 @@ from runner.api.spec import CHAT_TEMPLATE_NAMES, FineTuneJobSpec, Job
 from runner.api.untrusted import short
 from runner.api.uris import Location
 
-# The output heads: never adapted (all-linear leaves them out; runner/model.py's HEADS is the same set).
+# The output heads: never adapted (all-linear leaves them out; runner/model/load.py's HEADS is the same set).
 OUTPUT_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 SEED_MAX = 2**32 - 1  # numpy's seeds, which the Trainer sets from training.seed
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -235,7 +235,7 @@ def _template_problems(template: dict) -> list[str]:
             column = mixed.group().strip("{} ")
             problems.append(f"{where}: mixes a `{mixed.group()}` placeholder with Jinja (`{{{{ ... }}}}`); in a Jinja "
                             f"template `{mixed.group()}` would stay literal text: write `{{{{ {column} }}}}`")
-    return problems  # Jinja syntax: runner.data.template_problems (the contract does not import jinja2)
+    return problems  # Jinja syntax: runner.data.dataset.template_problems (the contract does not import jinja2)
 
 
 def _chat_template_problems(value: Any, fmt: Any) -> list[str]:
@@ -245,7 +245,7 @@ def _chat_template_problems(value: Any, fmt: Any) -> list[str]:
         return [f"dataset.chatTemplate: used only with format chat, and dataset.format is {short(fmt)}; remove "
                 "dataset.chatTemplate, or set dataset.format: chat"]
     if value in CHAT_TEMPLATE_NAMES or "{{" in value or "{%" in value:
-        return []  # Jinja syntax: runner.data.template_problems
+        return []  # Jinja syntax: runner.data.dataset.template_problems
     close = difflib.get_close_matches(value.strip().lower(), CHAT_TEMPLATE_NAMES, n=1, cutoff=0.5)
     hint = f"did you mean `{close[0]}`? " if close else ""
     return [f"dataset.chatTemplate: {short(value)} is neither a built-in template ({', '.join(CHAT_TEMPLATE_NAMES)}) "

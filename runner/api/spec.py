@@ -35,7 +35,7 @@ class ModelSpec(_Section):
 
 # --------------------------------------------------------------------------------------------- dataset
 DatasetFormat = Literal["auto", "text", "prompt-completion", "instruction", "chat"]
-# dataset.chatTemplate's built-in names (their Jinja: runner/data.py, CHAT_TEMPLATES; the rendering: README).
+# dataset.chatTemplate's built-in names (their Jinja: runner/data/dataset.py, CHAT_TEMPLATES; the rendering: README).
 CHAT_TEMPLATE_NAMES = ("chatml", "llama-2", "alpaca")
 
 

@@ -2,7 +2,7 @@
 
 Status ownership (one writer per field, so neither side can clobber the other):
 
-* the runner (runner/kube_status.py, through the job's own least-privilege identity) writes only
+* the runner (runner/report/kube_status.py, through the job's own least-privilege identity) writes only
   `status.runner` (its phase, pod and attempt), `status.progress`, `status.lastCheckpoint` and
   `status.published` (RUNNER_STATUS_FIELDS);
 * the controller writes every other field, rebuilt from what it observes on every pass (the attempt

@@ -20,7 +20,7 @@ from controller import naming
 from runner.api import names
 from tests.conftest import job_doc
 from tests.controller.conftest import ROOT, Controller, pod_of, wait_for
-from tests.runner.test_cache import SlowProxy
+from tests.runner.store.test_cache import SlowProxy
 
 
 class RunnerProcess:

@@ -106,7 +106,7 @@ LIGER_PROBE = """
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
-from runner import layer_kernels
+from runner.train import layer_kernels as layer_kernels
 cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64)
 model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules="all-linear"))
@@ -121,7 +121,7 @@ print(before, layer.input_layernorm.forward.__qualname__, layer.post_attention_l
 
 def test_the_runner_image_applies_liger_layer_kernels_itself(dockerd, built_images):
     """trl 1.x deprecates `use_liger_kernel`: the runner patches the same Liger kernels in itself, from the
-    image's liger-kernel (runner/layer_kernels.py), into a peft-wrapped model: every norm, the MLPs and RoPE."""
+    image's liger-kernel (runner/train/layer_kernels.py), into a peft-wrapped model: every norm, the MLPs and RoPE."""
     r = docker_run(dockerd, RUNNER, "-c", LIGER_PROBE, opts=["--read-only", "--tmpfs", "/tmp", "--entrypoint", "python"])
     before, norm, post_norm, final_norm, mlp, rope = r.stdout.split()[-6:]
     assert before == "LlamaRMSNorm.forward"

@@ -358,7 +358,7 @@ def test_a_valid_spec_still_passes(tmp_path):
 
 
 def test_output_heads_are_the_runners_heads():
-    from runner.model import HEADS
+    from runner.model.load import HEADS
 
     assert OUTPUT_HEADS == HEADS
 
@@ -421,7 +421,7 @@ def test_run_with_a_nul_or_surrogate_path_writes_a_result(value, tmp_path):
 
 
 def test_reporter_survives_unprintable_text(tmp_path):
-    from runner.report import Reporter
+    from runner.report.events import Reporter
 
     out, err = io.StringIO(), io.StringIO()
     reporter = Reporter(stdout=out, stderr=err, termination_log=str(tmp_path / "term"))

@@ -42,7 +42,7 @@ def test_success_reports_phases_progress_and_result(tiny_llama, qa_jsonl, tmp_pa
     assert result["phase"] == "Succeeded" and result["exitCode"] == 0
     assert result["output"] == str(tmp_path / "out") and "train_loss" in result["metrics"]
     assert SECRET not in stderr and SECRET not in json.dumps(events)
-    assert "gemm_4bit_forward" not in stderr and "pip install kernels" not in stderr  # runner/notices.py
+    assert "gemm_4bit_forward" not in stderr and "pip install kernels" not in stderr  # runner/model/notices.py
 
 
 def test_the_notices_the_runner_drops_are_real_and_only_those():

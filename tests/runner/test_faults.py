@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner import storage
+import runner.store as storage
 from runner.api import names
 from runner.api.errors import EXIT_PERMANENT, EXIT_RETRYABLE, RetryableError
-from runner.storage import MANIFEST_NAME, Location
-from runner.storage import s3 as s3mod
+from runner.store import MANIFEST_NAME, Location
+from runner.store import s3 as s3mod
 from tests.conftest import ROOT, job_doc, run_cli
-from tests.runner.storage.helpers import MIB, digests, make_output
+from tests.runner.store.helpers import MIB, digests, make_output
 
 FAST = "connect=1,read=1,deadline=4"  # a frozen endpoint is given up on within seconds
 BOUND = 45  # seconds a frozen operation may take in all, with these limits (retries and backoff included)
@@ -103,7 +103,7 @@ def _hub_session_hook(server, frozen: list, when):
     """Freeze the server on the first response `when(url)` picks, seen by the product's own HTTP client."""
     from huggingface_hub.utils import get_session
 
-    from runner.storage import hub
+    from runner.store import hub
 
     hub._configure()
     freeze = _freeze_once(server, frozen)

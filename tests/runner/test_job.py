@@ -11,9 +11,9 @@ import torch
 
 from runner.api.errors import PermanentError, Preempted, SpecError
 from runner.job import run_job
-from runner.report import Reporter
+from runner.report.events import Reporter
 from runner.api.parse import parse_job
-from runner.train import StopFlag
+from runner.train.trainer import StopFlag
 
 from tests.conftest import ARCHS, job_doc
 

@@ -100,7 +100,7 @@ def test_quickstart_preview_matches_the_steps_the_trainer_takes(tmp_path, capsys
     job = prepare(tmp_path / "qs")
     assert main(["preview", str(job), "--color", "never"]) == 0
     out = capsys.readouterr().out
-    # The quickstart's run logs epoch 0.5 at step 1 and ends at step 200 of 200 (tests/runner/test_console.py).
+    # The quickstart's run logs epoch 0.5 at step 1 and ends at step 200 of 200 (tests/runner/report/test_console.py).
     assert "2 optimizer steps per epoch (batch 4 × accumulation 1); 200 steps in all (100 epochs)" in out
     assert "Q: What is the capital of France ? A:⟦ Paris </s>⟧" in out
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from runner import artifacts
+from runner.report import artifacts as artifacts
 from runner.api.parse import parse_job
 from tests.conftest import job_doc, run_cli
 

@@ -1,0 +1,248 @@
+"""The shared model cache: model downloads land once in a directory runner pods share (a volume the admin mounts,
+named by FINETUNE_MODEL_CACHE), keyed by source and revision, so a retry, a resume or the next job on the same
+base reads them from there instead of downloading again.
+
+    <root>/models/<hf|s3>/<readable name>-<digest>/   a complete entry: the files, and .finetune-cache.json
+    <root>/tmp/<digest>.<token>/                      a fill in progress (or a killed filler's leftovers)
+    <root>/locks/<digest>.lock                        held (flock) by the runner filling that entry
+
+Complete or absent: a filler downloads into its own temp dir, writes the marker (what it holds: files, bytes,
+source, revision) and fsyncs it, then renames the dir into place - one atomic rename, so an entry under models/
+is always whole, and a filler killed at any point leaves only a temp dir, which the next filler of the same
+entry removes. Two runners filling the same entry at once: the second waits on the first's lock (released by
+the kernel when its process dies, however it dies) and then reads the entry; if the first makes no progress
+for STALL seconds, the second downloads into its own work dir without the cache. Every hit checks the entry
+against its marker (every file there with its size); a damaged entry is moved aside and filled again.
+
+The key: Hub sources by their commit (a branch or tag is resolved first, so a moved branch is a new entry);
+S3 sources by the listing of the prefix (keys, sizes, ETags), so an overwritten model is a new entry. Local
+sources are used in place and never cached. Eviction: remove entries by hand (README "Model cache").
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import runner.store as storage
+from runner.api import names
+from runner.api.errors import DOWNLOAD_FAILED, RetryableError
+from runner.api.uris import Location
+
+MARKER = ".finetune-cache.json"
+STALL = 300.0  # seconds another filler may make no progress before this runner downloads without the cache
+POLL = 2.0
+
+
+def root() -> Path | None:
+    value = os.environ.get(names.ENV_MODEL_CACHE, "").strip()
+    return Path(value) if value else None
+
+
+@dataclass(frozen=True)
+class Key:
+    loc: Location  # what to download: Hub sources pinned to the commit
+    revision: str  # the commit (Hub) or the listing's digest (S3)
+    digest: str
+
+    @property
+    def what(self) -> str:
+        return f"{self.loc}" if self.loc.scheme == "hf" else f"{self.loc} (listing {self.revision})"
+
+    def entry(self, base: Path) -> Path:
+        readable = re.sub(r"[^A-Za-z0-9._-]+", "--", f"{self.loc.bucket + '/' if self.loc.bucket else ''}"
+                                                       f"{self.loc.path}")[:96].strip("-.") or "root"
+        return base / "models" / self.loc.scheme / f"{readable}-{self.digest}"
+
+
+def download(loc: Location, dest: Path, *, repo_type: str = "model", log: Callable[[str], None] = print,
+             cache_root: Path | None = None, stall: float = STALL) -> Path:
+    """Where the files of `loc` are: from the cache (filling it on a miss), or, with no cache configured or a
+    local source, as storage.download(loc, dest) gives them."""
+    base = cache_root or root()
+    if base is None or loc.scheme == "local":
+        return storage.download(loc, dest, repo_type=repo_type)
+    if loc.scheme == "hf":
+        from runner.store import hub
+
+        if hub.offline():
+            log(f"model cache: not used for {loc} (HF_HUB_OFFLINE: the Hub cannot resolve its revision)")
+            return storage.download(loc, dest, repo_type=repo_type)
+    key = resolve(loc, repo_type)
+    entry = key.entry(base)
+    hit = _lookup(entry)
+    if hit is not None:
+        return _hit(entry, hit, key, log)
+    for sub in ("models", "tmp", "locks"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    fd = _lock(base / "locks" / f"{key.digest}.lock", base / "tmp", key, stall, log)
+    if fd is None:
+        log(f"model cache: another runner has been filling {key.what} with no progress for {stall:.0f}s; "
+            "downloading without the cache")
+        return storage.download(key.loc, dest, repo_type=repo_type)
+    try:
+        hit = _lookup(entry)  # filled while we waited
+        if hit is not None:
+            return _hit(entry, hit, key, log)
+        _clear(base / "tmp", key.digest, entry)
+        return _fill(base, entry, key, repo_type, log)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def resolve(loc: Location, repo_type: str = "model") -> Key:
+    """The cache key of a Hub or S3 source (one call to the store)."""
+    if loc.scheme == "hf":
+        from huggingface_hub import HfApi
+
+        from runner.store import hub
+
+        with hub.errors("read", str(loc), DOWNLOAD_FAILED):
+            info = HfApi(endpoint=hub.endpoint(), token=hub.token()).repo_info(loc.path, repo_type=loc.repo_type or repo_type, revision=loc.revision)
+        pinned = replace(loc, revision=info.sha)
+        return Key(pinned, info.sha, _digest(f"hf|{loc.repo_type or repo_type}|{loc.path}|{info.sha}"))
+    listing = _s3_listing(loc)
+    rev = _digest(json.dumps(listing))
+    return Key(loc, rev, _digest(f"s3|{loc.bucket}|{loc.path}|{rev}"))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _s3_listing(loc: Location) -> list:
+    from runner.store import s3
+
+    with s3.errors("read", str(loc), loc.bucket, DOWNLOAD_FAILED):
+        c = s3.client()
+        out = []
+        prefix = f"{loc.path}/" if loc.path else ""
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
+            out += [[o["Key"], int(o["Size"]), o.get("ETag", "")] for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/")]
+        if not out and loc.path:
+            head = c.head_object(Bucket=loc.bucket, Key=loc.path)
+            out = [[loc.path, int(head["ContentLength"]), head.get("ETag", "")]]
+    return sorted(out)
+
+
+# ----------------------------------------------------------------------------------------- entries
+def _inventory(folder: Path) -> tuple[int, int]:
+    files = total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            if name != MARKER:
+                files += 1
+                total += os.stat(os.path.join(dirpath, name)).st_size
+    return files, total
+
+
+def _lookup(entry: Path) -> dict | None:
+    """The marker of a complete entry; None when there is none. A damaged entry (a file missing or cut
+    short since it was filled) counts as none, and the next filler replaces it."""
+    try:
+        marker = json.loads((entry / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if _inventory(entry) != (marker.get("files"), marker.get("bytes")):
+        return None
+    return marker
+
+
+def _hit(entry: Path, marker: dict, key: Key, log) -> Path:
+    try:
+        os.utime(entry / MARKER)  # last use, for eviction
+    except OSError:
+        pass
+    log(f"model cache hit: {key.what}: {marker['files']} files, {_size(marker['bytes'])} ({marker['bytes']} bytes) "
+        f"at {entry}; downloaded 0 bytes")
+    return entry / marker.get("path", ".")
+
+
+def _fill(base: Path, entry: Path, key: Key, repo_type: str, log) -> Path:
+    tmp = base / "tmp" / f"{key.digest}.{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    try:
+        got = storage.download(key.loc, tmp, repo_type=repo_type)
+        if key.loc.scheme == "s3" and _digest(json.dumps(_s3_listing(key.loc))) != key.revision:
+            raise RetryableError(f"model.source: {key.loc} changed while it was being downloaded; the next attempt "
+                                 "downloads it again", reason=DOWNLOAD_FAILED)
+        if key.loc.scheme == "hf":  # huggingface_hub's bookkeeping for local_dir downloads: not the model's
+            shutil.rmtree(tmp / ".cache" / "huggingface", ignore_errors=True)
+            if (tmp / ".cache").is_dir() and not any((tmp / ".cache").iterdir()):
+                (tmp / ".cache").rmdir()
+        files, total = _inventory(tmp)
+        marker = {"source": str(key.loc), "revision": key.revision, "path": str(Path(got).relative_to(tmp)),
+                  "files": files, "bytes": total, "filledAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "filledBy": f"{os.environ.get(names.ENV_POD_NAME) or socket.gethostname()} pid {os.getpid()}"}
+        with open(tmp / MARKER, "w") as f:
+            json.dump(marker, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, entry)  # atomic: the entry appears whole
+        _fsync_dir(entry.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    seconds = time.monotonic() - started
+    log(f"model cache miss: {key.what}: downloaded {files} files, {_size(total)} ({total} bytes) in {seconds:.1f}s "
+        f"into the cache at {entry}")
+    return entry / marker["path"]
+
+
+def _clear(tmp_dir: Path, digest: str, entry: Path) -> None:
+    """Under the entry's lock: a killed filler's temp dirs, and a damaged entry (moved aside first)."""
+    if entry.exists():
+        aside = tmp_dir / f"{digest}.damaged-{uuid.uuid4().hex[:8]}"
+        os.rename(entry, aside)
+    for old in tmp_dir.glob(f"{digest}.*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _lock(path: Path, tmp_dir: Path, key: Key, stall: float, log) -> int | None:
+    """The entry's lock (an fd to close), waiting while its holder makes progress; None if it stalls."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    waited, last, since = False, None, time.monotonic()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            pass
+        if not waited:
+            log(f"model cache: another runner is filling {key.what}; waiting for it")
+            waited = True
+        size = sum(_inventory(d)[1] for d in tmp_dir.glob(f"{key.digest}.*") if d.is_dir())
+        if size != last:
+            last, since = size, time.monotonic()
+        elif time.monotonic() - since >= stall:
+            os.close(fd)
+            return None
+        time.sleep(min(POLL, max(stall / 4, 0.05)))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,14 @@
+"""Training: the Plan (every automatic choice, made once before training), the memory modes and the kernels
+that make a step fast, and the trainer loop with its durable checkpoints.
+
+    plan          bits, precision, attention, strategy, micro-batch and memory mode, decided once
+    memory        what each checkpointing/offloading mode costs, and the fastest that fits
+    offload       checkpointing with saved layer inputs in pinned host memory
+    fused_lora    LoRA projections as one autograd node each
+    layer_kernels Liger's RMSNorm, RoPE and SwiGLU kernels patched in
+    fsdp          what FSDP-QLoRA needs from the loader and the trainer
+    best          the best checkpoint and early stopping
+    trainer       trl's SFTTrainer over the tokenized data: checkpoints, resume, progress
+
+Imports: runner.api, runner.store, runner.model, runner.parallel, runner.report.
+"""

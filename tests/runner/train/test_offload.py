@@ -1,0 +1,163 @@
+"""Offloaded checkpointing (runner/train/offload.py) on a tiny random Llama with LoRA: the loss and every LoRA gradient
+equal plain checkpointing's and no checkpointing's, for whole-layer and split (attention / MLP) units, packed rows
+included; outside training the model computes as before."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runner.train import offload as offload
+
+
+def _model(seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, use_cache=False,
+                      attn_implementation="sdpa")
+    base = LlamaForCausalLM(cfg).float()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    for name, p in model.named_parameters():  # LoRA B starts at zero: make every gradient path non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (1, 24), generator=g)
+    position_ids = torch.cat([torch.arange(10), torch.arange(14)])[None]  # two packed examples
+    return {"input_ids": ids, "labels": ids, "position_ids": position_ids}
+
+
+def _grads(model, mode: str):
+    handle = None
+    if mode == "plain":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif mode in offload.MODES:
+        handle = offload.install(model, mode)
+        real_save, saved = handle.store.save, []
+        handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
+    loss = model(**_batch()).loss
+    loss.backward()
+    if handle is not None:  # one saved input per unit: a layer, or its attention and MLP halves
+        assert len(saved) == len(offload.decoder_layers(model)) * (2 if mode == "split" else 1)
+        assert handle.store.saved == []  # the backward pass took every saved input back
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    if handle is not None:
+        handle.remove()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunked"])
+@pytest.mark.parametrize("mode", ["layer", "split", "tiled"])
+def test_offloaded_gradients_equal_plain_checkpointing(mode, chunk, monkeypatch):
+    """`chunked`: the MLP units (split, tiled) run and are recomputed 5 tokens at a time (5 chunks of the 24)."""
+    if chunk:
+        monkeypatch.setattr(offload, "CHUNK_TOKENS", chunk)
+    ref_loss, ref = _grads(_model(), "none")
+    plain_loss, plain = _grads(_model(), "plain")
+    loss, got = _grads(_model(), mode)
+    assert len(got) == len(ref) > 0
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(loss, plain_loss)
+    for name, g in ref.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_split_units_are_used_and_removed():
+    model = _model()
+    layers = offload.decoder_layers(model)
+    handle = offload.install(model)
+    assert handle.mode == "split" and len(handle.patched) == 2 * len(layers)
+    saved = []
+    real_save = handle.store.save
+    handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
+    model(**_batch()).loss.backward()
+    assert len(saved) == 2 * len(layers)  # one saved input per unit
+    assert handle.store.saved == []  # the backward pass took every saved input back
+    handle.remove()
+    assert all(layer.input_layernorm.forward.__self__ is layer.input_layernorm for layer in layers)
+
+
+def test_outside_training_the_model_is_unchanged():
+    model = _model()
+    batch = _batch()
+    with torch.no_grad():
+        before = model(**batch).logits
+    handle = offload.install(model)
+    with torch.no_grad():
+        during = model(**batch).logits
+    model.eval()
+    eval_logits = model(**batch).logits.detach()
+    handle.remove()
+    torch.testing.assert_close(during, before)
+    torch.testing.assert_close(eval_logits, before)
+    assert handle.store.saved == []
+
+
+def test_a_gradient_accumulation_pass_after_another():
+    model = _model()
+    handle = offload.install(model)
+    for _ in range(2):
+        model(**_batch()).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    handle.remove()
+    ref_model = _model()
+    for _ in range(2):
+        ref_model(**_batch()).loss.backward()
+    for n, p in ref_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_llama, tmp_path):
+    """make_trainer with plan.offload: the units are installed when training begins (after any Liger patches)
+    and removed when it ends; the losses equal those of training without checkpointing."""
+    import dataclasses
+
+    from bench.training import synthetic_data
+    from runner.model import load as model_phase
+    from runner.train.plan import Machine, make_plan
+    from runner.train.trainer import make_trainer
+    from tests.runner.train.test_plan import _spec
+
+    losses = {}
+    for mode in (None, "split"):
+        spec = _spec(tiny_llama, dataset={"maxLength": 64}, training={"batchSize": 2, "gradientCheckpointing": None})
+        plan = dataclasses.replace(make_plan(spec, tiny_llama, Machine(processes=1)), packing=True, offload=mode,
+                                   gradient_checkpointing=mode is not None)
+        torch.manual_seed(0)
+        base = model_phase.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
+                                     attention="sdpa")
+        model = model_phase.add_lora(base, spec.lora)
+        tok = model_phase.load_tokenizer(tiny_llama, spec.model)
+        data = synthetic_data(model.config.vocab_size, 24, 64)
+        seen = []
+        real_install = offload.install
+
+        def spy(m, mode="split"):
+            handle = real_install(m, mode)
+            seen.append((handle, handle.mode))
+            return handle
+
+        offload.install = spy
+        try:
+            trainer = make_trainer(spec, model, tok, data, tmp_path / str(mode), plan, max_steps=3, save_strategy="no",
+                                   logging_steps=1, shuffle_dataset=False, dataloader_num_workers=0)
+            trainer.train()
+        finally:
+            offload.install = real_install
+        losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert len(seen) == (1 if mode else 0)
+        if mode:
+            assert seen[0][1] == "split" and seen[0][0].patched == []  # removed when training ended
+    assert len(losses[None]) == 3
+    assert losses["split"] == pytest.approx(losses[None], rel=1e-4)
