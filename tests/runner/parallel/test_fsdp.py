@@ -38,7 +38,7 @@ def test_two_processes_shard_the_4bit_model_and_compute_what_one_process_does(ti
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(ROOT / "tests" / "runner" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path)],
+         str(ROOT / "tests" / "runner" / "parallel" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,7 +60,7 @@ def _torchrun(*args, timeout: int = 300) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(ROOT / "tests" / "runner" / "fsdp_worker.py"), *map(str, args)],
+         str(ROOT / "tests" / "runner" / "parallel" / "fsdp_worker.py"), *map(str, args)],
         capture_output=True, text=True, env=env, timeout=timeout,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -102,7 +102,7 @@ def test_fsdp_shards_a_16bit_base_as_it_is_and_computes_what_one_process_does(ti
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(ROOT / "tests" / "runner" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path), "16"],
+         str(ROOT / "tests" / "runner" / "parallel" / "fsdp_worker.py"), str(tiny_llama), str(tmp_path), "16"],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
