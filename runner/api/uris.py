@@ -1,29 +1,52 @@
-"""Where files live: one small value type for the three kinds of location the runner reads and writes.
+"""Where files live: one small value type for every kind of place the runner reads and writes, and the table of
+the schemes it knows (the one place a scheme's syntax and its contract rules are written).
 
     hf://org/name               a Hub model repo (hf://org/name@revision for a branch, tag or commit)
     hf://datasets/org/name      a Hub dataset repo
-    s3://bucket/prefix          everything under a prefix, or a single object
+    s3://bucket/prefix          everything under a prefix, or a single object (S3 and S3-compatible stores)
+    gs://bucket/prefix          the same on Google Cloud Storage
     file:///abs/path, a/path    a local file or directory
+
+What a store does with a place is runner/store's (one Backend per scheme); this module only parses and names.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Callable, Literal
 
-Scheme = Literal["hf", "s3", "local"]
+Scheme = Literal["hf", "s3", "gs", "local"]
 
 _HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-_SUPPORTED = "hf://org/name[@revision], hf://datasets/org/name, s3://bucket/prefix, file:///path or a plain path"
+
+
+@dataclass(frozen=True)
+class SchemeRule:
+    """What the contract knows of one scheme."""
+
+    name: str  # Location.scheme
+    title: str  # how messages name the store
+    example: str  # how a user writes it
+    style: Literal["repo", "bucket", "path"]  # how its places are named: Hub repo, bucket + key prefix, file path
+    holds_checkpoints: bool  # whether output.checkpoints (and its lease) may live there
+
+
+SCHEMES: dict[str, SchemeRule] = {r.name: r for r in (
+    SchemeRule("hf", "the Hub", "hf://org/name[@revision], hf://datasets/org/name", "repo", holds_checkpoints=False),
+    SchemeRule("s3", "S3", "s3://bucket/prefix", "bucket", holds_checkpoints=True),
+    SchemeRule("gs", "GCS", "gs://bucket/prefix", "bucket", holds_checkpoints=True),
+    SchemeRule("local", "local", "file:///path or a plain path", "path", holds_checkpoints=True),
+)}
+_SUPPORTED = ", ".join(r.example for r in SCHEMES.values())
 
 
 @dataclass(frozen=True)
 class Location:
     scheme: Scheme
-    path: str  # hf: "org/name"; s3: key prefix without leading/trailing "/" (may be ""); local: the path
-    bucket: str | None = None  # s3 only
+    path: str  # hf: "org/name"; s3/gs: key prefix without leading/trailing "/" (may be ""); local: the path
+    bucket: str | None = None  # s3/gs only
     revision: str | None = None  # hf only
     repo_type: str | None = None  # hf only: "dataset" for hf://datasets/...; None means "as the caller says"
 
@@ -36,21 +59,36 @@ class Location:
         if m is None:
             return cls("local", uri)
         scheme, rest = m.group(1).lower(), uri[m.end():]
-        if scheme == "hf":
-            return _parse_hf(uri, rest)
-        if scheme == "s3":
-            return _parse_s3(uri, rest)
-        if scheme == "file":
-            return _parse_file(uri, rest)
-        raise ValueError(f"unsupported scheme '{scheme}://' in '{uri}': use one of {_SUPPORTED}")
+        parser = _PARSERS.get(scheme)
+        if parser is None:
+            raise ValueError(f"unsupported scheme '{scheme}://' in '{uri}': use one of {_SUPPORTED}")
+        return parser(uri, rest, scheme)
+
+    @property
+    def rule(self) -> SchemeRule:
+        return SCHEMES[self.scheme]
+
+    @property
+    def holds_checkpoints(self) -> bool:
+        return self.rule.holds_checkpoints
+
+    @staticmethod
+    def holds_checkpoints_for(scheme: str) -> bool:
+        return SCHEMES[scheme].holds_checkpoints
+
+    @staticmethod
+    def checkpoint_schemes() -> str:
+        """The places checkpoints may live, as a user writes them ("s3://bucket/prefix, gs://..., ...")."""
+        return ", ".join(r.example for r in SCHEMES.values() if r.holds_checkpoints)
 
     def __str__(self) -> str:
-        if self.scheme == "hf":
+        style = self.rule.style
+        if style == "repo":
             prefix = "datasets/" if self.repo_type == "dataset" else ""
             rev = f"@{self.revision}" if self.revision else ""
             return f"hf://{prefix}{self.path}{rev}"
-        if self.scheme == "s3":
-            return f"s3://{self.bucket}/{self.path}" if self.path else f"s3://{self.bucket}"
+        if style == "bucket":
+            return f"{self.scheme}://{self.bucket}/{self.path}" if self.path else f"{self.scheme}://{self.bucket}"
         return self.path
 
     def child(self, name: str) -> Location:
@@ -58,14 +96,26 @@ class Location:
         if not name or name.startswith("/") or any(p in ("", ".", "..") for p in name.strip("/").split("/")):
             raise ValueError(f"invalid child name {name!r}: give a relative name without '..' or empty parts")
         name = name.strip("/")
-        if self.scheme == "hf":
+        style = self.rule.style
+        if style == "repo":
             raise ValueError(f"{self} is a Hub repo: a Hub repo has no child locations")
-        if self.scheme == "s3":
-            return Location("s3", f"{self.path}/{name}" if self.path else name, bucket=self.bucket)
+        if style == "bucket":
+            return replace(self, path=f"{self.path}/{name}" if self.path else name)
         return Location("local", f"{self.path.rstrip('/')}/{name}" if self.path.rstrip("/") else f"/{name}")
 
+    def sibling(self, suffix: str) -> Location:
+        """The place named like this one with `suffix` added ("/out/run" -> "/out/run.checkpoints")."""
+        return Location.parse(str(self).rstrip("/") + suffix)
 
-def _parse_hf(uri: str, rest: str) -> Location:
+    def as_kind(self, repo_type: str) -> Location:
+        """This place read as a `repo_type` ("model", "dataset") where the store keeps the two apart (the Hub:
+        hf://org/name given as dataset.source is a dataset repo); unchanged elsewhere or when already said."""
+        if self.rule.style != "repo" or self.repo_type is not None:
+            return self
+        return replace(self, repo_type=repo_type)
+
+
+def _parse_hf(uri: str, rest: str, _scheme: str) -> Location:
     repo, revision = rest, None
     if "@" in rest:
         repo, revision = rest.split("@", 1)
@@ -90,22 +140,28 @@ def _parse_hf(uri: str, rest: str) -> Location:
     return Location("hf", "/".join(parts), revision=revision, repo_type=repo_type)
 
 
-def _parse_s3(uri: str, rest: str) -> Location:
+def _parse_bucket(uri: str, rest: str, scheme: str) -> Location:
+    store = SCHEMES[scheme].title
     bucket, _, prefix = rest.partition("/")
     if not bucket:
-        raise ValueError(f"missing bucket in '{uri}': write s3://bucket/prefix")
+        raise ValueError(f"missing bucket in '{uri}': write {scheme}://bucket/prefix")
     if not _BUCKET.match(bucket):
-        raise ValueError(f"invalid S3 bucket name '{bucket}' in '{uri}': write s3://bucket/prefix")
+        raise ValueError(f"invalid {store} bucket name '{bucket}' in '{uri}': write {scheme}://bucket/prefix")
     prefix = prefix.strip("/")
     if any(p in ("", ".", "..") for p in prefix.split("/")) and prefix:
-        raise ValueError(f"invalid S3 prefix in '{uri}': no empty, '.' or '..' path segments")
-    return Location("s3", prefix, bucket=bucket)
+        raise ValueError(f"invalid {store} prefix in '{uri}': no empty, '.' or '..' path segments")
+    return Location(scheme, prefix, bucket=bucket)  # type: ignore[arg-type]
 
 
-def _parse_file(uri: str, rest: str) -> Location:
+def _parse_file(uri: str, rest: str, _scheme: str) -> Location:
     host, slash, path = rest.partition("/")
     if host not in ("", "localhost"):
         raise ValueError(f"invalid file URI '{uri}': write file:///absolute/path (three slashes)")
     if not slash or not path.strip("/"):
         raise ValueError(f"invalid file URI '{uri}': it names no path; write file:///absolute/path")
     return Location("local", "/" + path)
+
+
+_PARSERS: dict[str, Callable[[str, str, str], Location]] = {
+    "hf": _parse_hf, "s3": _parse_bucket, "gs": _parse_bucket, "file": _parse_file,
+}

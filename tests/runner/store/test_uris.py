@@ -15,6 +15,8 @@ from runner.store import Location
         ("s3://bucket/", Location("s3", "", bucket="bucket")),
         ("s3://bucket/a/b/", Location("s3", "a/b", bucket="bucket")),
         ("s3://my.bucket-1/models/run.1", Location("s3", "models/run.1", bucket="my.bucket-1")),
+        ("gs://bucket", Location("gs", "", bucket="bucket")),
+        ("gs://my-bucket/runs/a/", Location("gs", "runs/a", bucket="my-bucket")),
         ("file:///abs/path", Location("local", "/abs/path")),
         ("file://localhost/abs/path", Location("local", "/abs/path")),
         ("/abs/path", Location("local", "/abs/path")),
@@ -49,7 +51,9 @@ def test_str():
         ("hf://a/b/c", ["hf://org/name"]),
         ("hf://org/name@", ["revision"]),
         ("hf://org/na me", ["invalid Hub repo name"]),
-        ("gs://bucket/x", ["unsupported scheme 'gs://'", "s3://bucket/prefix"]),
+        ("az://bucket/x", ["unsupported scheme 'az://'", "s3://bucket/prefix", "gs://bucket/prefix"]),
+        ("gs://", ["missing bucket", "gs://bucket/prefix"]),
+        ("gs://bucket/a//b", ["GCS prefix"]),
         ("http://example.com/x", ["unsupported scheme"]),
         ("file://host/x", ["file:///absolute/path"]),
         ("file:///", ["names no path"]),
@@ -65,6 +69,7 @@ def test_parse_errors(uri, words):
 def test_child():
     assert Location.parse("s3://b/p").child("checkpoint-1") == Location("s3", "p/checkpoint-1", bucket="b")
     assert Location.parse("s3://b").child("x/y") == Location("s3", "x/y", bucket="b")
+    assert Location.parse("gs://b/p").child("c") == Location("gs", "p/c", bucket="b")
     assert Location.parse("/out/run").child("c") == Location("local", "/out/run/c")
     assert Location.parse("out/").child("c") == Location("local", "out/c")
     with pytest.raises(ValueError, match="Hub repo"):
