@@ -89,7 +89,8 @@ RUN pip install --no-cache-dir \
         "pydantic==2.14.3" "pyyaml==6.0.3" \
         "transformers==5.17.0" "peft==0.21.0" "bitsandbytes==0.50.2" "trl==1.16.0" "datasets==5.2.0" \
         "accelerate==1.15.0" "huggingface_hub==1.33.0" "tokenizers==0.23.3" "safetensors==0.8.0" \
-        "boto3==1.44.5" "matplotlib==3.11.2" "pandas==2.3.3" "pyarrow==26.0.1" "tensorboard==2.21.0" \
+        "boto3==1.44.5" "google-cloud-storage==3.17.2" "matplotlib==3.11.2" "pandas==2.3.3" "pyarrow==26.0.1" \
+        "tensorboard==2.21.0" \
         "liger-kernel==0.8.5" "mlflow-skinny==3.17.2" "wandb==0.31.0"
 COPY pyproject.toml README.md /tmp/src/
 COPY runner /tmp/src/runner

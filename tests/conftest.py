@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "0")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-pytest_plugins = ["tests.runner.store.fixtures", "tests.cluster.conftest_plugin"]
+pytest_plugins = ["tests.runner.store.fixtures", "tests.runner.store.gcs_server", "tests.cluster.conftest_plugin"]
 
 ARCHS = ("llama", "gpt_neox", "opt")
 
