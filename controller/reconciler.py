@@ -18,8 +18,9 @@ from kubernetes.client.exceptions import ApiException
 
 from controller import children, jobset, limits, naming
 from controller.kube import Kube, api_message, ns_path
-from controller.attempts import parse_time
-from controller.status import Action, Assessment, Options, assess, finalize, format_time
+from controller.attempts import format_time, parse_time
+from controller.policies.results import Action, ActionKind, Assessment
+from controller.status import Options, assess, finalize
 from runner.api import names, status as contract
 
 log = logging.getLogger("controller")
@@ -112,7 +113,7 @@ class Reconciler:
                    no_jobsets=self._no_jobsets(ftj) if not jobs else None)
         if unwatched and a.status.get("phase") not in contract.TERMINAL_PHASES:
             a.requeue(UNWATCHED_POLL)
-        creates = any(x.kind == "create-attempt" for x in a.actions)
+        creates = any(x.kind == ActionKind.CREATE_ATTEMPT for x in a.actions)
         rv = self._write_status(ftj, a, force=creates)  # never start an attempt from a stale view
         patched = rv is not None
         if patched:
@@ -121,7 +122,7 @@ class Reconciler:
             for action in a.actions:
                 self._act(ftj, action, a)
         except ApiException as e:
-            create = next((x for x in a.actions if x.kind == "create-attempt"), None)
+            create = next((x for x in a.actions if x.kind == ActionKind.CREATE_ATTEMPT), None)
             several = create is not None and jobset.nodes_of(create.spec or ftj["spec"]) > 1
             if create is not None and (e.status == 422 or (e.status == 404 and several)):
                 # The API server refused the runner's Job (e.g. malformed tolerations): a spec error. Or the
@@ -155,7 +156,7 @@ class Reconciler:
     # ---------------------------------------------------------------------------------- actions
     def _act(self, ftj: dict, action: Action, a: Assessment) -> None:
         ns = ftj["metadata"]["namespace"]
-        if action.kind == "create-attempt":
+        if action.kind == ActionKind.CREATE_ATTEMPT:
             self._ensure_identity(ftj)
             spec = action.spec or ftj["spec"]
             if jobset.nodes_of(spec) > 1:
@@ -174,11 +175,11 @@ class Reconciler:
                     raise
                 # Taken: ours (the cache has not seen it yet) or a deleted attempt's Job still going away.
                 a.requeue(1.0)
-        elif action.kind == "delete-job":
+        elif action.kind == ActionKind.DELETE_JOB:
             gv = jobset.API_VERSION if action.resource == jobset.PLURAL else "batch/v1"
             if self.kube.delete(ns_path(gv, ns, action.resource, action.name), propagation="Background"):
                 log.info("%s/%s: deleted %s %s", ns, ftj["metadata"]["name"], action.resource, action.name)
-        elif action.kind == "revoke-identity":
+        elif action.kind == ActionKind.REVOKE_IDENTITY:
             name = naming.identity_name(ftj["metadata"]["name"])
             self.kube.delete(ns_path("rbac.authorization.k8s.io/v1", ns, "rolebindings", name), propagation=None)
             self.kube.delete(ns_path("rbac.authorization.k8s.io/v1", ns, "roles", name), propagation=None)
