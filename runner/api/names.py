@@ -49,6 +49,9 @@ TERMINATION_MESSAGE_LIMIT = 4096
 # "connect=10,read=60,deadline=10800" (seconds; any subset): connecting, waiting for the next byte, and one whole
 # store operation (a download, a publish, a checkpoint save), retries included. Past one: exit 75, endpoint named.
 ENV_STORE_TIMEOUTS = "FINETUNE_STORE_TIMEOUTS"
+# Google Cloud Storage (gs://): the service-account JSON key file google-cloud-storage reads (runner/store/gcs.py).
+# The controller mounts spec.gcsSecretRef's key read-only and points this at the file (never the key's contents).
+ENV_GCS_CREDENTIALS = "GOOGLE_APPLICATION_CREDENTIALS"
 # The shared model cache (runner/store/cache.py): a directory where model downloads land keyed by source and revision,
 # complete or absent, so a retry, a resume or the next job on the same base downloads nothing. Set by the
 # controller when the admin configures one (chart values runner.modelCache: a PVC mounted at MODEL_CACHE_DIR);

@@ -210,6 +210,7 @@ _REGISTRY: dict[str, str] = {  # scheme -> "module:Class", imported on first use
     "local": "runner.store.local:LocalBackend",
     "s3": "runner.store.s3:S3Backend",
     "hf": "runner.store.hub:HubBackend",
+    "gs": "runner.store.gcs:GcsBackend",
 }
 _instances: dict[str, Backend] = {}
 
