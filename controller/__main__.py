@@ -4,8 +4,10 @@ Commands:
   run [--namespace NS ...]   watch FineTuneJobs (all namespaces, or the ones named) and run them (default)
   crd                        print the CustomResourceDefinition generated from runner/api/spec.py
   rbac                       print the controller's ClusterRole
-  generate [--check]         rewrite every generated file in this checkout: the CRDs, install.yaml, the README's
-                             spec reference (see controller/generate.py)
+
+For maintainers, on a checkout (left out of --help):
+  generate [--check]         rewrite every generated file: the CRDs, install.yaml, the README's spec reference
+                             (see controller/generate.py)
 """
 from __future__ import annotations
 

@@ -10,14 +10,16 @@ from controller import generate
 from runner.api import names
 
 DEFAULT_IMAGE = os.environ.get(names.ENV_RUNNER_IMAGE, "finetune-runner:latest")
+COMMANDS = ("run", "crd", "rbac")  # what --help lists
+HIDDEN = ("generate",)  # a maintainer's command on a checkout (controller/generate.py): runs, but --help leaves it out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "crd", "rbac", "generate", "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, *HIDDEN, "-h", "--help"):
         argv.insert(0, "run")
     p = argparse.ArgumentParser(prog="python -m controller", description="The FineTuneJob operator.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     c = sub.add_parser("crd", help="print the CustomResourceDefinition (generated from runner/api/spec.py)")
     c.add_argument("--without-cel", action="store_true",
                    help="leave out the CEL immutability rules (for Kubernetes < 1.25, where kubectl's "

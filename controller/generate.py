@@ -1,5 +1,8 @@
 """`python -m controller generate`: every file made from the contract and the chart (kubebuilder's `make manifests`).
 
+A maintainer's command on a checkout, hidden from `python -m controller --help` (the operator's users never need
+it; in the image it only says it needs a checkout).
+
     python -m controller generate           # after changing runner/api/spec.py or charts/: rewrite what is stale
     python -m controller generate --check   # write nothing; exit 1 naming each stale file
 
@@ -316,8 +319,11 @@ def with_reference(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ the command
 def add_parser(sub) -> None:
-    g = sub.add_parser("generate", help="rewrite every generated file (CRD, chart's CRD copy, install.yaml, "
-                       "README spec reference) in this checkout")
+    """The `generate` subcommand, hidden from `python -m controller --help` (no `help=`): it is a maintainer's
+    command, for a checkout, not part of the operator a user runs."""
+    g = sub.add_parser("generate", description="For maintainers, on a checkout: rewrite every file generated from "
+                       "runner/api/spec.py and charts/ (the CRD, the chart's copy of it, manifests/install.yaml, the "
+                       "README's spec reference) that is stale. Run it after changing either.")
     g.add_argument("--check", action="store_true", help="write nothing; exit 1 naming each stale file")
     g.add_argument("--helm", default=None, help="the helm binary (default: $HELM, tests/cluster/build.sh's, "
                    "or helm on PATH)")

@@ -2,6 +2,7 @@
 CRD, the chart's copy of it, manifests/install.yaml or the README's spec reference."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -63,3 +64,15 @@ def test_the_command_names_and_rewrites_stale_files(helm_bin, tmp_path):
         assert (tmp_path / rel).read_text(encoding="utf-8") == (ROOT / rel).read_text(encoding="utf-8"), rel
     r = generate_cmd(helm_bin, "--root", str(tmp_path))
     assert r.returncode == 0 and "every generated file is current" in r.stdout, r.stdout + r.stderr
+
+
+def test_generate_is_left_out_of_the_operators_help_but_runs_with_its_own():
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "controller", *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+
+    users = cli("--help")
+    assert users.returncode == 0 and "{run,crd,rbac}" in users.stdout
+    assert not re.search(r"\bgenerate\b", users.stdout), users.stdout
+    maintainers = cli("generate", "--help")
+    assert maintainers.returncode == 0 and "For maintainers" in maintainers.stdout and "--check" in maintainers.stdout
