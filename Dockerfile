@@ -14,7 +14,7 @@
 # and both run with a read-only root filesystem (only /tmp, HOME's caches and /work need to be writable).
 #
 # Build arguments (the defaults are the production images; CI overrides them to build offline-capable CPU
-# images from a Debian base it makes itself, tests/e2e/images.sh):
+# images from a Debian base it makes itself, tests/e2e/images.py):
 #   CONTROLLER_BASE  any Debian/Ubuntu image with python3 (>= 3.11) and python3-venv; default python:3.12-slim
 #   RUNNER_BASE      the runner's base; default CUDA 13.0 (matches torch's cu130 build, and NVIDIA_REQUIRE_CUDA
 #                    refuses a host driver too old for it at `docker run`, not mid-training)
