@@ -27,6 +27,10 @@ TERMINATION_GRACE_SECONDS = 120  # time to save a checkpoint after SIGTERM (susp
 AWS_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True),
             ("AWS_DEFAULT_REGION", True), ("AWS_REGION", True), ("AWS_ENDPOINT_URL", True),
             ("AWS_ENDPOINT_URL_S3", True))  # the runner reads either endpoint variable
+# spec.gcsSecretRef: the service-account key file, mounted read-only (its contents never in the env).
+GCS_KEY_VOLUME = "finetune-gcs-key"
+GCS_KEY_DIR = "/var/run/secrets/finetune.dev/gcs"
+GCS_KEY_FILE = f"{GCS_KEY_DIR}/key.json"
 
 
 def owner_reference(ftj: dict) -> dict:
@@ -132,6 +136,11 @@ def pod_template(ftj: dict, attempt: int, spec: dict, *, image: str, env: list[d
             {"name": "tmp", "emptyDir": {}},  # libraries that write to /tmp whatever TMPDIR says
         ],
     }
+    gcs = spec.get("gcsSecretRef")
+    if gcs:  # readable by the runner's group only (fsGroup)
+        pod_spec["volumes"].append({"name": GCS_KEY_VOLUME, "secret": {
+            "secretName": gcs["name"], "defaultMode": 0o440,
+            "items": [{"key": gcs.get("key") or "key.json", "path": GCS_KEY_FILE.rsplit("/", 1)[1]}]}})
     if spec.get("imagePullSecrets"):
         pod_spec["imagePullSecrets"] = [{"name": n} for n in spec["imagePullSecrets"]]
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
@@ -174,6 +183,15 @@ def container(ftj: dict, spec: dict, image: str, attempt: int, *, extra_env: lis
             if optional:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
+    mounts = [
+        {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "scratch", "mountPath": SCRATCH},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if spec.get("gcsSecretRef"):
+        env.append({"name": names.ENV_GCS_CREDENTIALS, "value": GCS_KEY_FILE})
+        mounts.append({"name": GCS_KEY_VOLUME, "mountPath": GCS_KEY_DIR, "readOnly": True})
     env += list(spec.get("env") or [])
     return {
         "name": naming.RUNNER_CONTAINER,
@@ -188,12 +206,7 @@ def container(ftj: dict, spec: dict, image: str, attempt: int, *, extra_env: lis
         "securityContext": {"allowPrivilegeEscalation": False, "privileged": False, "runAsNonRoot": True,
                             "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
                             "seccompProfile": {"type": "RuntimeDefault"}},
-        "volumeMounts": [
-            {"name": "job", "mountPath": JOB_FILE_DIR, "readOnly": True},
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "scratch", "mountPath": SCRATCH},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
 
 

@@ -48,7 +48,8 @@ RUNNER_PATHS = ("/etc/finetune", "/dev/shm", "/scratch", "/tmp", names.MODEL_CAC
 SYSTEM_PATHS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/proc", "/root",
                 "/run", "/sbin", "/sys", "/usr", "/var/run")
 CONTROLLER_ENV = (names.ENV_JOB_NAME, names.ENV_JOB_NAMESPACE, names.ENV_ATTEMPT, names.ENV_POD_NAME,
-                  names.ENV_WORK_DIR, names.ENV_MODEL_CACHE, names.ENV_LAUNCHED, "HOME", "TMPDIR")
+                  names.ENV_WORK_DIR, names.ENV_MODEL_CACHE, names.ENV_LAUNCHED, names.ENV_GCS_CREDENTIALS, "HOME",
+                  "TMPDIR")
 CONTROLLER_ENV_PREFIXES = ("PET_",)
 CONTROLLER_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/managed-by", naming.LABEL_KUEUE_QUEUE)
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS subdomain (PVC names)

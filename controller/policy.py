@@ -41,7 +41,7 @@ from runner.api import names
 # (FINETUNE_*), the status sink and its token (KUBERNETES_*), the nodes' rendezvous (PET_*: torchrun's), or
 # credentials (HF_ENDPOINT, AWS_ENDPOINT_URL).
 RESERVED_ENV_PREFIXES = (names.ENV_PREFIX, "AWS_", "HF_", "HUGGING_FACE_", "KUBERNETES_", "PET_")
-RESERVED_ENV_NAMES = ("HOME", "TMPDIR")
+RESERVED_ENV_NAMES = ("HOME", "TMPDIR", names.ENV_GCS_CREDENTIALS)
 VALUE_FROM_KINDS = ("secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef")
 ValueFromKind = Literal["secretKeyRef", "configMapKeyRef", "fieldRef", "resourceFieldRef"]
 ANY = "*"
@@ -189,8 +189,8 @@ class Policy(BaseModel):
                 out.append(f"{where}: {name} is reserved (set by the controller, or from a Secret reference) and "
                            "refused by the operator's policy (reserved: "
                            f"{', '.join(p + '*' for p in RESERVED_ENV_PREFIXES)}, {', '.join(sorted(reserved))}, "
-                           "plus policy.reservedEnv); use another name, or hfTokenSecretRef/s3SecretRef for "
-                           "credentials")
+                           "plus policy.reservedEnv); use another name, or hfTokenSecretRef/s3SecretRef/"
+                           "gcsSecretRef for credentials")
             if "valueFrom" in item:
                 source = item["valueFrom"]
                 kinds = sorted(source) if isinstance(source, dict) else []
@@ -198,7 +198,8 @@ class Policy(BaseModel):
                     out.append(f"{where}.valueFrom ({name}): must name one of {', '.join(VALUE_FROM_KINDS)}")
                 elif kinds[0] not in self.env_value_from:
                     out.append(_refused(f"{where}.valueFrom.{kinds[0]}", name, "envValueFrom", self.env_value_from,
-                                        "give a plain value, or hfTokenSecretRef/s3SecretRef for credentials"))
+                                        "give a plain value, or hfTokenSecretRef/s3SecretRef/gcsSecretRef for "
+                                        "credentials"))
             elif "value" in item and not isinstance(item["value"], str):
                 out.append(f"{where}.value ({name}): must be a string")
         return out

@@ -6,10 +6,10 @@ problem listed at once:
   (a) the same checks as `python -m runner validate` (runner/api/parse.py), the bounds of controller/limits.py
       and the admin policy (controller/policy.py) - what the controller would otherwise report later as
       InvalidSpec;
-  (b) a SubjectAccessReview per Secret the spec references (hfTokenSecretRef, s3SecretRef, imagePullSecrets,
-      env valueFrom secretKeyRef): the requesting user must be allowed to `get` it. The runner pod receives
-      those Secrets, and the model code it runs can read them, so naming a Secret is reading it. On UPDATE
-      only Secrets the old spec did not name are checked (a teammate may still suspend your job).
+  (b) a SubjectAccessReview per Secret the spec references (hfTokenSecretRef, s3SecretRef, gcsSecretRef,
+      imagePullSecrets, env valueFrom secretKeyRef): the requesting user must be allowed to `get` it. The runner
+      pod receives those Secrets, and the model code it runs can read them, so naming a Secret is reading it. On
+      UPDATE only Secrets the old spec did not name are checked (a teammate may still suspend your job).
 
 Only the webhook sees who asks; the controller re-checks (a) itself whatever the webhook said. The chart
 registers it with failurePolicy Fail: (b) exists nowhere else, and while the controller is down no job could
@@ -41,7 +41,7 @@ AccessCheck = Callable[[dict, str, str], bool]
 def referenced_secrets(spec: dict) -> list[tuple[str, str]]:
     """(where, Secret name) for every Secret a spec makes the runner pod receive."""
     out = []
-    for field in ("hfTokenSecretRef", "s3SecretRef"):
+    for field in ("hfTokenSecretRef", "s3SecretRef", "gcsSecretRef"):
         ref = spec.get(field)
         if isinstance(ref, dict) and isinstance(ref.get("name"), str):
             out.append((f"spec.{field}", ref["name"]))

@@ -21,7 +21,8 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     source: str = Field(
         description="Base model: `hf://org/name[@revision]` (Hugging Face Hub), `s3://bucket/prefix`, "
-        "or a local directory holding config.json, weights and tokenizer."
+        "`gs://bucket/prefix` (Google Cloud Storage), or a local directory holding config.json, weights and "
+        "tokenizer."
     )
     trust_remote_code: bool = Field(
         False, description="Allow the model repo's own Python code (only for repos you trust)."
@@ -65,8 +66,8 @@ class DatasetTemplate(_Section):
 
 class DatasetSpec(_Section):
     source: str = Field(
-        description="Training data: a .jsonl/.json/.csv/.parquet file or folder as a local path or "
-        "`s3://bucket/key`, or a Hub dataset `hf://org/name[@revision]`."
+        description="Training data: a .jsonl/.json/.csv/.parquet file or folder as a local path, "
+        "`s3://bucket/key` or `gs://bucket/key`, or a Hub dataset `hf://org/name[@revision]`."
     )
     subset: str | None = Field(None, description="Hub dataset configuration name, if it has several.")
     split: str = Field("train", description="Split to train on, Hub syntax allowed: `train[:10%]`.")
@@ -263,13 +264,13 @@ class MergeSpec(_Section):
 class OutputSpec(_Section):
     destination: str = Field(
         description="Where the result goes: `hf://org/name` (a Hub model repo), `s3://bucket/prefix`, "
-        "or a local directory."
+        "`gs://bucket/prefix`, or a local directory."
     )
     private: bool = Field(True, description="Create the Hub repo private.")
     push_adapter: bool = Field(True, description="Publish the LoRA adapter (under adapter/) too.")
     checkpoints: str | None = Field(
         None,
-        description="Durable checkpoint location (local path on a volume, or `s3://`). Default: beside "
+        description="Durable checkpoint location (local path on a volume, `s3://` or `gs://`). Default: beside "
         "the destination (`<destination>.checkpoints`). Required when the destination is the Hub.",
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many newest checkpoints to keep.")
@@ -290,6 +291,13 @@ class SecretKeyRef(_Section):
 
 class SecretRef(_Section):
     name: str = Field(description="Secret name in the job's namespace (standard AWS_* keys).")
+
+
+class ServiceAccountKeyRef(_Section):
+    name: str = Field(description="Secret name in the job's namespace.")
+    key: str = Field("key.json", pattern=r"^[-._a-zA-Z0-9]+$",
+                     description="Key inside the Secret whose value is the service-account JSON key file "
+                     "(`kubectl create secret generic gcs-key --from-file=key.json=<the key file>`).")
 
 
 class VolumeSpec(_Section):
@@ -316,7 +324,7 @@ class ResourcesSpec(_Section):
         description="Nodes the job spreads over, one runner pod of `gpus` GPUs each. More than 1: one JobSet "
         "(jobset.x-k8s.io, installed separately) per attempt instead of a Job, and torchrun with c10d rendezvous "
         "across the pods (data parallel, or FSDP over every GPU); the JobSet fails as a whole when one pod fails, "
-        "and the next attempt resumes from the newest checkpoint, so the output and checkpoints must be where every node reaches them (S3, the Hub, or a shared volume).",
+        "and the next attempt resumes from the newest checkpoint, so the output and checkpoints must be where every node reaches them (S3, GCS, the Hub, or a shared volume).",
     )
     cpu: str | None = Field(None, description="CPU request, e.g. `8`.")
     memory: str | None = Field(None, description="Memory request and limit, e.g. `64Gi`.")
@@ -348,6 +356,11 @@ class ClusterFields(_Section):
     env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container env vars.")
     hf_token_secret_ref: SecretKeyRef | None = Field(None, description="Secret holding HF_TOKEN.")
     s3_secret_ref: SecretRef | None = Field(None, description="Secret holding AWS_* variables.")
+    gcs_secret_ref: ServiceAccountKeyRef | None = Field(
+        None, description="Secret holding a Google Cloud service-account JSON key for `gs://` places: mounted "
+        "read-only in the runner pod, GOOGLE_APPLICATION_CREDENTIALS names the file (never the key in the env). "
+        "The service account needs roles/storage.objectAdmin on the buckets. Unset: the pod's own identity "
+        "(GKE Workload Identity).")
     backoff_limit: int = Field(3, ge=0, description="Retries after retryable failures.")
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Fail with DeadlineExceeded when the job has been running this long (counted "

@@ -29,7 +29,7 @@ def write_report(
     (report_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     # The spec as run, published with the model (Hub, S3): spec.env entries by name only - a value (an API key
     # set as a plain value, say) or a valueFrom reference never leaves the cluster. Credentials are Secret
-    # references (hfTokenSecretRef, s3SecretRef): their names are published, never their contents.
+    # references (hfTokenSecretRef, s3SecretRef, gcsSecretRef): their names are published, never their contents.
     spec = job.spec.model_dump(by_alias=True, exclude_defaults=True)
     if spec.get("env"):
         spec["env"] = [{"name": e.get("name")} for e in spec["env"] if isinstance(e, dict)]

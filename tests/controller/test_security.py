@@ -200,6 +200,8 @@ ATTACKS = {  # name -> (spec fields, what the refusal must name)
                       "hfTokenSecretRef": {"name": "hf"}}, ["HF_ENDPOINT is reserved"]),
     "redirect-s3": ({"env": [{"name": "AWS_ENDPOINT_URL", "value": "https://evil.example"}]},
                     ["AWS_ENDPOINT_URL is reserved"]),
+    "swap-gcs-key": ({"env": [{"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": "/scratch/planted.json"}],
+                      "gcsSecretRef": {"name": "gcs"}}, ["GOOGLE_APPLICATION_CREDENTIALS is reserved"]),
     "redirect-apiserver": ({"env": [{"name": "KUBERNETES_SERVICE_HOST", "value": "evil.example"}]},
                            ["KUBERNETES_SERVICE_HOST is reserved"]),
     "tolerate-everything": ({"tolerations": [{"operator": "Exists"}]}, ["spec.tolerations[0]",

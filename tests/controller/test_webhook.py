@@ -117,7 +117,7 @@ def test_kubectl_apply_is_refused_at_once_with_every_problem(served, k8s_cluster
     r = kubectl_apply(k8s_cluster, "alice", ns, ftj_doc("alice-job", hfTokenSecretRef={"name": "bob-hf"}))
     assert r.returncode != 0 and "alice may not get Secret 'bob-hf'" in r.stderr, r.stderr
     for i, ref in enumerate(({"hfTokenSecretRef": {"name": "bob-hf"}}, {"s3SecretRef": {"name": "team-b-db"}},
-                             {"imagePullSecrets": ["team-b-db"]})):
+                             {"gcsSecretRef": {"name": "team-b-db"}}, {"imagePullSecrets": ["team-b-db"]})):
         r = kubectl_apply(k8s_cluster, "bob", ns, ftj_doc(f"bob-{i}", **ref))
         assert (r.returncode == 0) is (i == 0), r.stderr
     cluster_api.wait_phase("bob-0", "Pending")
