@@ -130,3 +130,43 @@ def test_a_publish_over_an_earlier_output_copies_large_files_server_side(gcs_ser
     blob = gcs_server.client().bucket(gcs_server.bucket).get_blob("out/model.safetensors")
     assert blob.size == 9 * MIB + 12345
     assert GCS.read_manifest(dest)["totalBytes"] == sum(p.stat().st_size for p in new.rglob("*") if p.is_file())
+
+
+def test_a_job_reads_and_writes_only_gcs(gcs_server, tiny_llama, qa_jsonl, tmp_path):
+    """`python -m runner run` with gs:// model, data, checkpoints and destination, a service-account key named by
+    GOOGLE_APPLICATION_CREDENTIALS: the merged model and its manifest are published under gs://, the checkpoints
+    saved there and the lease released; the same job again is already complete."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import job_doc, run_cli
+
+    bucket = gcs_server.client().bucket(gcs_server.bucket)
+    for p in sorted(tiny_llama.rglob("*")):
+        if p.is_file():
+            bucket.blob(f"bases/tiny-llama/{p.relative_to(tiny_llama).as_posix()}").upload_from_filename(str(p))
+    bucket.blob("data/qa.jsonl").upload_from_filename(str(qa_jsonl))
+    gs = f"gs://{gcs_server.bucket}"
+    doc = job_doc(f"{gs}/bases/tiny-llama", f"{gs}/data/qa.jsonl", f"{gs}/models/run-1",
+                  output={"checkpoints": f"{gs}/checkpoints/run-1"})
+    env = {"GOOGLE_APPLICATION_CREDENTIALS": str(service_account_key(tmp_path / "key.json"))}
+    (tmp_path / "first").mkdir()
+    (tmp_path / "again").mkdir()
+
+    code, events, stderr, result = run_cli(tmp_path / "first", doc, env=env)
+    assert code == 0, stderr[-3000:]
+    assert result["output"] == f"{gs}/models/run-1"
+    published = GCS.download(Location.parse(f"{gs}/models/run-1"), tmp_path / "published")
+    manifest = json.loads((published / MANIFEST_NAME).read_text())
+    have = digests(published)
+    have.pop(MANIFEST_NAME)
+    assert {f["path"]: f["sha256"] for f in manifest["files"]} == have  # every file, as the manifest says
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "adapter/adapter_config.json",
+                 "report/metrics.json"):
+        assert name in have, name
+    assert AutoModelForCausalLM.from_pretrained(published).config.model_type == "llama"
+    saved = names(gcs_server, "checkpoints/run-1/")
+    assert {"checkpoints/run-1/checkpoint-3/COMPLETE", "checkpoints/run-1/checkpoint-6/COMPLETE"} <= set(saved)
+    assert "checkpoints/run-1/LEASE" not in saved  # released
+
+    code, _, stderr, again = run_cli(tmp_path / "again", doc, env=env)
+    assert code == 0 and again["alreadyComplete"] is True, stderr[-3000:]
