@@ -5,7 +5,7 @@
 #   docker build -t finetune-runner .                               # the runner (default target): CUDA, torch
 #   docker build --target controller -t finetune-controller .       # the controller: slim, no torch
 #
-# The runner runs the same FineTuneJob YAML that `kubectl apply` takes (README "Standalone with Docker"):
+# The runner runs the same FineTuneJob YAML that `kubectl apply` takes (README "Run standalone with docker"):
 #
 #   docker run --gpus all --ipc=host --read-only --tmpfs /tmp -v "$PWD:/work" -e HF_TOKEN finetune-runner run /work/job.yaml
 #

@@ -3,5 +3,5 @@
     bench/training.py       GPU training throughput and memory (`python -m bench ...`)
     bench/prequantize.py    writes a random model of a real shape already in 4-bit, a layer at a time
     bench/controller/       the controller under 1,000 FineTuneJobs (`python -m bench controller ...`)
-    bench/gpu/*.sh          the GPU runs behind the README's figures; bench/results/ their outputs
+    bench/gpu/*.sh          the GPU runs behind bench/README.md's figures; bench/results/ their outputs
 """

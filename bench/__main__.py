@@ -1,9 +1,9 @@
 """`python -m bench` - the benchmarks, from a checkout.
 
-    python -m bench --shape llama-3-8b --configs seeds,defaults,lean --out result.json   # GPU training
+    python -m bench --shape llama-3-8b --configs notebook,defaults,lean --out result.json  # GPU training
     python -m bench controller --jobs 1000                                              # the controller
     python -m bench frontier --out frontier.json          # runner vs Unsloth: throughput, memory, long sequences
-    python -m bench table                                 # README's runner-vs-Unsloth table from bench/results/
+    python -m bench table                                 # bench/README.md's runner-vs-Unsloth tables from results
 
 The first form is the training benchmark (bench/training.py); `python -m bench --help` lists its options.
 `controller` runs bench/controller/bench.py (the same as `python -m bench.controller.bench`) with the rest of
@@ -18,11 +18,11 @@ import sys
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="GPU training benchmark: the seeds' recipe vs the runner's defaults (bench/training.py). "
-                    "`python -m bench controller --help`: the controller benchmark.")
+        description="GPU training benchmark: the classic QLoRA notebook recipe vs the runner's defaults "
+                    "(bench/training.py). `python -m bench controller --help`: the controller benchmark.")
     p.add_argument("--shape", default="llama-3-8b", help="tiny, llama-2-7b, llama-3-8b, llama-3-70b")
-    p.add_argument("--configs", default="seeds,defaults,lean",
-                   help="comma (or ;) list: seeds, defaults, lean, lora16, lora8, or JSON spec overrides")
+    p.add_argument("--configs", default="notebook,defaults,lean",
+                   help="comma (or ;) list: notebook, defaults, lean, lora16, lora8, or JSON spec overrides")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
     p.add_argument("--work-dir", default="/tmp/finetune-bench")

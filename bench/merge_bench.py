@@ -16,7 +16,7 @@ and one JSON document is printed: seconds, peak CPU RSS, peak GPU memory, merged
 Disk: the base (bf16: 2 bytes/parameter; 4bit: ~0.56) plus the merged output (2 bytes/parameter): 16 + 16 GB
 for the 8B, 40 + 140 GB for the 70B from 4 bits. --discard-output deletes each merged shard right after it is
 written (the write is still timed; the end-to-end check, which loads the output, is then skipped).
-Targets (issue 16, on an H200): 8B merge <= 26 s; 70B merge < 10 min, peak CPU < 48 GB, GPU < 40 GB.
+Targets, on an H200: 8B merge <= 26 s; 70B merge < 10 min, peak CPU < 48 GB, GPU < 40 GB.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""`python -m bench table [--check]`: the README's runner-vs-Unsloth tables, regenerated from the committed result
-files of `python -m bench frontier` (RESULTS), between the README's markers."""
+"""`python -m bench table [--check]`: bench/README.md's runner-vs-Unsloth tables, regenerated from the committed
+result files of `python -m bench frontier` (RESULTS), between its markers."""
 from __future__ import annotations
 
 import json
@@ -14,15 +14,20 @@ RESULTS = [
     ("bench/results/h200-llama-3-8b-frontier-cudnn.json", "Then single sequences on cuDNN's attention kernel "
      "(runner/model/attention.py), the runner alone in a second call, against the Unsloth rows above:"),
 ]
-README = ROOT / "README.md"
+README = ROOT / "bench" / "README.md"
 START, END = "<!-- frontier-table:start -->", "<!-- frontier-table:end -->"
 
 
 def _mode(plan: dict | None) -> str:
     if not plan:
         return ""
-    mode = {None: "checkpointing" if plan.get("gradientCheckpointing") else "no checkpointing"}.get(
-        plan.get("offload"), f"offloaded checkpointing ({plan.get('offload')})")
+    if "mode" in plan:  # {"checkpointing": none|layer|split|tiled, "offload": gpu|host}
+        checkpointing, offload = plan["mode"]["checkpointing"], plan["mode"]["offload"]
+    else:  # results written before the plan held a mode: gradientCheckpointing, and offload None|layer|split|tiled
+        checkpointing = plan.get("offload") or ("layer" if plan.get("gradientCheckpointing") else "none")
+        offload = "host" if plan.get("offload") else "gpu"
+    mode = {"none": "no checkpointing"}.get(checkpointing, "checkpointing") if offload == "gpu" else (
+        f"offloaded checkpointing ({checkpointing})")
     return f"{mode}, {plan['microBatch']}x{plan['microBatchTokens'] // plan['microBatch']}" + (
         f" x{plan['accumulation']}" if plan.get("accumulation", 1) > 1 else "")
 
@@ -80,7 +85,7 @@ def main(argv: list[str]) -> int:
     new = render(text, [(f, line, json.loads((ROOT / f).read_text())) for f, line in RESULTS if (ROOT / f).exists()])
     if "--check" in argv:
         if new != text:
-            print("README.md: the frontier table is stale: run python -m bench table", file=sys.stderr)
+            print("bench/README.md: the frontier table is stale: run python -m bench table", file=sys.stderr)
             return 1
         return 0
     README.write_text(new, encoding="utf-8")

@@ -1,10 +1,10 @@
-"""`python -m bench`: training throughput and memory of the runner's path vs the seeds' recipe.
+"""`python -m bench`: training throughput and memory of the runner's path vs the classic QLoRA notebook recipe.
 
 Builds a random-initialised model of a real shape on the GPU (throughput and memory do not depend on the
 weights' values, and no weights can be downloaded there), saves it, loads it through the runner's normal
 4-bit path, and trains each configuration on the same synthetic data of realistic lengths:
 
-  seeds     the notebooks' recipe: rows padded to 512, batch 2, prepare_model_for_kbit_training (fp32
+  notebook  the classic QLoRA notebooks' recipe: rows padded to 512, batch 2, prepare_model_for_kbit_training (fp32
             upcast), gradient checkpointing, paged 8-bit AdamW, LoRA dropout 0.05
   defaults  the runner's defaults: packed rows of 2048 with document-masked (varlen) attention, bf16
             everywhere, no LoRA dropout, fused AdamW, checkpointing chosen by memory
@@ -111,7 +111,7 @@ def job_for(config: str, model_dir: Path, shape: str) -> dict:
     lora = {"r": 32, "alpha": 64, "targetModules": "all-linear"}
     doc = {"model": {"source": str(model_dir)}, "dataset": {"source": "synthetic.jsonl"},
            "lora": lora, "output": {"destination": "/tmp/bench-out"}, "training": {}}
-    if config == "seeds":
+    if config == "notebook":
         doc["model"]["attnImplementation"] = "sdpa"
         doc["dataset"].update(maxLength=512, packing=False)
         doc["lora"]["dropout"] = 0.05
@@ -127,7 +127,7 @@ def job_for(config: str, model_dir: Path, shape: str) -> dict:
         for k, v in json.loads(config).items():
             doc[k] = {**doc.get(k, {}), **v}
     else:
-        raise SystemExit(f"unknown bench config {config!r}: use seeds, defaults, lean, lora16, lora8 or a JSON "
+        raise SystemExit(f"unknown bench config {config!r}: use notebook, defaults, lean, lora16, lora8 or a JSON "
                          "override")
     return doc
 
@@ -187,7 +187,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     model = parallel.load_base(spec, model_dir, plan)
     load_s = time.perf_counter() - t_load
     tok = model_phase.load_tokenizer(model_dir, spec.model)
-    if name == "seeds":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
+    if name == "notebook":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = parallel.add_lora(model, spec.lora)  # under FSDP the sharded loader added them already
     tokens_per_step = spec.training.batch_size * spec.dataset.max_length * spec.training.gradient_accumulation_steps
@@ -199,8 +199,8 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     timer = StepTimer(warmup)
     overrides = {"max_steps": steps, "save_strategy": "no", "logging_steps": 1 if log_every_step else 10**6,
                  "shuffle_dataset": False}
-    if name == "seeds":
-        overrides["pad_to_multiple_of"] = 512  # the seeds pad every row to 512
+    if name == "notebook":
+        overrides["pad_to_multiple_of"] = 512  # the notebooks pad every row to 512
     trainer = make_trainer(spec, model, tok, data, work / name, plan, callbacks=[timer.callback], **overrides)
     trainer.train()
     peaks = _per_rank(torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0)

@@ -4,7 +4,7 @@ Packages, lowest layer first; each imports only the layers below it (tests/test_
 
     api       the FineTuneJob contract shared with the controller: spec, parsing, status, errors, names
     data      rows read, formatted into text with loss spans, tokenized, packed
-    store     every place files live (local, S3, the Hub) behind one interface: download, publish, checkpoints,
+    store     every place files live (local, S3, GCS, the Hub) behind one interface: download, publish, checkpoints,
               the lease, the shared model cache
     model     the base loaded 4-bit/8-bit/16-bit with LoRA, its files, attention kernels
     parallel  several processes: the launcher, ranks, FSDP loading

@@ -12,17 +12,17 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bench_reports_each_configuration_and_the_merge(tmp_path):
     out = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--shape", "tiny", "--configs", "seeds;defaults",
+        [sys.executable, "-m", "bench", "--shape", "tiny", "--configs", "notebook;defaults",
          "--steps", "3", "--warmup", "1", "--work-dir", str(tmp_path / "w"), "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["gpu"] == "cpu" and result["versions"]["torch"]
-    seeds, defaults = result["configs"]["seeds"], result["configs"]["defaults"]
-    assert seeds["packing"] is False and seeds["gradientCheckpointing"] is True
+    notebook, defaults = result["configs"]["notebook"], result["configs"]["defaults"]
+    assert notebook["packing"] is False and notebook["gradientCheckpointing"] is True
     assert defaults["packing"] is True
-    for res in (seeds, defaults):
+    for res in (notebook, defaults):
         assert res["measuredSteps"] == 2 and res["realTokensPerSecond"] > 0
     assert result["merge"]["relativeLogitError"] < 1e-2
 

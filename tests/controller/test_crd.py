@@ -1,4 +1,4 @@
-"""The CRD: generated from runner/spec.py, committed, structural, and enforced by a real API server."""
+"""The CRD: generated from runner/api/spec.py, committed, structural, and enforced by a real API server."""
 from __future__ import annotations
 
 import subprocess

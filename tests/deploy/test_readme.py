@@ -67,3 +67,42 @@ def test_helm_commands_in_the_readme_render(helm_bin):
         for part in key.split("."):
             assert isinstance(node, dict) and part in node, f"README's values table names {key}, not in values.yaml"
             node = node[part]
+
+
+def _section(text: str, title: str) -> str:
+    assert f"\n## {title}\n" in text, f'README.md needs a "## {title}" section'
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_architecture_map_is_the_runners_own():
+    """README "Architecture" names every runner package with the line runner/__init__.py gives it, lowest first."""
+    import runner
+
+    doc = runner.__doc__.split("lowest layer first", 1)[1].split("\n\n", 2)[1]
+    packages: list[tuple[str, str]] = []
+    for line in doc.splitlines():
+        name, _, rest = line.strip().partition(" ")
+        if line.startswith("    ") and not line.startswith("     "):
+            packages.append((name, rest))
+        else:
+            packages[-1] = (packages[-1][0], f"{packages[-1][1]} {line}")
+    assert len(packages) >= 8, packages
+    section = _section(README.read_text(encoding="utf-8"), "Architecture")
+    flat = " ".join(section.split())
+    order = [flat.index(f" {name}/ ") for name, _ in packages]
+    assert order == sorted(order), "README's package map is not in runner/__init__.py's order"
+    for name, description in packages:
+        assert f"{name}/ {' '.join(description.split())}" in flat, f"README's line for {name}/ is not runner's"
+    for top in ("controller/", "charts/", "manifests/", "tests/", "bench/"):
+        assert f"\n{top}" in section, f"README's Architecture does not place {top}"
+
+
+def test_the_docs_speak_to_users():
+    """No tracker numbers or project history in the docs a user reads; the measurements live in bench/README.md."""
+    for path in (README, ROOT / "bench" / "README.md"):
+        text = path.read_text(encoding="utf-8")
+        found = re.findall(r"\bissue \d+|\bthe seeds\b|\bseed \d{3}\b|\bsession's\b", text, flags=re.I)
+        assert not found, f"{path.name}: {found}"
+    readme = README.read_text(encoding="utf-8")
+    assert "](bench/README.md" in _section(readme, "Speed")
+    assert len([line for line in _section(readme, "Speed").splitlines() if line.startswith("| ")]) <= 12

@@ -1,4 +1,4 @@
-"""Every dataset format becomes text plus a loss mask; the seeds' column names and templates work."""
+"""Every dataset format becomes text plus a loss mask; the examples' column names and templates work."""
 from __future__ import annotations
 
 import datasets
