@@ -5,7 +5,7 @@ source bench/gpu/setup.sh
 export PYTHONUNBUFFERED=1
 python - <<'PY'
 import torch
-from runner import model
+from runner.model import load as model
 from runner.api.spec import ModelSpec, QuantizationSpec
 from bench.training import build_model
 d = build_model("llama-3-8b", "/tmp/b/model-llama-3-8b")
