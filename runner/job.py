@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from runner.report import artifacts as artifacts
+from runner.report import metrics_file
 from runner.data import dataset as data_phase
 from runner.parallel import distributed as distributed
 from runner.merge import fold as merge_phase
@@ -214,9 +215,11 @@ def _train(spec: FineTuneJobSpec, model_dir: Path, tokenizer, data, work: Path, 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     distributed.leave_group()
-    metrics = {**result.metrics, "resumedFrom": result.resumed_from, "format": data.fmt, "packing": plan.packing,
+    metrics = {**result.metrics, metrics_file.RESUMED_FROM: result.resumed_from, "format": data.fmt,
+               "packing": plan.packing,
                "strategy": plan.strategy, "processes": plan.processes, "plan": plan.to_dict(),
-               "examples": len(data.train), "truncatedExamples": data.truncated, "checkpoints": str(ckpt_loc)}
+               "examples": len(data.train), metrics_file.TRUNCATED_EXAMPLES: data.truncated,
+               "checkpoints": str(ckpt_loc)}
     return _Trained(result.adapter_dir, result.history, metrics, before, after)
 
 
@@ -232,7 +235,7 @@ def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data,
         probe = merge_phase.probe_inputs(tokenizer, texts)
         check = merge_phase.merge(spec, model_dir, trained.adapter_dir, tokenizer, probe, staging, spec.eval_prompts)
         after = check.samples
-        metrics["mergeCheck"] = {
+        metrics[metrics_file.MERGE_CHECK] = {
             "method": check.method, "dtype": check.dtype, "relativeLogitError": check.relative_error,
             "layerRelativeError": check.layer_relative_error,
             "maxAbsLogitError": check.max_abs_error, "tolerance": check.tolerance,
@@ -243,7 +246,8 @@ def _assemble(job: Job, spec: FineTuneJobSpec, model_dir: Path, tokenizer, data,
     else:
         shutil.copytree(trained.adapter_dir, staging, dirs_exist_ok=True)
         tokenizer.save_pretrained(staging)
-    metrics["phaseSeconds"] = reporter.phase_times()  # Merging complete; Uploading: the result and status.metrics
+    # Merging complete; Uploading is in the result and status.metrics
+    metrics[metrics_file.PHASE_SECONDS] = reporter.phase_times()
     samples = [{"prompt": p, "before": b, "after": a}
                for p, b, a in zip(spec.eval_prompts, trained.samples_before, after or [])]
     reporter.details.update(samples=samples, metrics=metrics)  # for the terminal's summary

@@ -5,7 +5,7 @@ experiment trackers, and the report published beside the weights.
     console      the human view on a terminal; summary, its final screen
     kube_status  the runner's own status patches under the controller
     tracking     TensorBoard and the trackers of training.reportTo
-    artifacts    the published report: metrics, plots, the job, the model card (card, plots)
+    artifacts    the published report: metrics, plots, the job, the model card (card, plots, metrics_file)
 
 Imports: runner.api, runner.data, runner.parallel.
 """

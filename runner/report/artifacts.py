@@ -1,5 +1,5 @@
-"""What is published beside the weights: the training report (metrics JSON, loss curve, token-length
-histogram, before/after samples), the job spec, and a model card."""
+"""What is published beside the weights: the training report (metrics.json: runner/report/metrics_file.py; the
+loss curve, token-length histogram, before/after samples), the job spec, and a model card."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from runner.report import card as card
+from runner.report import metrics_file
 from runner.report import plots as plots
 from runner.report.card import METHODS  # noqa: F401 - how the adapter was trained, by quantization.bits
 from runner.api.parse import manifest
@@ -24,7 +25,7 @@ def write_report(
     samples: list[dict],
 ) -> None:
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    metrics_file.write(report_dir, metrics)
     (report_dir / "history.json").write_text(json.dumps(history, indent=2))
     (report_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
     # The spec as run, published with the model (Hub, S3): spec.env entries by name only - a value (an API key

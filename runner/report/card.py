@@ -9,6 +9,7 @@ import yaml
 from runner.api import names
 from runner.api.spec import CHAT_TEMPLATE_NAMES, Job
 from runner.data.chat import CHAT_TEMPLATES
+from runner.report import metrics_file
 
 # How the adapter was trained, by quantization.bits: "QLoRA" only for a 4-bit base.
 METHODS = {4: "QLoRA (LoRA on a 4-bit NF4/FP4 base)", 8: "LoRA on an 8-bit (LLM.int8) base",
@@ -141,7 +142,7 @@ def _results_section(metrics: dict) -> list[str]:
             ("eval loss at the last step", metrics.get("last_eval_loss")),
             ("optimizer steps", metrics.get("global_step")), ("tokens seen", metrics.get("num_input_tokens_seen")),
             ("training examples", metrics.get("examples")),
-            ("examples cut at maxLength", metrics.get("truncatedExamples")),
+            ("examples cut at maxLength", metrics.get(metrics_file.TRUNCATED_EXAMPLES)),
             ("training time (s)", metrics.get("train_runtime"))]
     out = ["## Results", "", "| Metric | Value |", "|---|---|"]
     for name, value in rows:
@@ -150,7 +151,7 @@ def _results_section(metrics: dict) -> list[str]:
     published = metrics.get("published")
     if isinstance(published, dict) and published.get("step") is not None:
         out.append(f"| published step | {published['step']} ({published.get('choice')}) |")
-    check = metrics.get("mergeCheck")
+    check = metrics.get(metrics_file.MERGE_CHECK)
     if isinstance(check, dict) and check.get("relativeLogitError") is not None:
         out.append(f"| merge check: relative logit error ({check.get('method')}) | "
                    f"{check['relativeLogitError']:.3g} (tolerance {check.get('tolerance')}) |")
@@ -174,8 +175,8 @@ def _limitations(job: Job, metrics: dict, merged: bool) -> list[str]:
                    "loss alone does not show how well it generalises.")
     if s.eval_prompts:
         out.append(f"- The before/after answers are {len(s.eval_prompts)} prompt(s), not a benchmark.")
-    if metrics.get("truncatedExamples"):
-        out.append(f"- {metrics['truncatedExamples']} training examples were longer than maxLength {d.max_length} "
+    if truncated := metrics.get(metrics_file.TRUNCATED_EXAMPLES):
+        out.append(f"- {truncated} training examples were longer than maxLength {d.max_length} "
                    "and were cut: the model saw only their beginning.")
     bits = getattr(s.quantization, "bits", 4)
     if merged and bits < 16:

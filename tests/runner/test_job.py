@@ -107,7 +107,7 @@ def test_resume_continues_from_the_newest_complete_checkpoint(tiny_llama, qa_jso
     steps = [e["step"] for e in _events(buf2) if e["event"] == "progress"]
     assert steps and min(steps) == 5 and max(steps) == 6  # continued at step 5, not from scratch
     metrics = json.loads((out / "report/metrics.json").read_text())
-    assert metrics["resumedFrom"] == "checkpoint-4" and metrics["global_step"] == 6
+    assert metrics["resumed_from"] == "checkpoint-4" and metrics["global_step"] == 6
     assert result["output"] == str(out)
 
 
@@ -215,7 +215,7 @@ def test_rerun_is_a_noop_and_a_resume_reports_the_whole_run(tiny_llama, qa_jsonl
     run_job(job, reporter, work_dir=tmp_path / "w3")
     assert not [ev for ev in _events(buf) if ev["event"] == "progress"]
     metrics = json.loads((out / "report/metrics.json").read_text())
-    assert metrics["global_step"] == 6 and metrics["resumedFrom"] == "checkpoint-6"
+    assert metrics["global_step"] == 6 and metrics["resumed_from"] == "checkpoint-6"
     assert json.loads((out / "report/history.json").read_text()) == full
     assert metrics["train_loss"] == pytest.approx(first["metrics"]["train_loss"], rel=1e-6)
 
@@ -228,7 +228,7 @@ def test_rerun_is_a_noop_and_a_resume_reports_the_whole_run(tiny_llama, qa_jsonl
     history = json.loads((out / "report/history.json").read_text())
     metrics = json.loads((out / "report/metrics.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4, 6] and history[:3] == full[:3]
-    assert metrics["resumedFrom"] == "checkpoint-3" and metrics["global_step"] == 6
+    assert metrics["resumed_from"] == "checkpoint-3" and metrics["global_step"] == 6
     losses = [h["loss"] for h in history]
     whole = (losses[0] + losses[1] + losses[2] + losses[3] + 2 * losses[4]) / 6
     assert metrics["train_loss"] == pytest.approx(whole)  # the loss of all 6 steps, not of the last 3

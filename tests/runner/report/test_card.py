@@ -9,8 +9,8 @@ from runner.api.parse import parse_job
 from tests.conftest import job_doc
 
 METRICS = {"train_loss": 0.53, "eval_loss": 0.41, "global_step": 200, "num_input_tokens_seen": 48000,
-           "examples": 40, "truncatedExamples": 2, "format": "prompt-completion", "train_runtime": 80.5,
-           "mergeCheck": {"method": "logits", "relativeLogitError": 0.001, "tolerance": 0.03}}
+           "examples": 40, "truncated_examples": 2, "format": "prompt-completion", "train_runtime": 80.5,
+           "merge_check": {"method": "logits", "relativeLogitError": 0.001, "tolerance": 0.03}}
 SAMPLES = [{"prompt": "Q: What is 2 plus 3 ?\nA:", "before": "7 | 8", "after": "5"}]
 
 

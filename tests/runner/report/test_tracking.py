@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.report import tracking as tracking
+from runner.report import metrics_file, tracking
 from runner.api.errors import PermanentError, Preempted
 from runner.api.parse import parse_job
 from runner.job import run_job
@@ -96,7 +96,8 @@ def test_a_resumed_16bit_job_publishes_the_events_of_the_whole_run(tiny_llama, q
     assert sorted({s for s, _ in scalars["train/loss"]}) == [1, 2, 3, 4, 5, 6]  # both attempts' steps
     assert sorted({s for s, _ in scalars["train/tokens_per_second"]}) == [1, 2, 3, 4, 5, 6]
     metrics = json.loads((out / "report/metrics.json").read_text())
-    assert metrics["resumedFrom"] == "checkpoint-4" and metrics["plan"]["bits"] == 16
+    assert metrics["resumed_from"] == "checkpoint-4" and metrics["plan"]["bits"] == 16
+    assert [k for k in metrics if k not in metrics_file.DEPRECATED and k != k.lower()] == []  # one style
 
 
 # ----------------------------------------------------------------------------------------- MLflow

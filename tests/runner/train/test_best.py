@@ -88,8 +88,8 @@ def test_publish_best_merges_the_step_with_the_lowest_eval_loss(tiny_llama, tmp_
     # the result (status.metrics, the terminal) has Uploading's too.
     history = json.loads((out / "report/history.json").read_text())
     assert metrics["final_train_loss"] == [h["loss"] for h in history if "loss" in h][-1]
-    assert set(metrics["phaseSeconds"]) == {"Validating", "Downloading", "Training", "Merging"}
-    assert metrics["phaseSeconds"]["Merging"] > 0
+    assert set(metrics["phase_seconds"]) == {"Validating", "Downloading", "Training", "Merging"}
+    assert metrics["phase_seconds"]["Merging"] > 0
     term = json.loads((tmp_path / "term.log").read_text())
     assert set(term["phaseSeconds"]) == {"Validating", "Downloading", "Training", "Merging", "Uploading"}
     assert term["metrics"]["uploading_seconds"] == term["phaseSeconds"]["Uploading"]
