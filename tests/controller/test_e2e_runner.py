@@ -7,6 +7,7 @@ per-job ServiceAccount. Its termination-log file becomes the pod's termination m
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from runner.api import names
 from tests.conftest import job_doc
 from tests.controller.conftest import ROOT, Controller, pod_of, wait_for
 from tests.runner.store.test_cache import SlowProxy
+from tests.runner.store.gcs_server import service_account_key
 
 
 class RunnerProcess:
@@ -40,11 +42,29 @@ class RunnerProcess:
                    FINETUNE_WORK_DIR=str(workdir / "work"), HOME=str(workdir), TMPDIR=str(workdir))
         if names.ENV_MODEL_CACHE in env:  # the pod's model cache volume: a host directory stands in for the PVC
             env[names.ENV_MODEL_CACHE] = str(workdir / "model-cache")
+        for mount in container["volumeMounts"]:  # the pod's Secret volumes, written here as the kubelet would
+            volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mount["name"])
+            if "secret" in volume:
+                here = self.mount_secret(k8s_cluster, ns, volume["secret"],
+                                         workdir / f"{pod['metadata']['name']}-{mount['name']}")
+                env = {k: str(here) + v[len(mount["mountPath"]):] if v.startswith(mount["mountPath"] + "/") else v
+                       for k, v in env.items()}
         assert container["command"][-1] == "/etc/finetune/job.yaml"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "runner", "run", str(self.job_file),
              "--termination-log", str(self.term)],
             cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def mount_secret(k8s_cluster, ns: str, source: dict, root: Path) -> Path:
+        code, secret = k8s_cluster.request("GET", f"/api/v1/namespaces/{ns}/secrets/{source['secretName']}")
+        assert code == 200, secret
+        root.mkdir(parents=True, exist_ok=True)
+        for item in source["items"]:
+            target = root / item["path"]
+            target.write_bytes(base64.b64decode(secret["data"][item["key"]]))
+            target.chmod(source.get("defaultMode", 0o644))
+        return root
 
     def wait(self, timeout: float = 180) -> tuple[int, str, str]:
         out, err = self.proc.communicate(timeout=timeout)
@@ -203,3 +223,51 @@ def test_a_second_attempt_reads_the_base_model_from_the_cache(controller_kubecon
     finally:
         ctl.stop()
         proxy.close()
+
+
+def test_a_gcs_job_reads_its_key_from_the_secret_gcs_secret_ref_names(controller, cluster_api, fake_kubelet,
+                                                                     k8s_cluster, tiny_llama, qa_jsonl, gcs_server,
+                                                                     tmp_path):
+    """gs:// model, data, checkpoints and destination; spec.gcsSecretRef names a Secret holding a service-account
+    key. The pod mounts it as a file (here written as the kubelet would) and the runner reads it: the job
+    succeeds with its output under gs://. A Secret holding no usable key fails the job, naming the variable and
+    the field, never the Secret's contents."""
+    ns, gs = cluster_api.ns, f"gs://{gcs_server.bucket}"
+    bucket = gcs_server.client().bucket(gcs_server.bucket)
+    for f in (f for f in tiny_llama.rglob("*") if f.is_file()):
+        bucket.blob(f"bases/tiny-llama/{f.relative_to(tiny_llama).as_posix()}").upload_from_filename(str(f))
+    bucket.blob("data/qa.jsonl").upload_from_filename(str(qa_jsonl))
+    key = service_account_key(tmp_path / "sa.json").read_text()
+    for name, value in (("gcs-key", key), ("gcs-broken", key.replace('"private_key"', '"private_kee"'))):
+        code, body = k8s_cluster.request("POST", f"/api/v1/namespaces/{ns}/secrets", {
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": {"key.json": value}})
+        assert code == 201, body
+
+    def job(name: str, secret: str) -> tuple[dict, RunnerProcess]:
+        doc = job_doc(f"{gs}/bases/tiny-llama", f"{gs}/data/qa.jsonl", f"{gs}/models/{name}", resources={"gpus": 0},
+                      output={"checkpoints": f"{gs}/checkpoints/{name}"}, gcsSecretRef={"name": secret})
+        doc["metadata"]["name"] = name
+        cluster_api.create_ftj(doc)
+        pod = pod_of(fake_kubelet, ns, f"{name}-1")
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["GOOGLE_APPLICATION_CREDENTIALS"]["value"].endswith("/key.json")  # a path; the key is a file
+        assert not [e for e in env.values() if secret in json.dumps(e.get("valueFrom"))]
+        fake_kubelet.running(pod)
+        return pod, RunnerProcess(k8s_cluster, ns, name, pod, tmp_path)
+
+    pod, runner = job("gcs", "gcs-key")
+    code, _, stderr = runner.wait()
+    assert code == 0, stderr[-3000:]
+    fake_kubelet.succeeded(pod, message=runner.term.read_text())
+    s = cluster_api.wait_phase("gcs", "Succeeded")
+    assert s["output"] == f"{gs}/models/gcs"
+    assert bucket.blob("models/gcs/finetune-manifest.json").exists()
+    assert bucket.blob("models/gcs/model.safetensors").exists()
+
+    pod, runner = job("gcs-bad", "gcs-broken")
+    code, _, stderr = runner.wait()
+    assert code == 2, stderr[-3000:]
+    fake_kubelet.failed(pod, exit_code=code, message=runner.term.read_text())
+    s = cluster_api.wait_phase("gcs-bad", "Failed")
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in s["message"] and "spec.gcsSecretRef" in s["message"], s["message"]
+    assert "BEGIN PRIVATE KEY" not in json.dumps(cluster_api.ftj("gcs-bad"))
