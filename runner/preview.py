@@ -15,10 +15,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runner.data import dataset as data_phase
-import runner.store as storage
-from runner.api.errors import INVALID_SPEC, PermanentError
+from runner import store
 from runner.api.spec import Job
+from runner.data.dataset import DataError, build_formatter, load_rows, tokenize
 
 # What AutoTokenizer reads: never the weights.
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
@@ -78,20 +77,19 @@ def gather(job: Job, *, n: int = 3, work: Path | None = None) -> Preview:
 
 
 def _gather(job: Job, n: int, work: Path) -> Preview:
-    from runner.model import load as model_phase
+    from runner.model.load import load_tokenizer
 
-    spec, d = job.spec, job.spec.dataset
-    data_path = storage.download(_parse(d.source, "dataset.source"), work / "data", repo_type="dataset")
-    rows = data_phase.load_rows(data_path, split=d.split, subset=d.subset)
-    model_dir = storage.download(_parse(spec.model.source, "model.source"), work / "model", repo_type="model",
-                                 allow_patterns=TOKENIZER_FILES)
-    tokenizer = model_phase.load_tokenizer(model_dir, spec.model)
+    spec, d, places = job.spec, job.spec.dataset, job.places
+    data_path = store.download(places.data, work / "data")
+    rows = load_rows(data_path, split=d.split, subset=d.subset)
+    model_dir = store.download(places.model, work / "model", allow_patterns=TOKENIZER_FILES)
+    tokenizer = load_tokenizer(model_dir, spec.model)
     columns = list(rows.column_names)
     from runner.data.chat import chat_function
 
-    formatter = data_phase.build_formatter(d, columns, chat_template=chat_function(d, tokenizer))
+    formatter = build_formatter(d, columns, chat_template=chat_function(d, tokenizer))
     if len(rows) == 0:
-        raise data_phase.DataError(f"dataset.split: {d.split!r} selects no rows; choose a larger split")
+        raise DataError(f"dataset.split: {d.split!r} selects no rows; choose a larger split")
     eval_rows, eval_note = None, None
     if d.eval_source:
         eval_note = f"from {d.eval_source} (not read by preview)"
@@ -101,7 +99,7 @@ def _gather(job: Job, n: int, work: Path) -> Preview:
         parts = rows.train_test_split(test_size=d.eval_fraction, seed=spec.training.seed)
         rows, eval_rows = parts["train"], len(parts["test"])
         eval_note = f"{eval_rows} rows held out (dataset.evalFraction {d.eval_fraction})"
-    tokenized = data_phase.tokenize(rows, formatter, tokenizer, max_length=d.max_length, add_eos=d.add_eos)
+    tokenized = tokenize(rows, formatter, tokenizer, max_length=d.max_length, add_eos=d.add_eos)
     masked = formatter.fmt != "text"
     lengths = list(tokenized["full_length"])
     kept = [min(x, d.max_length) for x in lengths]
@@ -128,13 +126,6 @@ def _gather(job: Job, n: int, work: Path) -> Preview:
     )
     p.warnings = warnings_for(p, tokenizer, add_eos=d.add_eos)
     return p
-
-
-def _parse(uri: str, where: str) -> storage.Location:
-    try:
-        return storage.Location.parse(uri)
-    except ValueError as e:
-        raise PermanentError(f"{where}: {e}", reason=INVALID_SPEC) from e
 
 
 def format_reason(job: Job, formatter) -> str:

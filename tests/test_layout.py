@@ -144,3 +144,47 @@ def test_product_holds_no_benchmark_or_doc_generation_and_no_large_module():
     for name, path in modules().items():
         bench = {m for m in imports_of(name, path) if m.split(".")[0] in ("bench", "tests")}
         assert not bench, f"{name} imports {sorted(bench)}: the product must not depend on benchmarks or tests"
+
+
+STORE_SCHEMES = {"hf", "s3", "gs", "local", "file"}  # runner/api/uris.py's table; what a store branch compares to
+SCHEME_OWNERS = ("runner/store/", "runner/api/uris.py")  # the store package, and the parser's scheme table
+
+
+def _scheme_branches(path: Path) -> list[str]:
+    """Comparisons that pick a store by its scheme: `x.scheme == "s3"`, `a.scheme != b.scheme`, `"hf" in (...)`,
+    `uri.startswith("s3://")` - each a place where adding a store would mean editing this file."""
+    def literals(node: ast.AST) -> set[str]:
+        values = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return {v.value for v in values if isinstance(v, ast.Constant) and isinstance(v.value, str)}
+
+    def is_scheme(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "scheme"
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            named = set().union(*(literals(s) for s in sides))
+            others = [s for s in sides if not is_scheme(s)]
+            # `url.scheme in ("http", "https")` is a URL's, not a store's; `a.scheme == b.scheme` is a store's
+            urls = others and all(isinstance(s, (ast.Constant, ast.Tuple, ast.List, ast.Set)) for s in others)
+            if named & STORE_SCHEMES or (any(map(is_scheme, sides)) and not urls):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "removeprefix")
+              and any(v.split("://")[0] in STORE_SCHEMES and "://" in v for a in node.args for v in literals(a))):
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_scheme_branch_outside_the_store():
+    """Everything outside runner/store asks the store (runner.store.backend_for) instead of branching on a
+    scheme, so a new store is one module and one registry line (and a parser entry in runner/api/uris.py)."""
+    found = []
+    for name, path in modules().items():
+        rel = path.relative_to(ROOT).as_posix()
+        if name.startswith("runner") and not rel.startswith(SCHEME_OWNERS):
+            found += _scheme_branches(path)
+    assert not found, "scheme branches outside runner/store:\n" + "\n".join(found)
+    probe = ROOT / "runner" / "store" / "local.py"  # the check itself finds a branch where there is one
+    assert _scheme_branches(probe), "the scheme-branch check found nothing in a Backend that has one"

@@ -5,5 +5,6 @@
     parse    a job file or mapping -> Job, every problem named with its field and fix
     status   phases, reasons, condition types and the status shape; who writes which field
     errors   exit codes, the permanent/retryable error classes, secret redaction
-    uris     where files live: hf://, s3://, local paths
+    uris     where files live: hf://, s3://, gs://, local paths; the table of schemes and what each may hold
+    places   every place a job names, parsed once when it is loaded (Job.places)
 """

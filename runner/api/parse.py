@@ -200,15 +200,7 @@ def cross_field_problems(doc: dict) -> list[str]:
     if fmt == "text" and (template.get("prompt") or template.get("completion")):
         problems.append("dataset.format: `text` has no prompt/completion split; use prompt-completion")
 
-    dest = out.get("destination")
-    if isinstance(dest, str) and dest.startswith("hf://") and not out.get("checkpoints"):
-        problems.append(
-            "output.checkpoints: required when output.destination is a Hub repo (checkpoints are not "
-            "pushed to the Hub); set an s3:// prefix or a path on a mounted volume"
-        )
-    ckpt = out.get("checkpoints")
-    if isinstance(ckpt, str) and ckpt.startswith("hf://"):
-        problems.append("output.checkpoints: the Hub cannot hold checkpoints; use s3:// or a local path")
+    problems += _checkpoint_place_problems(out)
     problems += _template_problems(template)
     problems += _target_problems(section("lora").get("targetModules"))
     seed = section("training").get("seed")
@@ -221,6 +213,25 @@ def cross_field_problems(doc: dict) -> list[str]:
             "output.pushAdapter: with merge.enabled false the adapter is the only result; set it true"
         )
     return problems
+
+
+def _checkpoint_place_problems(out: dict) -> list[str]:
+    """Checkpoints live only where the scheme table (runner/api/uris.py) says a store can hold them."""
+    def place(value: Any) -> Location | None:
+        try:
+            return Location.parse(value) if isinstance(value, str) else None
+        except ValueError:
+            return None  # reported with its field above
+
+    dest, ckpt = place(out.get("destination")), place(out.get("checkpoints"))
+    where = Location.checkpoint_schemes()
+    if dest is not None and not dest.holds_checkpoints and out.get("checkpoints") is None:
+        return [f"output.checkpoints: required when output.destination is {dest.rule.noun} ({dest.rule.title} "
+                f"cannot hold checkpoints, so they cannot go beside it); set one of {where}, e.g. a path on a "
+                "mounted volume"]
+    if ckpt is not None and not ckpt.holds_checkpoints:
+        return [f"output.checkpoints: {ckpt.rule.title} cannot hold checkpoints; use one of {where}"]
+    return []
 
 
 def _template_problems(template: dict) -> list[str]:

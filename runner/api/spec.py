@@ -5,10 +5,13 @@ runner/api/parse.py.
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
+
+from runner.api.places import Places
 
 
 class _Section(BaseModel):
@@ -412,6 +415,7 @@ class Job(BaseModel):
     model_config = ConfigDict(frozen=True)
     name: str
     spec: FineTuneJobSpec
+    places = cached_property(lambda self: Places.of(self.spec))  # every place it names, parsed once (places.py)
 
 
 def schema_doc() -> dict:

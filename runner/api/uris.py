@@ -28,16 +28,22 @@ class SchemeRule:
 
     name: str  # Location.scheme
     title: str  # how messages name the store
+    noun: str  # how messages name one of its places
     example: str  # how a user writes it
     style: Literal["repo", "bucket", "path"]  # how its places are named: Hub repo, bucket + key prefix, file path
     holds_checkpoints: bool  # whether output.checkpoints (and its lease) may live there
+    copy: str | None = None  # the command that copies a folder of it here ({uri} {dest}), for places
+    #                          from_pretrained cannot read itself (the Hub and local paths it can)
 
 
 SCHEMES: dict[str, SchemeRule] = {r.name: r for r in (
-    SchemeRule("hf", "the Hub", "hf://org/name[@revision], hf://datasets/org/name", "repo", holds_checkpoints=False),
-    SchemeRule("s3", "S3", "s3://bucket/prefix", "bucket", holds_checkpoints=True),
-    SchemeRule("gs", "GCS", "gs://bucket/prefix", "bucket", holds_checkpoints=True),
-    SchemeRule("local", "local", "file:///path or a plain path", "path", holds_checkpoints=True),
+    SchemeRule("hf", "the Hub", "a Hub repo", "hf://org/name[@revision], hf://datasets/org/name", "repo",
+               holds_checkpoints=False),
+    SchemeRule("s3", "S3", "an S3 prefix", "s3://bucket/prefix", "bucket", holds_checkpoints=True,
+               copy="aws s3 cp --recursive {uri} {dest}"),
+    SchemeRule("gs", "GCS", "a GCS prefix", "gs://bucket/prefix", "bucket", holds_checkpoints=True,
+               copy="gcloud storage cp --recursive {uri} {dest}"),
+    SchemeRule("local", "local", "a local path", "file:///path or a plain path", "path", holds_checkpoints=True),
 )}
 _SUPPORTED = ", ".join(r.example for r in SCHEMES.values())
 
@@ -71,6 +77,21 @@ class Location:
     @property
     def holds_checkpoints(self) -> bool:
         return self.rule.holds_checkpoints
+
+    @property
+    def hub_id(self) -> str | None:
+        """Its id on the Hugging Face Hub ("org/name"), for a model card's links and metadata; None elsewhere."""
+        return self.path if self.rule.style == "repo" else None
+
+    @property
+    def local(self) -> bool:
+        """A path on this machine (or a volume mounted here)."""
+        return self.rule.style == "path"
+
+    def copy_command(self, dest: str) -> str | None:
+        """The shell command that copies the folder here to `dest`, where from_pretrained cannot read the place
+        itself; None where it can (the Hub, a local path)."""
+        return self.rule.copy.format(uri=self, dest=dest) if self.rule.copy else None
 
     @staticmethod
     def holds_checkpoints_for(scheme: str) -> bool:

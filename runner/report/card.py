@@ -8,6 +8,7 @@ import yaml
 
 from runner.api import names
 from runner.api.spec import CHAT_TEMPLATE_NAMES, Job
+from runner.api.uris import Location
 from runner.data.chat import CHAT_TEMPLATES
 from runner.report import metrics_file
 
@@ -17,33 +18,24 @@ METHODS = {4: "QLoRA (LoRA on a 4-bit NF4/FP4 base)", 8: "LoRA on an 8-bit (LLM.
 _INSTRUCTION_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"  # runner/data/dataset.py's
 
 
-def hub_id(uri: str) -> str | None:
-    """hf://org/name[@rev] and hf://datasets/org/name -> org/name; None for any other place."""
-    if not uri.startswith("hf://"):
-        return None
-    return uri.removeprefix("hf://").removeprefix("datasets/").removeprefix("models/").split("@")[0]
-
-
-def _source(uri: str, kind: str) -> str:
-    """A Hub id as a link; an S3 URI or a local path as is (report/job.yaml, published too, names it anyway)."""
-    repo = hub_id(uri)
-    if repo:
+def _source(loc: Location, kind: str) -> str:
+    """A Hub id as a link; a bucket URI or a local path as is (report/job.yaml, published too, names it anyway)."""
+    if loc.hub_id:
         prefix = "datasets/" if kind == "dataset" else ""
-        return f"[`{repo}`](https://huggingface.co/{prefix}{repo})"
-    if uri.startswith("s3://"):
-        return f"`{uri}`"
-    return f"a local {'dataset' if kind == 'dataset' else 'model'} (`{uri}`)"
+        return f"[`{loc.hub_id}`](https://huggingface.co/{prefix}{loc.hub_id})"
+    if not loc.local:
+        return f"`{loc}`"
+    return f"a local {'dataset' if kind == 'dataset' else 'model'} (`{loc}`)"
 
 
 def _where(job: Job) -> tuple[str, str]:
     """(what from_pretrained is given, a comment on it)."""
-    dest = job.spec.output.destination
-    repo = hub_id(dest)
-    if repo:
-        return repo, ""
-    if dest.startswith("s3://"):
-        return "./model", f"  # after: aws s3 cp --recursive {dest} ./model"
-    return dest, ""
+    dest = job.places.destination
+    if dest.hub_id:
+        return dest.hub_id, ""
+    if copy := dest.copy_command("./model"):
+        return "./model", f"  # after: {copy}"
+    return str(dest), ""
 
 
 def _prompt_section(job: Job, metrics: dict) -> list[str]:
@@ -83,11 +75,11 @@ def _prompt_section(job: Job, metrics: dict) -> list[str]:
 def _usage(job: Job, merged: bool, prompt: str, *, adapter: bool, chat: bool) -> list[str]:
     where, note = _where(job)
     if adapter and merged:  # the adapter's folder beside the merged model (which holds the tokenizer)
-        where_arg = f"{where!r}, subfolder='adapter'" if hub_id(job.spec.output.destination) else \
+        where_arg = f"{where!r}, subfolder='adapter'" if job.places.destination.hub_id else \
             repr(where.rstrip("/") + "/adapter")
     else:
         where_arg = repr(where)
-    base_id = hub_id(job.spec.model.source)
+    base_id = job.places.model.hub_id
     base = repr(base_id or job.spec.model.source)
     base_note = "" if base_id else "  # the local base model it was trained from"
     if merged and not adapter:
@@ -191,18 +183,19 @@ def model_card(job: Job, metrics: dict, *, merged: bool, samples: list[dict] | N
     s = job.spec
     bits = getattr(s.quantization, "bits", 4)
     is_adapter = adapter or not merged
-    front = {"base_model": hub_id(s.model.source),  # the Hub's metadata takes a Hub id only
+    places = job.places
+    front = {"base_model": places.model.hub_id,  # the Hub's metadata takes a Hub id only
              "library_name": "peft" if is_adapter else "transformers",
              "tags": ["qlora", "lora", names.GROUP] if bits == 4 else ["lora", names.GROUP],
              "pipeline_tag": "text-generation"}
     if not front["base_model"]:
         del front["base_model"]
-    if hub_id(s.dataset.source):
-        front["datasets"] = [hub_id(s.dataset.source)]
+    if places.data.hub_id:
+        front["datasets"] = [places.data.hub_id]
     what = "LoRA adapter" if is_adapter else f"merged {s.merge.dtype} model"
     fmt = metrics.get("format") or s.dataset.format
-    intro = (f"A {what} fine-tuned with {METHODS.get(bits, 'LoRA')} from {_source(s.model.source, 'model')} on "
-             f"{_source(s.dataset.source, 'dataset')} (split `{s.dataset.split}`, format `{fmt}`"
+    intro = (f"A {what} fine-tuned with {METHODS.get(bits, 'LoRA')} from {_source(places.model, 'model')} on "
+             f"{_source(places.data, 'dataset')} (split `{s.dataset.split}`, format `{fmt}`"
              + (f", {metrics['examples']} examples" if metrics.get("examples") else "") + ").")
     if adapter:
         intro += " The merged model is one folder up; this is the adapter alone, to apply to the base model."

@@ -131,15 +131,14 @@ def load_code(job, output: str | None) -> list[str]:
     """Two lines of Python that load the result."""
     if job is None or not output:
         return []
-    dest = job.spec.output.destination
+    dest = job.places.destination
     merged = job.spec.merge.enabled
     cls = "AutoModelForCausalLM" if merged else "AutoPeftModelForCausalLM"
     pkg = "transformers" if merged else "peft"
-    if dest.startswith("hf://"):
-        where = dest.removeprefix("hf://").split("@")[0]
-    elif dest.startswith("s3://"):
-        return [f"# aws s3 cp --recursive {dest} ./model   (then:)",
-                f"from {pkg} import {cls}; model = {cls}.from_pretrained('./model')"]
+    if dest.hub_id:
+        where = dest.hub_id
+    elif copy := dest.copy_command("./model"):
+        return [f"# {copy}   (then:)", f"from {pkg} import {cls}; model = {cls}.from_pretrained('./model')"]
     else:
         where = str(output)
     return [f"from {pkg} import {cls}", f"model = {cls}.from_pretrained({where!r})"]

@@ -1,4 +1,13 @@
-"""Reading inputs from and publishing outputs to the Hub, S3 (and S3-compatible stores) or local paths.
+"""Every place files live - local paths, S3 (and S3-compatible stores), the Hub, GCS - behind one interface.
+
+    backend.py      the Backend interface and the registry: backend_for(loc) -> the Backend of loc's scheme
+    local.py, s3.py (+ s3_client.py, s3_output.py), hub.py, gcs.py      the Backends
+    manifest.py     the manifest that marks a published output complete; the ownership rule
+    checkpoints.py  durable checkpoints, complete-or-absent, on any Backend that can hold them
+    lease.py        one writer per checkpoint location (the Backend's conditional writes)
+    cache.py        the shared model cache, keyed by the Backend's revision of a source
+    outputs.py      what a job may write and whether it is already done, before any download
+    timeouts.py     the limits on every call to a remote store
 
     loc = Location.parse("s3://bucket/models/run-1")
     check_destination(loc)                  # before training: fail early on credentials and permissions
@@ -7,23 +16,26 @@
 
 Every failure is a PermanentError or RetryableError (runner.api.errors) with reason DownloadFailed or
 UploadFailed and a message that names what is wrong and what to set. boto3 and huggingface_hub are
-imported only when a function needs them, so `import runner.store` stays cheap.
+imported only when a backend needs them, so `import runner.store` stays cheap.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from .backend import Backend, backend_for
 from .checkpoints import CheckpointStore
 from .manifest import MANIFEST_NAME
 from runner.api.uris import Location
 
 __all__ = [
     "MANIFEST_NAME",
+    "Backend",
     "CheckpointStore",
     "Location",
+    "backend_for",
     "check_destination",
-    "check_writable",
     "check_source",
+    "check_writable",
     "download",
     "is_complete",
     "list_names",
@@ -34,71 +46,29 @@ __all__ = [
 
 def check_source(loc: Location, *, repo_type: str = "model") -> None:
     """Before downloading: the source exists and can be read with the credentials in the environment."""
-    if loc.scheme == "hf":
-        from . import hub
-
-        return hub.check_source(loc, repo_type)
-    if loc.scheme == "s3":
-        from . import s3
-
-        return s3.check_source(loc)
-    from . import local
-
-    return local.check_source(loc)
+    backend_for(loc).check_source(loc, repo_type=repo_type)
 
 
 def list_names(loc: Location, *, repo_type: str = "model") -> list[str] | None:
-    """The files of a remote source, relative to it (S3: the keys under the prefix; the Hub: the repo's files at
-    its revision); None for a local one, or the Hub when offline."""
-    if loc.scheme == "hf":
-        from . import hub
-
-        return hub.list_names(loc, repo_type)
-    if loc.scheme == "s3":
-        from . import s3
-
-        return s3.list_names(loc)
-    return None
+    """The files of a remote source, relative to it; None for a local one, or the Hub when offline."""
+    return backend_for(loc).list_names(loc, repo_type=repo_type)
 
 
 def check_writable(loc: Location) -> None:
-    """Before training: an S3 checkpoint location can be written with the credentials in the environment (what
-    it holds is the job's own checkpoints: resumed from, never refused)."""
-    from . import s3_output
-
-    s3_output.check_destination(loc, output=False)
+    """Before training: a checkpoint location can be written (what it holds is the job's own checkpoints)."""
+    backend_for(loc).check_writable(loc)
 
 
 def check_destination(loc: Location, job: dict | None = None) -> None:
     """Before training: the destination can be written with the credentials in the environment, and only if
     what it holds now is an earlier output of the same `job` ({"name", "spec"}) or nothing."""
-    if loc.scheme == "hf":
-        from . import hub
-
-        return hub.check_destination(loc, job)
-    if loc.scheme == "s3":
-        from . import s3_output
-
-        return s3_output.check_destination(loc, job)
-    from . import local
-
-    return local.check_destination(loc, job)
+    backend_for(loc).check_destination(loc, job)
 
 
 def download(loc: Location, dest: Path, *, repo_type: str = "model", allow_patterns: list[str] | None = None) -> Path:
     """Fetch the files into the directory `dest`; returns where they are. A local source is used in place
-    (no copy); a single S3 object lands as dest/<its name> and that file's path is returned."""
-    if loc.scheme == "hf":
-        from . import hub
-
-        return hub.download(loc, dest, repo_type, allow_patterns)
-    if loc.scheme == "s3":
-        from . import s3
-
-        return s3.download(loc, dest, allow_patterns)
-    from . import local
-
-    return local.download(loc)
+    (no copy); a single object lands as dest/<its name> and that file's path is returned."""
+    return backend_for(loc).download(loc, Path(dest), repo_type=repo_type, allow_patterns=allow_patterns)
 
 
 def publish(local_dir: Path, loc: Location, *, private: bool = True,
@@ -109,44 +79,14 @@ def publish(local_dir: Path, loc: Location, *, private: bool = True,
 
     if not Path(local_dir).is_dir():
         raise PermanentError(f"nothing to publish: {local_dir} is not a directory", reason=UPLOAD_FAILED)
-    if loc.scheme == "hf":
-        from . import hub
-
-        return hub.publish(Path(local_dir), loc, private=private, commit_message=commit_message, job=job)
-    if loc.scheme == "s3":
-        from . import s3_output
-
-        return s3_output.publish(Path(local_dir), loc, job=job)
-    from . import local
-
-    return local.publish(Path(local_dir), loc, job)
+    return backend_for(loc).publish(Path(local_dir), loc, private=private, commit_message=commit_message, job=job)
 
 
 def read_manifest(loc: Location) -> dict | None:
     """The manifest of the output published there (None: none)."""
-    if loc.scheme == "hf":
-        from . import hub
-
-        return hub.read_manifest(loc)
-    if loc.scheme == "s3":
-        from . import s3_output
-
-        return s3_output.read_manifest(loc)
-    from . import local
-
-    return local.read_manifest(loc)
+    return backend_for(loc).read_manifest(loc)
 
 
 def is_complete(loc: Location) -> bool:
     """Whether a complete output is published there (its finetune-manifest.json exists)."""
-    if loc.scheme == "hf":
-        from . import hub
-
-        return hub.is_complete(loc)
-    if loc.scheme == "s3":
-        from . import s3_output
-
-        return s3_output.is_complete(loc)
-    from . import local
-
-    return local.is_complete(loc)
+    return backend_for(loc).is_complete(loc)

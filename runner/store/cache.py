@@ -2,7 +2,7 @@
 named by FINETUNE_MODEL_CACHE), keyed by source and revision, so a retry, a resume or the next job on the same
 base reads them from there instead of downloading again.
 
-    <root>/models/<hf|s3>/<readable name>-<digest>/   a complete entry: the files, and .finetune-cache.json
+    <root>/models/<scheme>/<readable name>-<digest>/  a complete entry: the files, and .finetune-cache.json
     <root>/tmp/<digest>.<token>/                      a fill in progress (or a killed filler's leftovers)
     <root>/locks/<digest>.lock                        held (flock) by the runner filling that entry
 
@@ -14,9 +14,10 @@ the kernel when its process dies, however it dies) and then reads the entry; if 
 for STALL seconds, the second downloads into its own work dir without the cache. Every hit checks the entry
 against its marker (every file there with its size); a damaged entry is moved aside and filled again.
 
-The key: Hub sources by their commit (a branch or tag is resolved first, so a moved branch is a new entry);
-S3 sources by the listing of the prefix (keys, sizes, ETags), so an overwritten model is a new entry. Local
-sources are used in place and never cached. Eviction: remove entries by hand (README "Model cache").
+The key: the store's Revision of the source (Backend.revision), whose identity names the endpoint too: Hub
+sources by their commit (a branch or tag is resolved first, so a moved branch is a new entry); bucket sources by
+the listing of the prefix (keys, sizes, ETags), so an overwritten model is a new entry. Local sources are used
+in place and never cached. Eviction: remove entries by hand (README "Model cache").
 """
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import runner.store as storage
 from runner.api import names
 from runner.api.errors import DOWNLOAD_FAILED, RetryableError
 from runner.api.uris import Location
+
+from .backend import Revision, backend_for
 
 MARKER = ".finetune-cache.json"
 STALL = 300.0  # seconds another filler may make no progress before this runner downloads without the cache
@@ -50,13 +52,16 @@ def root() -> Path | None:
 
 @dataclass(frozen=True)
 class Key:
-    loc: Location  # what to download: Hub sources pinned to the commit
-    revision: str  # the commit (Hub) or the listing's digest (S3)
-    digest: str
+    rev: Revision  # what the store holds now (Backend.revision): what to download, and its identity
+    digest: str  # of the identity: the entry's name
+
+    @property
+    def loc(self) -> Location:
+        return self.rev.source
 
     @property
     def what(self) -> str:
-        return f"{self.loc}" if self.loc.scheme == "hf" else f"{self.loc} (listing {self.revision})"
+        return self.rev.described
 
     def entry(self, base: Path) -> Path:
         readable = re.sub(r"[^A-Za-z0-9._-]+", "--", f"{self.loc.bucket + '/' if self.loc.bucket else ''}"
@@ -67,17 +72,15 @@ class Key:
 def download(loc: Location, dest: Path, *, repo_type: str = "model", log: Callable[[str], None] = print,
              cache_root: Path | None = None, stall: float = STALL) -> Path:
     """Where the files of `loc` are: from the cache (filling it on a miss), or, with no cache configured or a
-    local source, as storage.download(loc, dest) gives them."""
+    source the store cannot key (a local one: used in place; the Hub offline), as the store's download gives
+    them."""
     base = cache_root or root()
-    if base is None or loc.scheme == "local":
-        return storage.download(loc, dest, repo_type=repo_type)
-    if loc.scheme == "hf":
-        from runner.store import hub
-
-        if hub.offline():
-            log(f"model cache: not used for {loc} (HF_HUB_OFFLINE: the Hub cannot resolve its revision)")
-            return storage.download(loc, dest, repo_type=repo_type)
-    key = resolve(loc, repo_type)
+    backend = backend_for(loc)
+    key = resolve(loc, repo_type) if base is not None else None
+    if key is None:
+        if base is not None and backend.local_path(loc) is None:
+            log(f"model cache: not used for {loc} (its store cannot name its revision now, e.g. HF_HUB_OFFLINE)")
+        return backend.download(loc, dest, repo_type=repo_type)
     entry = key.entry(base)
     hit = _lookup(entry)
     if hit is not None:
@@ -88,7 +91,7 @@ def download(loc: Location, dest: Path, *, repo_type: str = "model", log: Callab
     if fd is None:
         log(f"model cache: another runner has been filling {key.what} with no progress for {stall:.0f}s; "
             "downloading without the cache")
-        return storage.download(key.loc, dest, repo_type=repo_type)
+        return backend.download(key.loc, dest, repo_type=repo_type)
     try:
         hit = _lookup(entry)  # filled while we waited
         if hit is not None:
@@ -99,40 +102,10 @@ def download(loc: Location, dest: Path, *, repo_type: str = "model", log: Callab
         os.close(fd)  # releases the lock
 
 
-def resolve(loc: Location, repo_type: str = "model") -> Key:
-    """The cache key of a Hub or S3 source (one call to the store)."""
-    if loc.scheme == "hf":
-        from huggingface_hub import HfApi
-
-        from runner.store import hub
-
-        with hub.errors("read", str(loc), DOWNLOAD_FAILED):
-            info = HfApi(endpoint=hub.endpoint(), token=hub.token()).repo_info(loc.path, repo_type=loc.repo_type or repo_type, revision=loc.revision)
-        pinned = replace(loc, revision=info.sha)
-        return Key(pinned, info.sha, _digest(f"hf|{loc.repo_type or repo_type}|{loc.path}|{info.sha}"))
-    listing = _s3_listing(loc)
-    rev = _digest(json.dumps(listing))
-    return Key(loc, rev, _digest(f"s3|{loc.bucket}|{loc.path}|{rev}"))
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _s3_listing(loc: Location) -> list:
-    from runner.store import s3
-
-    with s3.errors("read", str(loc), loc.bucket, DOWNLOAD_FAILED):
-        c = s3.client()
-        out = []
-        prefix = f"{loc.path}/" if loc.path else ""
-        for page in c.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
-            out += [[o["Key"], int(o["Size"]), o.get("ETag", "")] for o in page.get("Contents", [])
-                    if not o["Key"].endswith("/")]
-        if not out and loc.path:
-            head = c.head_object(Bucket=loc.bucket, Key=loc.path)
-            out = [[loc.path, int(head["ContentLength"]), head.get("ETag", "")]]
-    return sorted(out)
+def resolve(loc: Location, repo_type: str = "model") -> Key | None:
+    """The cache key of a source (one or two calls to its store); None when it is not cached."""
+    rev = backend_for(loc).revision(loc, repo_type=repo_type)
+    return None if rev is None else Key(rev, hashlib.sha256(rev.identity.encode()).hexdigest()[:16])
 
 
 # ----------------------------------------------------------------------------------------- entries
@@ -172,16 +145,13 @@ def _fill(base: Path, entry: Path, key: Key, repo_type: str, log) -> Path:
     tmp = base / "tmp" / f"{key.digest}.{uuid.uuid4().hex[:12]}"
     started = time.monotonic()
     try:
-        got = storage.download(key.loc, tmp, repo_type=repo_type)
-        if key.loc.scheme == "s3" and _digest(json.dumps(_s3_listing(key.loc))) != key.revision:
+        backend = backend_for(key.loc)
+        got = backend.download(key.loc, tmp, repo_type=repo_type)
+        if backend.revision(key.loc, repo_type=repo_type) != key.rev:
             raise RetryableError(f"model.source: {key.loc} changed while it was being downloaded; the next attempt "
                                  "downloads it again", reason=DOWNLOAD_FAILED)
-        if key.loc.scheme == "hf":  # huggingface_hub's bookkeeping for local_dir downloads: not the model's
-            shutil.rmtree(tmp / ".cache" / "huggingface", ignore_errors=True)
-            if (tmp / ".cache").is_dir() and not any((tmp / ".cache").iterdir()):
-                (tmp / ".cache").rmdir()
         files, total = _inventory(tmp)
-        marker = {"source": str(key.loc), "revision": key.revision, "path": str(Path(got).relative_to(tmp)),
+        marker = {"source": str(key.loc), "revision": key.rev.revision, "path": str(Path(got).relative_to(tmp)),
                   "files": files, "bytes": total, "filledAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "filledBy": f"{os.environ.get(names.ENV_POD_NAME) or socket.gethostname()} pid {os.getpid()}"}
         with open(tmp / MARKER, "w") as f:

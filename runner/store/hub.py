@@ -1,4 +1,5 @@
-"""The Hugging Face Hub through huggingface_hub (1.33 or 2.x).
+"""The Hugging Face Hub through huggingface_hub (1.33 or 2.x): the Backend of hf:// places (sources and
+published outputs; the Hub holds no checkpoints).
 
 huggingface_hub reads HF_ENDPOINT once, at import. This module reads HF_ENDPOINT and HF_TOKEN from the
 environment at every call and passes them explicitly (endpoint=..., token=...), and builds a new HfApi per
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ from pathlib import Path
 from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
 from . import timeouts
+from .backend import Backend, Revision
 from .manifest import MANIFEST_NAME, build_manifest, iter_files, listed, manifest_bytes, ownership_problem, parse_manifest
 from runner.api.uris import Location
 
@@ -292,6 +295,10 @@ def download(loc: Location, dest: Path, repo_type: str = "model", allow_patterns
             allow_patterns=allow_patterns,
             max_workers=8,
         )
+    # huggingface_hub's bookkeeping for local_dir downloads: not the source's files
+    shutil.rmtree(dest / ".cache" / "huggingface", ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (dest / ".cache").rmdir()
     return Path(path)
 
 
@@ -334,3 +341,68 @@ def is_complete(loc: Location) -> bool:
     with errors("read", str(loc), DOWNLOAD_FAILED):
         return bool(_api().file_exists(loc.path, MANIFEST_NAME, repo_type=_repo_type(loc, "model"),
                                        revision=loc.revision))
+
+
+def revision(loc: Location, repo_type: str = "model") -> Revision | None:
+    """The commit a branch or tag points at now (None offline: nothing to resolve it with)."""
+    if offline():
+        return None
+    rtype = _repo_type(loc, repo_type)
+    with errors("read", str(loc), DOWNLOAD_FAILED):
+        sha = _api().repo_info(loc.path, repo_type=rtype, revision=loc.revision).sha
+    pinned = Location("hf", loc.path, revision=sha, repo_type=loc.repo_type)
+    return Revision(pinned, sha, f"hf|{_base_url()}|{rtype}|{loc.path}|{sha}", str(pinned))
+
+
+def read_text(loc: Location, rel: str) -> str | None:
+    from huggingface_hub import errors as he
+
+    rtype = _repo_type(loc, "model")
+    with errors("read", str(loc), DOWNLOAD_FAILED), tempfile.TemporaryDirectory(prefix="finetune-read-") as tmp:
+        api = _api()
+        if not api.file_exists(loc.path, rel, repo_type=rtype, revision=loc.revision):
+            return None
+        try:
+            path = api.hf_hub_download(loc.path, rel, repo_type=rtype, revision=loc.revision, local_dir=tmp)
+        except (he.RepositoryNotFoundError, he.RevisionNotFoundError):
+            return None
+        return Path(path).read_text(encoding="utf-8")
+
+
+class HubBackend(Backend):
+    scheme = "hf"
+    folder_word = "repo"
+
+    def check_source(self, loc: Location, *, repo_type: str = "model") -> None:
+        check_source(loc, repo_type)
+
+    def list_names(self, loc: Location, *, repo_type: str = "model") -> list[str] | None:
+        return list_names(loc, repo_type)
+
+    def download(self, loc: Location, dest: Path, *, repo_type: str = "model",
+                 allow_patterns: list[str] | None = None) -> Path:
+        return download(loc, dest, repo_type, allow_patterns)
+
+    def revision(self, loc: Location, *, repo_type: str = "model") -> Revision | None:
+        return revision(loc, repo_type)
+
+    def relation(self, place: Location, other: Location) -> str | None:
+        same = (other.scheme == place.scheme and other.path == place.path
+                and (other.repo_type or "model") == (place.repo_type or "model"))
+        return "is" if same else None
+
+    def check_destination(self, loc: Location, job: dict | None = None) -> None:
+        check_destination(loc, job)
+
+    def publish(self, local_dir: Path, loc: Location, *, private: bool = True,
+                commit_message: str = "Upload fine-tuned model", job: dict | None = None) -> str:
+        return publish(Path(local_dir), loc, private=private, commit_message=commit_message, job=job)
+
+    def read_manifest(self, loc: Location) -> dict | None:
+        return read_manifest(loc)
+
+    def is_complete(self, loc: Location) -> bool:
+        return is_complete(loc)
+
+    def read_text(self, loc: Location, rel: str) -> str | None:
+        return read_text(loc, rel)

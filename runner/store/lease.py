@@ -1,15 +1,15 @@
 """One writer per checkpoint location: a lease object `<location>/LEASE` that a run's rank 0 holds while it
 reads and writes checkpoints there.
 
-Local: created with O_CREAT|O_EXCL; renewed by replacing it (after checking it is still ours). S3: created with
-PutObject IfNoneMatch='*'; renewed with IfMatch=<our etag>; released with DeleteObject IfMatch=<our etag>.
-It holds JSON {owner, token, acquired, heartbeat}. The holder renews it on every checkpoint save and from a
-background thread every `interval` seconds (default 30) - also during a pod's termination grace (120 s), since
-the process still runs then. A lease is stale when a waiter has watched it unchanged for `ttl` seconds (default
-3 x interval = 90 s), measured on the waiter's own monotonic clock, so clock skew between nodes cannot make a
-live lease look stale; a stale lease is taken over atomically (S3: PutObject IfMatch=<the stale etag>; local:
-rename it aside, then an exclusive create). A waiter gives up after `wait` seconds (FINETUNE_LEASE_WAIT,
-default 300 s > grace + ttl) with a RetryableError naming the location and the holder.
+Written only with the Backend's conditional writes: created if absent; renewed by replacing it if it is
+unchanged since our last write (its version: S3's ETag, a digest of a local file's bytes, ...); released by
+deleting it if unchanged. It holds JSON {owner, token, acquired, heartbeat}. The holder renews it on every
+checkpoint save and from a background thread every `interval` seconds (default 30) - also during a pod's
+termination grace (120 s), since the process still runs then. A lease is stale when a waiter has watched it
+unchanged for `ttl` seconds (default 3 x interval = 90 s), measured on the waiter's own monotonic clock, so clock
+skew between nodes cannot make a live lease look stale; a stale lease is taken over atomically (replaced if still
+at the stale version). A waiter gives up after `wait` seconds (FINETUNE_LEASE_WAIT, default 300 s > grace + ttl)
+with a RetryableError naming the location and the holder.
 """
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 
 from runner.api import names
 from runner.api.errors import TRAINING_FAILED, UPLOAD_FAILED, RetryableError
 
-from . import s3
+from .backend import backend_for
 
 LEASE = "LEASE"
 INTERVAL = 30.0
@@ -50,7 +49,8 @@ class Lease:
         self.acquired: float | None = None
         self.held = False
         self.lost: str | None = None
-        self._etag: str | None = None
+        self.backend = backend_for(loc)
+        self._version: str | None = None  # the lease's version since our last write (Backend.Versioned)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,116 +141,31 @@ class Lease:
         except (ValueError, KeyError, TypeError):
             return "held by an unknown owner"
 
-    def _mine(self, raw: bytes | None) -> bool:
-        try:
-            return raw is not None and json.loads(raw).get("token") == self.token
-        except (ValueError, AttributeError):
-            return False
-
     # ------------------------------------------------------------------------------------------ store ops
-    def _path(self) -> Path:
-        return Path(self.loc.path) / LEASE
-
-    def _key(self) -> str:
-        return f"{self.loc.path}/{LEASE}" if self.loc.path else LEASE
-
-    def _s3(self, action: str):
-        return s3.errors(f"{action} the lease on", self.uri, self.loc.bucket, UPLOAD_FAILED)
-
     def _create(self, body: bytes) -> bool:
-        if self.loc.scheme == "s3":
-            with self._s3("create"):
-                try:
-                    self._etag = s3.client().put_object(Bucket=self.loc.bucket, Key=self._key(), Body=body,
-                                                        IfNoneMatch="*")["ETag"]
-                    return True
-                except Exception as e:  # noqa: BLE001
-                    if _precondition_failed(e):
-                        return False
-                    raise
-        self._path().parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self._path(), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-        return True
+        version = self.backend.create_if_absent(self.loc, LEASE, body)
+        if version is not None:
+            self._version = version
+        return version is not None
 
-    def _read(self) -> tuple[bytes, str | None] | None:
-        if self.loc.scheme == "s3":
-            with self._s3("read"):
-                try:
-                    r = s3.client().get_object(Bucket=self.loc.bucket, Key=self._key())
-                except Exception as e:  # noqa: BLE001
-                    if _code(e) in ("NoSuchKey", "404"):
-                        return None
-                    raise
-                return r["Body"].read(), r["ETag"]
-        try:
-            return self._path().read_bytes(), None
-        except FileNotFoundError:
-            return None
+    def _read(self) -> tuple[bytes, str] | None:
+        got = self.backend.read_versioned(self.loc, LEASE)
+        return None if got is None else (got.data, got.version)
 
-    def _replace(self, body: bytes, etag: str | None = None) -> bool:
-        """Overwrite the lease if it is still ours (S3: still `etag`, ours by default)."""
-        if self.loc.scheme == "s3":
-            with self._s3("renew"):
-                try:
-                    self._etag = s3.client().put_object(Bucket=self.loc.bucket, Key=self._key(), Body=body,
-                                                        IfMatch=etag or self._etag)["ETag"]
-                    return True
-                except Exception as e:  # noqa: BLE001
-                    if _precondition_failed(e) or _code(e) in ("NoSuchKey", "404"):
-                        return False
-                    raise
-        current = self._read()
-        if current is None or not self._mine(current[0]):
-            return False
-        tmp = self._path().with_name(f".{LEASE}.{self.token}")
-        tmp.write_bytes(body)
-        os.replace(tmp, self._path())
-        return True
+    def _replace(self, body: bytes, version: str | None = None) -> bool:
+        """Overwrite the lease if it is unchanged since `version` (by default: since our own last write)."""
+        expected = version or self._version
+        new = None if expected is None else self.backend.replace_if_unchanged(self.loc, LEASE, body, expected)
+        if new is not None:
+            self._version = new
+        return new is not None
 
-    def _take_over(self, stale: tuple[bytes, str | None]) -> bool:
-        if self.loc.scheme == "s3":
-            return self._replace(self._body(), etag=stale[1])
-        aside = self._path().with_name(f".{LEASE}.stale-{self.token}")
-        try:
-            os.rename(self._path(), aside)
-        except FileNotFoundError:
-            return False
-        if aside.read_bytes() != stale[0]:  # renewed or re-created meanwhile: put it back, it is not stale
-            try:
-                os.link(aside, self._path())
-            except FileExistsError:
-                pass
-            aside.unlink(missing_ok=True)
-            return False
-        aside.unlink(missing_ok=True)
-        return self._create(self._body())
+    def _take_over(self, stale: tuple[bytes, str]) -> bool:
+        return self._replace(self._body(), version=stale[1])
 
     def _delete(self) -> None:
-        if self.loc.scheme == "s3":
-            with self._s3("release"):
-                try:
-                    s3.client().delete_object(Bucket=self.loc.bucket, Key=self._key(), IfMatch=self._etag)
-                except Exception as e:  # noqa: BLE001
-                    if not (_precondition_failed(e) or _code(e) in ("NoSuchKey", "404")):
-                        raise
-            return
-        current = self._read()
-        if current is not None and self._mine(current[0]):
-            self._path().unlink(missing_ok=True)
-
-
-def _code(e: BaseException) -> str:
-    return str(getattr(e, "response", {}).get("Error", {}).get("Code") or "")
-
-
-def _precondition_failed(e: BaseException) -> bool:
-    status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
+        if self._version is not None:
+            self.backend.delete_if_unchanged(self.loc, LEASE, self._version)
 
 
 def _env_seconds(name: str, default: float) -> float:

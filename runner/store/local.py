@@ -1,19 +1,26 @@
-"""Local files: sources are used in place; outputs are built beside the destination and renamed into it.
+"""Local files (a path on this machine, or on a volume mounted here): the Backend of local places.
 
-The runner never deletes or overwrites a file it did not write: a destination is replaced only when it is
-absent, empty, or holds a previous output of the same job (its manifest names the job and lists every file
-in it), and only once the new output is complete beside it.
+Sources are used in place; outputs are built beside the destination and renamed into it. The runner never
+deletes or overwrites a file it did not write: a destination is replaced only when it is absent, empty, or
+holds a previous output of the same job (its manifest names the job and lists every file in it), and only once
+the new output is complete beside it. The lease's conditional writes hold an flock on the checkpoint folder
+while they compare and swap, and a file's version is a digest of its bytes.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError
 
+from .backend import Backend, Revision, Versioned
 from .manifest import MANIFEST_NAME, build_manifest, iter_files, job_of, manifest_bytes, parse_manifest
 from runner.api.uris import Location
 
@@ -209,3 +216,183 @@ def write_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+
+
+# ----------------------------------------------------------------------------------------------- the Backend
+class LocalBackend(Backend):
+    scheme = "local"
+    folder_word = "folder"
+
+    # sources: used in place
+    def check_source(self, loc: Location, *, repo_type: str = "model") -> None:
+        check_source(loc)
+
+    def list_names(self, loc: Location, *, repo_type: str = "model") -> list[str] | None:
+        return None
+
+    def download(self, loc: Location, dest: Path, *, repo_type: str = "model",
+                 allow_patterns: list[str] | None = None) -> Path:
+        return download(loc)
+
+    def revision(self, loc: Location, *, repo_type: str = "model") -> Revision | None:
+        return None
+
+    def local_path(self, loc: Location) -> Path | None:
+        return Path(loc.path)
+
+    def relation(self, place: Location, other: Location) -> str | None:
+        if other.scheme != place.scheme:
+            return None
+        x, y = Path(os.path.realpath(place.path)), Path(os.path.realpath(other.path))
+        return "is" if x == y else "is inside" if x.is_relative_to(y) else "contains" if y.is_relative_to(x) else None
+
+    # outputs
+    def check_destination(self, loc: Location, job: dict | None = None) -> None:
+        check_destination(loc, job)
+
+    def publish(self, local_dir: Path, loc: Location, *, private: bool = True,
+                commit_message: str = "Upload fine-tuned model", job: dict | None = None) -> str:
+        return publish(local_dir, loc, job)
+
+    def read_manifest(self, loc: Location) -> dict | None:
+        return read_manifest(loc)
+
+    def is_complete(self, loc: Location) -> bool:
+        """The manifest is there, and every file it lists with its size."""
+        manifest, root = read_manifest(loc), Path(loc.path)
+        if manifest is None:
+            return False
+        for f in manifest["files"]:
+            p = root / f["path"]
+            if not p.is_file() or p.stat().st_size != f.get("size"):
+                return False
+        return True
+
+    def read_text(self, loc: Location, rel: str) -> str | None:
+        path = Path(loc.path) / rel
+        with _errors(f"read {path}", DOWNLOAD_FAILED):
+            return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    # checkpoints
+    def check_writable(self, loc: Location) -> None:
+        check_writable(Path(loc.path), f"checkpoints {loc}", "set output.checkpoints to a writable place")
+
+    def list_files(self, loc: Location) -> list[str]:
+        root = Path(loc.path)
+        with _errors(f"list {root}", DOWNLOAD_FAILED):
+            return sorted(rel for rel, _ in iter_files(root)) if root.is_dir() else []
+
+    def put_files(self, loc: Location, items: list[tuple[Path, str]]) -> None:
+        root = Path(loc.path)
+        with _errors(f"write to {root}", UPLOAD_FAILED):
+            for src, rel in items:
+                _copy_atomic(Path(src), root / rel)
+
+    def get_files(self, loc: Location, items: list[tuple[str, Path]]) -> None:
+        root = Path(loc.path)
+        with _errors(f"read from {root}", DOWNLOAD_FAILED):
+            for rel, target in items:
+                _copy_atomic(root / rel, Path(target))
+
+    def delete_files(self, loc: Location, rels: list[str]) -> None:
+        root = Path(os.path.abspath(loc.path))
+        with _errors(f"delete from {root}", UPLOAD_FAILED):
+            for rel in rels:
+                (root / rel).unlink(missing_ok=True)
+                parent = (root / rel).parent
+                while parent != root and parent.is_relative_to(root) and parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
+                    parent = parent.parent
+
+    def write_text(self, loc: Location, rel: str, text: str) -> None:
+        path = Path(loc.path) / rel
+        with _errors(f"write {path}", UPLOAD_FAILED):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, text.encode("utf-8"))
+
+    # the lease: compare-and-swap under an flock on the folder
+    def create_if_absent(self, loc: Location, rel: str, data: bytes) -> str | None:
+        path = Path(loc.path) / rel
+        with _errors(f"create {path}", UPLOAD_FAILED), _folder_lock(path.parent):
+            tmp = _staged(path, data)
+            try:
+                os.link(tmp, path)  # atomic, and fails when it exists (also on NFS)
+            except FileExistsError:
+                return None
+            finally:
+                tmp.unlink(missing_ok=True)
+        return _version(data)
+
+    def read_versioned(self, loc: Location, rel: str) -> Versioned | None:
+        path = Path(loc.path) / rel
+        with _errors(f"read {path}", DOWNLOAD_FAILED):
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                return None
+        return Versioned(data, _version(data))
+
+    def replace_if_unchanged(self, loc: Location, rel: str, data: bytes, version: str) -> str | None:
+        path = Path(loc.path) / rel
+        with _errors(f"replace {path}", UPLOAD_FAILED), _folder_lock(path.parent):
+            current = self.read_versioned(loc, rel)
+            if current is None or current.version != version:
+                return None
+            os.replace(_staged(path, data), path)
+        return _version(data)
+
+    def delete_if_unchanged(self, loc: Location, rel: str, version: str) -> bool:
+        path = Path(loc.path) / rel
+        with _errors(f"delete {path}", UPLOAD_FAILED), _folder_lock(path.parent):
+            current = self.read_versioned(loc, rel)
+            if current is None or current.version != version:
+                return False
+            path.unlink(missing_ok=True)
+        return True
+
+
+def _version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _staged(path: Path, data: bytes) -> Path:
+    """`data` in a hidden file beside `path`, ready to be linked or renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    return tmp
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file is left behind); where the filesystem has no
+    flock for folders, the swap is only as atomic as rename."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _copy_atomic(src: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part-{uuid.uuid4().hex[:8]}")
+    try:
+        shutil.copy2(src, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _errors(what: str, reason: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise PermanentError(f"cannot {what}: {e.strerror or e}; check free space and permissions of that volume",
+                             reason=reason) from e

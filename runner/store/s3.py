@@ -1,335 +1,191 @@
-"""S3 and S3-compatible stores (MinIO, Ceph, R2, ...) through boto3, configured from the standard AWS_* env.
+"""S3 and S3-compatible stores (MinIO, Ceph, R2, ...): the Backend of s3:// places.
 
-A client is built per call from the environment as it is then: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION (default us-east-1), AWS_ENDPOINT_URL_S3 or
-AWS_ENDPOINT_URL (path-style addressing when set), AWS_MAX_ATTEMPTS (default 5, standard retry mode), and
-FINETUNE_STORE_TIMEOUTS (runner/store/timeouts.py: connect and read timeouts, a deadline per operation).
-Publishing and the destination's ownership rules are in runner/store/s3_output.py.
+The client, its environment (AWS_*, FINETUNE_STORE_TIMEOUTS), its errors and transfers are s3_client.py;
+publishing and the destination's ownership rules are s3_output.py. The lease's conditional writes are
+PutObject IfNoneMatch='*' / IfMatch=<ETag> and DeleteObject IfMatch=<ETag>; a cache key is the listing of the
+prefix (keys, sizes, ETags) at the endpoint the environment points at.
 """
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import os
-import threading
-import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import hashlib
+import json
 from pathlib import Path, PurePosixPath
 
-from runner.api.errors import DOWNLOAD_FAILED, PermanentError, RetryableError, RunnerError
-
-from . import timeouts
+from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
 from runner.api.uris import Location
 
-MIB = 1 << 20
-MULTIPART_THRESHOLD = 8 * MIB
-MULTIPART_CHUNKSIZE = 8 * MIB
-MAX_CONCURRENCY = 8
-CREDENTIALS_HINT = (
-    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials), "
-    "and AWS_ENDPOINT_URL_S3 for an S3-compatible store"
+from . import s3_output
+from .backend import Backend, Revision, Versioned
+from .s3_client import (  # noqa: F401 - the client's helpers, importable from here
+    client, delete_keys, dir_prefix, download_objects, endpoint_url, errors, exists, get_bytes, list_objects,
+    region, require_credentials, safe_relative, translate, upload_files,
 )
-_PERMISSION_CODES = {
-    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem", "InvalidSecurity", "401",
-}
-_RETRYABLE_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed", "InternalError",
-    "ServiceUnavailable", "RequestLimitExceeded", "BandwidthLimitExceeded", "TooManyRequests", "429",
-}
 
 
-# ---------------------------------------------------------------------------------------------- client
-def endpoint_url() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+def _key(loc: Location, rel: str) -> str:
+    return f"{loc.path}/{rel}" if loc.path else rel
 
 
-def region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+def _read(loc: Location, what: str = "read"):
+    return errors(what, str(loc), loc.bucket, DOWNLOAD_FAILED)
 
 
-_cache: dict[tuple, tuple] = {}
-_cache_lock = threading.Lock()
+def _write(loc: Location, what: str = "write to"):
+    return errors(what, str(loc), loc.bucket, UPLOAD_FAILED)
 
 
-def _session_and_client():
-    """A (session, client) for the AWS_* environment as it is now. Building one costs ~0.1-0.2 s (botocore
-    loads its service model), so it is kept per distinct AWS_* environment: any change gives a new one.
-    boto3 clients are thread-safe."""
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_") or k == timeouts.ENV))
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is None:
-            if len(_cache) >= 8:
-                _cache.clear()
-            hit = _cache[key] = _build()
-        return hit
+class S3Backend(Backend):
+    scheme = "s3"
+    folder_word = "prefix"
 
-
-def client():
-    return _session_and_client()[1]
-
-
-def _build():
-    import boto3
-    from botocore.config import Config
-
-    endpoint = endpoint_url()
-    limits = timeouts.limits()
-    options: dict = {
-        "retries": {"max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS") or 5), "mode": "standard"},
-        "connect_timeout": limits.connect,
-        "read_timeout": limits.read,
-        "max_pool_connections": 4 * MAX_CONCURRENCY,
-    }
-    if endpoint:
-        options["s3"] = {"addressing_style": "path"}
-        # Most S3-compatible stores reject the CRC checksums recent botocore adds to every upload by default.
-        if not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
-            options["request_checksum_calculation"] = "when_required"
-        if not os.environ.get("AWS_RESPONSE_CHECKSUM_VALIDATION"):
-            options["response_checksum_validation"] = "when_required"
-    try:
-        config = Config(**options)
-    except TypeError:  # botocore before 1.36 has no checksum options
-        options.pop("request_checksum_calculation", None)
-        options.pop("response_checksum_validation", None)
-        config = Config(**options)
-    session = boto3.session.Session(region_name=region())
-    c = session.client("s3", endpoint_url=endpoint, config=config)
-    c.meta.events.register("before-send.s3", timeouts.check)  # no request starts past an operation's deadline
-    return session, c
-
-
-def transfer_config():
-    from boto3.s3.transfer import TransferConfig
-
-    return TransferConfig(
-        multipart_threshold=MULTIPART_THRESHOLD,
-        multipart_chunksize=MULTIPART_CHUNKSIZE,
-        max_concurrency=MAX_CONCURRENCY,
-        use_threads=True,
-    )
-
-
-def _where() -> str:
-    return f"the S3 endpoint {endpoint_url()}" if endpoint_url() else f"AWS S3 ({region()})"
-
-
-# ---------------------------------------------------------------------------------------------- errors
-def translate(exc: BaseException, *, action: str, uri: str, bucket: str | None, reason: str) -> RunnerError | None:
-    """The RunnerError for a boto3/botocore failure, or None when it is not a storage failure at all."""
-    from botocore import exceptions as bx
-
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:  # boto3 wraps ClientErrors: S3UploadFailedError, RetriesExceeded
-        seen.add(id(e))
-        if isinstance(e, RunnerError):
-            return e
-        if isinstance(e, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-            return PermanentError(f"cannot {action} {uri}: no AWS credentials found; {CREDENTIALS_HINT}",
-                                  reason=reason)
-        if isinstance(e, bx.ClientError):
-            return _client_error(e, action=action, uri=uri, bucket=bucket, reason=reason)
-        if isinstance(e, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
-                          bx.ConnectTimeoutError, bx.ConnectionError, bx.HTTPClientError)):
-            return RetryableError(
-                f"cannot {action} {uri}: could not reach {_where()} ({type(e).__name__}; "
-                f"{timeouts.ENV}={timeouts.limits().describe()}); retrying may help; if it persists check "
-                "AWS_ENDPOINT_URL_S3 and the network",
-                reason=reason,
-            )
-        last = getattr(e, "last_exception", None)
-        e = last if isinstance(last, BaseException) else (e.__cause__ or e.__context__)
-    return None
-
-
-def _client_error(e, *, action: str, uri: str, bucket: str | None, reason: str) -> RunnerError:
-    err = e.response.get("Error", {}) or {}
-    code = str(err.get("Code") or "")
-    status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-    op = getattr(e, "operation_name", "") or ""
-    what = f"cannot {action} {uri}"
-    if code == "NoSuchBucket" or (op == "HeadBucket" and code in ("404", "NotFound")):
-        return PermanentError(
-            f"{what}: bucket '{bucket}' does not exist at {_where()}; create it, or fix the bucket in the URI "
-            "(or AWS_ENDPOINT_URL_S3 if the bucket lives in another store)",
-            reason=reason,
+    # ------------------------------------------------------------------------------------- sources
+    def check_source(self, loc: Location, *, repo_type: str = "model") -> None:
+        uri = str(loc)
+        require_credentials("read", uri, DOWNLOAD_FAILED)
+        with _read(loc):
+            c = client()
+            resp = c.list_objects_v2(Bucket=loc.bucket, Prefix=dir_prefix(loc.path), MaxKeys=1)
+            if resp.get("KeyCount", len(resp.get("Contents", []))):
+                return
+            if loc.path and exists(c, loc.bucket, loc.path):
+                return
+        raise PermanentError(
+            f"nothing found at {uri} (no object with that key and none under that prefix): "
+            "upload the files there or fix the URI",
+            reason=DOWNLOAD_FAILED,
         )
-    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
-        return PermanentError(f"{what}: nothing found there ({code or status}); fix the key or upload the files",
-                              reason=reason)
-    if code in _PERMISSION_CODES or status in (401, 403):
-        return PermanentError(
-            f"{what}: {_where()} refused the request ({code or status}); check that AWS_ACCESS_KEY_ID / "
-            f"AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) are right and allow s3:ListBucket, s3:GetObject, "
-            f"s3:PutObject and s3:DeleteObject on bucket '{bucket}'",
-            reason=reason,
-        )
-    if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-        return RetryableError(f"{what}: {_where()} answered {code or status} (transient); retrying may help",
-                              reason=reason)
-    return PermanentError(f"{what}: {_where()} answered {code or status}: {err.get('Message', '')}", reason=reason)
+
+    def list_names(self, loc: Location, *, repo_type: str = "model") -> list[str]:
+        with _read(loc):
+            return [key[len(dir_prefix(loc.path)):] for key, _ in list_objects(client(), loc.bucket, loc.path)]
+
+    def download(self, loc: Location, dest: Path, *, repo_type: str = "model",
+                 allow_patterns: list[str] | None = None) -> Path:
+        """Everything under the prefix into `dest` (returned), or the single object `loc.path` as dest/<name>."""
+        uri, dest = str(loc), Path(dest)
+        with _read(loc, "download"):
+            c = client()
+            objects = list_objects(c, loc.bucket, loc.path)
+            if not objects and loc.path and exists(c, loc.bucket, loc.path):
+                target = dest / PurePosixPath(loc.path).name
+                download_objects(c, loc.bucket, [(loc.path, target)])
+                return target
+            if not objects:
+                raise PermanentError(f"nothing to download at {uri}: upload the files there or fix the URI",
+                                     reason=DOWNLOAD_FAILED)
+            items = []
+            for key, _ in objects:
+                rel = safe_relative(key, loc.path)
+                if allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
+                    items.append((key, dest / rel))
+            dest.mkdir(parents=True, exist_ok=True)
+            download_objects(c, loc.bucket, items)
+        return dest
+
+    def revision(self, loc: Location, *, repo_type: str = "model") -> Revision:
+        with _read(loc):
+            c = client()
+            listing = []
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=dir_prefix(loc.path)):
+                listing += [[o["Key"], int(o["Size"]), o.get("ETag", "")] for o in page.get("Contents", [])
+                            if not o["Key"].endswith("/")]
+            if not listing and loc.path:
+                head = c.head_object(Bucket=loc.bucket, Key=loc.path)
+                listing = [[loc.path, int(head["ContentLength"]), head.get("ETag", "")]]
+        rev = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
+        endpoint = endpoint_url() or f"aws:{region()}"
+        return Revision(loc, rev, f"s3|{endpoint}|{loc.bucket}|{loc.path}|{rev}", f"{loc} (listing {rev})")
+
+    # ------------------------------------------------------------------------------------- outputs
+    def check_destination(self, loc: Location, job: dict | None = None) -> None:
+        s3_output.check_destination(loc, job)
+
+    def publish(self, local_dir: Path, loc: Location, *, private: bool = True,
+                commit_message: str = "Upload fine-tuned model", job: dict | None = None) -> str:
+        return s3_output.publish(Path(local_dir), loc, job=job)
+
+    def read_manifest(self, loc: Location) -> dict | None:
+        return s3_output.read_manifest(loc)
+
+    def is_complete(self, loc: Location) -> bool:
+        return s3_output.is_complete(loc)
+
+    def read_text(self, loc: Location, rel: str) -> str | None:
+        with _read(loc):
+            data = get_bytes(client(), loc.bucket, _key(loc, rel))
+        return None if data is None else data.decode("utf-8")
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def check_writable(self, loc: Location) -> None:
+        s3_output.check_destination(loc, output=False)
+
+    def list_files(self, loc: Location) -> list[str]:
+        with _read(loc, "list"):
+            return [key[len(dir_prefix(loc.path)):] for key, _ in list_objects(client(), loc.bucket, loc.path)]
+
+    def put_files(self, loc: Location, items: list[tuple[Path, str]]) -> None:
+        with _write(loc):
+            upload_files(client(), loc.bucket, [(Path(path), _key(loc, rel)) for path, rel in items])
+
+    def get_files(self, loc: Location, items: list[tuple[str, Path]]) -> None:
+        for rel, _ in items:
+            safe_relative(_key(loc, rel), loc.path)
+        with _read(loc, "download"):
+            download_objects(client(), loc.bucket, [(_key(loc, rel), Path(target)) for rel, target in items])
+
+    def delete_files(self, loc: Location, rels: list[str]) -> None:
+        with _write(loc, "delete from"):
+            delete_keys(client(), loc.bucket, [_key(loc, rel) for rel in rels])
+
+    def write_text(self, loc: Location, rel: str, text: str) -> None:
+        with _write(loc):
+            client().put_object(Bucket=loc.bucket, Key=_key(loc, rel), Body=text.encode("utf-8"))
+
+    # ------------------------------------------------------------------------------------- the lease
+    def create_if_absent(self, loc: Location, rel: str, data: bytes) -> str | None:
+        with _write(loc, f"create {rel} in"):
+            try:
+                return client().put_object(Bucket=loc.bucket, Key=_key(loc, rel), Body=data, IfNoneMatch="*")["ETag"]
+            except Exception as e:  # noqa: BLE001
+                if _precondition_failed(e):
+                    return None
+                raise
+
+    def read_versioned(self, loc: Location, rel: str) -> Versioned | None:
+        with _read(loc, f"read {rel} in"):
+            try:
+                r = client().get_object(Bucket=loc.bucket, Key=_key(loc, rel))
+            except Exception as e:  # noqa: BLE001
+                if _code(e) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return Versioned(r["Body"].read(), r["ETag"])
+
+    def replace_if_unchanged(self, loc: Location, rel: str, data: bytes, version: str) -> str | None:
+        with _write(loc, f"replace {rel} in"):
+            try:
+                return client().put_object(Bucket=loc.bucket, Key=_key(loc, rel), Body=data, IfMatch=version)["ETag"]
+            except Exception as e:  # noqa: BLE001
+                if _precondition_failed(e) or _code(e) in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+    def delete_if_unchanged(self, loc: Location, rel: str, version: str) -> bool:
+        with _write(loc, f"delete {rel} in"):
+            try:
+                client().delete_object(Bucket=loc.bucket, Key=_key(loc, rel), IfMatch=version)
+                return True
+            except Exception as e:  # noqa: BLE001
+                if _precondition_failed(e) or _code(e) in ("NoSuchKey", "404"):
+                    return False
+                raise
 
 
-@contextlib.contextmanager
-def errors(action: str, uri: str, bucket: str | None, reason: str) -> Iterator[None]:
-    """One store operation: its failures become RunnerErrors, and it ends within the deadline (timeouts.py)."""
-    try:
-        with timeouts.operation(f"{action} {uri}", _where(), reason):
-            yield
-    except RunnerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
-        err = translate(exc, action=action, uri=uri, bucket=bucket, reason=reason)
-        if err is None:
-            raise
-        raise err from exc
+def _code(e: BaseException) -> str:
+    return str(getattr(e, "response", {}).get("Error", {}).get("Code") or "")
 
 
-# ---------------------------------------------------------------------------------------------- helpers
-def _dir_prefix(prefix: str) -> str:
-    return f"{prefix}/" if prefix else ""
-
-
-def list_objects(c, bucket: str, prefix: str) -> list[tuple[str, int]]:
-    """(key, size) of every object under `prefix/` (the whole bucket for ""), directory markers skipped."""
-    out = []
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=_dir_prefix(prefix)):
-        for obj in page.get("Contents", []):
-            if not obj["Key"].endswith("/"):
-                out.append((obj["Key"], int(obj["Size"])))
-    return out
-
-
-def exists(c, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        c.head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-
-
-def get_bytes(c, bucket: str, key: str) -> bytes | None:
-    from botocore.exceptions import ClientError
-
-    try:
-        return c.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-
-
-def delete_keys(c, bucket: str, keys: list[str]) -> None:
-    # One DeleteObject per key: DeleteObjects needs Content-MD5 that several S3-compatible stores handle badly.
-    if keys:
-        with ThreadPoolExecutor(max_workers=min(MAX_CONCURRENCY, len(keys))) as pool:
-            list(pool.map(lambda k: c.delete_object(Bucket=bucket, Key=k), keys))
-
-
-def _open_source(path: Path):
-    """Opens a file to upload (a seam: tests inject read failures here)."""
-    return open(path, "rb")
-
-
-def upload_files(c, bucket: str, items: list[tuple[Path, str]]) -> None:
-    """Upload (path, key) pairs concurrently, multipart above MULTIPART_THRESHOLD; raises on the first failure
-    (s3transfer aborts the multipart uploads it started)."""
-    from boto3.s3.transfer import create_transfer_manager
-
-    with contextlib.ExitStack() as stack:
-        manager = stack.enter_context(create_transfer_manager(c, transfer_config()))
-        futures = []
-        for path, key in items:
-            f = stack.enter_context(_open_source(path))
-            futures.append(manager.upload(f, bucket, key))
-        for fut in futures:
-            fut.result()
-
-
-def download_objects(c, bucket: str, items: list[tuple[str, Path]]) -> None:
-    """Download (key, path) pairs concurrently; each file lands under a temp name and is renamed into place."""
-    config = transfer_config()
-
-    def one(item: tuple[str, Path]) -> None:
-        key, target = item
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part-{uuid.uuid4().hex[:8]}")
-        try:
-            c.download_file(bucket, key, str(tmp), Config=config)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    if items:
-        with ThreadPoolExecutor(max_workers=min(4, len(items))) as pool:
-            list(pool.map(one, items))
-
-
-def safe_relative(key: str, prefix: str) -> str:
-    rel = key[len(_dir_prefix(prefix)):]
-    parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith("/") or any(p in ("..", ".") for p in parts):
-        raise PermanentError(f"refusing to download s3 key {key!r}: its name escapes the destination folder",
-                             reason=DOWNLOAD_FAILED)
-    return rel
-
-
-def require_credentials(action: str, uri: str, reason: str) -> None:
-    if _session_and_client()[0].get_credentials() is None:
-        raise PermanentError(f"cannot {action} {uri}: no AWS credentials found; {CREDENTIALS_HINT}", reason=reason)
-
-
-# ---------------------------------------------------------------------------------------------- public
-def check_source(loc: Location) -> None:
-    uri = str(loc)
-    require_credentials("read", uri, DOWNLOAD_FAILED)
-    with errors("read", uri, loc.bucket, DOWNLOAD_FAILED):
-        c = client()
-        resp = c.list_objects_v2(Bucket=loc.bucket, Prefix=_dir_prefix(loc.path), MaxKeys=1)
-        if resp.get("KeyCount", len(resp.get("Contents", []))):
-            return
-        if loc.path and exists(c, loc.bucket, loc.path):
-            return
-    raise PermanentError(
-        f"nothing found at {uri} (no object with that key and none under that prefix): "
-        "upload the files there or fix the URI",
-        reason=DOWNLOAD_FAILED,
-    )
-
-
-def list_names(loc: Location) -> list[str]:
-    """Every key under the prefix, relative to it."""
-    with errors("read", str(loc), loc.bucket, DOWNLOAD_FAILED):
-        return [key[len(_dir_prefix(loc.path)):] for key, _ in list_objects(client(), loc.bucket, loc.path)]
-
-
-def download(loc: Location, dest: Path, allow_patterns: list[str] | None = None) -> Path:
-    """Everything under the prefix into `dest` (returned), or the single object `loc.path` as dest/<basename>."""
-    uri = str(loc)
-    dest = Path(dest)
-    with errors("download", uri, loc.bucket, DOWNLOAD_FAILED):
-        c = client()
-        objects = list_objects(c, loc.bucket, loc.path)
-        if not objects and loc.path and exists(c, loc.bucket, loc.path):
-            target = dest / PurePosixPath(loc.path).name
-            download_objects(c, loc.bucket, [(loc.path, target)])
-            return target
-        if not objects:
-            raise PermanentError(f"nothing to download at {uri}: upload the files there or fix the URI",
-                                 reason=DOWNLOAD_FAILED)
-        items = []
-        for key, _ in objects:
-            rel = safe_relative(key, loc.path)
-            if allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                items.append((key, dest / rel))
-        dest.mkdir(parents=True, exist_ok=True)
-        download_objects(c, loc.bucket, items)
-    return dest
+def _precondition_failed(e: BaseException) -> bool:
+    status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)

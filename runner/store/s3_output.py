@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError
 
-from . import s3
+from . import s3_client as s3
 from .manifest import (
     MANIFEST_FORMAT, MANIFEST_NAME, build_manifest, iter_files, listed, manifest_bytes, ownership_problem,
     parse_manifest,

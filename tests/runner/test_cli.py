@@ -55,8 +55,8 @@ def test_the_notices_the_runner_drops_are_real_and_only_those():
              "ops.logger.warning('another bitsandbytes warning')\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     plain = subprocess.run([sys.executable, "-c", probe.format(quiet="")], capture_output=True, text=True, env=env)
-    quiet = subprocess.run([sys.executable, "-c", probe.format(quiet="from runner import notices; notices.quiet()")],
-                           capture_output=True, text=True, env=env)
+    quieted = probe.format(quiet="from runner.model import notices; notices.quiet()")
+    quiet = subprocess.run([sys.executable, "-c", quieted], capture_output=True, text=True, env=env)
     assert plain.returncode == quiet.returncode == 0, plain.stderr + quiet.stderr
     if plain.stdout.strip() == "True":  # the CPU the notice is about
         assert "Failed to load CPU gemm_4bit_forward" in plain.stderr

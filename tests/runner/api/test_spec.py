@@ -77,7 +77,7 @@ def test_every_problem_is_reported_at_once_with_field_and_fix():
 
 
 @pytest.mark.parametrize("uri, needle", [
-    ("gs://bucket/x", "model.source"),
+    ("az://bucket/x", "model.source"),
     ("s3://", "model.source"),
     ("hf://justaname", "model.source"),
 ])

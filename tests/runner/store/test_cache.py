@@ -170,6 +170,17 @@ def test_a_damaged_entry_is_filled_again_and_no_cache_means_a_plain_download(hub
     assert plain == tmp_path / "w3" and len(lines) == logged  # into the work dir, as without the cache
 
 
+def test_the_same_repo_at_another_endpoint_is_another_entry(hub_server, slow_hub, tmp_path, monkeypatch):
+    """The key names the endpoint: a job pointed at one endpoint (a test double, a mirror) never fills an entry
+    that a job reading another endpoint is then handed."""
+    hub_server.seed(REPO, _files(1 << 16))
+    root, lines = tmp_path / "cache", []
+    first = cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "w1", log=lines.append, cache_root=root)
+    monkeypatch.setenv("HF_ENDPOINT", slow_hub.url)
+    second = cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "w2", log=lines.append, cache_root=root)
+    assert "model cache miss" in lines[-1] and second != first and len(_entries(root)) == 2
+
+
 # ------------------------------------------------------------------------------------- two processes
 def test_two_processes_filling_at_once_download_once(hub_server, slow_hub, tmp_path):
     files = _files()
@@ -190,7 +201,7 @@ def test_two_processes_filling_at_once_download_once(hub_server, slow_hub, tmp_p
     assert list((root / "tmp").iterdir()) == [] and _entries(root) == [entry]
 
 
-def test_a_killed_filler_leaves_nothing_that_looks_complete(hub_server, slow_hub, tmp_path):
+def test_a_killed_filler_leaves_nothing_that_looks_complete(hub_server, slow_hub, tmp_path, monkeypatch):
     files = _files()
     hub_server.seed(REPO, files)
     root = tmp_path / "cache"
@@ -201,6 +212,7 @@ def test_a_killed_filler_leaves_nothing_that_looks_complete(hub_server, slow_hub
     assert _entries(root) == [] and not list((root / "models").rglob(cache.MARKER))
     assert list((root / "tmp").iterdir())  # its partial download is there, but not as an entry
 
+    monkeypatch.setenv("HF_ENDPOINT", slow_hub.url)  # the same endpoint: the same entry
     lines: list[str] = []
     entry = cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "b", log=lines.append, cache_root=root)
     assert "model cache miss" in lines[-1]
@@ -216,7 +228,7 @@ def test_a_stalled_filler_does_not_block_the_next_runner(hub_server, slow_hub, t
     try:
         _wait_for(lambda: _filling(root), what="the filler to start writing")
         a.send_signal(signal.SIGSTOP)  # holds the lock, makes no progress (a hung mount, a frozen node)
-        b = _filler(f"hf://{REPO}", tmp_path / "b", root, hub_server.url, stall=2.0)
+        b = _filler(f"hf://{REPO}", tmp_path / "b", root, slow_hub.url, stall=2.0)
         out_b = b.communicate(timeout=120)[0]
         assert b.returncode == 0, out_b
         assert "with no progress for 2s; downloading without the cache" in out_b

@@ -147,17 +147,6 @@ def test_a_folder_of_the_users_files_is_never_replaced(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["project", "staged"]  # no temp siblings left either
 
 
-def test_another_jobs_output_is_not_replaced(tmp_path):
-    dest = Location.parse(str(tmp_path / "out"))
-    storage.publish(make_output(tmp_path / "a"), dest, job=JOB_A)
-    before = digests(tmp_path / "out")
-    with pytest.raises(PermanentError, match="output of another job \\('job-a'\\)"):
-        storage.check_destination(dest, JOB_B)
-    with pytest.raises(PermanentError, match="another job"):
-        storage.publish(make_output(tmp_path / "b"), dest, job=JOB_B)
-    assert digests(tmp_path / "out") == before
-
-
 def test_files_added_to_an_earlier_output_keep_it_from_being_replaced(tmp_path):
     dest = Location.parse(str(tmp_path / "out"))
     storage.publish(make_output(tmp_path / "v1"), dest, job=JOB_A)

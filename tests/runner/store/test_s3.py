@@ -6,7 +6,7 @@ import pytest
 import runner.store as storage
 from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError, RetryableError
 from runner.store import MANIFEST_NAME, Location
-from runner.store import s3 as s3mod
+from runner.store import s3_client as s3mod
 from tests.runner.store.helpers import MIB, digests, make_output
 
 
