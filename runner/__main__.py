@@ -28,6 +28,11 @@ def oom_advice(spec) -> str:
         f"(now {t.gradient_accumulation_steps}) to keep the effective batch",
         f"lower dataset.maxLength (now {d.max_length})",
     ]
+    if t.memory_budget is None:
+        tips.append("set training.memoryBudget a few GiB under the GPU's memory: the plan then fits checkpointing, "
+                    "offloading and micro-batches under it (one process or data parallel)")
+    else:
+        tips.append(f"lower training.memoryBudget (now {t.memory_budget:g} GiB)")
     if t.gradient_checkpointing is not True:
         tips.append("set training.gradientCheckpointing: true")
     if spec.lora.r > 16:

@@ -26,7 +26,7 @@ from runner.report.events import Reporter
 from runner.store import cache, outputs
 from runner.train import fsdp
 from runner.train.plan import Machine, Plan, check_spec, make_plan
-from runner.train.trainer import StopFlag, train
+from runner.train.trainer import StopFlag, train_adapter
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def _fine_tune(job: Job, model_dir: Path, tokenizer, data, work: Path, reporter:
     reporter.log(plan.line())
     torch.manual_seed(spec.training.seed)  # LoRA's initial A matrices: training.seed makes a run repeatable
     model = fsdp.add_lora(model, spec.lora)  # under FSDP the sharded loader added them
-    result = train(
+    result = train_adapter(
         spec, model, tokenizer, data, work_dir=work, store=store.CheckpointStore(checkpoints),
         checkpoints_uri=str(checkpoints), reporter=reporter, stop=stop, plan=plan, tracker=tracker,
     )

@@ -17,7 +17,7 @@ from pydantic.alias_generators import to_camel
 from runner.api import untrusted
 from runner.api.errors import SpecError
 from runner.api.names import API_VERSION, KIND
-from runner.api.spec import CHAT_TEMPLATE_NAMES, FineTuneJobSpec, Job
+from runner.api.spec import CHAT_TEMPLATE_NAMES, FineTuneJobSpec, Job, QuantizationSpec
 from runner.api.untrusted import short
 from runner.api.uris import Location
 
@@ -212,6 +212,27 @@ def cross_field_problems(doc: dict) -> list[str]:
         problems.append(
             "output.pushAdapter: with merge.enabled false the adapter is the only result; set it true"
         )
+    problems += _bits_problems(section("quantization"), section("training"), merge)
+    return problems
+
+
+def _bits_problems(q: dict, training: dict, merge: dict) -> list[str]:
+    """Settings that mean something only for another quantization.bits."""
+    bits = q.get("bits", 4)
+    if bits not in (8, 16) or isinstance(bits, bool):
+        return []
+    problems = []
+    for name in ("quant_type", "double_quant", "storage_dtype"):
+        key, default = to_camel(name), QuantizationSpec.model_fields[name].default
+        if key in q and q[key] != default:
+            problems.append(f"quantization.{key}: applies to 4-bit quantization only, and quantization.bits is {bits}; "
+                            "remove it or set bits: 4")
+    if bits == 8 and training.get("strategy") == "fsdp":
+        problems.append("training.strategy: fsdp cannot shard 8-bit (LLM.int8) weights; use data or auto, or "
+                        "quantization.bits 4 or 16")
+    if bits == 16 and merge.get("enabled") is not False and merge.get("base") == "dequantized":
+        problems.append("merge.base: dequantized means the base rounded as quantized training saw it; with "
+                        "quantization.bits 16 nothing was rounded: use original")
     return problems
 
 

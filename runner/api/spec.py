@@ -198,15 +198,15 @@ class TrainingSpec(_Section):
     )
     fused_kernels: bool | None = Field(
         None,
-        description="Liger's fused RMSNorm/RoPE/SwiGLU kernels (GPU, needs liger-kernel). Unset: on where "
-        "installed (~25% faster, ~20% less activation memory measured on an H100). Each LoRA projection is "
-        "one fused matmul unless this is false (false: peft's own modules, the reference path).",
+        description="Two speed-ups, both off when false (the reference path). Liger's fused RMSNorm/RoPE/SwiGLU: "
+        "on a GPU with liger-kernel (true requires it; ~25% faster, ~20% less activation memory on an H100), under "
+        "FSDP only if true. Fused LoRA, one matmul per projection: where it applies (bits 4/16, dropout 0, no FSDP).",
     )
     memory_budget: float | None = Field(
         None, gt=0,
-        description="GiB of GPU memory the job may use at its peak (a shared or smaller GPU). The plan then "
-        "chooses the fastest mode that fits: no checkpointing, checkpointing, checkpointing with the saved "
-        "activations in CPU memory, smaller micro-batches. Unset: what the GPU has free.",
+        description="GiB of GPU memory the job may use at its peak (a shared or smaller GPU): the plan picks the "
+        "fastest mode that fits (no checkpointing, checkpointing, checkpointing offloaded to CPU memory, smaller "
+        "micro-batches). Unset: what the GPU has free. Not applied under FSDP or on CPU (the plan's line says so).",
     )
     group_by_length: bool = Field(
         False, description="Batch examples of similar length together (unpacked data only)."

@@ -24,7 +24,7 @@ from runner.api.errors import PermanentError, MERGE_FAILED
 from runner.api.spec import FineTuneJobSpec
 from runner.merge.shards import FP16_MAX, Requantize, merge_files, merged_bytes
 from runner.model.files import BaseFiles
-from runner.model.load import device, is_quantized_linear, skeleton
+from runner.model.load import device, is_quantized_linear, meta_model
 from runner.train.plan import Machine, compute_dtype
 
 __all__ = ["FP16_MAX", "TOLERANCE", "FULL_CHECK_FRACTION", "MergeCheck", "probe_inputs", "merge"]
@@ -73,7 +73,7 @@ def _requantize(spec: FineTuneJobSpec, base_dir: Path, dev: torch.device) -> Req
     how. Training in 16 bits rounded nothing."""
     if spec.merge.base != "dequantized" or spec.quantization.bits == 16:
         return None
-    keys = {f"{n}.weight" for n, m in skeleton(base_dir, spec.model).named_modules() if is_quantized_linear(n, m)}
+    keys = {f"{n}.weight" for n, m in meta_model(base_dir, spec.model).named_modules() if is_quantized_linear(n, m)}
     stored = BaseFiles(base_dir)
     if stored.quantized:
         return None  # a 4-bit base: its dequantized weights are the only ones there are

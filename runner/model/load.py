@@ -39,7 +39,7 @@ def bnb_config(q: QuantizationSpec, compute: torch.dtype, storage: torch.dtype):
     )
 
 
-def skeleton(model_dir: Path, m: ModelSpec):
+def meta_model(model_dir: Path, m: ModelSpec):
     """The architecture on the meta device, from its config alone (no weights read)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -58,7 +58,7 @@ def linear_module_names(model_dir: Path, m: ModelSpec) -> set[str]:
     """Leaf names of every nn.Linear in the architecture, found on the meta device (no weights read)."""
     return {
         name.rsplit(".", 1)[-1]
-        for name, mod in skeleton(model_dir, m).named_modules()
+        for name, mod in meta_model(model_dir, m).named_modules()
         if is_quantized_linear(name, mod)
     }
 
@@ -84,7 +84,7 @@ def load_tokenizer(model_dir: Path, m: ModelSpec):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=m.trust_remote_code)
-    if tok.pad_token is None:  # the seeds' fix: pad with EOS (labels mask padding anyway)
+    if tok.pad_token is None:  # pad with EOS (labels mask padding anyway)
         tok.pad_token = tok.eos_token or tok.unk_token
     tok.padding_side = "right"
     return tok
@@ -116,8 +116,6 @@ def load_base(model_dir: Path, m: ModelSpec, q: QuantizationSpec, *, compute: to
         _keep_training_layout(model)
     return model
 
-
-load_quantized = load_base  # the name it had when every base was 4-bit
 
 
 def _keep_training_layout(model) -> None:

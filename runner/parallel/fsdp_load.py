@@ -38,7 +38,7 @@ def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
     return start, min(rows, start + size)
 
 
-def skeleton(model_dir: Path, spec, plan, files: BaseFiles):
+def meta_model_to_shard(model_dir: Path, spec, plan, files: BaseFiles):
     """The model on the meta device, with bitsandbytes 4-bit layers where the checkpoint has 4-bit weights (a
     pre-quantized base) or, for a 16-bit base with bits 4, at every linear layer but the output heads."""
     import bitsandbytes as bnb
@@ -138,7 +138,7 @@ def load_sharded(spec, model_dir: Path, plan, *, seed: int | None = None):
 
     distributed.init()  # the process group (NCCL on GPUs, gloo on CPU), if nothing joined it yet
     files = BaseFiles(model_dir)
-    model = skeleton(model_dir, spec, plan, files)
+    model = meta_model_to_shard(model_dir, spec, plan, files)
     model = model_phase.add_lora(model, spec.lora)
     # The adapters in the compute dtype before FSDP records each parameter's dtype (peft makes them float32;
     # for a 4-bit model trl casts them to bfloat16 by assigning `.data`, which a sharded parameter must not

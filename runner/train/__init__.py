@@ -2,10 +2,11 @@
 that make a step fast, and the trainer loop with its durable checkpoints.
 
     plan          bits, precision, attention, strategy, micro-batch and memory mode, decided once
-    memory        what each checkpointing/offloading mode costs, and the fastest that fits
-    offload       checkpointing with saved layer inputs in pinned host memory
-    fused_lora    LoRA projections as one autograd node each
-    layer_kernels Liger's RMSNorm, RoPE and SwiGLU kernels patched in
+    memory        the Mode (checkpointing, offloading), what each costs, and the fastest that fits
+    patches       the one way to patch a model for a training and undo it; the plan's patches:
+    offload         checkpointing with saved layer inputs in pinned host memory
+    fused_lora      LoRA projections as one autograd node each
+    layer_kernels   Liger's RMSNorm, RoPE and SwiGLU kernels patched in
     fsdp          what FSDP-QLoRA needs from the loader and the trainer
     best          the best checkpoint and early stopping
     trainer       trl's SFTTrainer over the tokenized data: checkpoints, resume, progress

@@ -13,7 +13,7 @@ nothing of the size of W is kept). Saved for backward: x and the small x A^T, as
 It applies in training mode, on LoRA layers with one active plain adapter (no DoRA, no dropout: `lora.dropout`
 > 0 keeps peft's path) over a bitsandbytes 4-bit or a 16-bit `nn.Linear` base; every other case, eval and
 generation keep peft's forward. `install(model)` patches the layers, `Installed.remove()` restores them;
-`callback()` does both around a trainer's training (runner/train/trainer.py, when the plan's fused kernels are on).
+runner/train/patches.py does both around the training when the plan's `fused_lora` is on.
 """
 from __future__ import annotations
 
@@ -131,23 +131,3 @@ def install(model) -> Installed:
 
         layer.forward = forward
     return Installed(layers)
-
-
-def callback():
-    """A TrainerCallback that installs the fused LoRA projections for the training and removes them after."""
-    from transformers import TrainerCallback
-
-    class FusedLora(TrainerCallback):
-        def __init__(self) -> None:
-            self.handle: Installed | None = None
-
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            if self.handle is None:
-                self.handle = install(model)
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.handle is not None:
-                self.handle.remove()
-                self.handle = None
-
-    return FusedLora()

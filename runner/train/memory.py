@@ -1,44 +1,115 @@
-"""The memory side of the Plan: what one micro-batch's activations take under each checkpointing mode, and the
-fastest (mode, micro-batch) that fits the memory a job may use (runner/train/plan.py applies it; runner/train/offload.py
-implements the offloaded modes).
+"""The memory side of the Plan: the Mode (what the backward pass recomputes, and where the saved inputs are kept),
+what one micro-batch's activations take under each mode, and the fastest (mode, micro-batch) that fits the memory
+a job may use. runner/train/plan.py applies it; the trainer runs the modes whose inputs stay on the GPU, and
+runner/train/offload.py those whose inputs go to host memory.
 
-  none    no checkpointing: every layer's activations kept
-  gpu     checkpointing: every layer's input kept on the GPU, one layer recomputed at a time
-  layer   checkpointing with the layer inputs in CPU memory (offloaded asynchronously)
-  split   as layer, with the attention and MLP halves checkpointed apart (the MLP a chunk of tokens at a time):
-          fewer live activations, twice the CPU memory
-  tiled   as layer, the MLP inside each recomputed layer run and recomputed a chunk of tokens at a time: split's
-          live activations with layer's CPU memory, for one more MLP forward per layer (the longest sequences)
+Modes, fastest first (MODES; adding one is one entry there, and its bytes in `activation_bytes`):
 
-The offloaded modes keep every layer's input in pinned CPU memory (split: two per layer), so a mode is only chosen
-when that fits the memory the process may use on its host.
+  none            no checkpointing: every layer's activations kept
+  layer           checkpointing: every decoder layer's input kept on the GPU, one layer recomputed at a time
+  layer, host     as layer, with the layer inputs in pinned host memory (offloaded asynchronously)
+  split, host     the attention and MLP halves checkpointed apart (the MLP a chunk of tokens at a time), their
+                  inputs in host memory: fewer live activations, twice the host memory
+  tiled, host     whole layers, the MLP inside each recomputed a chunk of tokens at a time, the inputs in host
+                  memory: split's live activations with layer's host memory, for one more MLP forward per layer
+                  (the longest sequences)
+
+The offloaded modes keep every layer's input in pinned host memory (split: two per layer), so such a mode is only
+chosen when that fits the memory the process may use on its host.
 """
 from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
 
 from runner.model import load as model_phase
 
 GiB = 2**30
 
-# Activation bytes per token, per layer, per hidden unit of one micro-batch without checkpointing (bf16,
-# trl's chunked LM head), keyed by fused kernels on/off. Measured on an H100, Llama-3-8B shape, 4x2048
-# tokens (bench/results/h100-llama-3-8b.json): peak allocated 43.4 GiB with fused kernels, 54.6 GiB
-# without; less ~6.3 GiB of 4-bit weights and LoRA state, that is ~37 and ~48 bytes. The values used here
-# add ~8% margin.
-ACT_BYTES = {True: 40, False: 52}
 
-# With checkpointing, the activations of the one layer being recomputed, its backward's transients included
-# (128k tokens, Llama-3-8B shape, H200: 66.1 GB peak less 5.6 GB of weights, 0.9 GB of LoRA state and 32 GiB of
-# layer inputs is ~47 bytes); and of the larger half of a layer (the MLP) when offloading checkpoints each half.
+class Checkpointing(enum.Enum):
+    """What the backward pass recomputes."""
+
+    NONE = "none"  # nothing: every layer's activations kept
+    LAYER = "layer"  # each decoder layer, from its saved input
+    SPLIT = "split"  # each layer's attention half and MLP half apart, from two saved inputs
+    TILED = "tiled"  # each decoder layer, its MLP a chunk of tokens at a time
+
+
+class Placement(enum.Enum):
+    """Where the checkpointed inputs are kept."""
+
+    GPU = "gpu"
+    HOST = "host"  # pinned host memory, copied on a side stream (runner/train/offload.py)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a job trades compute and host memory for GPU memory."""
+
+    checkpointing: Checkpointing
+    offload: Placement = Placement.GPU
+
+    def __post_init__(self) -> None:
+        if self.checkpointing is Checkpointing.NONE and self.offload is Placement.HOST:
+            raise ValueError("a mode without checkpointing saves no inputs to offload")
+
+    @property
+    def checkpointed(self) -> bool:
+        return self.checkpointing is not Checkpointing.NONE
+
+    @property
+    def offloaded(self) -> bool:
+        return self.offload is Placement.HOST
+
+    def __str__(self) -> str:
+        return self.checkpointing.value + (", host" if self.offloaded else "")
+
+    def to_dict(self) -> dict:
+        return {"checkpointing": self.checkpointing.value, "offload": self.offload.value}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Mode:
+        return cls(Checkpointing(d["checkpointing"]), Placement(d["offload"]))
+
+
+NO_CHECKPOINTING = Mode(Checkpointing.NONE)
+CHECKPOINTING = Mode(Checkpointing.LAYER)  # the Trainer's own gradient checkpointing
+OFFLOADED_LAYER = Mode(Checkpointing.LAYER, Placement.HOST)
+OFFLOADED_SPLIT = Mode(Checkpointing.SPLIT, Placement.HOST)
+OFFLOADED_TILED = Mode(Checkpointing.TILED, Placement.HOST)
+# Every mode, fastest first, with its relative speed: recomputing the forward pass costs about a third of a step;
+# offloading adds transfers that overlap it; tiled's extra MLP forward is an estimate.
+SPEED = {NO_CHECKPOINTING: 1.0, CHECKPOINTING: 0.75, OFFLOADED_LAYER: 0.74, OFFLOADED_SPLIT: 0.72,
+         OFFLOADED_TILED: 0.62}
+MODES = tuple(SPEED)
+OFFLOADED = tuple(m for m in MODES if m.offloaded)
+
+# ---------------------------------------------------------------------------------------- the bytes
+# Every constant of the one formula, in bytes per token per hidden unit, keyed by Liger's layer kernels on/off.
+#
+# No checkpointing, per layer (bf16, trl's chunked LM head). Measured on an H100, Llama-3-8B shape, 4x2048 tokens
+# (bench/results/h100-llama-3-8b.json): peak allocated 43.4 GiB with the kernels, 54.6 GiB without; less ~6.3 GiB
+# of 4-bit weights and LoRA state, that is ~37 and ~48 bytes. The values add ~8% margin.
+ALL_LAYERS_BYTES = {True: 40, False: 52}
+# Checkpointing: the one layer being recomputed, its backward's transients included. Measured with the kernels:
+# 128k tokens, Llama-3-8B shape, H200: 66.1 GB peak less 5.6 GB of weights, 0.9 GB of LoRA state and 32 GiB of
+# layer inputs is ~47 bytes. Without the kernels: an estimate (the measured one plus the difference above).
 ONE_LAYER_BYTES = {True: 48, False: 60}
 # The larger half of a layer when the two are checkpointed apart (split), or when the MLP runs in chunks inside a
-# recomputed layer (tiled). An estimate, not a measurement: the MLP half's before its MLP ran in chunks, kept as an
-# upper bound for the attention half, which is now the larger; plus one chunk of the MLP half (CHUNK_TOKENS).
+# recomputed layer (tiled), plus as much again per token of one chunk of the MLP (CHUNK_TOKENS). An estimate: the
+# MLP half's before its MLP ran in chunks, kept as an upper bound for the attention half, now the larger.
 HALF_LAYER_BYTES = {True: 30, False: 38}
-CHUNK_TOKENS = 8192  # runner/train/offload.py's
-# Checkpointing modes, fastest first, with their relative speed (recomputing the forward pass costs about a
-# third of a step; offloading adds transfers that overlap it), and a micro-batch's efficiency: rows of few
-# tokens launch small kernels and leave the GPU waiting on the host (EFFICIENT_TOKENS: half efficiency).
-MODES = {"none": 1.0, "gpu": 0.75, "layer": 0.74, "split": 0.72, "tiled": 0.62}  # tiled: estimated (+1 MLP forward)
+CHUNK_TOKENS = 8192  # the MLP's chunk (runner/train/offload.py)
+INPUT_BYTES = 2  # one saved layer input (bf16)
+UNITS = {Checkpointing.NONE: 0, Checkpointing.LAYER: 1, Checkpointing.SPLIT: 2, Checkpointing.TILED: 1}  # per layer
+IN_FLIGHT = 2  # offloaded: saved inputs on the GPU besides the units of the layer being computed (copies in flight)
+# Checked on an H200, Llama-3-8B shape, offloaded layers (bench/results/h200-llama-3-8b-frontier*.json): estimated
+# peak + LoRA state against the measured peak allocated: 4x2048 8.2 vs 8.2 GiB, one sequence of 16k 10.0 vs 10.0
+# (9.7 on cuDNN attention), 32k 13.4 vs 13.7 (13.1), 64k 20.1 vs 21.1 (19.9).
+
+# A micro-batch's efficiency: rows of few tokens launch small kernels and leave the GPU waiting on the host
+# (EFFICIENT_TOKENS: half efficiency).
 EFFICIENT_TOKENS = 2048
 # Bytes per trainable LoRA parameter: fp32 weight, gradient and two AdamW moments.
 LORA_STATE_BYTES = 16
@@ -47,63 +118,85 @@ BUDGET_MARGIN = GiB // 2
 # Of the host memory a container can still use, what offloaded inputs may pin (the rest: the data loader, the
 # checkpoint writer, the allocator's pinned-memory cache rounding up to powers of two).
 HOST_FRACTION = 0.7
-# Checked on an H200, Llama-3-8B shape, offloaded "layer" mode (bench/results/h200-llama-3-8b-frontier*.json):
-# estimated peak + LoRA state against the measured peak allocated: 4x2048 8.2 vs 8.2 GiB, one sequence of 16k
-# 10.0 vs 10.0 (9.7 on cuDNN attention), 32k 13.4 vs 13.7 (13.1), 64k 20.1 vs 21.1 (19.9).
 
 
-def mode_bytes(mode: str, tokens: int, layers: int, hidden: int, fused: bool) -> int:
-    """Activation bytes of one micro-batch of `tokens` under a checkpointing mode (none, gpu, layer, split)."""
-    if mode == "none":
-        return tokens * layers * hidden * ACT_BYTES[fused]
-    if mode == "gpu":  # every layer's input kept on the GPU (bf16), one layer recomputed at a time
-        return tokens * hidden * (2 * layers + ONE_LAYER_BYTES[fused])
-    if mode == "layer":  # inputs in CPU memory: a few in flight
-        return tokens * hidden * (2 * 3 + ONE_LAYER_BYTES[fused])
-    chunk = min(tokens, CHUNK_TOKENS) * hidden * HALF_LAYER_BYTES[fused]  # one chunk of the MLP half
-    in_flight = 4 if mode == "split" else 3
-    return tokens * hidden * (2 * in_flight + HALF_LAYER_BYTES[fused]) + chunk
+@dataclass(frozen=True)
+class Shape:
+    """What a micro-batch's activations depend on besides its rows."""
+
+    layers: int
+    hidden: int
+    max_length: int  # tokens per row
+    layer_kernels: bool  # Liger's fused layer kernels (fewer activations)
 
 
-def host_bytes(mode: str, tokens: int, layers: int, hidden: int) -> int:
-    """Pinned CPU bytes of one micro-batch's offloaded inputs (bf16): one per layer, two under split."""
-    per_layer = {"layer": 1, "tiled": 1, "split": 2}.get(mode, 0)
-    return tokens * hidden * 2 * layers * per_layer
+def activation_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
+    """GPU bytes of one micro-batch's activations, of `tokens` tokens, under `mode`: the saved inputs it keeps on
+    the GPU plus what is live while one unit is computed."""
+    per_token = tokens * shape.hidden
+    fused = shape.layer_kernels
+    if not mode.checkpointed:
+        return per_token * shape.layers * ALL_LAYERS_BYTES[fused]
+    units = UNITS[mode.checkpointing]
+    saved = units + IN_FLIGHT if mode.offloaded else units * shape.layers
+    if mode.checkpointing is Checkpointing.LAYER:
+        live = per_token * ONE_LAYER_BYTES[fused]
+    else:  # a half of a layer, and one chunk of the MLP
+        live = (per_token + min(tokens, CHUNK_TOKENS) * shape.hidden) * HALF_LAYER_BYTES[fused]
+    return per_token * INPUT_BYTES * saved + live
 
 
-def choose_mode(t, max_length: int, layers: int, hidden: int, weights: int, usable: int, fused: bool,
-                host_usable: int | None = None) -> dict:
-    """The fastest (checkpointing mode, micro-batch) that fits `usable` bytes beside the weights, for one
-    optimizer step of the spec's rows (batchSize x gradientAccumulationSteps, split into equal micro-batches).
-    A spec's gradientCheckpointing wins: false allows only no checkpointing, true only the checkpointing modes.
-    `host_usable`: the CPU bytes the offloaded inputs may take (None: not limited). Nothing fits: the smallest
-    micro-batch with tiled offloading (the job then fails on memory, with a plan that says why)."""
-    rows = t.batch_size * t.gradient_accumulation_steps
-    modes = [m for m in MODES if t.gradient_checkpointing is None or (m != "none") == t.gradient_checkpointing]
-    best = None
+def host_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
+    """Pinned host bytes of one micro-batch's offloaded inputs: one per unit of every layer."""
+    if not mode.offloaded:
+        return 0
+    return tokens * shape.hidden * INPUT_BYTES * UNITS[mode.checkpointing] * shape.layers
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A mode and the micro-batches one optimizer step is split into."""
+
+    mode: Mode
+    micro_batch: int  # rows per device per micro-batch
+    accumulation: int  # micro-batches per optimizer step
+    peak: int | None = None  # estimated GPU bytes: weights and activations (None: not estimated)
+
+
+def requested(checkpointing: bool | None, micro_batch: int, accumulation: int) -> Fit:
+    """What the spec asks for, where no GPU memory is fitted (CPU, FSDP): checkpointing only if set true."""
+    return Fit(CHECKPOINTING if checkpointing else NO_CHECKPOINTING, micro_batch, accumulation)
+
+
+def choose_mode(shape: Shape, *, rows: int, weights: int, usable: int, host_usable: int | None = None,
+                checkpointing: bool | None = None) -> Fit:
+    """The fastest (mode, micro-batch) that fits `usable` GPU bytes beside `weights`, for one optimizer step of
+    `rows` rows (split into equal micro-batches). `checkpointing` (the spec's gradientCheckpointing) wins: false
+    allows only no checkpointing, true only the checkpointing modes. `host_usable`: the host bytes offloaded inputs
+    may pin (None: not limited). Nothing fits: the smallest micro-batch in the last such mode (the job then fails
+    on memory, with a plan that says why)."""
+    modes = [m for m in MODES if checkpointing is None or m.checkpointed == checkpointing]
+    best: tuple[float, Fit] | None = None
     for micro in (d for d in range(rows, 0, -1) if rows % d == 0):
-        tokens = micro * max_length
+        tokens = micro * shape.max_length
         for mode in modes:
-            peak = weights + mode_bytes(mode, tokens, layers, hidden, fused)
-            if peak > usable or (host_usable is not None and host_bytes(mode, tokens, layers, hidden) > host_usable):
+            peak = weights + activation_bytes(mode, tokens, shape)
+            if peak > usable or (host_usable is not None and host_bytes(mode, tokens, shape) > host_usable):
                 continue
-            score = MODES[mode] * tokens / (tokens + EFFICIENT_TOKENS)
+            score = SPEED[mode] * tokens / (tokens + EFFICIENT_TOKENS)
             if best is None or score > best[0]:
-                best = (score, dict(mode=mode, micro_batch=micro, accumulation=rows // micro, peak=peak))
+                best = (score, Fit(mode, micro, rows // micro, peak))
     if best is None:
-        mode = modes[-1]
-        return dict(mode=mode, micro_batch=1, accumulation=rows,
-                    peak=weights + mode_bytes(mode, max_length, layers, hidden, fused))
+        return Fit(modes[-1], 1, rows, weights + activation_bytes(modes[-1], shape.max_length, shape))
     return best[1]
 
 
-def lora_bytes(skeleton, spec) -> int:
+def lora_bytes(model, spec) -> int:
     """GPU bytes of the LoRA parameters and their optimizer state (LORA_STATE_BYTES each)."""
     targets = set(spec.lora.target_modules)
     params = 0
-    for name, module in skeleton.named_modules():
+    for name, module in model.named_modules():
         if model_phase.is_quantized_linear(name, module) and (
                 targets == {"all-linear"} or name.rsplit(".", 1)[-1] in targets):
             params += spec.lora.r * (module.in_features + module.out_features)
     return params * LORA_STATE_BYTES
-

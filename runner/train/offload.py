@@ -13,26 +13,39 @@ checkpointed separately, norms inside, residual adds outside (an add saves nothi
 larger half's activations are ever live: about half of a whole layer's at long sequences, for the same single
 recomputation. Any other architecture checkpoints whole decoder layers (transformers' GradientCheckpointingLayer).
 
-`callback(mode)` installs it when training begins, after the Liger patches (runner/train/layer_kernels.py: they replace
-the norms' and MLPs' forward, and the units call those), and removes it when training ends; the trainer's own gradient
-checkpointing must be off. Outside training (eval, generation) the units run as plain modules.
+`install(model, mode)` patches the units in for one of the memory modes that keep their inputs on the host
+(runner/train/memory.py), and its `remove()` undoes that; runner/train/patches.py does both around the training,
+after the Liger patches (runner/train/layer_kernels.py: they replace the norms' and MLPs' forward, and the units call
+those). The trainer's own gradient checkpointing must be off. Outside training (eval, generation) the units run as
+plain modules.
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
-from runner.train import memory as modes
+from runner.train import memory as memory
+from runner.train.memory import Checkpointing, Mode
 
 _SPLIT_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+@dataclass
+class _Saved:
+    """One unit's input: in CPU memory, and once brought back, on the GPU with the event that says it is there."""
+
+    cpu: torch.Tensor
+    gpu: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
 
 
 class _Store:
     """Unit inputs of one forward pass, in pinned CPU memory, in the order they were saved."""
 
     def __init__(self) -> None:
-        self.saved: list = []  # per slot: [cpu tensor, gpu tensor prefetched or None, event or None]
+        self.saved: list[_Saved | None] = []  # None: taken back by the backward pass
         self.stream = None
 
     def _side(self, device: torch.device):
@@ -42,7 +55,7 @@ class _Store:
 
     def save(self, x: torch.Tensor) -> int:
         if not x.is_cuda:  # CPU (tests): the same bookkeeping, a copy instead of a transfer
-            self.saved.append([x.detach().clone(), None, None])
+            self.saved.append(_Saved(x.detach().clone()))
             return len(self.saved) - 1
         side, main = self._side(x.device), torch.cuda.current_stream(x.device)
         cpu = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
@@ -50,29 +63,29 @@ class _Store:
         with torch.cuda.stream(side):
             cpu.copy_(x.detach(), non_blocking=True)
         x.record_stream(side)  # x's memory is not reused before the copy has read it
-        self.saved.append([cpu, None, None])
+        self.saved.append(_Saved(cpu))
         return len(self.saved) - 1
 
     def _fetch(self, slot: int, device: torch.device) -> None:
         entry = self.saved[slot]
-        if entry[1] is not None or not isinstance(entry[0], torch.Tensor) or device.type != "cuda":
+        if entry is None or entry.gpu is not None or device.type != "cuda":
             return
         side = self._side(device)
         with torch.cuda.stream(side):
-            gpu = torch.empty(entry[0].shape, dtype=entry[0].dtype, device=device)
-            gpu.copy_(entry[0], non_blocking=True)
-            entry[1], entry[2] = gpu, side.record_event()
+            entry.gpu = torch.empty(entry.cpu.shape, dtype=entry.cpu.dtype, device=device)
+            entry.gpu.copy_(entry.cpu, non_blocking=True)
+            entry.ready = side.record_event()
 
     def load(self, slot: int, device: torch.device) -> torch.Tensor:
         """The input saved in `slot`, on `device`; starts bringing back the slot before it (the next backward)."""
         entry = self.saved[slot]
         if device.type != "cuda":
-            x = entry[0]
+            x = entry.cpu
         else:
             self._fetch(slot, device)
             main = torch.cuda.current_stream(device)
-            main.wait_event(entry[2])
-            x = entry[1]
+            main.wait_event(entry.ready)
+            x = entry.gpu
             x.record_stream(main)
             if slot > 0:
                 self._fetch(slot - 1, device)
@@ -85,7 +98,7 @@ class _Store:
 # Token-wise units (a norm and the MLP) run over the sequence in chunks of this many tokens, forward and backward:
 # their intermediate activations (3 x 14,336 per token for a Llama-3-8B MLP) then take a chunk's worth of memory
 # however long the sequence. Chunks this long keep the matmuls as efficient as whole sequences.
-CHUNK_TOKENS = modes.CHUNK_TOKENS
+CHUNK_TOKENS = memory.CHUNK_TOKENS
 
 
 def _spans(x: torch.Tensor, chunk: int | None) -> list[slice]:
@@ -230,17 +243,39 @@ def tiled(run, x: torch.Tensor, chunk: int | None = None):
     return _chunked(run, x, chunk)
 
 
+@dataclass(frozen=True)
+class _Unit:
+    """A norm and the module after it made one unit, with the forwards they had as their own before (None: their
+    class's), to put back."""
+
+    norm: torch.nn.Module
+    norm_forward: object | None
+    module: torch.nn.Module
+    forward: object | None
+
+    @classmethod
+    def of(cls, norm: torch.nn.Module, module: torch.nn.Module) -> _Unit:
+        return cls(norm, vars(norm).get("forward"), module, vars(module).get("forward"))
+
+    def restore(self) -> None:
+        for m, own in ((self.norm, self.norm_forward), (self.module, self.forward)):
+            if own is None:
+                vars(m).pop("forward", None)
+            else:
+                m.forward = own
+
+
 class Offload:
     """What `install` changed on a model, to `remove` it again."""
 
-    def __init__(self, model, store: _Store, mode: str) -> None:
+    def __init__(self, model, store: _Store, mode: Mode) -> None:
         self.model, self.store, self.mode = model, store, mode
-        self.patched: list = []  # (norm, norm forward, module, module forward): split units, tiled MLPs
+        self.patched: list[_Unit] = []  # split units, tiled MLPs
         self.layers: list = []  # whole layers checkpointed by transformers' hook
 
     def remove(self) -> None:
-        for norm, norm_fwd, module, fwd in self.patched:
-            norm.forward, module.forward = norm_fwd, fwd
+        for unit in reversed(self.patched):
+            unit.restore()
         for layer in self.layers:
             layer.gradient_checkpointing = False
         self.patched, self.layers = [], []
@@ -257,25 +292,23 @@ def _splittable(layer) -> bool:
     return all(isinstance(getattr(layer, p, None), torch.nn.Module) for p in _SPLIT_PARTS)
 
 
-MODES = ("layer", "split", "tiled")
-
-
-def install(model, mode: str = "split") -> Offload:
-    """Offloaded checkpointing on every decoder layer: `layer` (whole layers), `split` (attention and MLP halves
-    apart, the MLP a chunk of tokens at a time) or `tiled` (whole layers, their MLP recomputed a chunk at a time:
-    half of split's CPU memory, one more MLP forward). Layers that are not pre-norm decoder layers: whole."""
-    if mode not in MODES:
-        raise ValueError(f"offloaded checkpointing mode {mode!r}: one of {', '.join(MODES)}")
+def install(model, mode: Mode = memory.OFFLOADED_SPLIT) -> Offload:
+    """Offloaded checkpointing on every decoder layer, as `mode` (one of memory.OFFLOADED) checkpoints: whole layers,
+    split (attention and MLP halves apart, the MLP a chunk of tokens at a time) or tiled (whole layers, their MLP
+    recomputed a chunk at a time: half of split's CPU memory, one more MLP forward). Layers that are not pre-norm
+    decoder layers: whole."""
+    if mode not in memory.OFFLOADED:
+        raise ValueError(f"offloaded checkpointing: {mode} is not one of {', '.join(map(str, memory.OFFLOADED))}")
     store = _Store()
     done = Offload(model, store, mode)
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("offloaded checkpointing: the model has no decoder layers transformers can checkpoint")
     for layer in layers:
-        if mode == "split" and _splittable(layer):
+        if mode.checkpointing is Checkpointing.SPLIT and _splittable(layer):
             _split(layer, store, done)
             continue
-        if mode == "tiled" and _splittable(layer):
+        if mode.checkpointing is Checkpointing.TILED and _splittable(layer):
             _tile_mlp(layer, done)
         layer.gradient_checkpointing = True
         layer._gradient_checkpointing_func = lambda fn, x, *a: checkpoint(fn, store, x, *a)
@@ -311,8 +344,8 @@ def _split(layer, store: _Store, done: Offload) -> None:
                 out = checkpoint(run, store, x, chunk=None if _tuple else CHUNK_TOKENS)
             return (out, None) if _tuple else out
 
+        done.patched.append(_Unit.of(norm, module))  # before the patch
         norm.forward, module.forward = _identity, unit
-        done.patched.append((norm, norm_fwd, module, fwd))
 
 
 def _tile_mlp(layer, done: Offload) -> None:
@@ -325,25 +358,5 @@ def _tile_mlp(layer, done: Offload) -> None:
         run = lambda h: _fwd(_norm(h))  # noqa: E731
         return tiled(run, x) if _module.training else run(x)
 
+    done.patched.append(_Unit.of(norm, mlp))  # before the patch
     norm.forward, mlp.forward = _identity, unit
-    done.patched.append((norm, norm_fwd, mlp, fwd))
-
-
-def callback(mode: str):
-    """A TrainerCallback that installs offloaded checkpointing (`layer`, `split` or `tiled`) for the training."""
-    from transformers import TrainerCallback
-
-    class OffloadedCheckpointing(TrainerCallback):
-        def __init__(self) -> None:
-            self.handle: Offload | None = None
-
-        def on_train_begin(self, args, state, control, model=None, **kw):
-            if self.handle is None:
-                self.handle = install(model, mode)
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.handle is not None:
-                self.handle.remove()
-                self.handle = None
-
-    return OffloadedCheckpointing()

@@ -6,18 +6,20 @@
   dtypes          the compute dtype, and what the base's weights are stored as: packed 4-bit weights as uint8,
                   or as the compute dtype under FSDP (which shards and casts only floating-point tensors); int8
                   with 8 bits; the compute dtype itself with 16
-  checkpointing   gradient checkpointing: on only when one micro-batch's activations would not fit; its saved
-                  inputs in CPU memory (runner/train/offload.py) when even that does not fit; the micro-batch too
-                  (runner/train/memory.py: the fastest mode and micro-batch that fit, under training.memoryBudget if set)
-  fused kernels   Liger's fused RMSNorm/RoPE/SwiGLU, on a GPU where liger-kernel is installed
-                  (runner/train/layer_kernels.py); each LoRA projection one autograd node (runner/train/fused_lora.py)
+  memory mode     the Mode (runner/train/memory.py: checkpointing, and where its saved inputs are kept) and the
+                  micro-batch: the fastest that fit one GPU, under training.memoryBudget if set; under FSDP,
+                  checkpointing when the activations do not fit; on CPU, what the spec asks for
+  layer kernels   Liger's fused RMSNorm/RoPE/SwiGLU (runner/train/layer_kernels.py)
+  fused LoRA      each LoRA projection one autograd node (runner/train/fused_lora.py)
   attention       flash-attention 2, PyTorch's varlen flash kernel (packed rows), or SDPA
   packing         only where packed examples cannot attend to each other
 
-A setting in the spec always wins over the automatic choice. One memory rule, `usable_bytes`, decides both
-the strategy and checkpointing. `check_spec` refuses the settings that cannot work on this machine; it runs
-in the Validating phase, before anything is downloaded. `make_plan` needs the model's config (after the
-download); packing, outside FSDP, is settled by a probe of the loaded model (`Plan.with_packing`).
+A setting in the spec always wins over the automatic choice. `usable_bytes` is what one GPU may hold; the
+strategy compares it with the weights and a checkpointed micro-batch, the memory mode fits under it. The rules
+that need only the spec are the contract's (runner/api/parse.py); `check_spec` refuses the settings that cannot
+work on this machine; it runs in the Validating phase, before anything is downloaded. `make_plan` needs the
+model's config (after the download); packing, outside FSDP, is settled by a probe of the loaded model
+(`Plan.with_packing`).
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ import torch
 from runner.model import attention as attention_kernels
 from runner.parallel import distributed as distributed
 from runner.model import load as model_phase
-from runner.train.memory import ACT_BYTES, BUDGET_MARGIN, HOST_FRACTION, choose_mode, lora_bytes
+from runner.train import memory as memory
+from runner.train.memory import Mode
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec
 
@@ -40,9 +43,8 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
           "int8": torch.int8}
 
 # ------------------------------------------------------------------------------------------ memory
-# The one memory rule: a job may plan to use 90% of a GPU (the allocator's fragmentation takes the rest),
-# or what is free on it if that is less, minus what the plan does not count: the CUDA context, the LoRA
-# tensors and their optimizer state.
+# What one GPU may hold: 90% of it (the allocator's fragmentation takes the rest), or what is free on it if that
+# is less, minus what the plan does not count: the CUDA context, the LoRA tensors and their optimizer state.
 USABLE_FRACTION = 0.9
 RESERVED = 3 * GiB
 
@@ -64,13 +66,13 @@ def usable_bytes(total: int, free: int | None = None) -> int:
     return int(budget) - RESERVED
 
 
-def _weight_bytes(skeleton, bits: int = 4, dense: int = 2) -> int:
+def _weight_bytes(model, bits: int = 4, dense: int = 2) -> int:
     """The base's bytes in memory: its linear layers at `bits`, every other weight at `dense` bytes (the
     compute dtype's size)."""
     total, seen = 0.0, set()
-    if getattr(skeleton.config, "tie_word_embeddings", False) and skeleton.get_output_embeddings() is not None:
-        seen.add(id(skeleton.get_output_embeddings().weight))  # the LM head is the embeddings: held once
-    for name, module in skeleton.named_modules():
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        seen.add(id(model.get_output_embeddings().weight))  # the LM head is the embeddings: held once
+    for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             if id(p) in seen:
                 continue
@@ -80,12 +82,6 @@ def _weight_bytes(skeleton, bits: int = 4, dense: int = 2) -> int:
             else:
                 total += p.numel() * dense
     return int(total)
-
-
-def quantized_bytes(model_dir: Path, spec: FineTuneJobSpec) -> int:
-    """The base's size in memory as quantization.bits holds it, with 16-bit dense weights, from its config
-    alone (meta device: no weights read)."""
-    return _weight_bytes(model_phase.skeleton(model_dir, spec.model), spec.quantization.bits)
 
 
 # ----------------------------------------------------------------------------------------- machine
@@ -157,7 +153,7 @@ def host_available() -> int | None:
 
 # ----------------------------------------------------------------------------------- single choices
 def compute_dtype(spec: FineTuneJobSpec, machine: Machine) -> torch.dtype:
-    """`auto`: bf16 where the GPU supports it, else fp16 (seed 004's check); fp32 on CPU, where 16-bit
+    """`auto`: bf16 where the GPU supports it, else fp16 (Machine.bf16); fp32 on CPU, where 16-bit
     matmuls are emulated and several times slower."""
     chosen = spec.quantization.compute_dtype
     if chosen != "auto":
@@ -184,15 +180,25 @@ def storage_dtype(spec: FineTuneJobSpec, strategy: str, compute: torch.dtype) ->
     return compute
 
 
-def fused_kernels(spec: FineTuneJobSpec, strategy: str, machine: Machine) -> bool:
-    """On by default on a GPU where liger-kernel is installed (the runner image has it). Measured on an H100
-    at 4x2048, Llama-3-8B shape, each in its own process: 12,394 real tokens/s and 43 GB with them, 10,250
-    and 55 GB without (bench/results/h100-llama-3-8b.json). Off by default under FSDP: the fused loss reads
+def layer_kernels(spec: FineTuneJobSpec, strategy: str, machine: Machine) -> bool:
+    """Liger's fused RMSNorm/RoPE/SwiGLU, one of training.fusedKernels' two features: on a GPU where liger-kernel
+    is installed (the runner image has it), unless fusedKernels is false; under FSDP only when it is true. Measured
+    on an H100 at 4x2048, Llama-3-8B shape, each in its own process: 12,394 real tokens/s and 43 GB with them,
+    10,250 and 55 GB without (bench/results/h100-llama-3-8b.json). Off by default under FSDP: the fused loss reads
     the LM head's weight outside the head's forward, where FSDP holds only a shard of it."""
     wanted = spec.training.fused_kernels
     if wanted is False or (wanted is None and strategy == "fsdp"):
         return False
     return machine.liger and machine.gpu
+
+
+def fused_lora(spec: FineTuneJobSpec, strategy: str) -> bool:
+    """Each LoRA projection as one autograd node, the other of training.fusedKernels' features: on unless
+    fusedKernels is false (peft's own modules: the reference path), on GPU and CPU alike, where it applies: not
+    under FSDP (it reads the base weight whole, which FSDP shards), not with bits 8 (no int8 path), not with
+    lora.dropout > 0 (peft's dropout module stays)."""
+    return (spec.training.fused_kernels is not False and strategy != "fsdp" and spec.quantization.bits != 8
+            and spec.lora.dropout == 0)
 
 
 def attention(spec: FineTuneJobSpec, machine: Machine) -> str:
@@ -223,27 +229,9 @@ def strategy(spec: FineTuneJobSpec, machine: Machine, weights: int, checkpointed
     return "data" if weights + checkpointed <= usable else "fsdp"
 
 
-def check_bits(spec: FineTuneJobSpec, machine: Machine) -> None:
-    """Settings that only mean something for another quantization.bits."""
-    q, bits = spec.quantization, spec.quantization.bits
-    if bits != 4:
-        defaults = type(q)()
-        for field, alias in (("quant_type", "quantType"), ("double_quant", "doubleQuant"),
-                             ("storage_dtype", "storageDtype")):
-            if getattr(q, field) != getattr(defaults, field):
-                raise PermanentError(f"quantization.{alias}: applies to 4-bit quantization only, and "
-                                     f"quantization.bits is {bits}; remove it or set bits: 4", reason=INVALID_SPEC)
-    if bits == 8 and machine.processes > 1 and spec.training.strategy == "fsdp":
-        raise PermanentError("training.strategy: fsdp cannot shard 8-bit (LLM.int8) weights; use data, or "
-                             "quantization.bits 4 or 16", reason=INVALID_SPEC)
-    if bits == 16 and spec.merge.enabled and spec.merge.base == "dequantized":
-        raise PermanentError("merge.base: dequantized means the base rounded as quantized training saw it; with "
-                             "quantization.bits 16 nothing was rounded: use original", reason=INVALID_SPEC)
-
-
 def check_spec(spec: FineTuneJobSpec, machine: Machine) -> None:
-    """The spec's settings that cannot work on this machine, refused before anything is downloaded."""
-    check_bits(spec, machine)
+    """The spec's settings that cannot work on this machine, refused before anything is downloaded (those that
+    cannot work anywhere are the contract's: runner/api/parse.py)."""
     t = spec.training
     if t.fused_kernels and not machine.liger:
         raise PermanentError("training.fusedKernels: liger-kernel is not installed in this image; "
@@ -263,8 +251,8 @@ class Plan:
     processes: int
     compute_dtype: torch.dtype
     storage_dtype: torch.dtype  # of the base's linear weights (packed 4-bit, int8, or the compute dtype)
-    gradient_checkpointing: bool
-    fused_kernels: bool
+    mode: Mode  # checkpointing, and where its saved inputs are kept (runner/train/memory.py)
+    layer_kernels: bool  # Liger's fused RMSNorm/RoPE/SwiGLU (runner/train/layer_kernels.py)
     attention: str  # transformers' attn_implementation
     packing: bool | None  # None: to be probed on the loaded model (with_packing)
     micro_batch: int  # rows per device per step
@@ -273,24 +261,23 @@ class Plan:
     weight_bytes: int  # the base model as loaded (4-bit, 8-bit or 16-bit linear layers)
     gpu_weight_bytes: int  # what of it one GPU holds (under FSDP: a shard plus two gathered layers)
     activation_bytes: int  # one micro-batch without checkpointing
-    checkpointed_bytes: int  # one micro-batch with checkpointing
+    checkpointed_bytes: int  # one micro-batch with checkpointing (its inputs on the GPU)
     gpu_total_bytes: int | None
     gpu_usable_bytes: int | None
     bits: int = 4  # quantization.bits: 4 (QLoRA), 8 (LLM.int8) or 16 (plain LoRA)
-    # Checkpointed inputs kept in CPU memory (runner/train/offload.py): None, "layer" (one per decoder layer), "split"
-    # (attention and MLP halves checkpointed apart: fewer live activations, twice the CPU memory) or "tiled"
-    # (layers, their MLP recomputed a chunk of tokens at a time: split's GPU memory, layer's CPU memory).
-    offload: str | None = None
     accumulation: int = 1  # micro-batches per optimizer step (micro_batch x accumulation = the spec's rows)
     memory_budget_bytes: int | None = None  # training.memoryBudget
     peak_bytes: int | None = None  # the chosen mode's estimated peak (GPU only)
-    # Each LoRA projection as one autograd node (runner/train/fused_lora.py): lora.dropout 0, bits 4 or 16, not FSDP,
-    # and training.fusedKernels not false (false keeps peft's modules: the reference path).
-    fused_lora: bool = False
+    fused_lora: bool = False  # each LoRA projection one autograd node (runner/train/fused_lora.py)
 
     @property
     def fsdp(self) -> bool:
         return self.strategy == "fsdp"
+
+    @property
+    def budget_applied(self) -> bool:
+        """training.memoryBudget is fitted on a GPU outside FSDP; under FSDP and on CPU it is not used."""
+        return self.gpu_total_bytes is not None and not self.fsdp
 
     def with_packing(self, model) -> Plan:
         """The plan completed on the loaded model: packing only if a probe shows packed examples stay apart
@@ -300,13 +287,18 @@ class Plan:
         return dataclasses.replace(self, packing=model_phase.packing_is_isolated(model))
 
     def to_dict(self) -> dict:
-        """JSON-ready, camelCase (as in metrics.json); dtypes as names."""
-        return {_camel(k): _name(v) if isinstance(v, torch.dtype) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-ready, camelCase (as in metrics.json); dtypes as names, the mode as its two fields."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[_camel(f.name)] = _name(v) if isinstance(v, torch.dtype) else v.to_dict() if isinstance(v, Mode) else v
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
         kw = {f.name: d[_camel(f.name)] for f in dataclasses.fields(cls)}
         kw["compute_dtype"], kw["storage_dtype"] = DTYPES[kw["compute_dtype"]], DTYPES[kw["storage_dtype"]]
+        kw["mode"] = Mode.from_dict(kw["mode"])
         return cls(**kw)
 
     def line(self) -> str:
@@ -316,15 +308,19 @@ class Plan:
             gpu = "no GPU"
         else:
             gpu = f"usable {gib(self.gpu_usable_bytes)} of {gib(self.gpu_total_bytes)} per GPU"
+        budget = ""
+        if self.memory_budget_bytes:
+            unused = "" if self.budget_applied else " not applied (" + ("FSDP" if self.fsdp else "no GPU") + ")"
+            budget = f", budget {gib(self.memory_budget_bytes)}{unused}"
         packing = "probe" if self.packing is None else self.packing
         return (f"plan: strategy={self.strategy} processes={self.processes} compute={_name(self.compute_dtype)} "
-                f"storage={_name(self.storage_dtype)} bits={self.bits} gradient_checkpointing={self.gradient_checkpointing} "
-                f"fused_kernels={self.fused_kernels} attention={self.attention} packing={packing} "
-                f"micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
-                f"accumulation={self.accumulation} offload={self.offload} fused_lora={self.fused_lora} | memory GiB: "
+                f"storage={_name(self.storage_dtype)} bits={self.bits} "
+                f"checkpointing={self.mode.checkpointing.value} offload={self.mode.offload.value} "
+                f"layer_kernels={self.layer_kernels} fused_lora={self.fused_lora} attention={self.attention} "
+                f"packing={packing} micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
+                f"accumulation={self.accumulation} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
-                f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}"
-                + (f", budget {gib(self.memory_budget_bytes)}" if self.memory_budget_bytes else "")
+                f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}{budget}"
                 + (f", estimated peak {gib(self.peak_bytes)}" if self.peak_bytes else ""))
 
 
@@ -334,36 +330,32 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     check_spec(spec, machine)
     t, bits = spec.training, spec.quantization.bits
     check_prequantized_base(model_dir, bits)
-    skeleton = model_phase.skeleton(model_dir, spec.model)
-    cfg = skeleton.config.get_text_config()
-    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
-    tokens = t.batch_size * spec.dataset.max_length
+    meta = model_phase.meta_model(model_dir, spec.model)
+    cfg = meta.config.get_text_config()
     compute = compute_dtype(spec, machine)
-    weights = _weight_bytes(skeleton, bits, compute.itemsize)
-    # With checkpointing each layer's input is kept (bf16) and one layer's activations are live at a time.
-    checkpointed = tokens * hidden * (2 * layers + ACT_BYTES[False])
+    weights = _weight_bytes(meta, bits, compute.itemsize)
     usable = usable_bytes(machine.gpu_total, machine.gpu_free) if machine.gpu else None
-
-    chosen = strategy(spec, machine, weights, checkpointed, usable)
-    fused = fused_kernels(spec, chosen, machine)
-    activations = tokens * layers * hidden * ACT_BYTES[fused]
+    unfused = memory.Shape(cfg.num_hidden_layers, cfg.hidden_size, spec.dataset.max_length, layer_kernels=False)
+    tokens = t.batch_size * spec.dataset.max_length
+    chosen = strategy(spec, machine, weights, memory.activation_bytes(memory.CHECKPOINTING, tokens, unfused), usable)
+    shape = dataclasses.replace(unfused, layer_kernels=layer_kernels(spec, chosen, machine))
     on_gpu = weights
     if chosen == "fsdp":
-        on_gpu = weights // machine.processes + 2 * weights // layers
+        on_gpu = weights // machine.processes + 2 * weights // shape.layers
     budget = int(t.memory_budget * GiB) if t.memory_budget else None
-    fit = dict(mode="none" if not t.gradient_checkpointing else "gpu", micro_batch=t.batch_size,
-               accumulation=t.gradient_accumulation_steps, peak=None)
+    fit = memory.requested(t.gradient_checkpointing, t.batch_size, t.gradient_accumulation_steps)
     if usable is not None and chosen != "fsdp":
         if budget is not None:
-            usable = min(usable, budget - lora_bytes(skeleton, spec) - BUDGET_MARGIN)
-        host = None if machine.host_available is None else int(HOST_FRACTION * machine.host_available) // machine.processes
-        fit = choose_mode(t, spec.dataset.max_length, layers, hidden, on_gpu, usable, fused, host)
+            usable = min(usable, budget - memory.lora_bytes(meta, spec) - memory.BUDGET_MARGIN)
+        host = None
+        if machine.host_available is not None:
+            host = int(memory.HOST_FRACTION * machine.host_available) // machine.processes
+        fit = memory.choose_mode(shape, rows=t.batch_size * t.gradient_accumulation_steps, weights=on_gpu,
+                                 usable=usable, host_usable=host, checkpointing=t.gradient_checkpointing)
     elif usable is not None and t.gradient_checkpointing is None:  # FSDP: on when the activations do not fit
-        fit["mode"] = "gpu" if on_gpu + activations > usable else "none"
-    checkpointing = fit["mode"] != "none"
-    tokens = fit["micro_batch"] * spec.dataset.max_length
-    activations = tokens * layers * hidden * ACT_BYTES[fused]
-    checkpointed = tokens * hidden * (2 * layers + ACT_BYTES[False])
+        if on_gpu + memory.activation_bytes(memory.NO_CHECKPOINTING, tokens, shape) > usable:
+            fit = dataclasses.replace(fit, mode=memory.CHECKPOINTING)
+    tokens = fit.micro_batch * spec.dataset.max_length
     attn = attention(spec, machine)
     if not spec.dataset.packing:
         packing = False
@@ -373,13 +365,13 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         packing = None
     return Plan(
         strategy=chosen, processes=machine.processes, compute_dtype=compute,
-        storage_dtype=storage_dtype(spec, chosen, compute), gradient_checkpointing=checkpointing,
-        fused_kernels=fused, attention=attn, packing=packing, micro_batch=fit["micro_batch"],
-        micro_batch_tokens=tokens, weight_bytes=weights, gpu_weight_bytes=on_gpu, activation_bytes=activations,
-        checkpointed_bytes=checkpointed, gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits,
-        offload=fit["mode"] if fit["mode"] in ("layer", "split", "tiled") else None, accumulation=fit["accumulation"],
-        memory_budget_bytes=budget, peak_bytes=fit["peak"],
-        fused_lora=t.fused_kernels is not False and chosen != "fsdp" and bits != 8 and spec.lora.dropout == 0,
+        storage_dtype=storage_dtype(spec, chosen, compute), mode=fit.mode, layer_kernels=shape.layer_kernels,
+        attention=attn, packing=packing, micro_batch=fit.micro_batch, micro_batch_tokens=tokens,
+        weight_bytes=weights, gpu_weight_bytes=on_gpu,
+        activation_bytes=memory.activation_bytes(memory.NO_CHECKPOINTING, tokens, shape),
+        checkpointed_bytes=memory.activation_bytes(memory.CHECKPOINTING, tokens, shape),
+        gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits, accumulation=fit.accumulation,
+        memory_budget_bytes=budget, peak_bytes=fit.peak, fused_lora=fused_lora(spec, chosen),
     )
 
 

@@ -12,10 +12,8 @@ from pathlib import Path
 import torch
 
 from runner.parallel import distributed as distributed
-from runner.train import fused_lora as fused_lora
-from runner.train import layer_kernels as layer_kernels
-from runner.train import offload as offload
 from runner.train import fsdp as parallel
+from runner.train import patches as patches
 from runner.train.best import Best, callback as best_callback
 from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.api.spec import FineTuneJobSpec
@@ -218,7 +216,7 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, plan: Plan, has_eval: b
         raise ValueError("the plan's packing is not settled: call plan.with_packing(model) after loading it")
     t, d = spec.training, spec.dataset
     on_cuda = torch.cuda.is_available()
-    gc = plan.gradient_checkpointing and not plan.offload  # offloaded checkpointing: runner/train/offload.py instead
+    gc = plan.mode.checkpointed and not plan.mode.offloaded  # offloaded: runner/train/offload.py's units instead
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     kwargs = dict(
         output_dir=str(out_dir),
@@ -288,7 +286,7 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, plan: Plan, has_eval: b
     return SFTConfig(**kwargs)
 
 
-def _train(
+def _train_holding_lease(
     spec: FineTuneJobSpec,
     model,
     tokenizer,
@@ -339,6 +337,7 @@ def _train(
         metrics = {"train_runtime": 0.0, "epoch": trainer.state.epoch}
     finally:
         stop.training = False
+        patches.remove(trainer)  # also when training ended by an exception
     if stop.requested:
         raise stop.stopped(checkpoints_uri)
     whole = run_loss(progress.history, trainer.state.global_step)
@@ -372,12 +371,13 @@ def _train(
     return TrainResult(adapter_dir, progress.history, metrics, name)
 
 
-def train(spec: FineTuneJobSpec, model, tokenizer, data, **kw) -> TrainResult:
-    """`tracker` (runner.report.tracking.Tracking): TensorBoard files and the runs of training.reportTo. Rank 0 holds
-    the checkpoint location's lease (runner/store/lease.py) from before its first read to the end."""
+def train_adapter(spec: FineTuneJobSpec, model, tokenizer, data, **kw) -> TrainResult:
+    """The LoRA adapter trained, resumed from the newest durable checkpoint if there is one. `tracker`
+    (runner.report.tracking.Tracking): TensorBoard files and the runs of training.reportTo. Rank 0 holds the
+    checkpoint location's lease (runner/store/lease.py) from before its first read to the end."""
     lease = Lease(kw["store"].loc, log=kw["reporter"].log)
     try:
-        return _train(spec, model, tokenizer, data, lease=lease, **kw)
+        return _train_holding_lease(spec, model, tokenizer, data, lease=lease, **kw)
     finally:
         lease.release()
 
@@ -385,21 +385,18 @@ def train(spec: FineTuneJobSpec, model, tokenizer, data, **kw) -> TrainResult:
 def make_trainer(spec: FineTuneJobSpec, model, tokenizer, data, out_dir: Path, plan: Plan, *, callbacks=(),
                  **overrides):
     """trl's SFTTrainer configured from the spec and the plan (the benchmark passes `overrides`, SFTConfig
-    fields, for the seeds' recipe)."""
+    fields, for its baseline recipe)."""
     from transformers import PrinterCallback
 
     args = _training_args(spec, out_dir, plan, data.eval is not None, data.has_completion_mask, model=model,
                           **overrides)
-    if plan.fused_kernels:
-        layer_kernels.apply(model)
     trainer = parallel.sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=list(callbacks) + ([offload.callback(plan.offload)] if plan.offload else [])
-        + ([fused_lora.callback()] if plan.fused_lora else []),
+        callbacks=[*callbacks, patches.callback(patches.for_plan(plan))],  # applied while training only
     )
     trainer.remove_callback(PrinterCallback)  # progress is reported as JSON events instead
     return trainer

@@ -74,6 +74,29 @@ def test_invalid_spec_exits_permanent_with_every_problem(tmp_path):
     assert "dataset.packing" in result["message"]
 
 
+def test_validate_refuses_settings_that_belong_to_other_bits_naming_the_field_and_the_fix(tmp_path):
+    """Rules that need only the spec are the contract's: `runner validate` (and the admission webhook) refuse them
+    before any pod starts."""
+    doc = job_doc("./m", "d.jsonl", "./o", quantization={"bits": 16, "quantType": "fp4"},
+                  merge={"base": "dequantized"}, training={"strategy": "fsdp"})
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-m", "runner", "validate", "--spec-only", str(job)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == errors.EXIT_PERMANENT, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ("spec.quantization.quantType: applies to 4-bit quantization only, and quantization.bits is 16; remove it "
+            "or set bits: 4") in proc.stderr
+    assert "spec.merge.base: dequantized means" in proc.stderr and "use original" in proc.stderr
+    doc["spec"]["quantization"] = {"bits": 8}
+    doc["spec"]["merge"] = {}
+    job.write_text(yaml.safe_dump(doc))
+    proc = subprocess.run([sys.executable, "-m", "runner", "validate", "--spec-only", str(job)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == errors.EXIT_PERMANENT
+    assert "spec.training.strategy: fsdp cannot shard 8-bit (LLM.int8) weights; use data or auto" in proc.stderr
+
+
 def test_missing_local_model_is_permanent_and_named(qa_jsonl, tmp_path):
     code, _, _, result = run_cli(tmp_path, job_doc(tmp_path / "no-such-model", qa_jsonl, tmp_path / "o"))
     assert code == errors.EXIT_PERMANENT
@@ -141,7 +164,7 @@ def test_cuda_out_of_memory_says_which_knobs_to_turn(tiny_llama, qa_jsonl, tmp_p
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(runner.job, "train", oom)
+    monkeypatch.setattr(runner.job, "train_adapter", oom)
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(job_doc(tiny_llama, qa_jsonl, tmp_path / "o")))
     code = main(["run", str(job), "--termination-log", str(tmp_path / "term")])

@@ -34,8 +34,8 @@ def main(model_dir: str, out: str, bits: int = 4) -> None:
     spec, quant = ModelSpec(source=model_dir), QuantizationSpec(bits=bits)
 
     def build(seed: int):
-        m = model_phase.load_quantized(Path(model_dir), spec, quant, compute=torch.float32, attention="sdpa",
-                                      storage=torch.float32, load_on=torch.device("cpu"))
+        m = model_phase.load_base(Path(model_dir), spec, quant, compute=torch.float32, attention="sdpa",
+                                 storage=torch.float32, load_on=torch.device("cpu"))
         torch.manual_seed(seed)
         m = model_phase.add_lora(m, LoraSpec(r=4, alpha=8))
         with torch.no_grad():  # lora_B starts at zero; make the adapter matter
@@ -121,8 +121,8 @@ def sharded(model_dir: str, out: str, how: str = "sharded") -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the present RSS
     before = _rss("VmRSS")
     if how == "full":
-        model = model_phase.load_quantized(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
-                                           attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
+        model = model_phase.load_base(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
+                                      attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
         model = model_phase.add_lora(model, lora)
         fsdp_load.shard(model, init_device_mesh("cpu", (world,)), torch.float32)
     else:
@@ -149,8 +149,8 @@ def _compare(model, model_dir: str, spec, out: str, rank: int) -> dict:
     from runner.train import fsdp as parallel
 
     adapter0 = parallel.gather_adapter(model)  # the loader's own LoRA init, gathered
-    ref = model_phase.load_quantized(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
-                                     attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
+    ref = model_phase.load_base(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
+                                attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
     torch.manual_seed(0)
     ref = model_phase.add_lora(ref, spec.lora)
     ref_params = dict(ref.named_parameters())

@@ -150,7 +150,7 @@ def llama_70b_config(tmp_path_factory) -> Path:
 
 def test_auto_picks_data_parallel_where_the_4bit_70b_fits_and_fsdp_where_it_does_not(llama_70b_config):
     spec = _spec(llama_70b_config, max_length=2048, batchSize=4)  # 4 packed rows of 2048 per step
-    size = plan_phase.quantized_bytes(llama_70b_config, spec)
+    size = plan_phase.make_plan(spec, llama_70b_config, plan_phase.Machine(gpu_total=141 * GiB, bf16=True)).weight_bytes
     assert 36 * GiB < size < 40 * GiB  # 4-bit layers (~0.52 B/param) + bf16 embeddings and head
     assert _strategy(spec, llama_70b_config, world=2, gpu_bytes=141 * GiB) == "data"  # H200
     assert _strategy(spec, llama_70b_config, world=2, gpu_bytes=80 * GiB) == "data"  # H100
@@ -178,13 +178,13 @@ def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tm
     spec = parse_job(job_doc(tiny_llama, "data.jsonl", "/tmp/out", training={"strategy": "fsdp"},
                              quantization={"computeDtype": "float32"})).spec
     plan = plan_phase.make_plan(spec, tiny_llama, plan_phase.Machine(processes=2, gpu_total=80 * GiB, liger=True))
-    model = model_phase.load_quantized(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
-                                       attention="sdpa", load_on=torch.device("cpu"))
+    model = model_phase.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
+                                  attention="sdpa", load_on=torch.device("cpu"))
     args = _training_args(spec, tmp_path, plan, False, True, model=model)
     assert args.fsdp_config["version"] == 2
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert args.fsdp_config["reshard_after_forward"] is True
-    assert not args.use_liger_kernel  # the fused loss would read a sharded LM head
+    assert not args.use_liger_kernel and not plan.layer_kernels  # neither trl's nor the runner's Liger under FSDP
 
 
 def test_prequantized_model_loads_without_missing_weights_and_matches_its_bf16_layers(tmp_path):

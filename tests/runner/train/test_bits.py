@@ -17,7 +17,7 @@ from runner.report import artifacts as artifacts
 from runner.model import load as model_phase
 from runner.train import fsdp as parallel
 from runner.train import plan as plan_phase
-from runner.api.errors import PermanentError
+from runner.api.errors import PermanentError, SpecError
 from runner.api.parse import parse_job
 from runner.job import run_job
 from runner.merge.shards import Requantize, _requantize
@@ -149,22 +149,29 @@ def test_weight_bytes_per_parameter_and_the_strategy_follow_the_bits(llama_3_8b)
     assert make_plan(_spec(llama_3_8b, quantization={"bits": 8}), llama_3_8b, tiny_gpus).strategy == "data"
 
 
-def test_settings_that_belong_to_other_bits_are_refused_before_any_download(tiny_llama):
+@pytest.mark.parametrize("sections, message", [
+    ({"quantization": {"bits": 16, "storageDtype": "bfloat16"}},
+     "spec.quantization.storageDtype: applies to 4-bit quantization only, and quantization.bits is 16; remove it "
+     "or set bits: 4"),
+    ({"quantization": {"bits": 8, "quantType": "fp4"}}, "spec.quantization.quantType: applies to 4-bit"),
+    ({"quantization": {"bits": 8, "doubleQuant": False}}, "spec.quantization.doubleQuant: applies to 4-bit"),
+    ({"quantization": {"bits": 16}, "merge": {"base": "dequantized"}},
+     "spec.merge.base: dequantized means .* with quantization.bits 16 nothing was rounded: use original"),
+    ({"quantization": {"bits": 8}, "training": {"strategy": "fsdp"}},
+     "spec.training.strategy: fsdp cannot shard 8-bit .*; use data or auto, or quantization.bits 4 or 16"),
+])
+def test_settings_that_belong_to_other_bits_are_refused_by_the_contract(tiny_llama, sections, message):
+    """Rules that need only the spec: `runner validate`, the admission webhook and the runner refuse them alike."""
+    with pytest.raises(SpecError, match=message):
+        _spec(tiny_llama, **sections)
+
+
+def test_settings_that_fit_their_bits_pass(tiny_llama):
     two_gpus = Machine(processes=2, gpu_total=80 * GiB, bf16=True)
-    cases = [
-        ({"quantization": {"bits": 16, "storageDtype": "bfloat16"}}, CPU,
-         "quantization.storageDtype: applies to 4-bit quantization only, and quantization.bits is 16"),
-        ({"quantization": {"bits": 8, "quantType": "fp4"}}, CPU, "quantization.quantType: applies to 4-bit"),
-        ({"quantization": {"bits": 16}, "merge": {"base": "dequantized"}}, CPU,
-         "merge.base: dequantized .* with quantization.bits 16 nothing was rounded: use original"),
-        ({"quantization": {"bits": 8}, "training": {"strategy": "fsdp"}}, two_gpus,
-         "training.strategy: fsdp cannot shard 8-bit"),
-    ]
-    for sections, machine, message in cases:
-        with pytest.raises(PermanentError, match=message):
-            plan_phase.check_spec(_spec(tiny_llama, **sections), machine)
     plan_phase.check_spec(_spec(tiny_llama, quantization={"bits": 8}, merge={"base": "dequantized"}), CPU)
     plan_phase.check_spec(_spec(tiny_llama, quantization={"bits": 16}, training={"strategy": "fsdp"}), two_gpus)
+    _spec(tiny_llama, quantization={"bits": 8, "quantType": "nf4"})  # a 4-bit field at its default: nothing to say
+    _spec(tiny_llama, quantization={"bits": 16}, merge={"enabled": False, "base": "dequantized"})  # nothing merged
 
 
 def test_a_base_saved_already_quantized_trains_only_as_4bit(tmp_path):

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runner.train import memory as memory
 from runner.train import offload as offload
+from runner.train import patches as patches
 
 
 def _model(seed: int = 0):
@@ -35,18 +37,18 @@ def _batch():
     return {"input_ids": ids, "labels": ids, "position_ids": position_ids}
 
 
-def _grads(model, mode: str):
+def _grads(model, mode: memory.Mode):
     handle = None
-    if mode == "plain":
+    if mode == memory.CHECKPOINTING:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif mode in offload.MODES:
+    elif mode.offloaded:
         handle = offload.install(model, mode)
         real_save, saved = handle.store.save, []
         handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
     loss = model(**_batch()).loss
     loss.backward()
     if handle is not None:  # one saved input per unit: a layer, or its attention and MLP halves
-        assert len(saved) == len(offload.decoder_layers(model)) * (2 if mode == "split" else 1)
+        assert len(saved) == len(offload.decoder_layers(model)) * memory.UNITS[mode.checkpointing]
         assert handle.store.saved == []  # the backward pass took every saved input back
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     if handle is not None:
@@ -55,13 +57,13 @@ def _grads(model, mode: str):
 
 
 @pytest.mark.parametrize("chunk", [None, 5], ids=["whole", "chunked"])
-@pytest.mark.parametrize("mode", ["layer", "split", "tiled"])
+@pytest.mark.parametrize("mode", memory.OFFLOADED, ids=str)
 def test_offloaded_gradients_equal_plain_checkpointing(mode, chunk, monkeypatch):
     """`chunked`: the MLP units (split, tiled) run and are recomputed 5 tokens at a time (5 chunks of the 24)."""
     if chunk:
         monkeypatch.setattr(offload, "CHUNK_TOKENS", chunk)
-    ref_loss, ref = _grads(_model(), "none")
-    plain_loss, plain = _grads(_model(), "plain")
+    ref_loss, ref = _grads(_model(), memory.NO_CHECKPOINTING)
+    plain_loss, plain = _grads(_model(), memory.CHECKPOINTING)
     loss, got = _grads(_model(), mode)
     assert len(got) == len(ref) > 0
     torch.testing.assert_close(loss, ref_loss)
@@ -76,7 +78,7 @@ def test_split_units_are_used_and_removed():
     model = _model()
     layers = offload.decoder_layers(model)
     handle = offload.install(model)
-    assert handle.mode == "split" and len(handle.patched) == 2 * len(layers)
+    assert handle.mode == memory.OFFLOADED_SPLIT and len(handle.patched) == 2 * len(layers)
     saved = []
     real_save = handle.store.save
     handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
@@ -119,8 +121,8 @@ def test_a_gradient_accumulation_pass_after_another():
 
 
 def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_llama, tmp_path):
-    """make_trainer with plan.offload: the units are installed when training begins (after any Liger patches)
-    and removed when it ends; the losses equal those of training without checkpointing."""
+    """make_trainer with an offloaded plan.mode: the units are installed when training begins (after any Liger
+    patches) and removed when it ends; the losses equal those of training without checkpointing."""
     import dataclasses
 
     from bench.training import synthetic_data
@@ -130,10 +132,9 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
     from tests.runner.train.test_plan import _spec
 
     losses = {}
-    for mode in (None, "split"):
+    for mode in (memory.NO_CHECKPOINTING, memory.OFFLOADED_SPLIT):
         spec = _spec(tiny_llama, dataset={"maxLength": 64}, training={"batchSize": 2, "gradientCheckpointing": None})
-        plan = dataclasses.replace(make_plan(spec, tiny_llama, Machine(processes=1)), packing=True, offload=mode,
-                                   gradient_checkpointing=mode is not None)
+        plan = dataclasses.replace(make_plan(spec, tiny_llama, Machine(processes=1)), packing=True, mode=mode)
         torch.manual_seed(0)
         base = model_phase.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
                                      attention="sdpa")
@@ -143,7 +144,7 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
         seen = []
         real_install = offload.install
 
-        def spy(m, mode="split"):
+        def spy(m, mode=memory.OFFLOADED_SPLIT):
             handle = real_install(m, mode)
             seen.append((handle, handle.mode))
             return handle
@@ -156,8 +157,35 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
         finally:
             offload.install = real_install
         losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        assert len(seen) == (1 if mode else 0)
-        if mode:
-            assert seen[0][1] == "split" and seen[0][0].patched == []  # removed when training ended
-    assert len(losses[None]) == 3
-    assert losses["split"] == pytest.approx(losses[None], rel=1e-4)
+        assert len(seen) == (1 if mode.offloaded else 0)
+        if mode.offloaded:
+            assert seen[0][1] == mode and seen[0][0].patched == []  # removed when training ended
+    assert len(losses[memory.NO_CHECKPOINTING]) == 3
+    assert losses[memory.OFFLOADED_SPLIT] == pytest.approx(losses[memory.NO_CHECKPOINTING], rel=1e-4)
+
+
+def test_patches_are_removed_in_reverse_order_also_when_the_block_fails():
+    """runner/train/patches.py: the plan's patches (fused LoRA over offloaded units here) go on in order and come off
+    in reverse, leaving every forward as it was, even when what ran between raised."""
+    from runner.train import fused_lora as fused_lora
+
+    model = _model()
+    forwards = {n: m.forward for n, m in model.named_modules()}
+    order = []
+
+    def traced(name, install):
+        def wrapped(m):
+            handle = install(m)
+            order.append(f"+{name}")
+            real = handle.remove
+            handle.remove = lambda: (order.append(f"-{name}"), real())
+            return handle
+        return wrapped
+
+    with pytest.raises(RuntimeError, match="step failed"):
+        with patches.applied(model, [traced("offload", offload.install), traced("lora", fused_lora.install)]) as done:
+            assert len(done) == 2 and done[0].patched and done[1].layers
+            raise RuntimeError("step failed")
+    assert order == ["+offload", "+lora", "-lora", "-offload"]
+    assert {n: m.forward for n, m in model.named_modules()} == forwards
+    assert not [n for n, m in model.named_modules() if "forward" in vars(m)]  # every module's class forward again

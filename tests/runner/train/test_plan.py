@@ -11,7 +11,8 @@ import json
 import pytest
 import torch
 
-from runner.train import memory as modes
+from runner.train import memory as memory
+from runner.train.memory import CHECKPOINTING, NO_CHECKPOINTING, OFFLOADED_LAYER, OFFLOADED_SPLIT, OFFLOADED_TILED
 from runner.train import plan as plan_phase
 from runner.api import errors
 from runner.api.errors import PermanentError
@@ -44,7 +45,8 @@ def test_cpu_single_process_plan(tiny_llama):
     spec = _spec(tiny_llama, training={"gradientCheckpointing": None})  # unset: chosen by memory
     plan = make_plan(spec, tiny_llama, Machine(processes=1, liger=True))
     assert plan.strategy == "single" and plan.processes == 1
-    assert plan.gradient_checkpointing is False and plan.fused_kernels is False  # no GPU
+    assert plan.mode == NO_CHECKPOINTING and plan.layer_kernels is False  # no GPU
+    assert plan.fused_lora is True  # fused LoRA runs on CPU too
     assert plan.compute_dtype == torch.float32 and plan.storage_dtype == torch.uint8
     assert plan.attention == "sdpa"
     assert plan.packing is None  # spec asks for packing: settled by probing the loaded model
@@ -58,12 +60,12 @@ def test_a_tiny_model_fits_one_gpu_so_two_processes_are_data_parallel(tiny_llama
     plan = make_plan(spec, tiny_llama, _gpu(80, processes=2, liger=True, varlen=True))
     assert plan.strategy == "data" and plan.processes == 2
     assert plan.compute_dtype == torch.bfloat16 and plan.storage_dtype == torch.uint8
-    assert plan.fused_kernels is True and plan.attention == "varlen"
-    assert plan.gradient_checkpointing is False  # its activations fit
+    assert plan.layer_kernels is True and plan.fused_lora is True and plan.attention == "varlen"
+    assert plan.mode == NO_CHECKPOINTING  # its activations fit
     assert plan.gpu_usable_bytes == usable_bytes(80 * GiB)
     no_bf16 = make_plan(spec, tiny_llama, Machine(processes=1, gpu_total=16 * GiB, bf16=False, flash_attn=True))
     assert no_bf16.compute_dtype == torch.float16 and no_bf16.attention == "flash_attention_2"
-    assert no_bf16.fused_kernels is False  # liger-kernel not installed on that machine
+    assert no_bf16.layer_kernels is False and no_bf16.fused_lora is True  # liger-kernel not installed there
 
 
 def test_a_model_that_does_not_fit_one_gpu_is_sharded(tmp_path):
@@ -77,10 +79,10 @@ def test_a_model_that_does_not_fit_one_gpu_is_sharded(tmp_path):
     assert plan.strategy == "fsdp"
     assert plan.weight_bytes + plan.checkpointed_bytes > plan.gpu_usable_bytes
     assert plan.storage_dtype == torch.bfloat16  # FSDP shards only floating-point storage
-    assert plan.fused_kernels is False  # the fused loss would read a sharded LM head
+    assert plan.layer_kernels is False and plan.fused_lora is False  # neither by default under FSDP
     assert plan.gpu_weight_bytes < plan.weight_bytes / 4  # one eighth, plus two gathered layers
     assert plan.packing is True  # varlen keeps packed examples apart; no probe of the CPU-resident base
-    assert plan.gradient_checkpointing is True  # 80 layers of 4x2048 activations never fit 24 GB
+    assert plan.mode == CHECKPOINTING  # 80 layers of 4x2048 activations never fit 24 GB
 
 
 def test_checkpointing_is_on_only_when_the_activations_do_not_fit(tiny_llama):
@@ -88,20 +90,20 @@ def test_checkpointing_is_on_only_when_the_activations_do_not_fit(tiny_llama):
     small = make_plan(spec, tiny_llama, _gpu(4))  # 4 GiB: 0.6 GiB usable
     big = make_plan(spec, tiny_llama, _gpu(80))
     # 64 rows' activations do not fit 0.6 GiB: the plan trains the same 64 rows per step in smaller micro-batches
-    assert small.gpu_weight_bytes + 64 * 4096 * 2 * 64 * modes.ACT_BYTES[False] > small.gpu_usable_bytes
+    assert small.gpu_weight_bytes + 64 * 4096 * 2 * 64 * memory.ALL_LAYERS_BYTES[False] > small.gpu_usable_bytes
     assert small.micro_batch < 64 and small.micro_batch * small.accumulation == 64
-    assert small.gpu_weight_bytes + small.activation_bytes <= small.gpu_usable_bytes or small.gradient_checkpointing
+    assert small.gpu_weight_bytes + small.activation_bytes <= small.gpu_usable_bytes or small.mode.checkpointed
     assert small.peak_bytes <= small.gpu_usable_bytes
     assert big.gpu_weight_bytes + big.activation_bytes <= big.gpu_usable_bytes
-    assert big.gradient_checkpointing is False and (big.micro_batch, big.accumulation) == (64, 1)
+    assert big.mode == NO_CHECKPOINTING and (big.micro_batch, big.accumulation) == (64, 1)
     forced = _spec(tiny_llama, dataset={"maxLength": 4096}, training={"batchSize": 64, "gradientCheckpointing": True})
     on = make_plan(forced, tiny_llama, _gpu(4))
-    assert on.gradient_checkpointing is True and on.micro_batch * on.accumulation == 64  # the spec wins
+    assert on.mode.checkpointed and on.micro_batch * on.accumulation == 64  # the spec wins
     forced = _spec(tiny_llama, dataset={"maxLength": 4096}, training={"batchSize": 64, "gradientCheckpointing": False})
-    assert make_plan(forced, tiny_llama, _gpu(4)).gradient_checkpointing is False  # the spec wins
+    assert make_plan(forced, tiny_llama, _gpu(4)).mode == NO_CHECKPOINTING  # the spec wins
     # Fused kernels keep fewer activations, and the plan counts with the kernels it chose.
     fused = make_plan(spec, tiny_llama, _gpu(80, liger=True))
-    assert fused.fused_kernels and fused.activation_bytes < big.activation_bytes
+    assert fused.layer_kernels and fused.activation_bytes < big.activation_bytes
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +121,14 @@ H200 = _gpu(139.8, liger=True, varlen=True)
 
 
 def _choice(plan: Plan) -> tuple:
-    return plan.gradient_checkpointing, plan.offload, plan.micro_batch, plan.accumulation
+    return plan.mode, plan.micro_batch, plan.accumulation
 
 
 @pytest.mark.parametrize("budget, expected", [
-    (None, (False, None, 4, 1)),  # memory to spare: no checkpointing, 4x2048 in one micro-batch
-    (24, (True, None, 4, 1)),  # checkpointing on the GPU beats no checkpointing at 1x2048
-    (10, (True, "layer", 4, 1)),  # the layer inputs go to CPU memory
-    (8, (True, "layer", 2, 2)),  # ... and 2x2048 twice
+    (None, (NO_CHECKPOINTING, 4, 1)),  # memory to spare: no checkpointing, 4x2048 in one micro-batch
+    (24, (CHECKPOINTING, 4, 1)),  # checkpointing on the GPU beats no checkpointing at 1x2048
+    (10, (OFFLOADED_LAYER, 4, 1)),  # the layer inputs go to CPU memory
+    (8, (OFFLOADED_LAYER, 2, 2)),  # ... and 2x2048 twice
 ])
 def test_a_memory_budget_chooses_the_fastest_mode_that_fits(llama_8b, budget, expected):
     spec = _spec(llama_8b, dataset={"maxLength": 2048}, training={"batchSize": 4, "memoryBudget": budget, "gradientCheckpointing": None},
@@ -134,34 +136,39 @@ def test_a_memory_budget_chooses_the_fastest_mode_that_fits(llama_8b, budget, ex
     plan = make_plan(spec, llama_8b, H200)
     assert _choice(plan) == expected
     assert plan.memory_budget_bytes == (int(budget * GiB) if budget else None)
-    lora = modes.lora_bytes(plan_phase.model_phase.skeleton(llama_8b, spec.model), spec)
+    lora = memory.lora_bytes(plan_phase.model_phase.meta_model(llama_8b, spec.model), spec)
     assert 1.2 * GiB < lora < 1.3 * GiB  # r=32 on the 7 projections of 32 layers: 84M parameters
     if budget:
-        assert plan.peak_bytes + lora + modes.BUDGET_MARGIN <= budget * GiB
-    assert f"offload={expected[1]}" in plan.line() and "estimated peak" in plan.line()
+        assert plan.peak_bytes + lora + memory.BUDGET_MARGIN <= budget * GiB
+    mode = expected[0]
+    assert f"checkpointing={mode.checkpointing.value} offload={mode.offload.value}" in plan.line()
+    assert "estimated peak" in plan.line() and "not applied" not in plan.line()
+    if mode in (NO_CHECKPOINTING, CHECKPOINTING):  # the plan's figures and the fit come from one formula
+        assert plan.peak_bytes == plan.gpu_weight_bytes + (plan.checkpointed_bytes if mode.checkpointed
+                                                           else plan.activation_bytes)
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
 
 
 def test_one_long_sequence_under_a_budget_is_split_and_offloaded(llama_8b):
     doc = dict(dataset={"maxLength": 131072}, training={"batchSize": 1, "gradientCheckpointing": None}, lora={"r": 32, "alpha": 64})
     free = make_plan(_spec(llama_8b, **doc), llama_8b, H200)
-    assert _choice(free) == (True, None, 1, 1)  # 128k tokens: checkpointing, the inputs fit on the GPU
+    assert _choice(free) == (CHECKPOINTING, 1, 1)  # 128k tokens: checkpointing, the inputs fit on the GPU
     tight = make_plan(_spec(llama_8b, **{**doc, "training": {"batchSize": 1, "memoryBudget": 29,
                                                                   "gradientCheckpointing": None}}), llama_8b, H200)
-    assert _choice(tight) == (True, "split", 1, 1) and tight.peak_bytes < free.peak_bytes / 2
+    assert _choice(tight) == (OFFLOADED_SPLIT, 1, 1) and tight.peak_bytes < free.peak_bytes / 2
     hopeless = make_plan(_spec(llama_8b, **{**doc, "training": {"batchSize": 1, "memoryBudget": 6,
                                                                       "gradientCheckpointing": None}}), llama_8b, H200)
-    assert _choice(hopeless) == (True, "tiled", 1, 1) and hopeless.peak_bytes > 6 * GiB  # fails on memory, said why
+    assert _choice(hopeless) == (OFFLOADED_TILED, 1, 1) and hopeless.peak_bytes > 6 * GiB  # fails on memory, said why
     no_ckpt = _spec(llama_8b, dataset={"maxLength": 2048}, lora={"r": 32, "alpha": 64},
                     training={"batchSize": 4, "memoryBudget": 24, "gradientCheckpointing": False})
-    assert _choice(make_plan(no_ckpt, llama_8b, H200)) == (False, None, 1, 4)  # the spec wins: smaller micro-batches
+    assert _choice(make_plan(no_ckpt, llama_8b, H200)) == (NO_CHECKPOINTING, 1, 4)  # the spec wins: smaller micro-batches
 
 
 @pytest.mark.parametrize("host_gib, expected", [
-    (None, "split"),  # host memory unknown: not a limit
-    (100, "split"),  # 64 GiB of pinned inputs (two per layer) fit in 70% of 100
-    (60, "tiled"),  # they do not; one per layer (32 GiB) does: tiled, as little GPU memory, half the CPU memory
-    (40, "tiled"),  # 32 GiB > 70% of 40: nothing offloaded fits; the plan still says so (fails on memory)
+    (None, OFFLOADED_SPLIT),  # host memory unknown: not a limit
+    (100, OFFLOADED_SPLIT),  # 64 GiB of pinned inputs (two per layer) fit in 70% of 100
+    (60, OFFLOADED_TILED),  # they do not; one per layer (32 GiB) does: tiled, as little GPU memory, half the CPU memory
+    (40, OFFLOADED_TILED),  # 32 GiB > 70% of 40: nothing offloaded fits; the plan still says so (fails on memory)
 ])
 def test_the_offloaded_inputs_must_fit_in_host_memory(llama_8b, host_gib, expected):
     """One 128k-token sequence under a 29 GiB budget: the GPU has room for split offloading, which pins two inputs
@@ -170,11 +177,61 @@ def test_the_offloaded_inputs_must_fit_in_host_memory(llama_8b, host_gib, expect
     spec = _spec(llama_8b, dataset={"maxLength": 131072}, lora={"r": 32, "alpha": 64},
                  training={"batchSize": 1, "memoryBudget": 29, "gradientCheckpointing": None})
     plan = make_plan(spec, llama_8b, machine)
-    assert _choice(plan) == (True, expected, 1, 1)
-    pinned = modes.host_bytes(expected, 131072, 32, 4096)
-    assert pinned == (64 if expected == "split" else 32) * GiB
+    assert _choice(plan) == (expected, 1, 1)
+    pinned = memory.host_bytes(expected, 131072, memory.Shape(32, 4096, 131072, layer_kernels=True))
+    assert pinned == (64 if expected == OFFLOADED_SPLIT else 32) * GiB
     if host_gib:
-        assert (pinned <= modes.HOST_FRACTION * host_gib * GiB) == (host_gib != 40)
+        assert (pinned <= memory.HOST_FRACTION * host_gib * GiB) == (host_gib != 40)
+
+
+def test_every_mode_costs_what_the_one_formula_says():
+    """One 128k-token sequence of a Llama-3-8B shape, fused kernels: the GPU bytes of each mode, fastest first,
+    written out from the measured and estimated constants."""
+    shape = memory.Shape(layers=32, hidden=4096, max_length=131072, layer_kernels=True)
+    per_token = 131072 * 4096
+    chunk = 8192 * 4096 * 30
+    assert {str(m): memory.activation_bytes(m, 131072, shape) for m in memory.MODES} == {
+        "none": per_token * 32 * 40,
+        "layer": per_token * (2 * 32 + 48),  # every layer's input kept, one layer live
+        "layer, host": per_token * (2 * 3 + 48),  # a few inputs in flight
+        "split, host": per_token * (2 * 4 + 30) + chunk,  # two units per layer: half a layer live, one MLP chunk
+        "tiled, host": per_token * (2 * 3 + 30) + chunk,
+    }
+    assert memory.OFFLOADED == (OFFLOADED_LAYER, OFFLOADED_SPLIT, OFFLOADED_TILED)
+    assert [memory.SPEED[m] for m in memory.MODES] == sorted(memory.SPEED.values(), reverse=True)
+    assert memory.Mode.from_dict(OFFLOADED_TILED.to_dict()) == OFFLOADED_TILED
+    with pytest.raises(ValueError, match="no inputs to offload"):
+        memory.Mode(memory.Checkpointing.NONE, memory.Placement.HOST)
+
+
+@pytest.mark.parametrize("training, quantization, lora, machine, expected", [
+    ({}, {}, {}, "gpu", (True, True)),  # both on by default
+    ({"fusedKernels": False}, {}, {}, "gpu", (False, False)),  # false: both off
+    ({}, {}, {}, "cpu", (False, True)),  # Liger needs a GPU; fused LoRA runs on CPU too
+    ({}, {}, {}, "no-liger", (False, True)),  # liger-kernel not installed
+    ({}, {"bits": 8}, {}, "gpu", (True, False)),  # no fused int8 LoRA
+    ({}, {}, {"dropout": 0.1}, "gpu", (True, False)),  # peft's dropout module stays
+    ({"strategy": "fsdp"}, {}, {}, "gpus", (False, False)),  # FSDP: Liger only when asked, fused LoRA never
+    ({"strategy": "fsdp", "fusedKernels": True}, {}, {}, "gpus", (True, False)),
+])
+def test_fused_kernels_turns_on_two_features_each_by_its_own_rule(tiny_llama, training, quantization, lora, machine,
+                                                                  expected):
+    machines = {"gpu": _gpu(80, liger=True), "cpu": Machine(processes=1, liger=True), "no-liger": _gpu(80),
+                "gpus": _gpu(80, processes=2, liger=True)}
+    spec = _spec(tiny_llama, training=training, quantization=quantization, lora=lora)
+    plan = make_plan(spec, tiny_llama, machines[machine])
+    assert (plan.layer_kernels, plan.fused_lora) == expected
+    assert f"layer_kernels={expected[0]} fused_lora={expected[1]}" in plan.line()
+
+
+def test_the_plan_line_says_when_the_memory_budget_is_not_applied(tiny_llama):
+    spec = _spec(tiny_llama, training={"memoryBudget": 10})
+    on_gpu = make_plan(spec, tiny_llama, _gpu(80))
+    assert "budget 10.0," in on_gpu.line() and on_gpu.gpu_usable_bytes < 10 * GiB  # fitted under it
+    fsdp = make_plan(_spec(tiny_llama, training={"memoryBudget": 10, "strategy": "fsdp"}), tiny_llama,
+                     _gpu(80, processes=2))
+    assert fsdp.strategy == "fsdp" and "budget 10.0 not applied (FSDP)" in fsdp.line()
+    assert "budget 10.0 not applied (no GPU)" in make_plan(spec, tiny_llama, CPU).line()
 
 
 def test_spec_settings_win_over_automatic_choices(tiny_llama):
@@ -182,7 +239,8 @@ def test_spec_settings_win_over_automatic_choices(tiny_llama):
                  dataset={"packing": False}, training={"fusedKernels": False, "strategy": "data"},
                  quantization={"computeDtype": "float16", "storageDtype": "bfloat16"})
     plan = make_plan(spec, tiny_llama, _gpu(24, processes=8, liger=True, varlen=True))
-    assert (plan.strategy, plan.attention, plan.packing, plan.fused_kernels) == ("data", "eager", False, False)
+    assert (plan.strategy, plan.attention, plan.packing, plan.layer_kernels, plan.fused_lora) == (
+        "data", "eager", False, False, False)
     assert plan.compute_dtype == torch.float16 and plan.storage_dtype == torch.bfloat16
 
 
@@ -194,8 +252,8 @@ def test_packing_is_completed_by_probing_the_loaded_model(tiny_models):
     for arch in ("llama", "opt"):
         spec = _spec(tiny_models[arch])
         plan = make_plan(spec, tiny_models[arch], CPU)
-        model = model_phase.load_quantized(tiny_models[arch], ModelSpec(source=str(tiny_models[arch])),
-                                           QuantizationSpec(), compute=plan.compute_dtype, attention=plan.attention)
+        model = model_phase.load_base(tiny_models[arch], ModelSpec(source=str(tiny_models[arch])),
+                                      QuantizationSpec(), compute=plan.compute_dtype, attention=plan.attention)
         found[arch] = plan.with_packing(model).packing
     assert found == {"llama": True, "opt": False}  # OPT's masks ignore restarting position ids
 
@@ -204,7 +262,7 @@ def test_plan_round_trips_through_json_and_logs_as_one_line(tiny_llama):
     plan = make_plan(_spec(tiny_llama), tiny_llama, _gpu(80, processes=2, varlen=True))
     d = json.loads(json.dumps(plan.to_dict()))
     assert d["strategy"] == "data" and d["computeDtype"] == "bfloat16" and d["storageDtype"] == "uint8"
-    assert d["gradientCheckpointing"] is False and d["gpuTotalBytes"] == 80 * GiB
+    assert d["mode"] == {"checkpointing": "none", "offload": "gpu"} and d["gpuTotalBytes"] == 80 * GiB
     assert Plan.from_dict(d) == plan
     line = plan.line()
     assert "\n" not in line and line.startswith("plan: strategy=data processes=2 compute=bfloat16 storage=uint8")
@@ -292,7 +350,7 @@ def test_a_job_logs_its_plan_as_one_line_and_writes_it_into_metrics(tiny_llama, 
     assert len(lines) == 1 and lines[0].startswith("[runner] plan: strategy=single processes=1 compute=float32")
     assert "packing=True" in lines[0]  # probed on the loaded Llama: packed examples stay apart
     plan = json.loads((out / "report" / "metrics.json").read_text())["plan"]
-    assert plan["strategy"] == "single" and plan["packing"] is True and plan["gradientCheckpointing"] is False
+    assert plan["strategy"] == "single" and plan["packing"] is True and plan["mode"]["checkpointing"] == "none"
     assert plan["computeDtype"] == "float32" and plan["storageDtype"] == "uint8" and plan["attention"] == "sdpa"
     assert plan["weightBytes"] > 0 and plan["gpuTotalBytes"] is None
 
