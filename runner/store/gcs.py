@@ -135,7 +135,7 @@ def translate(exc: BaseException, *, action: str, uri: str, bucket: str | None, 
         if isinstance(e, gx.NotFound):
             return PermanentError(f"{what}: nothing found there (404); fix the name or upload the files",
                                   reason=reason)
-        if isinstance(e, (gx.TooManyRequests, gx.ServerError, gx.RequestTimeout, DataCorruption)):
+        if isinstance(e, (gx.TooManyRequests, gx.ServerError, DataCorruption)) or getattr(e, "code", None) == 408:
             return RetryableError(f"{what}: {_where()} answered {getattr(e, 'code', None) or type(e).__name__} "
                                   "(transient); retrying may help", reason=reason)
         if isinstance(e, gx.GoogleAPICallError):
