@@ -91,7 +91,7 @@ class DatasetSpec(_Section):
     packing: bool = Field(
         True,
         description="Pack several examples into each row of `maxLength` tokens (no attention between "
-        "them). false pads each example to the longest in its batch, as the seeds do.",
+        "them). false: one example per row, padded to the longest in its batch.",
     )
     add_eos: bool = Field(True, description="Append the tokenizer's EOS token to every example.")
     chat_template: str | None = Field(
@@ -112,7 +112,7 @@ class QuantizationSpec(_Section):
         description="Bits per weight of the frozen base's linear layers. 4: QLoRA, quantized to NF4/FP4 by "
         "bitsandbytes (~0.52 bytes per parameter). 8: LLM.int8 by bitsandbytes (~1 byte per parameter; one GPU or "
         "data parallel, not FSDP). 16: plain LoRA on the base kept in the compute dtype, no quantization (2 bytes "
-        "per parameter; FSDP shards it as it is). The bench's tokens/s and memory for each: README, Speed.",
+        "per parameter; FSDP shards it as it is). Tokens/s and memory of each: README, Speed.",
     )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base (bits 4 only).")
     double_quant: bool = Field(
