@@ -57,7 +57,7 @@ def _validate(job: Job) -> None:
     store.check_source(places.model)
     if problem := outputs.remote_model_problem(job):  # a prefix or repo with no config or weights
         raise SpecError([problem])
-    for _, source in places.sources()[1:]:  # the data, and the eval data
+    for source in filter(None, (places.data, places.eval_data)):
         store.check_source(source)
     store.check_destination(places.destination, outputs.identity(job))
     store.check_writable(places.checkpoints)
