@@ -111,19 +111,23 @@ cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num
                   num_key_value_heads=2, vocab_size=64)
 model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules="all-linear"))
 before = model.get_base_model().model.layers[1].input_layernorm.forward.__qualname__
-layer_kernels.apply(model)
+patch = layer_kernels.install(model)
 layer = model.get_base_model().model.layers[1]
 print(before, layer.input_layernorm.forward.__qualname__, layer.post_attention_layernorm.forward.__qualname__,
       model.get_base_model().model.norm.forward.__qualname__, layer.mlp.forward.__qualname__,
       modeling_llama.apply_rotary_pos_emb.__module__)
+patch.remove()
+print(layer.input_layernorm.forward.__qualname__, modeling_llama.apply_rotary_pos_emb.__module__)
 """
 
 
 def test_the_runner_image_applies_liger_layer_kernels_itself(dockerd, built_images):
     """trl 1.x deprecates `use_liger_kernel`: the runner patches the same Liger kernels in itself, from the
-    image's liger-kernel (runner/train/layer_kernels.py), into a peft-wrapped model: every norm, the MLPs and RoPE."""
+    image's liger-kernel (runner/train/layer_kernels.py), into a peft-wrapped model: every norm, the MLPs and RoPE;
+    and takes them out again after training."""
     r = docker_run(dockerd, RUNNER, "-c", LIGER_PROBE, opts=["--read-only", "--tmpfs", "/tmp", "--entrypoint", "python"])
-    before, norm, post_norm, final_norm, mlp, rope = r.stdout.split()[-6:]
+    before, norm, post_norm, final_norm, mlp, rope, norm_after, rope_after = r.stdout.split()[-8:]
     assert before == "LlamaRMSNorm.forward"
     assert norm == post_norm == final_norm == "LigerRMSNorm.forward", r.stdout
     assert mlp == "LigerSwiGLUMLP.forward" and rope.startswith("liger_kernel."), r.stdout
+    assert norm_after == "LlamaRMSNorm.forward" and rope_after.startswith("transformers."), r.stdout

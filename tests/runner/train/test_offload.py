@@ -189,3 +189,40 @@ def test_patches_are_removed_in_reverse_order_also_when_the_block_fails():
     assert order == ["+offload", "+lora", "-lora", "-offload"]
     assert {n: m.forward for n, m in model.named_modules()} == forwards
     assert not [n for n, m in model.named_modules() if "forward" in vars(m)]  # every module's class forward again
+
+
+def test_what_a_patch_that_cannot_undo_itself_changed_is_undone():
+    """runner/train/layer_kernels.Recorded undoes Liger's in-place patching. liger-kernel needs a GPU build of triton,
+    so here a stand-in does what Liger's instance patching does (runner image test: tests/e2e/test_docker.py): binds a
+    forward and a name on every norm and MLP, sets attributes, rebinds the RoPE function and the norm class in the
+    model's modeling module and torch's cross-entropy."""
+    import types
+
+    import torch.nn.functional as F
+    from transformers.models.llama import modeling_llama
+
+    from runner.train import layer_kernels as layer_kernels
+
+    model = _model()
+    names = {k: getattr(modeling_llama, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm")}
+    cross_entropy = F.cross_entropy
+    with torch.no_grad():
+        before = model(**_batch()).logits
+
+    def like_liger():
+        for m in model.modules():
+            if type(m).__name__ in ("LlamaRMSNorm", "LlamaMLP"):
+                m.forward = types.MethodType(lambda self, x: x * 0, m)
+                m._get_name = types.MethodType(lambda self: "Patched", m)
+                m.offset = 0.0
+        modeling_llama.apply_rotary_pos_emb = lambda *a, **k: None
+        modeling_llama.LlamaRMSNorm = torch.nn.Identity
+        F.cross_entropy = lambda *a, **k: None
+
+    with patches.applied(model, [lambda m: layer_kernels.Recorded(m, like_liger)]):
+        assert modeling_llama.LlamaRMSNorm is torch.nn.Identity and F.cross_entropy is not cross_entropy
+        assert "forward" in vars(model.get_base_model().model.norm)
+    assert {k: getattr(modeling_llama, k) for k in names} == names and F.cross_entropy is cross_entropy
+    assert not [n for n, m in model.named_modules() if {"forward", "_get_name", "offset"} & set(vars(m))]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_batch()).logits, before)
