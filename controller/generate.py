@@ -33,7 +33,8 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from runner.api import names
-from runner.api.spec import ClusterFields, FineTuneJobSpec
+from runner.api.cluster import ClusterFields
+from runner.api.spec import FineTuneJobSpec
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout
 COMMAND = "python -m controller generate"

@@ -8,7 +8,7 @@ from controller.attempts import Failure, clip
 from controller.policies.observed import Observed
 from controller.policies.results import Verdict
 from runner.api import status as contract
-from runner.api.spec import ClusterFields
+from runner.api.cluster import ClusterFields
 
 DEFAULT_LIMIT = ClusterFields.model_fields["backoff_limit"].default  # spec.backoffLimit when unset
 

@@ -1,7 +1,8 @@
 """The FineTuneJob spec: the one typed source of truth for the runner, the controller, the CRD and the docs.
 
-Field names are camelCase as in Kubernetes. The models only: reading and checking a job file is
-runner/api/parse.py.
+Field names are camelCase as in Kubernetes. What to train and where the result goes are here; the fields only
+a cluster acts on (Secrets, volumes, resources, scheduling) are runner/api/cluster.py. The models only: reading
+and checking a job file is runner/api/parse.py.
 """
 from __future__ import annotations
 
@@ -9,19 +10,13 @@ from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
 
+from runner.api.cluster import ClusterFields, Section
 from runner.api.places import Places
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
-
-
 # ----------------------------------------------------------------------------------------------- model
-class ModelSpec(_Section):
+class ModelSpec(Section):
     source: str = Field(
         description="Base model: `hf://org/name[@revision]` (Hugging Face Hub), `s3://bucket/prefix`, "
         "`gs://bucket/prefix` (Google Cloud Storage), or a local directory holding config.json, weights and "
@@ -43,7 +38,7 @@ DatasetFormat = Literal["auto", "text", "prompt-completion", "instruction", "cha
 CHAT_TEMPLATE_NAMES = ("chatml", "llama-2", "alpaca")
 
 
-class DatasetColumns(_Section):
+class DatasetColumns(Section):
     """Maps the user's column names onto the roles a format needs."""
 
     text: str | None = Field(None, description="Column holding whole training texts (format `text`).")
@@ -59,7 +54,7 @@ class DatasetColumns(_Section):
     )
 
 
-class DatasetTemplate(_Section):
+class DatasetTemplate(Section):
     """Templates with `{column}` placeholders (any column of the data), or Jinja (`{{ expr }}`)."""
 
     text: str | None = Field(None, description="Whole-text template; loss on every token.")
@@ -67,7 +62,7 @@ class DatasetTemplate(_Section):
     completion: str | None = Field(None, description="Completion template; the loss is computed here.")
 
 
-class DatasetSpec(_Section):
+class DatasetSpec(Section):
     source: str = Field(
         description="Training data: a .jsonl/.json/.csv/.parquet file or folder as a local path, "
         "`s3://bucket/key` or `gs://bucket/key`, or a Hub dataset `hf://org/name[@revision]`."
@@ -106,7 +101,7 @@ class DatasetSpec(_Section):
 
 
 # -------------------------------------------------------------------------------------- quantization
-class QuantizationSpec(_Section):
+class QuantizationSpec(Section):
     bits: Literal[4, 8, 16] = Field(
         4,
         description="Bits per weight of the frozen base's linear layers. 4: QLoRA, quantized to NF4/FP4 by "
@@ -131,7 +126,7 @@ class QuantizationSpec(_Section):
 
 
 # ---------------------------------------------------------------------------------------------- lora
-class LoraSpec(_Section):
+class LoraSpec(Section):
     r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(
@@ -165,7 +160,7 @@ Scheduler = Literal[
 ]
 
 
-class EarlyStoppingSpec(_Section):
+class EarlyStoppingSpec(Section):
     """Stop when the eval loss stops improving (needs an eval set)."""
 
     patience: int = Field(
@@ -178,7 +173,7 @@ class EarlyStoppingSpec(_Section):
     )
 
 
-class TrainingSpec(_Section):
+class TrainingSpec(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if maxSteps set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
@@ -249,7 +244,7 @@ class TrainingSpec(_Section):
 
 
 # --------------------------------------------------------------------------------- merge and output
-class MergeSpec(_Section):
+class MergeSpec(Section):
     enabled: bool = Field(True, description="Merge the adapter into a 16-bit copy of the base model.")
     dtype: Literal["float16", "bfloat16"] = Field("float16", description="Dtype of the merged model.")
     base: Literal["original", "dequantized"] = Field(
@@ -264,7 +259,7 @@ class MergeSpec(_Section):
     )
 
 
-class OutputSpec(_Section):
+class OutputSpec(Section):
     destination: str = Field(
         description="Where the result goes: `hf://org/name` (a Hub model repo), `s3://bucket/prefix`, "
         "`gs://bucket/prefix`, or a local directory."
@@ -286,104 +281,6 @@ class OutputSpec(_Section):
     )
 
 
-# -------------------------------------------------------------------------------- cluster-only fields
-class SecretKeyRef(_Section):
-    name: str = Field(description="Secret name in the job's namespace.")
-    key: str = Field("token", description="Key inside the Secret.")
-
-
-class SecretRef(_Section):
-    name: str = Field(description="Secret name in the job's namespace (standard AWS_* keys).")
-
-
-class ServiceAccountKeyRef(_Section):
-    name: str = Field(description="Secret name in the job's namespace.")
-    key: str = Field("key.json", pattern=r"^[-._a-zA-Z0-9]+$",
-                     description="Key inside the Secret whose value is the service-account JSON key file "
-                     "(`kubectl create secret generic gcs-key --from-file=key.json=<the key file>`).")
-
-
-class VolumeSpec(_Section):
-    claim_name: str = Field(description="PersistentVolumeClaim in the job's namespace; only one the operator's "
-                            "policy allows (policy.volumeClaims).")
-    mount_path: str = Field(description="Absolute path in the runner pod, e.g. `/mnt/checkpoints` (then "
-                            "`output.checkpoints: /mnt/checkpoints/run-1`); not a system or runner directory.")
-    read_only: bool = Field(False, description="Mount it read-only.")
-    sub_path: str | None = Field(None, description="A relative path inside the volume to mount instead of its root.")
-
-
-class ModelCacheSpec(_Section):
-    claim_name: str = Field(description="PersistentVolumeClaim (in the job's namespace) holding the shared model "
-                            "cache for this job, instead of the operator's (chart values runner.modelCache); only "
-                            "one the operator's policy allows (policy.modelCacheClaims).")
-
-
-class ResourcesSpec(_Section):
-    gpus: int = Field(1, ge=0, le=64, description="GPUs on each node (one runner pod per node). Standalone too: "
-                      "one process per GPU; 0 or 1 runs one process (a GPU if one is visible, else the CPU); more "
-                      "than are visible stops the run at once (exit 2).")
-    nodes: int = Field(
-        1, ge=1, le=64,
-        description="Nodes the job spreads over, one runner pod of `gpus` GPUs each. More than 1: one JobSet "
-        "(jobset.x-k8s.io, installed separately) per attempt instead of a Job, and torchrun with c10d rendezvous "
-        "across the pods (data parallel, or FSDP over every GPU); the JobSet fails as a whole when one pod fails, "
-        "and the next attempt resumes from the newest checkpoint, so the output and checkpoints must be where every node reaches them (S3, GCS, the Hub, or a shared volume).",
-    )
-    cpu: str | None = Field(None, description="CPU request, e.g. `8`.")
-    memory: str | None = Field(None, description="Memory request and limit, e.g. `64Gi`.")
-    gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
-
-
-class ClusterFields(_Section):
-    """Fields only the cluster needs; the runner ignores them."""
-
-    resources: ResourcesSpec = Field(
-        default_factory=ResourcesSpec, description="Compute for the runner pod (cluster only)."
-    )
-    image: str | None = Field(None, description="Runner image (default: the operator's).")
-    image_pull_secrets: list[str] = Field(default_factory=list, description="Pull secret names.")
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels the runner pod must match (cluster only)."
-    )
-    tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Pod tolerations, as in a Pod spec (cluster only)."
-    )
-    affinity: dict[str, Any] | None = Field(None, description="Pod affinity, as in a Pod spec (cluster only).")
-    priority_class_name: str | None = Field(None, description="PriorityClass of the runner pod (cluster only).")
-    queue_name: str | None = Field(None, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name).")
-    service_account_name: str | None = Field(
-        None,
-        description="ServiceAccount of the runner pod (default: one made for this job, allowed only to report "
-        "this job's status).",
-    )
-    env: list[dict[str, Any]] = Field(default_factory=list, description="Extra container env vars.")
-    hf_token_secret_ref: SecretKeyRef | None = Field(None, description="Secret holding HF_TOKEN.")
-    s3_secret_ref: SecretRef | None = Field(None, description="Secret holding AWS_* variables.")
-    gcs_secret_ref: ServiceAccountKeyRef | None = Field(
-        None, description="Secret holding a Google Cloud service-account JSON key for `gs://` places: mounted "
-        "read-only in the runner pod, GOOGLE_APPLICATION_CREDENTIALS names the file (never the key in the env). "
-        "The service account needs roles/storage.objectAdmin on the buckets. Unset: the pod's own identity "
-        "(GKE Workload Identity).")
-    backoff_limit: int = Field(3, ge=0, description="Retries after retryable failures.")
-    active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail with DeadlineExceeded when the job has been running this long (counted "
-        "from status.startTime, across retries).",
-    )
-    ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the job's Jobs, Pods and runner identity this long after it finished "
-        "(the FineTuneJob and its status stay).",
-    )
-    suspend: bool = Field(
-        False, description="true stops the runner (it saves a checkpoint); false again resumes from that checkpoint."
-    )
-    volumes: list[VolumeSpec] = Field(
-        default_factory=list, description="PersistentVolumeClaims mounted into the runner pods, e.g. for a local "
-        "`output.checkpoints` or `output.destination` (cluster only; policy.volumeClaims).")
-    model_cache: ModelCacheSpec | None = Field(
-        None, description="The model cache volume of this job (cluster only; default: the operator's, if any).")
-
-
-# ------------------------------------------------------------------------------------------ the job
 class FineTuneJobSpec(ClusterFields):
     """Everything a FineTuneJob's `spec` may hold."""
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from runner.api.errors import RunnerError
 from runner.api.places import FIELDS
-from runner.api.spec import ClusterFields, Job
+from runner.api.cluster import ClusterFields
+from runner.api.spec import Job
 from runner.api.uris import Location
 
 from . import local
