@@ -145,11 +145,14 @@ def _reason(reporter) -> str:
 
 
 def _fail(reporter, e: RunnerError) -> int:
-    reporter.log(f"failed ({e.reason}): {e.message}")
+    from runner.report.events import failure_reason
+
+    reason = failure_reason(e.reason, reporter.phase_name, retryable=e.retryable)  # named for the phase it failed in
+    reporter.log(f"failed ({reason}): {e.message}")
     reporter.result(
         succeeded=False,
         exit_code=e.exit_code,
-        reason=e.reason,
+        reason=reason,
         message=e.message,
         retryable=e.retryable,
         failedPhase=reporter.phase_name,

@@ -58,6 +58,23 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# The reasons that name a phase's work (reading, training, merging, publishing), as opposed to the job itself.
+STEP_REASONS = (status.DOWNLOAD_FAILED, status.TRAINING_FAILED, status.MERGE_FAILED, status.UPLOAD_FAILED)
+
+
+def failure_reason(reason: str, phase: str | None, *, retryable: bool) -> str:
+    """The reason a failure is reported with: the phase it happened in, not the operation that raised it. A store
+    check run while Validating raises its operation's reason (an output found not writable: UploadFailed), but
+    nothing was uploaded: a permanent failure there is InvalidSpec (the job as written cannot run; the message
+    says what to fix), a retryable one keeps the store's reason (nothing in the spec to fix). In the later phases
+    a step's reason is that phase's (a checkpoint upload refused while Training is TrainingFailed). Reasons about
+    the job itself (InvalidSpec, OutOfMemory) are kept."""
+    own = status.PHASE_REASON.get(phase or "")
+    if own is None or reason not in STEP_REASONS or (phase == status.VALIDATING and retryable):
+        return reason
+    return own
+
+
 class Reporter:
     def __init__(
         self,

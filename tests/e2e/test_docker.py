@@ -131,3 +131,39 @@ def test_the_runner_image_applies_liger_layer_kernels_itself(dockerd, built_imag
     assert norm == post_norm == final_norm == "LigerRMSNorm.forward", r.stdout
     assert mlp == "LigerSwiGLUMLP.forward" and rope.startswith("liger_kernel."), r.stdout
     assert norm_after == "LlamaRMSNorm.forward" and rope_after.startswith("transformers."), r.stdout
+
+
+def test_standalone_output_not_writable_fails_at_validating_named_for_validating(dockerd, built_images, tmp_path,
+                                                                                tiny_llama):
+    """The README's docker command with an output directory the container's user (uid 1000) cannot write: the run
+    stops at Validating, before any download or training, and its reason names that phase (InvalidSpec: the job as
+    written cannot run), not UploadFailed - nothing was uploaded."""
+    import shutil
+
+    from runner.api.parse import manifest
+    from tests.conftest import QA_ROWS, write_jsonl
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_llama, work / "model")
+    write_jsonl(work / "qa.jsonl", QA_ROWS)
+    (work / "locked").mkdir()
+    for p in [work, *work.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)  # readable by uid 1000; only root may write
+    job = manifest("locked-out", {
+        "model": {"source": "/work/model"},
+        "dataset": {"source": "/work/qa.jsonl", "template": {"prompt": "Q: {question}\nA:", "completion": " {answer}"},
+                    "maxLength": 32},
+        "training": {"maxSteps": 2, "batchSize": 2},
+        "output": {"destination": "/work/locked/out"},
+    })
+    (work / "job.yaml").write_text(yaml.safe_dump(job))
+    (work / "job.yaml").chmod(0o644)
+    r = docker_run(dockerd, RUNNER, "run", "/work/job.yaml", opts=[*STANDALONE, "-v", f"{work}:/work"], check=False,
+                   timeout=300)
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{") and '"result"' in line]
+    assert r.returncode == 2 and results, r.stdout[-2000:] + r.stderr[-3000:]  # permanent: running again cannot help
+    result = results[-1]
+    assert result["failedPhase"] == "Validating", result
+    assert result["reason"] == "InvalidSpec", result  # not UploadFailed: the phase it failed in
+    assert "/work/locked" in result["message"] and "writable" in result["message"], result["message"]
+    assert "phase Downloading" not in r.stderr  # found before any download
