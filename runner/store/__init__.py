@@ -1,7 +1,13 @@
 """Every place files live - local paths, S3 (and S3-compatible stores), the Hub, GCS - behind one interface.
 
-    backend.py      the Backend interface and the registry: backend_for(loc) -> the Backend of loc's scheme
-    local.py, s3.py (+ s3_client.py, s3_output.py), hub.py, gcs.py      the Backends
+    backend.py      the Backend interface and the registry: backend_for(loc) -> the Backend of loc's scheme;
+                    store_call, the wrapper of every remote call (deadline, the store's errors as RunnerErrors)
+    local.py        local paths and mounted volumes
+    hub.py          the Hugging Face Hub (sources, and outputs published as one commit)
+    objects.py      every bucket store's places (sources, outputs with staging and the manifest last,
+                    checkpoints, the lease), written once over a few primitives each store provides
+    s3.py, gcs.py   the object stores: their primitives and error mapping (s3_client.py: boto3's client,
+                    errors and transfers)
     manifest.py     the manifest that marks a published output complete; the ownership rule
     checkpoints.py  durable checkpoints, complete-or-absent, on any Backend that can hold them
     lease.py        one writer per checkpoint location (the Backend's conditional writes)

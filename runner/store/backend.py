@@ -21,19 +21,26 @@ Places are runner.api.uris.Location values of the backend's scheme. `rel` argume
 ("checkpoint-40/COMPLETE"), never absolute, never with "." or ".." parts; a backend maps them to its keys
 (S3: "<prefix>/<rel>"; local: "<path>/<rel>").
 
-Adding a store: one module with a Backend subclass, one line in _REGISTRY below, a parser entry in
+`store_call` below is that wrapper, given the store's own translation of its client's errors.
+
+Adding a store: one module with a Backend subclass (for an object store, an ObjectBackend subclass providing
+its primitives and its error mapping: runner/store/objects.py), one line in _REGISTRY below, a parser entry in
 runner/api/uris.py's scheme table, and its fixture param in tests/runner/store/test_contract.py.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import ClassVar
 
-from runner.api.errors import INVALID_SPEC, PermanentError
+from runner.api.errors import INVALID_SPEC, PermanentError, RunnerError
 from runner.api.uris import Location
+
+from . import timeouts
 
 
 @dataclass(frozen=True)
@@ -101,19 +108,9 @@ class Backend(ABC):
         """Where the place is on this machine's filesystem, when it is a local one; else None."""
         return None
 
+    @abstractmethod
     def relation(self, place: Location, other: Location) -> str | None:
-        """How `place` relates to `other`: "is", "is inside", "contains", or None when they share no file.
-        The default fits bucket stores (same bucket, one key prefix under the other; "" is the whole bucket)."""
-        if other.scheme != place.scheme or other.bucket != place.bucket:
-            return None
-        p, q = place.path.strip("/"), other.path.strip("/")
-        if p == q:
-            return "is"
-        if not q or PurePosixPath(p).is_relative_to(q):
-            return "is inside"
-        if not p or PurePosixPath(q).is_relative_to(p):
-            return "contains"
-        return None
+        """How `place` relates to `other`: "is", "is inside", "contains", or None when they share no file."""
 
     # ------------------------------------------------------------------------------------- outputs
     @abstractmethod
@@ -203,6 +200,24 @@ class Backend(ABC):
     def _refuse(self, loc: Location):
         raise PermanentError(f"{loc} cannot hold checkpoints: set output.checkpoints to a place that can "
                              f"({Location.checkpoint_schemes()})", reason=INVALID_SPEC)
+
+
+@contextlib.contextmanager
+def store_call(what: str, where: str, reason: str,
+               translate: Callable[[BaseException], RunnerError | None]) -> Iterator[None]:
+    """One operation on a remote store (`what`: "download s3://b/p", against `where`: "the S3 endpoint ..."): it
+    ends within its deadline (timeouts.py), and its client's failures become the RunnerErrors `translate` gives
+    (None: not a storage failure, raised unchanged)."""
+    try:
+        with timeouts.operation(what, where, reason):
+            yield
+    except RunnerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
+        err = translate(exc)
+        if err is None:
+            raise
+        raise err from exc
 
 
 # ----------------------------------------------------------------------------------------- the registry

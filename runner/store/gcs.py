@@ -5,23 +5,20 @@
     STORAGE_EMULATOR_HOST            an emulator's URL instead of Google's endpoint: requests go anonymous
                                      (a key named as well is still read, so a broken one fails the same way)
     FINETUNE_STORE_TIMEOUTS          connect/read limits of each request, a deadline per operation (timeouts.py)
-Outputs follow the rules of s3_output.py (its marker, staging and probe names): the runner replaces only its own
-earlier output, which stays complete until the new one is, and writes the manifest last. The lease's conditional
-writes are generation preconditions: ifGenerationMatch=0 creates only if absent, ifGenerationMatch=<generation>
-replaces or deletes only that version. A cache key is the listing (names, sizes, generations) at the endpoint.
+These are the object-store primitives of runner/store/objects.py, which holds what is done with them (sources,
+outputs, checkpoints). An object's version is its generation; the lease's conditional writes are generation
+preconditions: ifGenerationMatch=0 creates only if absent, ifGenerationMatch=<generation> replaces or deletes only
+that version.
 """
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
-import hashlib
-import json
 import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import google.auth
 import requests
@@ -36,14 +33,11 @@ from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 from google.cloud.storage.retry import DEFAULT_RETRY
 
 from runner.api import names
-from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
-from runner.api.uris import Location
+from runner.api.errors import PermanentError, RetryableError, RunnerError
 
 from . import timeouts
-from .backend import Backend, Revision, Versioned
-from .manifest import MANIFEST_FORMAT, MANIFEST_NAME, build_manifest, iter_files, listed, manifest_bytes
-from .manifest import ownership_problem, parse_manifest
-from .s3_output import FIX, MARKER, PROBE, STAGING, ours
+from .backend import Versioned
+from .objects import ObjectBackend, StoredObject
 
 ENV_KEY, ENV_EMULATOR, ENV_PROJECT = names.ENV_GCS_CREDENTIALS, "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"
 GOOGLE = "https://storage.googleapis.com"
@@ -65,7 +59,7 @@ def emulator() -> str | None:
     return (host if "://" in host else f"http://{host}") if host else None
 
 
-def _where() -> str:
+def where() -> str:
     return f"the GCS emulator at {emulator()} ({ENV_EMULATOR})" if emulator() else "Google Cloud Storage"
 
 
@@ -128,7 +122,7 @@ def translate(exc: BaseException, *, action: str, uri: str, bucket: str | None, 
         if isinstance(e, _Refused):
             return PermanentError(f"{what}: {e}", reason=reason)
         if isinstance(e, (gx.Unauthorized, gx.Forbidden, gae.RefreshError)):
-            return PermanentError(f"{what}: {_where()} refused the credentials or the request ({type(e).__name__});"
+            return PermanentError(f"{what}: {where()} refused the credentials or the request ({type(e).__name__});"
                                   f" check that the key in {ENV_KEY} (spec.gcsSecretRef) is current and that its "
                                   f"service account (or the pod's Workload Identity) has {ROLE_HINT} on bucket "
                                   f"'{bucket}'", reason=reason)
@@ -136,83 +130,25 @@ def translate(exc: BaseException, *, action: str, uri: str, bucket: str | None, 
             return PermanentError(f"{what}: nothing found there (404); fix the name or upload the files",
                                   reason=reason)
         if isinstance(e, (gx.TooManyRequests, gx.ServerError, DataCorruption)) or getattr(e, "code", None) == 408:
-            return RetryableError(f"{what}: {_where()} answered {getattr(e, 'code', None) or type(e).__name__} "
+            return RetryableError(f"{what}: {where()} answered {getattr(e, 'code', None) or type(e).__name__} "
                                   "(transient); retrying may help", reason=reason)
         if isinstance(e, gx.GoogleAPICallError):
-            return PermanentError(f"{what}: {_where()} answered {e.code}: {e.message}", reason=reason)
+            return PermanentError(f"{what}: {where()} answered {e.code}: {e.message}", reason=reason)
         if isinstance(e, (requests.ConnectionError, requests.Timeout, gae.TransportError, ConnectionError)):
-            return RetryableError(f"{what}: could not reach {_where()} ({type(e).__name__}; {timeouts.ENV}="
+            return RetryableError(f"{what}: could not reach {where()} ({type(e).__name__}; {timeouts.ENV}="
                                   f"{timeouts.limits().describe()}); retrying may help; if it persists check the "
                                   "endpoint and the network", reason=reason)
         e = e.__cause__ or e.__context__
     return None
 
 
-@contextlib.contextmanager
-def errors(action: str, uri: str, bucket: str | None, reason: str) -> Iterator[None]:
-    """One store operation: its failures become RunnerErrors, and it ends within the deadline (timeouts.py)."""
-    try:
-        with timeouts.operation(f"{action} {uri}", _where(), reason):
-            yield
-    except RunnerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
-        err = translate(exc, action=action, uri=uri, bucket=bucket, reason=reason)
-        if err is None:
-            raise
-        raise err from exc
-
-
-def _read(loc: Location, what: str = "read"):
-    return errors(what, str(loc), loc.bucket, DOWNLOAD_FAILED)
-
-
-def _write(loc: Location, what: str = "write to"):
-    return errors(what, str(loc), loc.bucket, UPLOAD_FAILED)
-
-
 # ---------------------------------------------------------------------------------------------- objects
-def _key(loc: Location, rel: str = "") -> str:
-    """The object name of `rel` under the place ("": the prefix itself, with its trailing "/")."""
-    return f"{loc.path}/{rel}" if loc.path else rel
+def _blob(bucket: str, key: str, chunk_size: int | None = None):
+    return client().bucket(bucket).blob(key, chunk_size=chunk_size)
 
 
-def _blob(loc: Location, key: str, chunk_size: int | None = None):
-    return client().bucket(loc.bucket).blob(key, chunk_size=chunk_size)
-
-
-def _objects(loc: Location, under: str | None = None) -> list:
-    """Every object under `under` (default: the place's prefix), folder placeholders skipped."""
-    try:
-        blobs = list(client().list_blobs(loc.bucket, prefix=_key(loc) if under is None else under, **_call()))
-    except gx.NotFound:
-        raise _Refused(f"bucket '{loc.bucket}' does not exist at {_where()}; create it, or fix the bucket in the "
-                       "URI") from None
-    return [b for b in blobs if not b.name.endswith("/")]
-
-
-def _rels(loc: Location) -> list[str]:
-    return [b.name[len(_key(loc)):] for b in _objects(loc)]
-
-
-def _get(loc: Location, key: str) -> Versioned | None:
-    blob = _blob(loc, key)
-    with contextlib.suppress(gx.NotFound):
-        return Versioned(blob.download_as_bytes(**_call()), str(blob.generation))
-    return None
-
-
-def _put(loc: Location, key: str, data: bytes, generation: int | None = None) -> str | None:
-    """Write `data`, only if the object's generation is `generation` when one is given (0: only if absent); the
-    new generation, or None when that precondition did not hold."""
-    blob = _blob(loc, key)
-    try:
-        blob.upload_from_string(data, if_generation_match=generation, **_call())
-        return str(blob.generation)
-    except (gx.PreconditionFailed, gx.NotFound):
-        if generation is None:
-            raise
-    return None
+def _missing_bucket(bucket: str) -> _Refused:
+    return _Refused(f"bucket '{bucket}' does not exist at {where()}; create it, or fix the bucket in the URI")
 
 
 def _each(fn, items: list) -> None:
@@ -222,194 +158,91 @@ def _each(fn, items: list) -> None:
             list(pool.map(fn, items))
 
 
-def _delete(loc: Location, keys: list[str]) -> None:
-    def one(key: str) -> None:
-        with contextlib.suppress(gx.NotFound):
-            _blob(loc, key).delete(**_call())
-
-    _each(one, keys)
-
-
-def _upload(loc: Location, pairs: list[tuple[Path, str]]) -> None:
-    _each(lambda p: _blob(loc, p[1], CHUNK).upload_from_filename(str(p[0]), **_call()), pairs)
-
-
-def _download(loc: Location, pairs: list[tuple[str, Path]]) -> None:
-    def one(pair: tuple[str, Path]) -> None:
-        key, target = pair
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.part-{uuid.uuid4().hex[:8]}")
-        try:
-            _blob(loc, key).download_to_filename(str(tmp), **_call())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    _each(one, pairs)
-
-
-def _copy(loc: Location, pairs: list[tuple[str, str]]) -> None:
-    """Server-side copies (rewrite, in as many calls as the store needs), concurrently."""
-    def one(pair: tuple[str, str]) -> None:
-        token = _blob(loc, pair[1]).rewrite(_blob(loc, pair[0]), **_call())[0]
-        while token is not None:
-            token = _blob(loc, pair[1]).rewrite(_blob(loc, pair[0]), token=token, **_call())[0]
-
-    _each(one, pairs)
-
-
-def _safe(loc: Location, key: str) -> str:
-    rel = key[len(_key(loc)):]
-    if not rel or rel.startswith("/") or any(p in ("..", ".", "") for p in PurePosixPath(rel).parts):
-        raise PermanentError(f"refusing to download gs://{loc.bucket}/{key}: its name escapes the destination "
-                             "folder", reason=DOWNLOAD_FAILED)
-    return rel
-
-
-class GcsBackend(Backend):
+class GcsBackend(ObjectBackend):
     scheme = "gs"
-    folder_word = "prefix"
+    translate = staticmethod(translate)
 
-    # ------------------------------------------------------------------------------------- sources
-    def check_source(self, loc: Location, *, repo_type: str = "model") -> None:
-        with _read(loc):
-            found = bool(_objects(loc)) or bool(loc.path) and _blob(loc, loc.path).exists(**_call())
-        if not found:
-            raise PermanentError(f"nothing found at {loc} (no object with that name and none under that "
-                                 "prefix): upload the files there or fix the URI", reason=DOWNLOAD_FAILED)
+    def where(self) -> str:
+        return where()
 
-    def list_names(self, loc: Location, *, repo_type: str = "model") -> list[str]:
-        with _read(loc):
-            return _rels(loc)
+    def endpoint(self) -> str:
+        return emulator() or GOOGLE
 
-    def download(self, loc: Location, dest: Path, *, repo_type: str = "model",
-                 allow_patterns: list[str] | None = None) -> Path:
-        dest = Path(dest)
-        with _read(loc, "download"):
-            objects = _objects(loc)
-            if not objects and loc.path and _blob(loc, loc.path).exists(**_call()):
-                _download(loc, [(loc.path, dest / PurePosixPath(loc.path).name)])
-                return dest / PurePosixPath(loc.path).name
-            if not objects:
-                raise PermanentError(f"nothing to download at {loc}: upload the files there or fix the URI",
-                                     reason=DOWNLOAD_FAILED)
-            pairs = [(b.name, dest / rel) for b in objects if (rel := _safe(loc, b.name))
-                     and (allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns))]
-            dest.mkdir(parents=True, exist_ok=True)
-            _download(loc, pairs)
-        return dest
+    def require_credentials(self) -> None:
+        client()  # built from the credentials, or refused naming what is wrong with them
 
-    def revision(self, loc: Location, *, repo_type: str = "model") -> Revision:
-        with _read(loc):
-            objects = _objects(loc)
-            if not objects and loc.path:  # a single object
-                objects = [b for b in [client().bucket(loc.bucket).get_blob(loc.path, **_call())] if b is not None]
-        if not objects:
-            raise PermanentError(f"nothing found at {loc}: upload the files there or fix the URI",
-                                 reason=DOWNLOAD_FAILED)
-        listing = sorted([b.name, int(b.size or 0), str(b.generation)] for b in objects)
-        rev = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
-        identity = f"gs|{emulator() or GOOGLE}|{loc.bucket}|{loc.path}|{rev}"  # the endpoint in the key
-        return Revision(loc, rev, identity, f"{loc} (listing {rev})")
+    def check_bucket(self, bucket: str) -> None:
+        """Listing at most one object: objectAdmin may list, but not read the bucket's metadata."""
+        try:
+            list(client().list_blobs(bucket, max_results=1, **_call()))
+        except gx.NotFound:
+            raise _missing_bucket(bucket) from None
 
-    # ------------------------------------------------------------------------------------- outputs
-    def _owned(self, loc: Location, job: dict | None) -> tuple[dict | None, dict | None]:
-        """(the manifest, the marker of an unfinished publish) at the destination, once this job may replace
-        what it holds."""
-        rels = _rels(loc)
-        manifest, marker = (parse_manifest(got.data) if name in rels and (got := _get(loc, _key(loc, name)))
-                            else None for name in (MANIFEST_NAME, MARKER))
-        problem = ownership_problem(f"output.destination: {loc}", rels, [manifest, marker], job, FIX, ours=ours)
-        if problem:
-            raise PermanentError(problem, reason=INVALID_SPEC)
-        return manifest, marker
+    def list_objects(self, bucket: str, prefix: str) -> Iterator[StoredObject]:
+        try:
+            for b in client().list_blobs(bucket, prefix=prefix, **_call()):
+                if not b.name.endswith("/"):
+                    yield StoredObject(b.name, int(b.size or 0), str(b.generation))
+        except gx.NotFound:
+            raise _missing_bucket(bucket) from None
 
-    def check_destination(self, loc: Location, job: dict | None = None) -> None:
-        with _write(loc):
-            self._owned(loc, job)
-        self.check_writable(loc)
+    def head_object(self, bucket: str, key: str) -> StoredObject | None:
+        b = client().bucket(bucket).get_blob(key, **_call())
+        return None if b is None else StoredObject(b.name, int(b.size or 0), str(b.generation))
 
-    def publish(self, local_dir: Path, loc: Location, *, private: bool = True,
-                commit_message: str = "Upload fine-tuned model", job: dict | None = None) -> str:
-        files = iter_files(Path(local_dir))
-        manifest, base = build_manifest(files, job), _key(loc)
-        with _write(loc, "upload to"):
-            old, marker = self._owned(loc, job)
-            new, previous = {rel for rel, _ in files}, listed(old, marker)
-            mark = manifest_bytes({"format": MANIFEST_FORMAT, "publishing": True, "job": dict(job or {}),
-                                   "files": [{"path": p} for p in sorted(previous | new)]})
-            if old is not None:  # a complete earlier output: it stays complete until the new one is
-                staged = f"{base}{STAGING}/{uuid.uuid4().hex[:12]}/"
-                _upload(loc, [(path, staged + rel) for rel, path in files])
-                _put(loc, base + MARKER, mark)
-                _delete(loc, [base + MANIFEST_NAME])
-                _copy(loc, [(staged + rel, base + rel) for rel, _ in files])
-            else:
-                _put(loc, base + MARKER, mark)
-                _upload(loc, [(path, base + rel) for rel, path in files])
-            _delete(loc, [base + p for p in sorted(previous - new)])
-            _put(loc, base + MANIFEST_NAME, manifest_bytes(manifest))
-            _delete(loc, [base + MARKER])
-            _delete(loc, [b.name for b in _objects(loc, f"{base}{STAGING}/")])
-        return str(loc)
+    def get_object(self, bucket: str, key: str) -> Versioned | None:
+        blob = _blob(bucket, key)
+        with contextlib.suppress(gx.NotFound):
+            return Versioned(blob.download_as_bytes(**_call()), str(blob.generation))
+        return None
 
-    def read_manifest(self, loc: Location) -> dict | None:
-        return parse_manifest(self.read_text(loc, MANIFEST_NAME))
+    def put_object(self, bucket: str, key: str, data: bytes, *, if_absent: bool = False,
+                   if_version: str | None = None, content_type: str | None = None) -> str | None:
+        generation = 0 if if_absent else None if if_version is None else int(if_version)
+        blob = _blob(bucket, key)
+        try:
+            blob.upload_from_string(data, content_type=content_type or "text/plain", if_generation_match=generation,
+                                    **_call())
+            return str(blob.generation)
+        except (gx.PreconditionFailed, gx.NotFound):
+            if generation is None:
+                raise
+        return None
 
-    def is_complete(self, loc: Location) -> bool:
-        with _read(loc):
-            return _blob(loc, _key(loc, MANIFEST_NAME)).exists(**_call())
-
-    def read_text(self, loc: Location, rel: str) -> str | None:
-        with _read(loc):
-            got = _get(loc, _key(loc, rel))
-        return got.data.decode("utf-8") if got else None
-
-    # ------------------------------------------------------------------------------------- checkpoints
-    def check_writable(self, loc: Location) -> None:
-        """One object written and removed: credentials and permission checked (a missing bucket named so)."""
-        probe = _key(loc, f"{PROBE}{uuid.uuid4().hex[:12]}")
-        with _write(loc):
-            _objects(loc, probe)
-            _put(loc, probe, b"probe")
-            _delete(loc, [probe])
-
-    def list_files(self, loc: Location) -> list[str]:
-        with _read(loc, "list"):
-            return _rels(loc)
-
-    def put_files(self, loc: Location, items: list[tuple[Path, str]]) -> None:
-        with _write(loc):
-            _upload(loc, [(Path(path), _key(loc, rel)) for path, rel in items])
-
-    def get_files(self, loc: Location, items: list[tuple[str, Path]]) -> None:
-        pairs = [(key, Path(target)) for rel, target in items if _safe(loc, key := _key(loc, rel))]
-        with _read(loc, "download"):
-            _download(loc, pairs)
-
-    def delete_files(self, loc: Location, rels: list[str]) -> None:
-        with _write(loc, "delete from"):
-            _delete(loc, [_key(loc, rel) for rel in rels])
-
-    def write_text(self, loc: Location, rel: str, text: str) -> None:
-        with _write(loc):
-            _put(loc, _key(loc, rel), text.encode("utf-8"))
-
-    # ------------------------------------------------------------------------------------- the lease
-    def create_if_absent(self, loc: Location, rel: str, data: bytes) -> str | None:
-        with _write(loc, f"create {rel} in"):
-            return _put(loc, _key(loc, rel), data, generation=0)
-
-    def read_versioned(self, loc: Location, rel: str) -> Versioned | None:
-        with _read(loc, f"read {rel} in"):
-            return _get(loc, _key(loc, rel))
-
-    def replace_if_unchanged(self, loc: Location, rel: str, data: bytes, version: str) -> str | None:
-        with _write(loc, f"replace {rel} in"):
-            return _put(loc, _key(loc, rel), data, generation=int(version))
-
-    def delete_if_unchanged(self, loc: Location, rel: str, version: str) -> bool:
-        with _write(loc, f"delete {rel} in"), contextlib.suppress(gx.PreconditionFailed, gx.NotFound):
-            _blob(loc, _key(loc, rel)).delete(if_generation_match=int(version), **_call())
+    def delete_object_if(self, bucket: str, key: str, version: str) -> bool:
+        with contextlib.suppress(gx.PreconditionFailed, gx.NotFound):
+            _blob(bucket, key).delete(if_generation_match=int(version), **_call())
             return True
         return False
+
+    def upload_objects(self, bucket: str, pairs: list[tuple[Path, str]]) -> None:
+        _each(lambda p: _blob(bucket, p[1], CHUNK).upload_from_filename(str(p[0]), **_call()), pairs)
+
+    def download_objects(self, bucket: str, pairs: list[tuple[str, Path]]) -> None:
+        def one(pair: tuple[str, Path]) -> None:
+            key, target = pair
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.part-{uuid.uuid4().hex[:8]}")
+            try:
+                _blob(bucket, key).download_to_filename(str(tmp), **_call())
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
+
+        _each(one, pairs)
+
+    def copy_objects(self, bucket: str, pairs: list[tuple[str, str]]) -> None:
+        """Rewrites, in as many calls as the store needs for each."""
+        def one(pair: tuple[str, str]) -> None:
+            token = _blob(bucket, pair[1]).rewrite(_blob(bucket, pair[0]), **_call())[0]
+            while token is not None:
+                token = _blob(bucket, pair[1]).rewrite(_blob(bucket, pair[0]), token=token, **_call())[0]
+
+        _each(one, pairs)
+
+    def delete_objects(self, bucket: str, keys: list[str]) -> None:
+        def one(key: str) -> None:
+            with contextlib.suppress(gx.NotFound):
+                _blob(bucket, key).delete(**_call())
+
+        _each(one, keys)

@@ -19,7 +19,7 @@ from pathlib import Path
 from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
 from . import timeouts
-from .backend import Backend, Revision
+from .backend import Backend, Revision, store_call
 from .manifest import MANIFEST_NAME, build_manifest, iter_files, listed, manifest_bytes, ownership_problem, parse_manifest
 from runner.api.uris import Location
 
@@ -117,6 +117,17 @@ def translate(exc: BaseException, *, action: str, uri: str, reason: str) -> Runn
     http_error = getattr(he, "HfHubHTTPError", ())
     invalid_id = getattr(he, "HFValidationError", ())
     what = f"cannot {action} {uri}"
+    known = (  # (the error, what the user must do), the first match wins
+        (gated, ("the repo is gated; accept its conditions on the Hub with the account whose token is in "
+                 "HF_TOKEN (or request access), then run again")),
+        (disabled, "the repo is disabled on the Hub; use another repo"),
+        (rev_missing, "revision not found; fix the @revision (a branch, tag or commit)"),
+        (repo_missing, ("repo not found, or private and not readable with the token given; check the repo "
+                        f"name, and for a private repo {TOKEN_HINT} with read access to it")),
+        (entry_missing, "file not found in the repo"),
+        (offline, "HF_HUB_OFFLINE is set and the files are not cached; unset HF_HUB_OFFLINE"),
+        (no_token, f"no Hub token; {TOKEN_HINT}"),
+    )
     seen: set[int] = set()
     e: BaseException | None = exc
     # snapshot_download hides the HTTP error behind a LocalEntryNotFoundError: walk the chain to find it.
@@ -124,30 +135,9 @@ def translate(exc: BaseException, *, action: str, uri: str, reason: str) -> Runn
         seen.add(id(e))
         if isinstance(e, RunnerError):
             return e
-        if isinstance(e, gated):
-            return PermanentError(
-                f"{what}: the repo is gated; accept its conditions on the Hub with the account whose token is in "
-                "HF_TOKEN (or request access), then run again",
-                reason=reason,
-            )
-        if isinstance(e, disabled):
-            return PermanentError(f"{what}: the repo is disabled on the Hub; use another repo", reason=reason)
-        if isinstance(e, rev_missing):
-            return PermanentError(f"{what}: revision not found; fix the @revision (a branch, tag or commit)",
-                                  reason=reason)
-        if isinstance(e, repo_missing):
-            return PermanentError(
-                f"{what}: repo not found, or private and not readable with the token given; check the repo name, "
-                f"and for a private repo {TOKEN_HINT} with read access to it",
-                reason=reason,
-            )
-        if isinstance(e, entry_missing):
-            return PermanentError(f"{what}: file not found in the repo", reason=reason)
-        if isinstance(e, offline):
-            return PermanentError(f"{what}: HF_HUB_OFFLINE is set and the files are not cached; unset HF_HUB_OFFLINE",
-                                  reason=reason)
-        if isinstance(e, no_token):
-            return PermanentError(f"{what}: no Hub token; {TOKEN_HINT}", reason=reason)
+        fix = next((fix for kind, fix in known if isinstance(e, kind)), None)
+        if fix is not None:
+            return PermanentError(f"{what}: {fix}", reason=reason)
         if isinstance(e, http_error) and getattr(e, "response", None) is not None:
             status = e.response.status_code
             if status in (401, 403):
@@ -193,17 +183,10 @@ def _short(e: BaseException) -> str:
 @contextlib.contextmanager
 def errors(action: str, uri: str, reason: str) -> Iterator[None]:
     """One Hub operation: its failures become RunnerErrors, and it ends within the deadline (timeouts.py)."""
-    try:
-        _configure()
-        with timeouts.operation(f"{action} {uri}", f"the Hub at {_base_url()}", reason):
-            yield
-    except RunnerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
-        err = translate(exc, action=action, uri=uri, reason=reason)
-        if err is None:
-            raise
-        raise err from exc
+    _configure()
+    with store_call(f"{action} {uri}", f"the Hub at {_base_url()}", reason,
+                    lambda exc: translate(exc, action=action, uri=uri, reason=reason)):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------- public

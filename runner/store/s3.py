@@ -1,185 +1,99 @@
-"""S3 and S3-compatible stores (MinIO, Ceph, R2, ...): the Backend of s3:// places.
+"""S3 and S3-compatible stores (MinIO, Ceph, R2, ...): the Backend of s3:// places, as the object-store
+primitives of runner/store/objects.py (which holds what is done with them: sources, outputs, checkpoints).
 
-The client, its environment (AWS_*, FINETUNE_STORE_TIMEOUTS), its errors and transfers are s3_client.py;
-publishing and the destination's ownership rules are s3_output.py. The lease's conditional writes are
-PutObject IfNoneMatch='*' / IfMatch=<ETag> and DeleteObject IfMatch=<ETag>; a cache key is the listing of the
-prefix (keys, sizes, ETags) at the endpoint the environment points at.
+The client, its environment (AWS_*, FINETUNE_STORE_TIMEOUTS), its errors and its transfers of many objects are
+s3_client.py. The lease's conditional writes are PutObject IfNoneMatch='*' / IfMatch=<ETag> and DeleteObject
+IfMatch=<ETag>; an object's version is its ETag.
 """
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import json
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
+from pathlib import Path
 
-from runner.api.errors import DOWNLOAD_FAILED, UPLOAD_FAILED, PermanentError
-from runner.api.uris import Location
+from . import s3_client
+from .backend import Versioned
+from .objects import ObjectBackend, StoredObject
+from .s3_client import client, endpoint_url, region
 
-from . import s3_output
-from .backend import Backend, Revision, Versioned
-from .s3_client import (  # noqa: F401 - the client's helpers, importable from here
-    client, delete_keys, dir_prefix, download_objects, endpoint_url, errors, exists, get_bytes, list_objects,
-    region, require_credentials, safe_relative, translate, upload_files,
-)
+_MISSING = ("NoSuchKey", "404", "NotFound")
 
 
-def _key(loc: Location, rel: str) -> str:
-    return f"{loc.path}/{rel}" if loc.path else rel
-
-
-def _read(loc: Location, what: str = "read"):
-    return errors(what, str(loc), loc.bucket, DOWNLOAD_FAILED)
-
-
-def _write(loc: Location, what: str = "write to"):
-    return errors(what, str(loc), loc.bucket, UPLOAD_FAILED)
-
-
-class S3Backend(Backend):
+class S3Backend(ObjectBackend):
     scheme = "s3"
-    folder_word = "prefix"
+    key_word = "key"
+    translate = staticmethod(s3_client.translate)
 
-    # ------------------------------------------------------------------------------------- sources
-    def check_source(self, loc: Location, *, repo_type: str = "model") -> None:
-        uri = str(loc)
-        require_credentials("read", uri, DOWNLOAD_FAILED)
-        with _read(loc):
-            c = client()
-            resp = c.list_objects_v2(Bucket=loc.bucket, Prefix=dir_prefix(loc.path), MaxKeys=1)
-            if resp.get("KeyCount", len(resp.get("Contents", []))):
-                return
-            if loc.path and exists(c, loc.bucket, loc.path):
-                return
-        raise PermanentError(
-            f"nothing found at {uri} (no object with that key and none under that prefix): "
-            "upload the files there or fix the URI",
-            reason=DOWNLOAD_FAILED,
-        )
+    def where(self) -> str:
+        return s3_client.where()
 
-    def list_names(self, loc: Location, *, repo_type: str = "model") -> list[str]:
-        with _read(loc):
-            return [key[len(dir_prefix(loc.path)):] for key, _ in list_objects(client(), loc.bucket, loc.path)]
+    def endpoint(self) -> str:
+        return endpoint_url() or f"aws:{region()}"
 
-    def download(self, loc: Location, dest: Path, *, repo_type: str = "model",
-                 allow_patterns: list[str] | None = None) -> Path:
-        """Everything under the prefix into `dest` (returned), or the single object `loc.path` as dest/<name>."""
-        uri, dest = str(loc), Path(dest)
-        with _read(loc, "download"):
-            c = client()
-            objects = list_objects(c, loc.bucket, loc.path)
-            if not objects and loc.path and exists(c, loc.bucket, loc.path):
-                target = dest / PurePosixPath(loc.path).name
-                download_objects(c, loc.bucket, [(loc.path, target)])
-                return target
-            if not objects:
-                raise PermanentError(f"nothing to download at {uri}: upload the files there or fix the URI",
-                                     reason=DOWNLOAD_FAILED)
-            items = []
-            for key, _ in objects:
-                rel = safe_relative(key, loc.path)
-                if allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns):
-                    items.append((key, dest / rel))
-            dest.mkdir(parents=True, exist_ok=True)
-            download_objects(c, loc.bucket, items)
-        return dest
+    def require_credentials(self) -> None:
+        if not s3_client.has_credentials():
+            from botocore.exceptions import NoCredentialsError
 
-    def revision(self, loc: Location, *, repo_type: str = "model") -> Revision:
-        with _read(loc):
-            c = client()
-            listing = []
-            for page in c.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=dir_prefix(loc.path)):
-                listing += [[o["Key"], int(o["Size"]), o.get("ETag", "")] for o in page.get("Contents", [])
-                            if not o["Key"].endswith("/")]
-            if not listing and loc.path:
-                head = c.head_object(Bucket=loc.bucket, Key=loc.path)
-                listing = [[loc.path, int(head["ContentLength"]), head.get("ETag", "")]]
-        rev = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
-        endpoint = endpoint_url() or f"aws:{region()}"
-        return Revision(loc, rev, f"s3|{endpoint}|{loc.bucket}|{loc.path}|{rev}", f"{loc} (listing {rev})")
+            raise NoCredentialsError()
 
-    # ------------------------------------------------------------------------------------- outputs
-    def check_destination(self, loc: Location, job: dict | None = None) -> None:
-        s3_output.check_destination(loc, job)
+    def check_bucket(self, bucket: str) -> None:
+        client().head_bucket(Bucket=bucket)
 
-    def publish(self, local_dir: Path, loc: Location, *, private: bool = True,
-                commit_message: str = "Upload fine-tuned model", job: dict | None = None) -> str:
-        return s3_output.publish(Path(local_dir), loc, job=job)
+    def list_objects(self, bucket: str, prefix: str) -> Iterator[StoredObject]:
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                if not o["Key"].endswith("/"):
+                    yield StoredObject(o["Key"], int(o["Size"]), o.get("ETag", ""))
 
-    def read_manifest(self, loc: Location) -> dict | None:
-        return s3_output.read_manifest(loc)
+    def head_object(self, bucket: str, key: str) -> StoredObject | None:
+        head = _unless_missing(lambda: client().head_object(Bucket=bucket, Key=key))
+        return None if head is None else StoredObject(key, int(head["ContentLength"]), head.get("ETag", ""))
 
-    def is_complete(self, loc: Location) -> bool:
-        return s3_output.is_complete(loc)
+    def get_object(self, bucket: str, key: str) -> Versioned | None:
+        got = _unless_missing(lambda: client().get_object(Bucket=bucket, Key=key))
+        return None if got is None else Versioned(got["Body"].read(), got["ETag"])
 
-    def read_text(self, loc: Location, rel: str) -> str | None:
-        with _read(loc):
-            data = get_bytes(client(), loc.bucket, _key(loc, rel))
-        return None if data is None else data.decode("utf-8")
+    def put_object(self, bucket: str, key: str, data: bytes, *, if_absent: bool = False,
+                   if_version: str | None = None, content_type: str | None = None) -> str | None:
+        extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_version} if if_version is not None else {}
+        if content_type:
+            extra["ContentType"] = content_type
+        try:
+            return client().put_object(Bucket=bucket, Key=key, Body=data, **extra)["ETag"]
+        except Exception as e:  # noqa: BLE001
+            if (if_absent and _precondition_failed(e)) or (if_version is not None and _changed(e)):
+                return None
+            raise
 
-    # ------------------------------------------------------------------------------------- checkpoints
-    def check_writable(self, loc: Location) -> None:
-        s3_output.check_destination(loc, output=False)
+    def delete_object_if(self, bucket: str, key: str, version: str) -> bool:
+        try:
+            client().delete_object(Bucket=bucket, Key=key, IfMatch=version)
+            return True
+        except Exception as e:  # noqa: BLE001
+            if _changed(e):
+                return False
+            raise
 
-    def list_files(self, loc: Location) -> list[str]:
-        with _read(loc, "list"):
-            return [key[len(dir_prefix(loc.path)):] for key, _ in list_objects(client(), loc.bucket, loc.path)]
+    def upload_objects(self, bucket: str, pairs: list[tuple[Path, str]]) -> None:
+        s3_client.upload_files(client(), bucket, pairs)
 
-    def put_files(self, loc: Location, items: list[tuple[Path, str]]) -> None:
-        with _write(loc):
-            upload_files(client(), loc.bucket, [(Path(path), _key(loc, rel)) for path, rel in items])
+    def download_objects(self, bucket: str, pairs: list[tuple[str, Path]]) -> None:
+        s3_client.download_objects(client(), bucket, pairs)
 
-    def get_files(self, loc: Location, items: list[tuple[str, Path]]) -> None:
-        for rel, _ in items:
-            safe_relative(_key(loc, rel), loc.path)
-        with _read(loc, "download"):
-            download_objects(client(), loc.bucket, [(_key(loc, rel), Path(target)) for rel, target in items])
+    def copy_objects(self, bucket: str, pairs: list[tuple[str, str]]) -> None:
+        s3_client.copy_keys(client(), bucket, pairs)
 
-    def delete_files(self, loc: Location, rels: list[str]) -> None:
-        with _write(loc, "delete from"):
-            delete_keys(client(), loc.bucket, [_key(loc, rel) for rel in rels])
+    def delete_objects(self, bucket: str, keys: list[str]) -> None:
+        s3_client.delete_keys(client(), bucket, keys)
 
-    def write_text(self, loc: Location, rel: str, text: str) -> None:
-        with _write(loc):
-            client().put_object(Bucket=loc.bucket, Key=_key(loc, rel), Body=text.encode("utf-8"))
 
-    # ------------------------------------------------------------------------------------- the lease
-    def create_if_absent(self, loc: Location, rel: str, data: bytes) -> str | None:
-        with _write(loc, f"create {rel} in"):
-            try:
-                return client().put_object(Bucket=loc.bucket, Key=_key(loc, rel), Body=data, IfNoneMatch="*")["ETag"]
-            except Exception as e:  # noqa: BLE001
-                if _precondition_failed(e):
-                    return None
-                raise
-
-    def read_versioned(self, loc: Location, rel: str) -> Versioned | None:
-        with _read(loc, f"read {rel} in"):
-            try:
-                r = client().get_object(Bucket=loc.bucket, Key=_key(loc, rel))
-            except Exception as e:  # noqa: BLE001
-                if _code(e) in ("NoSuchKey", "404"):
-                    return None
-                raise
-            return Versioned(r["Body"].read(), r["ETag"])
-
-    def replace_if_unchanged(self, loc: Location, rel: str, data: bytes, version: str) -> str | None:
-        with _write(loc, f"replace {rel} in"):
-            try:
-                return client().put_object(Bucket=loc.bucket, Key=_key(loc, rel), Body=data, IfMatch=version)["ETag"]
-            except Exception as e:  # noqa: BLE001
-                if _precondition_failed(e) or _code(e) in ("NoSuchKey", "404"):
-                    return None
-                raise
-
-    def delete_if_unchanged(self, loc: Location, rel: str, version: str) -> bool:
-        with _write(loc, f"delete {rel} in"):
-            try:
-                client().delete_object(Bucket=loc.bucket, Key=_key(loc, rel), IfMatch=version)
-                return True
-            except Exception as e:  # noqa: BLE001
-                if _precondition_failed(e) or _code(e) in ("NoSuchKey", "404"):
-                    return False
-                raise
+def _unless_missing(call):
+    """call()'s answer, or None when S3 says the object is not there."""
+    try:
+        return call()
+    except Exception as e:  # noqa: BLE001
+        if _code(e) in _MISSING:
+            return None
+        raise
 
 
 def _code(e: BaseException) -> str:
@@ -189,3 +103,8 @@ def _code(e: BaseException) -> str:
 def _precondition_failed(e: BaseException) -> bool:
     status = getattr(e, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
     return _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict") or status in (409, 412)
+
+
+def _changed(e: BaseException) -> bool:
+    """A conditional write or delete found another version there, or none at all."""
+    return _precondition_failed(e) or _code(e) in ("NoSuchKey", "404")

@@ -1,11 +1,12 @@
 """The boto3 client of S3 and S3-compatible stores (MinIO, Ceph, R2, ...), configured from the standard AWS_* env:
-its errors as RunnerErrors, its transfers (listing, multipart upload, concurrent download, delete).
+its errors as RunnerErrors, its transfers of many objects (multipart upload, concurrent download, server-side
+copy, delete).
 
 A client is built per call from the environment as it is then: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_SESSION_TOKEN, AWS_REGION / AWS_DEFAULT_REGION (default us-east-1), AWS_ENDPOINT_URL_S3 or
 AWS_ENDPOINT_URL (path-style addressing when set), AWS_MAX_ATTEMPTS (default 5, standard retry mode), and
 FINETUNE_STORE_TIMEOUTS (runner/store/timeouts.py: connect and read timeouts, a deadline per operation).
-The Backend is runner/store/s3.py; publishing and the destination's ownership rules are in s3_output.py.
+The Backend is runner/store/s3.py (the object-store primitives); what it does with them is runner/store/objects.py.
 """
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ import contextlib
 import os
 import threading
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from runner.api.errors import DOWNLOAD_FAILED, PermanentError, RetryableError, RunnerError
+from runner.api.errors import PermanentError, RetryableError, RunnerError
 
 from . import timeouts
 
@@ -70,6 +70,10 @@ def client():
     return _session_and_client()[1]
 
 
+def has_credentials() -> bool:
+    return _session_and_client()[0].get_credentials() is not None
+
+
 def _build():
     import boto3
     from botocore.config import Config
@@ -112,7 +116,7 @@ def transfer_config():
     )
 
 
-def _where() -> str:
+def where() -> str:
     return f"the S3 endpoint {endpoint_url()}" if endpoint_url() else f"AWS S3 ({region()})"
 
 
@@ -135,7 +139,7 @@ def translate(exc: BaseException, *, action: str, uri: str, bucket: str | None, 
         if isinstance(e, (bx.EndpointConnectionError, bx.ConnectionClosedError, bx.ReadTimeoutError,
                           bx.ConnectTimeoutError, bx.ConnectionError, bx.HTTPClientError)):
             return RetryableError(
-                f"cannot {action} {uri}: could not reach {_where()} ({type(e).__name__}; "
+                f"cannot {action} {uri}: could not reach {where()} ({type(e).__name__}; "
                 f"{timeouts.ENV}={timeouts.limits().describe()}); retrying may help; if it persists check "
                 "AWS_ENDPOINT_URL_S3 and the network",
                 reason=reason,
@@ -153,7 +157,7 @@ def _client_error(e, *, action: str, uri: str, bucket: str | None, reason: str) 
     what = f"cannot {action} {uri}"
     if code == "NoSuchBucket" or (op == "HeadBucket" and code in ("404", "NotFound")):
         return PermanentError(
-            f"{what}: bucket '{bucket}' does not exist at {_where()}; create it, or fix the bucket in the URI "
+            f"{what}: bucket '{bucket}' does not exist at {where()}; create it, or fix the bucket in the URI "
             "(or AWS_ENDPOINT_URL_S3 if the bucket lives in another store)",
             reason=reason,
         )
@@ -162,70 +166,18 @@ def _client_error(e, *, action: str, uri: str, bucket: str | None, reason: str) 
                               reason=reason)
     if code in _PERMISSION_CODES or status in (401, 403):
         return PermanentError(
-            f"{what}: {_where()} refused the request ({code or status}); check that AWS_ACCESS_KEY_ID / "
+            f"{what}: {where()} refused the request ({code or status}); check that AWS_ACCESS_KEY_ID / "
             f"AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) are right and allow s3:ListBucket, s3:GetObject, "
             f"s3:PutObject and s3:DeleteObject on bucket '{bucket}'",
             reason=reason,
         )
     if code in _RETRYABLE_CODES or status >= 500 or status == 429:
-        return RetryableError(f"{what}: {_where()} answered {code or status} (transient); retrying may help",
+        return RetryableError(f"{what}: {where()} answered {code or status} (transient); retrying may help",
                               reason=reason)
-    return PermanentError(f"{what}: {_where()} answered {code or status}: {err.get('Message', '')}", reason=reason)
+    return PermanentError(f"{what}: {where()} answered {code or status}: {err.get('Message', '')}", reason=reason)
 
 
-@contextlib.contextmanager
-def errors(action: str, uri: str, bucket: str | None, reason: str) -> Iterator[None]:
-    """One store operation: its failures become RunnerErrors, and it ends within the deadline (timeouts.py)."""
-    try:
-        with timeouts.operation(f"{action} {uri}", _where(), reason):
-            yield
-    except RunnerError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - translated below or re-raised unchanged
-        err = translate(exc, action=action, uri=uri, bucket=bucket, reason=reason)
-        if err is None:
-            raise
-        raise err from exc
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def dir_prefix(prefix: str) -> str:
-    return f"{prefix}/" if prefix else ""
-
-
-def list_objects(c, bucket: str, prefix: str) -> list[tuple[str, int]]:
-    """(key, size) of every object under `prefix/` (the whole bucket for ""), directory markers skipped."""
-    out = []
-    for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=dir_prefix(prefix)):
-        for obj in page.get("Contents", []):
-            if not obj["Key"].endswith("/"):
-                out.append((obj["Key"], int(obj["Size"])))
-    return out
-
-
-def exists(c, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
-
-    try:
-        c.head_object(Bucket=bucket, Key=key)
-        return True
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
-
-
-def get_bytes(c, bucket: str, key: str) -> bytes | None:
-    from botocore.exceptions import ClientError
-
-    try:
-        return c.get_object(Bucket=bucket, Key=key)["Body"].read()
-    except ClientError as e:
-        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-
-
+# ---------------------------------------------------------------------------------------------- transfers
 def delete_keys(c, bucket: str, keys: list[str]) -> None:
     # One DeleteObject per key: DeleteObjects needs Content-MD5 that several S3-compatible stores handle badly.
     if keys:
@@ -272,15 +224,11 @@ def download_objects(c, bucket: str, items: list[tuple[str, Path]]) -> None:
             list(pool.map(one, items))
 
 
-def safe_relative(key: str, prefix: str) -> str:
-    rel = key[len(dir_prefix(prefix)):]
-    parts = PurePosixPath(rel).parts
-    if not rel or rel.startswith("/") or any(p in ("..", ".") for p in parts):
-        raise PermanentError(f"refusing to download s3 key {key!r}: its name escapes the destination folder",
-                             reason=DOWNLOAD_FAILED)
-    return rel
+def copy_keys(c, bucket: str, pairs: list[tuple[str, str]]) -> None:
+    """Server-side copies (multipart above the threshold), concurrently; raises on the first failure."""
+    from boto3.s3.transfer import create_transfer_manager
 
-
-def require_credentials(action: str, uri: str, reason: str) -> None:
-    if _session_and_client()[0].get_credentials() is None:
-        raise PermanentError(f"cannot {action} {uri}: no AWS credentials found; {CREDENTIALS_HINT}", reason=reason)
+    with create_transfer_manager(c, transfer_config()) as manager:
+        futures = [manager.copy({"Bucket": bucket, "Key": src}, bucket, dst) for src, dst in pairs]
+        for fut in futures:
+            fut.result()

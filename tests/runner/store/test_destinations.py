@@ -46,7 +46,7 @@ def test_s3_own_earlier_output_with_a_users_file_added_is_refused(s3_server, tmp
 
 def test_s3_publish_cut_short_is_recognised_and_finished_by_the_next_run(s3_server, tmp_path):
     """A first publish killed after its marker and some files: the keys are the runner's, the next run goes on."""
-    from runner.store import s3_output
+    from runner.store import objects
 
     dest = Location.parse(f"s3://{s3_server.bucket}/out")
     out = make_output(tmp_path / "o")
@@ -54,7 +54,7 @@ def test_s3_publish_cut_short_is_recognised_and_finished_by_the_next_run(s3_serv
     marker = {"format": "finetune-manifest/v1", "publishing": True, "job": JOB,
               "files": [{"path": p} for p in files + ["gone.bin"]]}
     c, b = s3_server.client, s3_server.bucket
-    c.put_object(Bucket=b, Key=f"out/{s3_output.MARKER}", Body=json.dumps(marker).encode())
+    c.put_object(Bucket=b, Key=f"out/{objects.MARKER}", Body=json.dumps(marker).encode())
     c.put_object(Bucket=b, Key="out/gone.bin", Body=b"half")
     c.put_object(Bucket=b, Key=f"out/{files[0]}", Body=b"half")
     _refused(lambda: storage.check_destination(dest, OTHER), "job-a")
