@@ -46,6 +46,9 @@ README = Path("README.md")
 
 INSTALL_RELEASE = "finetune-operator"
 INSTALL_NAMESPACE = "finetune-system"
+# The Kubernetes version install.yaml is rendered for (the chart leaves the CRD's CEL rules out before 1.25, whose
+# API servers refuse them; `helm install` knows the cluster's version itself).
+INSTALL_KUBE_VERSION = "1.27.0"
 
 
 # ------------------------------------------------------------------------------------------------ helm
@@ -80,7 +83,8 @@ def find_helm(explicit: str | None = None, root: Path = ROOT) -> str:
 # ------------------------------------------------------------------------------------------- the files
 def render_install(helm_bin: str, root: Path = ROOT) -> str:
     """manifests/install.yaml: a Namespace, then the chart rendered with its default values."""
-    p = helm(helm_bin, "template", INSTALL_RELEASE, str(root / CHART), "--namespace", INSTALL_NAMESPACE)
+    p = helm(helm_bin, "template", INSTALL_RELEASE, str(root / CHART), "--namespace", INSTALL_NAMESPACE,
+             "--kube-version", INSTALL_KUBE_VERSION)
     if p.returncode != 0:
         raise SystemExit(f"helm template {CHART} failed ({p.returncode}):\n{p.stderr}")
     header = f"""\
@@ -90,7 +94,8 @@ def render_install(helm_bin: str, root: Path = ROOT) -> str:
 #
 # Generated from charts/finetune-operator by `{COMMAND}`; do not edit by hand (a test keeps them in
 # sync). To change images or options, use the chart: `helm template {INSTALL_RELEASE} charts/finetune-operator
-# -n {INSTALL_NAMESPACE} --set ...`, or `helm install` (README: "Install on a cluster").
+# -n {INSTALL_NAMESPACE} --set ...`, or `helm install` (README: "Install on a cluster"). Rendered for Kubernetes
+# {INSTALL_KUBE_VERSION}+ (1.25+ is enough); for an older cluster add `--kube-version` with its version to `helm template`.
 ---
 apiVersion: v1
 kind: Namespace

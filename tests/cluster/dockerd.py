@@ -51,7 +51,8 @@ def missing_packages() -> list[str]:
 
 class Dockerd:
     def __init__(self, home: Path | None = None):
-        self.home = Path(home or CACHE / "docker")
+        # FTC_DOCKER_HOME: another daemon's home, e.g. for a `node up` beside the test session's daemon
+        self.home = Path(home or os.environ.get("FTC_DOCKER_HOME") or CACHE / "docker")
         self.sock = self.home / "docker.sock"
         self.host = f"unix://{self.sock}"
         self.proc: subprocess.Popen | None = None

@@ -2,6 +2,7 @@
 (v1.20.2, its built-in dockershim) over the private Docker daemon (dockerd.py). Real pods, real containers.
 
     python -m tests.cluster.node up      # start; prints the kubeconfig path, stays up until Ctrl-C
+                                         # (no CRD: the README's `helm install` brings it, as on a real cluster)
     with RealNode() as node:             # in tests (tests/e2e/conftest.py)
         node.kubectl("get", "nodes")
 
@@ -193,15 +194,22 @@ def leftovers(before_pids: set[int] | None = None) -> list[str]:
     return out
 
 
+def bare(dockerd: Dockerd | None = None) -> RealNode:
+    """The node `up` starts, and the one tests/e2e installs the operator on: nothing of the project's applied, so
+    the README's `helm install` installs the CRD with the release (it refuses a CRD it does not own)."""
+    return RealNode(dockerd=dockerd)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] != ["up"]:
         print("usage: python -m tests.cluster.node up   (Ctrl-C stops it and cleans up)", file=sys.stderr)
         return 2
-    node = RealNode(crds=sorted(str(p) for p in (Path(__file__).resolve().parents[2] / "manifests/crds").glob("*.yaml")))
+    node = bare()
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     with node:
-        print(f"KUBECONFIG={node.cluster.kubeconfig}\nready in {node.timings['ready']} s; Ctrl-C to stop", flush=True)
+        print(f"KUBECONFIG={node.cluster.kubeconfig}\nready in {node.timings['ready']} s; no CRD yet: install the "
+              "operator with the README's helm install (Install on a cluster, 2a); Ctrl-C to stop", flush=True)
         try:
             while not stop:
                 time.sleep(1)

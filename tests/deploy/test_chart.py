@@ -11,7 +11,7 @@ import pytest
 import yaml
 from packaging.version import Version
 
-from controller import crd, rbac
+from controller import crd, generate, rbac
 from tests.deploy.conftest import CHART, CHART_CRD, CRD_FILE, by_kind, docs, helm, set_args, template
 
 OLDEST_SUPPORTED = Version("1.27")
@@ -46,7 +46,9 @@ VALUE_SETS = {
 
 @pytest.fixture(scope="module")
 def rendered(helm_bin) -> dict[str, list[dict]]:
-    return {name: docs(template(helm_bin, *sets).stdout) for name, sets in VALUE_SETS.items()}
+    # rendered for the clusters the manifests are validated against (1.27+); older ones: test_cel_rules_...
+    return {name: docs(template(helm_bin, f"--kube-version={generate.INSTALL_KUBE_VERSION}", *sets).stdout)
+            for name, sets in VALUE_SETS.items()}
 
 
 def test_helm_lint_is_clean(helm_bin):
@@ -192,6 +194,16 @@ def test_crd_is_the_generated_one_with_this_releases_runner_defaults(rendered):
         "openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert spec["resources"]["properties"]["gpuResourceName"]["default"] == "amd.com/gpu"
     assert spec["imagePullSecrets"]["default"] == ["regcred"]
+
+
+@pytest.mark.parametrize("version, cel", [("1.20.2", False), ("1.24.9", False), ("1.25.0", True), ("1.31.0", True)])
+def test_cel_rules_only_where_the_api_server_knows_them(helm_bin, version, cel):
+    """Before 1.25 an API server refuses `x-kubernetes-validations` (helm's OpenAPI check: unknown field), so the
+    chart leaves the CEL rules out there and installs on every version its kubeVersion admits."""
+    objs = docs(template(helm_bin, f"--kube-version={version}").stdout)
+    spec = by_kind(objs, "CustomResourceDefinition")[0]["spec"]
+    assert spec == crd.crd(cel=cel)["spec"]
+    assert ("x-kubernetes-validations" in json.dumps(spec)) is cel
 
 
 def _rules(obj: dict) -> list[dict]:

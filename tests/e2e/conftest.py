@@ -8,6 +8,9 @@ and the operator installed with `helm install` from charts/. Every test has its 
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import time
 import uuid
 from pathlib import Path
 
@@ -17,13 +20,15 @@ import yaml
 from runner.api.parse import manifest
 from tests.cluster.cluster import free_port, wait_for
 from tests.cluster.dockerd import Dockerd
+from tests.cluster import node as node_module
 from tests.cluster.node import RealNode
 from tests.conftest import QA_ROWS, ROOT, write_jsonl
 from tests.e2e import images
 
-RELEASE, OPERATOR_NS = "finetune", "finetune-system"
+RELEASE, OPERATOR_NS = "finetune-operator", "finetune-system"  # the README's
 BUCKET = "e2e"
 CHART = ROOT / "charts" / "finetune-operator"
+README_REGISTRY = "registry.example.com/"  # the README's placeholder; the images built here are local
 
 
 def pytest_collection_modifyitems(items):
@@ -46,18 +51,18 @@ def built_images(dockerd) -> dict:
 
 @pytest.fixture(scope="session")
 def node(dockerd, built_images):
-    n = RealNode(dockerd=dockerd).start()
+    n = node_module.bare(dockerd).start()  # the node `python -m tests.cluster.node up` starts
     yield n
     n.stop()
 
 
 class S3:
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, key_id: str, secret: str):
         import boto3
         from botocore.config import Config
 
         self.endpoint = endpoint
-        self.env = {"AWS_ACCESS_KEY_ID": "AKIAE2E0000000000001", "AWS_SECRET_ACCESS_KEY": "e2e-" + uuid.uuid4().hex,
+        self.env = {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret,
                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint}
         self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                                    aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
@@ -83,20 +88,42 @@ class S3:
         return dest
 
 
+def iam_user_keys(endpoint: str) -> tuple[str, str]:
+    """An IAM user of the moto server allowed s3:* on the tier's bucket, and its access key (id, secret)."""
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bootstrap",
+                       aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="e2e")
+    iam.put_user_policy(UserName="e2e", PolicyName="bucket", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": [
+            f"arn:aws:s3:::{BUCKET}", f"arn:aws:s3:::{BUCKET}/*"]}]}))
+    key = iam.create_access_key(UserName="e2e")["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory, tiny_llama) -> S3:
-    """A real S3 API (moto server) on 127.0.0.1, with the tiny model and the Q/A data in it."""
+    """A real S3 API (moto server) on 127.0.0.1, with the tiny model and the Q/A data in it. Its authentication is on
+    (moto's IAM: every request's signature checked against an IAM user's access key, and that user's policy
+    applied), so a pod with wrong keys is refused as by AWS; without it moto accepts any key."""
+    from moto import settings
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    store = S3(f"http://{host}:{port}")
+    endpoint = f"http://{host}:{port}"
+    no_auth = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    key_id, secret = iam_user_keys(endpoint)  # made while auth is off
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # from now on every request is authenticated and authorized
+    store = S3(endpoint, key_id, secret)
     store.model = store.upload_dir(tiny_llama, "models/tiny-llama")
     data = write_jsonl(tmp_path_factory.mktemp("e2e-data") / "qa.jsonl", QA_ROWS)
     store.client.upload_file(str(data), BUCKET, "data/qa.jsonl")
     store.data = f"s3://{BUCKET}/data/qa.jsonl"
     yield store
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = no_auth
     server.stop()
 
 
@@ -123,20 +150,47 @@ def operator_values(node: RealNode, http_port: int) -> dict:
     }
 
 
+def readme_install() -> list[list[str]]:
+    """The commands of README "Install on a cluster", step 2a (With helm), as written there: `helm install ...`
+    and `kubectl ... rollout status ...`, each an argv."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("**2a. With helm**", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in re.sub(r"\\\n\s*", " ", block).strip().splitlines()]
+
+
+def readme_install_on(node: RealNode, values: Path) -> list[tuple[str, float]]:
+    """Run the README's install commands on `node`, with what this node needs and nothing else: the images built
+    here are local (the README's registry.example.com/ prefix dropped) and `-f values` gives the node's networking,
+    the images' `e2e` tag and pull policy (operator_values). No other flag: the chart must install as documented on
+    the Kubernetes version it admits (this node's is 1.20.2). Returns each command as run, with its wall time."""
+    ran = []
+    for argv in readme_install():
+        argv = [a.replace(f"={README_REGISTRY}", "=") for a in argv]
+        argv = [str(ROOT / a) if "/" in a and (ROOT / a).is_dir() else a for a in argv]  # run from the checkout
+        if argv[:2] == ["helm", "install"]:
+            argv += ["-f", str(values)]
+        t0 = time.monotonic()
+        if argv[0] == "helm":
+            r = node.cluster.helm_run(*argv[1:], check=False, timeout=240)
+        else:  # kubectl ... rollout status: waits for the controller pod to be Ready
+            r = node.kubectl(*argv[1:], check=False, timeout=240)
+        ran.append((shlex.join(argv), round(time.monotonic() - t0, 1)))
+        if r.returncode != 0:
+            pods = node.kubectl("get", "pods", "-n", OPERATOR_NS, "-o", "wide", check=False).stdout
+            logs = node.kubectl("logs", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=finetune-operator",
+                                "--tail=60", check=False)
+            pytest.fail(f"{shlex.join(argv)} failed ({r.returncode}):\n{r.stderr}\n{pods}\n"
+                        f"{logs.stdout}{logs.stderr}\n{node.log_tail()}")
+    return ran
+
+
 @pytest.fixture(scope="session")
 def operator(node, tmp_path_factory):
-    """`helm install` of charts/finetune-operator with the controller image built here; waits for Ready."""
+    """The operator installed by the README's own `helm install` (readme_install_on); its controller pod Ready."""
     values = tmp_path_factory.mktemp("helm") / "values.yaml"
     values.write_text(yaml.safe_dump(operator_values(node, free_port())))
-    node.kubectl("create", "namespace", OPERATOR_NS)
-    r = node.cluster.helm_run("install", RELEASE, str(CHART), "-n", OPERATOR_NS, "-f", str(values), "--wait",
-                              "--disable-openapi-validation",  # the 1.20 server's OpenAPI predates fields the chart sets
-                              "--timeout", "180s", check=False, timeout=240)
-    if r.returncode != 0:
-        pods = node.kubectl("get", "pods", "-n", OPERATOR_NS, "-o", "wide", check=False).stdout
-        logs = node.kubectl("logs", "-n", OPERATOR_NS, "-l", "app.kubernetes.io/name=finetune-operator",
-                            "--tail=60", check=False)
-        pytest.fail(f"helm install failed:\n{r.stderr}\n{pods}\n{logs.stdout}{logs.stderr}\n{node.log_tail()}")
+    ran = readme_install_on(node, values)
+    print("\nREADME install on the node:\n" + "\n".join(f"  {cmd}   # {secs} s" for cmd, secs in ran))
     yield RELEASE
     node.cluster.helm_run("uninstall", RELEASE, "-n", OPERATOR_NS, check=False)
 
