@@ -19,6 +19,7 @@ LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_JOB_NAME = f"{names.GROUP}/job-name"  # the full FineTuneJob name (labels are limited to 63)
 ANNOTATION_SPEC = f"{names.GROUP}/spec"  # the runner's job file (JSON), mounted through the downward API
 ANNOTATION_SPEC_HASH = f"{names.GROUP}/spec-hash"
+ANNOTATION_DEFAULT_RESOURCES = f"{names.GROUP}/default-resources"  # what runner.defaultResources gave a pod
 MANAGED_BY = "finetune-controller"
 RUNNER_CONTAINER = "runner"
 

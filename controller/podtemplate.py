@@ -137,11 +137,43 @@ class ModelCache(_Model):
     claim_name: str = ""
 
 
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"  # a Kubernetes quantity (500m, 2, 4Gi)
+DEFAULTED = ("cpu", "memory")  # the resources runner.defaultResources may give
+
+
+class ResourceList(_Model):
+    cpu: str | None = Field(None, pattern=_QUANTITY)
+    memory: str | None = Field(None, pattern=_QUANTITY)
+
+
+class DefaultResources(_Model):
+    """The chart's `runner.defaultResources`: cpu and memory requests and limits for runner pods whose job sets
+    none. Per resource: a job's own resources.cpu (resources.memory) replaces every cpu (memory) entry here."""
+
+    requests: ResourceList = Field(default_factory=ResourceList)
+    limits: ResourceList = Field(default_factory=ResourceList)
+
+    def apply(self, container: dict) -> str:
+        """Fill in the resources `container` does not set; what was given, for the pod's annotation ("" if none)."""
+        res = container.setdefault("resources", {})
+        given = []
+        for resource in DEFAULTED:
+            if any(resource in (res.get(kind) or {}) for kind in ("requests", "limits")):
+                continue  # the job set it
+            for kind in ("requests", "limits"):
+                value = getattr(getattr(self, kind), resource)
+                if value:
+                    res.setdefault(kind, {})[resource] = value
+                    given.append(f"{kind}.{resource}={value}")
+        return " ".join(given)
+
+
 class RunnerPod(_Model):
-    """The chart's `runner.podTemplate` and `runner.modelCache`."""
+    """The chart's `runner.podTemplate`, `runner.modelCache` and `runner.defaultResources`."""
 
     pod_template: PodTemplatePatch = Field(default_factory=PodTemplatePatch)
     model_cache: ModelCache = Field(default_factory=ModelCache)
+    default_resources: DefaultResources = Field(default_factory=DefaultResources)
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -231,6 +263,10 @@ class RunnerPod(_Model):
         patch = self.pod_template
         md["labels"] = {**patch.metadata.labels, **md.get("labels", {})}
         md["annotations"] = {**patch.metadata.annotations, **md.get("annotations", {})}
+        given = self.default_resources.apply(c)
+        if given:
+            md["annotations"][naming.ANNOTATION_DEFAULT_RESOURCES] = (
+                f"{given} (runner.defaultResources, where the FineTuneJob's resources set none)")
         p = patch.spec
         for key in ("runtimeClassName", "hostNetwork", "dnsPolicy", "dnsConfig", "schedulerName",
                     "terminationGracePeriodSeconds"):
@@ -335,6 +371,10 @@ def claim_name_problem(name: Any) -> str | None:
 def _unset_empty(doc: dict) -> dict:
     """The chart lists every key with an empty default ("", false, {}): those mean "not set"."""
     doc = copy.deepcopy(doc)
+    for lst in ((doc.get("defaultResources") or {}).values()):
+        if isinstance(lst, dict):
+            for key in [k for k, v in lst.items() if v in ("", None)]:
+                del lst[key]
     spec = (doc.get("podTemplate") or {}).get("spec")
     if isinstance(spec, dict):
         for key in [k for k, v in spec.items() if v in ("", None, False, {})]:

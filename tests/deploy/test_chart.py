@@ -263,11 +263,14 @@ def test_deployment_flags_probes_and_security(rendered):
     from controller.policy import Policy
 
     assert c["args"][7:8] == [f"--policy={Policy().describe().replace(' ', '')}"]
-    # the admin's additions to runner pods (values runner.podTemplate, runner.modelCache): none by default
-    from controller.podtemplate import RunnerPod
+    # the admin's additions to runner pods (values runner.podTemplate, runner.modelCache): none by default; and the
+    # default resources of runner pods whose job sets none (runner.defaultResources)
+    from controller.podtemplate import DefaultResources, RunnerPod
 
     assert c["args"][8].startswith("--runner-pod=")
-    assert RunnerPod.from_text(c["args"][8].split("=", 1)[1]) == RunnerPod()
+    runner_pod = RunnerPod.from_text(c["args"][8].split("=", 1)[1])
+    assert runner_pod == RunnerPod(default_resources=DefaultResources.model_validate(
+        {"requests": {"cpu": "500m", "memory": "4Gi"}, "limits": {"memory": "32Gi"}}))
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]

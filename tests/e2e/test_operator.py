@@ -82,6 +82,49 @@ def test_job_runs_in_a_real_pod_and_publishes_to_s3(node, namespace, s3, tmp_pat
     print(f"\nhappy path: {time.monotonic() - t0:.1f} s; phases {seen}")
 
 
+def test_wrong_s3_credentials_fail_once_naming_the_keys(node, namespace, s3):
+    """The S3 server checks every signature (moto's IAM auth, tests/e2e/conftest.py): a Secret with a wrong secret
+    key fails the job in its first pod, at Validating, permanently (no retry), with a message naming the keys to
+    fix and never showing them."""
+    t0 = time.monotonic()
+    wrong = {**s3.env, "AWS_SECRET_ACCESS_KEY": "wrong-" + s3.env["AWS_SECRET_ACCESS_KEY"][6:]}
+    node.kubectl("create", "secret", "generic", "wrong-creds", "-n", namespace,
+                 *[f"--from-literal={k}={v}" for k, v in wrong.items()])
+    apply(node, namespace, ftj("wrongkeys", s3, s3SecretRef={"name": "wrong-creds"}))
+    s = wait_status(node, namespace, "wrongkeys", lambda s: s.get("phase") == st.FAILED, 300, "the job to fail")
+    assert s["attempt"] == 1 and s["failedAttempts"] == 1, s  # its one attempt; permanent: not retried
+    assert s["reason"] == st.INVALID_SPEC, s  # found at Validating, before any download
+    assert "AWS_ACCESS_KEY_ID" in s["message"] and "AWS_SECRET_ACCESS_KEY" in s["message"], s["message"]
+    assert wrong["AWS_SECRET_ACCESS_KEY"] not in json.dumps(s) and s3.env["AWS_SECRET_ACCESS_KEY"] not in json.dumps(s)
+    pods = _runner_pods(node, namespace, "wrongkeys")
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    term = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 2 and json.loads(term["message"])["failedPhase"] == st.VALIDATING, term
+    time.sleep(3)  # and no second pod or attempt comes
+    assert len(_runner_pods(node, namespace, "wrongkeys")) == 1 and status(node, namespace, "wrongkeys")["attempt"] == 1
+    print(f"\nwrong credentials: {time.monotonic() - t0:.1f} s: {s['message'][:200]}")
+
+
+def test_a_job_without_resources_gets_the_charts_default_resources(node, namespace, s3):
+    """A CPU job that sets no resources.memory (nor cpu): its runner pod gets the chart's runner.defaultResources
+    (the README's install, default values), and `kubectl describe pod` says what was applied."""
+    doc = ftj("defaults", s3)
+    doc["spec"]["resources"] = {"gpus": 0}
+    apply(node, namespace, doc)
+    wait_for(lambda: _runner_pods(node, namespace, "defaults"), 120, interval=0.5, what="the runner pod")
+    pod = _runner_pods(node, namespace, "defaults")[-1]
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources == {"requests": {"cpu": "500m", "memory": "4Gi"}, "limits": {"memory": "32Gi"}}, resources
+    described = node.kubectl("describe", "pod", pod["metadata"]["name"], "-n", namespace).stdout
+    flat = " ".join(described.split())  # describe wraps long annotations onto the next line
+    assert ("finetune.dev/default-resources: requests.cpu=500m requests.memory=4Gi limits.memory=32Gi "
+            "(runner.defaultResources" in flat), described
+    assert "Limits: memory: 32Gi Requests: cpu: 500m memory: 4Gi" in flat, described
+    s = wait_status(node, namespace, "defaults", lambda s: s.get("phase") in (st.SUCCEEDED, st.FAILED), 600,
+                    "the job to finish")
+    assert s["phase"] == st.SUCCEEDED, s
+
+
 def test_too_little_memory_is_really_oomkilled(node, namespace, s3):
     t0 = time.monotonic()
     apply(node, namespace, ftj("oom", s3, resources={"gpus": 0, "memory": "160Mi"}))
