@@ -214,7 +214,9 @@ def attempts_of(jobs: list[dict], pods: list[dict]) -> list[Attempt]:
 def _job_outcome(a: Attempt) -> None:
     job, ps = a.job, a.pods
     done = [p for p in ps if pod_phase(p) == POD_SUCCEEDED]
-    failed = [p for p in ps if pod_phase(p) == POD_FAILED]
+    # A pod deleted by hand (`kubectl delete pod`) exits on its SIGTERM and may show Failed while it goes; where the
+    # Job does not count it (it makes a replacement pod of the same attempt), it is no failure of the attempt.
+    failed = [p for p in ps if pod_phase(p) == POD_FAILED and (not deleting(p) or true_condition(job, JOB_FAILED))]
     if done or true_condition(job, JOB_COMPLETE):
         a.outcome, a.pod = "succeeded", (done[-1] if done else None)
         a.result = result_of(terminated(a.pod)) if a.pod else {}

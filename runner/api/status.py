@@ -72,6 +72,7 @@ CONDITION_TYPES = (CONDITION_SUCCEEDED, CONDITION_FAILED, CONDITION_RUNNING, CON
 
 # Events the controller records beside its phase transitions.
 EVENT_ATTEMPT_FAILED = "AttemptFailed"  # a retryable failure; another attempt follows
+EVENT_POD_REPLACED = "PodReplaced"  # a runner pod was deleted and its Job made a new one for the same attempt
 
 # Spec fields that may change while the job runs (run policy). Everything else is fixed at creation.
 MUTABLE_SPEC_FIELDS = ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")

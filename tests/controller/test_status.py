@@ -270,3 +270,41 @@ def test_names_are_deterministic_and_fit_label_values():
     assert len(job_name(long, 12)) <= 63 and job_name(long, 12) == job_name(long, 12)
     assert job_name(long, 1) != job_name("x" * 79, 1)
     assert len(child_name("y" * 260, "runner", 253)) <= 253
+
+
+# ------------------------------------------------------------------- a runner pod deleted by hand
+def test_a_deleted_pod_that_its_job_replaces_is_no_failed_attempt():
+    """`kubectl delete pod`: the runner saves a checkpoint on SIGTERM and exits 75, so the pod shows Failed while it
+    goes; its Job (not failed) makes a new pod of the same attempt. No AttemptFailed, no attempt 2, no Pending: the
+    status says the pod was replaced and from which step the new one resumes, with one Normal PodReplaced Event."""
+    old = {"phase": "Training", "attempt": 1, "jobName": "demo-1", "failedAttempts": 0,
+           "message": "attempt 1: pod demo-1-old is running", "lastCheckpoint": {"name": "checkpoint-40", "step": 40},
+           "runner": {"phase": "Training", "pod": "demo-1-old", "attempt": 1}}
+    gone = pod(1, "Failed", name="demo-1-old", exit_code=75, message=result("TrainingFailed", exit_code=75),
+               deleting=True)
+    for pods in ([gone], [gone, pod(1, "Pending", name="demo-1-new")], [gone, pod(1, "Running", name="demo-1-new")],
+                 [pod(1, "Running", name="demo-1-new")]):  # the old pod going, then gone
+        a = run(ftj(status=old), [job(1)], pods)
+        s = a.status
+        assert not a.actions and s["failedAttempts"] == 0 and s["attempt"] == 1, (pods, s, a.actions)
+        assert "AttemptFailed" not in [e.reason for e in a.events], a.events
+        assert "demo-1-old was deleted" in s["message"], s["message"]
+        if len(pods) > 1 or pods[0]["metadata"]["name"] == "demo-1-new":
+            running = pods[-1]["status"]["phase"] == "Running"
+            assert s["phase"] == ("Running" if running else "Pending"), s
+            assert "replaced by pod demo-1-new" in s["message"] and "checkpoint of step 40" in s["message"], s
+            assert [(e.type, e.reason) for e in a.events if e.reason == "PodReplaced"] == [("Normal", "PodReplaced")]
+    # once the new pod's runner reports, its own phase
+    new = {**old, "runner": {"phase": "Training", "pod": "demo-1-new", "attempt": 1},
+           "message": s["message"]}
+    s = run(ftj(status=new), [job(1)], [pod(1, "Running", name="demo-1-new")]).status
+    assert s["phase"] == "Training" and "deleted" not in s["message"], s
+
+
+def test_a_deleted_pod_whose_job_counts_it_failed_is_a_failed_attempt():
+    """Where the Job itself counts the deleted pod (it failed the Job), the attempt failed: attempt 2 follows."""
+    old = {"phase": "Training", "attempt": 1, "runner": {"phase": "Training", "pod": "demo-1-old", "attempt": 1}}
+    gone = pod(1, "Failed", name="demo-1-old", exit_code=75, message=result("TrainingFailed", exit_code=75),
+               deleting=True)
+    a = run(ftj(status=old), [job(1, failed="BackoffLimitExceeded")], [gone])
+    assert a.status["failedAttempts"] == 1 and "AttemptFailed" in [e.reason for e in a.events]

@@ -194,11 +194,36 @@ def test_deleted_pod_checkpoints_on_sigterm_and_a_new_pod_resumes(node, namespac
     assert s.get("phase") != st.FAILED, s
     pod = _runner_pods(node, namespace, "preempted")[-1]["metadata"]["name"]
     node.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")  # a real SIGTERM, grace period honoured
+    seen: list[dict] = []
+    def replaced():  # every status written meanwhile, until the new pod's runner reports
+        s = status(node, namespace, "preempted")
+        if not seen or seen[-1] != s:
+            seen.append(s)
+        runner = s.get("runner") or {}
+        return s.get("attempt", 1) > 1 or (runner.get("pod") not in (None, pod) and runner.get("phase"))
+    wait_for(replaced, timeout=300, interval=0.3, what="the new pod's runner to report")
     step = _stopped_with_a_checkpoint(node, namespace, "preempted", pod)
     s = _resumed_and_succeeded(node, namespace, "preempted", pod)
     assert s["runner"]["resumedFrom"]["step"] == step
+    events = _events(node, namespace, "preempted")
+    if s["attempt"] == 1:  # the Job replaced the pod itself: a deleted pod, not a failed attempt
+        assert st.EVENT_ATTEMPT_FAILED not in [e["reason"] for e in events], events
+        assert s["failedAttempts"] == 0, s
+        assert not [x for x in seen if x.get("phase") in (st.PENDING, st.FAILED) and "attempt 2" in
+                    (x.get("message") or "")], seen
+        [note] = [e for e in events if e["reason"] == st.EVENT_POD_REPLACED]
+        assert note["type"] == "Normal" and f"pod {pod} was deleted and replaced by pod" in note["message"], note
+        assert "resumes from the checkpoint of step" in note["message"] or "starts over" in note["message"], note
+    else:  # where the Job counts the deleted pod as failed: attempt 2, announced as such
+        assert st.EVENT_ATTEMPT_FAILED in [e["reason"] for e in events], events
     print(f"\ndelete pod -> resume: {time.monotonic() - t0:.1f} s; attempt {s['attempt']}, resumed from "
           f"{s['runner']['resumedFrom']}")
+
+
+def _events(node, ns: str, name: str) -> list[dict]:
+    items = json.loads(node.kubectl("get", "events", "-n", ns, "-o", "json").stdout)["items"]
+    return [{"type": e["type"], "reason": e["reason"], "message": e.get("message", "")} for e in items
+            if e["involvedObject"].get("kind") == "FineTuneJob" and e["involvedObject"]["name"] == name]
 
 
 def test_suspend_then_resume_goes_on_from_the_checkpoint(node, namespace, s3):
