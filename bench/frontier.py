@@ -158,7 +158,7 @@ def _step_callback(rec: dict, profile_at: int | None):
 
 def runner_worker(model_dir: Path, shape: str, workloads: list[dict], out: Path, work: Path) -> None:
     """Every workload on one loaded base: LoRA weights restored before each, so the losses compare."""
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.train import fsdp as parallel
     from runner.api.parse import parse_job
     from runner.train.plan import make_plan
@@ -168,8 +168,8 @@ def runner_worker(model_dir: Path, shape: str, workloads: list[dict], out: Path,
     first = parse_job(tb.job_for(json.dumps({"lora": LORA}), model_dir, shape)).spec
     plan0 = make_plan(first, model_dir)
     model = parallel.load_base(first, model_dir, plan0)
-    tok = model_phase.load_tokenizer(model_dir, first.model)
-    model = model_phase.add_lora(model, first.lora)
+    tok = model_load.load_tokenizer(model_dir, first.model)
+    model = model_load.add_lora(model, first.lora)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     packing = plan0.with_packing(model).packing
     for w in workloads:

@@ -172,7 +172,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
                log_every_step: bool = False) -> tuple[dict, Path]:
     from peft import prepare_model_for_kbit_training
 
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.train import fsdp as parallel
     from runner.train.plan import make_plan
     from runner.train.trainer import make_trainer
@@ -186,7 +186,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
     t_load = time.perf_counter()
     model = parallel.load_base(spec, model_dir, plan)
     load_s = time.perf_counter() - t_load
-    tok = model_phase.load_tokenizer(model_dir, spec.model)
+    tok = model_load.load_tokenizer(model_dir, spec.model)
     if name == "notebook":  # the notebooks call this: it upcasts every non-4-bit weight to fp32
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = parallel.add_lora(model, spec.lora)  # under FSDP the sharded loader added them already
@@ -254,10 +254,10 @@ def _per_rank(value: float) -> list[float]:
 
 def time_merge(model_dir: Path, adapter: Path, work: Path, shape: str) -> dict:
     from runner.merge import fold as merge_phase
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
 
     spec = parse_job(job_for("defaults", model_dir, shape)).spec
-    tok = model_phase.load_tokenizer(model_dir, spec.model)
+    tok = model_load.load_tokenizer(model_dir, spec.model)
     probe = torch.randint(10, 500, (2, 32))  # every shape has a vocabulary of at least 512
     out = work / "merged"
     shutil.rmtree(out, ignore_errors=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from runner.model import load as model_phase
+from runner.model import load as model_load
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.model.files import INDEX, BaseFiles, Reader
 
@@ -63,7 +63,7 @@ def meta_model_to_shard(model_dir: Path, spec, plan, files: BaseFiles):
         quant_type = saved.get("bnb_4bit_quant_type", q.quant_type)
         double = saved.get("bnb_4bit_use_double_quant", q.double_quant)
         for name, module in list(model.named_modules()):
-            wanted = (f"{name}.weight" in files.quantized) if prequantized else model_phase.is_quantized_linear(
+            wanted = (f"{name}.weight" in files.quantized) if prequantized else model_load.is_quantized_linear(
                 name, module)
             if not wanted or not isinstance(module, torch.nn.Linear):
                 continue
@@ -139,7 +139,7 @@ def load_sharded(spec, model_dir: Path, plan, *, seed: int | None = None):
     distributed.init()  # the process group (NCCL on GPUs, gloo on CPU), if nothing joined it yet
     files = BaseFiles(model_dir)
     model = meta_model_to_shard(model_dir, spec, plan, files)
-    model = model_phase.add_lora(model, spec.lora)
+    model = model_load.add_lora(model, spec.lora)
     # The adapters in the compute dtype before FSDP records each parameter's dtype (peft makes them float32;
     # for a 4-bit model trl casts them to bfloat16 by assigning `.data`, which a sharded parameter must not
     # see: its gradients would stay float32 and the optimizer refuse the mix). So trl is told nothing.
@@ -147,7 +147,7 @@ def load_sharded(spec, model_dir: Path, plan, *, seed: int | None = None):
         if p.requires_grad:
             p.data = p.data.to(plan.compute_dtype)
     model.get_base_model().__dict__.pop("is_loaded_in_4bit", None)
-    dev = model_phase.device()
+    dev = model_load.device()
     world, rank = dist.get_world_size(), dist.get_rank()
     mesh = init_device_mesh(dev.type, (world,))
     buffers = {n: b.clone() for n, b in model.named_buffers() if b.device.type != "meta"}

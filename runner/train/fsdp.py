@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from runner.parallel import distributed as distributed
-from runner.model import load as model_phase
+from runner.model import load as model_load
 from runner.parallel.fsdp_load import layer_classes
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec
@@ -42,7 +42,7 @@ def load_base(spec: FineTuneJobSpec, model_dir: Path, plan: Plan):
         from runner.parallel import fsdp_load as fsdp_load
 
         return fsdp_load.load_sharded(spec, model_dir, plan)
-    model = model_phase.load_base(
+    model = model_load.load_base(
         model_dir, spec.model, spec.quantization, compute=plan.compute_dtype, attention=plan.attention,
         storage=plan.storage_dtype, load_on=torch.device("cpu") if plan.fsdp else None,
     )
@@ -87,7 +87,7 @@ def add_lora(model, lora):
     """LoRA adapters, unless the sharded loader added them already (before sharding, as FSDP needs)."""
     if hasattr(model, "peft_config"):
         return model
-    return model_phase.add_lora(model, lora)
+    return model_load.add_lora(model, lora)
 
 
 # ----------------------------------------------------------------------------------- adapter tensors

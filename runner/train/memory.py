@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from runner.model import load as model_phase
+from runner.model import load as model_load
 
 GiB = 2**30
 
@@ -196,7 +196,7 @@ def lora_bytes(model, spec) -> int:
     targets = set(spec.lora.target_modules)
     params = 0
     for name, module in model.named_modules():
-        if model_phase.is_quantized_linear(name, module) and (
+        if model_load.is_quantized_linear(name, module) and (
                 targets == {"all-linear"} or name.rsplit(".", 1)[-1] in targets):
             params += spec.lora.r * (module.in_features + module.out_features)
     return params * LORA_STATE_BYTES

@@ -32,7 +32,7 @@ import torch
 
 from runner.model import attention as attention_kernels
 from runner.parallel import distributed as distributed
-from runner.model import load as model_phase
+from runner.model import load as model_load
 from runner.train import memory as memory
 from runner.train.memory import Mode
 from runner.api.errors import INVALID_SPEC, PermanentError
@@ -77,7 +77,7 @@ def _weight_bytes(model, bits: int = 4, dense: int = 2) -> int:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            if bits != 16 and model_phase.is_quantized_linear(name, module) and p.ndim == 2:
+            if bits != 16 and model_load.is_quantized_linear(name, module) and p.ndim == 2:
                 total += p.numel() * LINEAR_BYTES[bits] + (4 * p.shape[0] if bits == 8 else 0)
             else:
                 total += p.numel() * dense
@@ -116,7 +116,7 @@ class Machine:
         processes, liger = distributed.world_size(), _importable("liger_kernel")
         if not torch.cuda.is_available():
             return cls(processes=processes, liger=liger)
-        free, total = torch.cuda.mem_get_info(model_phase.device())
+        free, total = torch.cuda.mem_get_info(model_load.device())
         return cls(processes=processes, gpu_total=total, gpu_free=free, bf16=torch.cuda.is_bf16_supported(),
                    liger=liger, flash_attn=_importable("flash_attn"), varlen=attention_kernels.available(),
                    host_available=host_available())
@@ -284,7 +284,7 @@ class Plan:
         (transformers masks them apart for most architectures, not all: OPT ignores restarting positions)."""
         if self.packing is not None:
             return self
-        return dataclasses.replace(self, packing=model_phase.packing_is_isolated(model))
+        return dataclasses.replace(self, packing=model_load.packing_is_isolated(model))
 
     def to_dict(self) -> dict:
         """JSON-ready, camelCase (as in metrics.json); dtypes as names, the mode as its two fields."""
@@ -330,7 +330,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     check_spec(spec, machine)
     t, bits = spec.training, spec.quantization.bits
     check_prequantized_base(model_dir, bits)
-    meta = model_phase.meta_model(model_dir, spec.model)
+    meta = model_load.meta_model(model_dir, spec.model)
     cfg = meta.config.get_text_config()
     compute = compute_dtype(spec, machine)
     weights = _weight_bytes(meta, bits, compute.itemsize)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from runner.data import dataset as data_phase
-from runner.model import load as model_phase
+from runner.model import load as model_load
 from runner.__main__ import main
 from runner.api import errors
 from runner.api.errors import PermanentError
@@ -55,7 +55,7 @@ TRAINED = {
 @pytest.fixture()
 def base_tok(tiny_llama):
     """The tiny Llama's tokenizer as a base model's: no chat template."""
-    tok = model_phase.load_tokenizer(tiny_llama, ModelSpec(source=str(tiny_llama)))
+    tok = model_load.load_tokenizer(tiny_llama, ModelSpec(source=str(tiny_llama)))
     tok.chat_template = None
     return tok
 
@@ -106,7 +106,7 @@ def test_a_jinja_template_of_ones_own_is_rendered_in_the_sandbox(base_tok):
 
 
 def test_the_spec_tokenizers_own_template_is_overridden(tiny_llama):
-    tok = model_phase.load_tokenizer(tiny_llama, ModelSpec(source=str(tiny_llama)))
+    tok = model_load.load_tokenizer(tiny_llama, ModelSpec(source=str(tiny_llama)))
     assert tok.chat_template  # the tiny Llama has one; the job's wins
     _prepare(tok, [{"messages": TALK}], chat_template="alpaca")
     assert tok.apply_chat_template(TALK, tokenize=False) == RENDERED["alpaca"]

@@ -5,14 +5,14 @@ import datasets
 import pytest
 
 from runner.data import dataset as data_phase
-from runner.model import load as model_phase
+from runner.model import load as model_load
 from runner.data.dataset import DataError
 from runner.api.spec import DatasetSpec, ModelSpec
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_llama):
-    return model_phase.load_tokenizer(tiny_llama, ModelSpec(source=str(tiny_llama)))
+    return model_load.load_tokenizer(tiny_llama, ModelSpec(source=str(tiny_llama)))
 
 
 def _prepare(tok, rows, **spec):

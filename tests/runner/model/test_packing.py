@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.model import load as model_phase
+from runner.model import load as model_load
 from runner.api.spec import ModelSpec, QuantizationSpec
 
 from tests.conftest import ARCHS
@@ -24,8 +24,8 @@ ISOLATED = ("llama", "gpt_neox")  # transformers masks packed examples apart for
 def test_packed_logits_equal_separate_logits(arch, tiny_models):
     path = tiny_models[arch]
     spec = ModelSpec(source=str(path))
-    tok = model_phase.load_tokenizer(path, spec)
-    model = model_phase.load_base(path, spec, QuantizationSpec(), compute=torch.float32, attention="sdpa")
+    tok = model_load.load_tokenizer(path, spec)
+    model = model_load.load_base(path, spec, QuantizationSpec(), compute=torch.float32, attention="sdpa")
     texts = ["What is 3 plus 4 ? 7", "hello there", "The following is a note by Eevee the Dog : blue sky"]
     examples = [tok(t)["input_ids"] for t in texts]
 
@@ -48,8 +48,8 @@ def test_packed_logits_equal_separate_logits(arch, tiny_models):
 def test_without_position_ids_examples_would_leak(tiny_llama):
     """Guard for the test above: the same flat row *without* restarting positions does mix examples."""
     spec = ModelSpec(source=str(tiny_llama))
-    tok = model_phase.load_tokenizer(tiny_llama, spec)
-    model = model_phase.load_base(tiny_llama, spec, QuantizationSpec(), compute=torch.float32,
+    tok = model_load.load_tokenizer(tiny_llama, spec)
+    model = model_load.load_base(tiny_llama, spec, QuantizationSpec(), compute=torch.float32,
                                   attention="sdpa")
     a, b = tok("hello there")["input_ids"], tok("What is 3 plus 4 ? 7")["input_ids"]
     with torch.no_grad():
@@ -63,5 +63,5 @@ def test_runner_probe_uses_packing_only_where_examples_stay_apart(arch, tiny_mod
     """OPT's masks ignore restarting position ids, so the runner must detect it and train unpacked."""
     path = tiny_models[arch]
     spec = ModelSpec(source=str(path))
-    model = model_phase.load_base(path, spec, QuantizationSpec(), compute=torch.float32, attention="sdpa")
-    assert model_phase.packing_is_isolated(model) is (arch in ISOLATED)
+    model = model_load.load_base(path, spec, QuantizationSpec(), compute=torch.float32, attention="sdpa")
+    assert model_load.packing_is_isolated(model) is (arch in ISOLATED)

@@ -25,7 +25,7 @@ def main(model_dir: str, out: str, bits: int = 4) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.train import fsdp as parallel
     from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 
@@ -34,10 +34,10 @@ def main(model_dir: str, out: str, bits: int = 4) -> None:
     spec, quant = ModelSpec(source=model_dir), QuantizationSpec(bits=bits)
 
     def build(seed: int):
-        m = model_phase.load_base(Path(model_dir), spec, quant, compute=torch.float32, attention="sdpa",
+        m = model_load.load_base(Path(model_dir), spec, quant, compute=torch.float32, attention="sdpa",
                                  storage=torch.float32, load_on=torch.device("cpu"))
         torch.manual_seed(seed)
-        m = model_phase.add_lora(m, LoraSpec(r=4, alpha=8))
+        m = model_load.add_lora(m, LoraSpec(r=4, alpha=8))
         with torch.no_grad():  # lora_B starts at zero; make the adapter matter
             for n, p in m.named_parameters():
                 if "lora_B" in n:
@@ -107,7 +107,7 @@ def sharded(model_dir: str, out: str, how: str = "sharded") -> None:
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
     from runner.parallel import fsdp_load as fsdp_load
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 
     dist.init_process_group("gloo")
@@ -121,9 +121,9 @@ def sharded(model_dir: str, out: str, how: str = "sharded") -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the present RSS
     before = _rss("VmRSS")
     if how == "full":
-        model = model_phase.load_base(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
+        model = model_load.load_base(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
                                       attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
-        model = model_phase.add_lora(model, lora)
+        model = model_load.add_lora(model, lora)
         fsdp_load.shard(model, init_device_mesh("cpu", (world,)), torch.float32)
     else:
         model = fsdp_load.load_sharded(spec, Path(model_dir), plan)
@@ -145,14 +145,14 @@ def _compare(model, model_dir: str, spec, out: str, rank: int) -> dict:
     """The sharded model against the whole model loaded as on one GPU, with the same adapter."""
     import bitsandbytes as bnb
 
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.train import fsdp as parallel
 
     adapter0 = parallel.gather_adapter(model)  # the loader's own LoRA init, gathered
-    ref = model_phase.load_base(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
+    ref = model_load.load_base(Path(model_dir), spec.model, spec.quantization, compute=torch.float32,
                                 attention="sdpa", storage=torch.float32, load_on=torch.device("cpu"))
     torch.manual_seed(0)
-    ref = model_phase.add_lora(ref, spec.lora)
+    ref = model_load.add_lora(ref, spec.lora)
     ref_params = dict(ref.named_parameters())
     weight_diff, state_diff, states = 0.0, 0.0, 0
     for name, p in model.named_parameters():

@@ -170,7 +170,7 @@ def test_storage_dtype_follows_the_strategy():
 
 
 def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tmp_path, monkeypatch):
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.train.trainer import _training_args
 
     for var in ("ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING"):  # TrainingArguments sets these
@@ -178,7 +178,7 @@ def test_fsdp_trainer_arguments_wrap_each_decoder_layer(tiny_llama, qa_jsonl, tm
     spec = parse_job(job_doc(tiny_llama, "data.jsonl", "/tmp/out", training={"strategy": "fsdp"},
                              quantization={"computeDtype": "float32"})).spec
     plan = plan_phase.make_plan(spec, tiny_llama, plan_phase.Machine(processes=2, gpu_total=80 * GiB, liger=True))
-    model = model_phase.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
+    model = model_load.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
                                   attention="sdpa", load_on=torch.device("cpu"))
     args = _training_args(spec, tmp_path, plan, False, True, model=model)
     assert args.fsdp_config["version"] == 2

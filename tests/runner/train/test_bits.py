@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from runner.report import artifacts as artifacts
-from runner.model import load as model_phase
+from runner.model import load as model_load
 from runner.train import fsdp as parallel
 from runner.train import plan as plan_phase
 from runner.api.errors import PermanentError, SpecError
@@ -84,7 +84,7 @@ def test_the_16bit_base_has_no_bitsandbytes_layers_and_the_8bit_base_int8_ones(t
     for bits in (16, 8, 4):
         spec = _spec(tiny_llama, quantization={"bits": bits})
         plan = make_plan(spec, tiny_llama, CPU)
-        model = model_phase.add_lora(parallel.load_base(spec, tiny_llama, plan), spec.lora)
+        model = model_load.add_lora(parallel.load_base(spec, tiny_llama, plan), spec.lora)
         bnb = _bnb_modules(model)
         base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
         if bits == 16:
@@ -203,7 +203,7 @@ def test_8bit_dequantized_merge_base_is_the_int8_weight_training_saw(tiny_llama)
     from safetensors.torch import load_file
 
     spec = _spec(tiny_llama, quantization={"bits": 8})
-    model = model_phase.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
+    model = model_load.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
                                   attention="sdpa")
     layer = model.model.layers[1].mlp.down_proj
     trained = layer.weight.data.float() * layer.weight.SCB[:, None].float() / 127  # LLM.int8's weight

@@ -91,7 +91,7 @@ def test_layers_it_cannot_run_keep_peft():
 
 
 def test_tiny_llama_in_4_bits_trains_the_same(tiny_llama):
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.train import fsdp as parallel
     from runner.api.parse import parse_job
     from runner.train.plan import make_plan
@@ -103,7 +103,7 @@ def test_tiny_llama_in_4_bits_trains_the_same(tiny_llama):
 
     def loss_and_grads(fused: bool):
         torch.manual_seed(0)
-        model = model_phase.add_lora(parallel.load_base(spec, tiny_llama, plan), spec.lora)
+        model = model_load.add_lora(parallel.load_base(spec, tiny_llama, plan), spec.lora)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05)

@@ -126,7 +126,7 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
     import dataclasses
 
     from bench.training import synthetic_data
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.train.plan import Machine, make_plan
     from runner.train.trainer import make_trainer
     from tests.runner.train.test_plan import _spec
@@ -136,10 +136,10 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
         spec = _spec(tiny_llama, dataset={"maxLength": 64}, training={"batchSize": 2, "gradientCheckpointing": None})
         plan = dataclasses.replace(make_plan(spec, tiny_llama, Machine(processes=1)), packing=True, mode=mode)
         torch.manual_seed(0)
-        base = model_phase.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
+        base = model_load.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32,
                                      attention="sdpa")
-        model = model_phase.add_lora(base, spec.lora)
-        tok = model_phase.load_tokenizer(tiny_llama, spec.model)
+        model = model_load.add_lora(base, spec.lora)
+        tok = model_load.load_tokenizer(tiny_llama, spec.model)
         data = synthetic_data(model.config.vocab_size, 24, 64)
         seen = []
         real_install = offload.install

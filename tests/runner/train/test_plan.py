@@ -136,7 +136,7 @@ def test_a_memory_budget_chooses_the_fastest_mode_that_fits(llama_8b, budget, ex
     plan = make_plan(spec, llama_8b, H200)
     assert _choice(plan) == expected
     assert plan.memory_budget_bytes == (int(budget * GiB) if budget else None)
-    lora = memory.lora_bytes(plan_phase.model_phase.meta_model(llama_8b, spec.model), spec)
+    lora = memory.lora_bytes(plan_phase.model_load.meta_model(llama_8b, spec.model), spec)
     assert 1.2 * GiB < lora < 1.3 * GiB  # r=32 on the 7 projections of 32 layers: 84M parameters
     if budget:
         assert plan.peak_bytes + lora + memory.BUDGET_MARGIN <= budget * GiB
@@ -245,14 +245,14 @@ def test_spec_settings_win_over_automatic_choices(tiny_llama):
 
 
 def test_packing_is_completed_by_probing_the_loaded_model(tiny_models):
-    from runner.model import load as model_phase
+    from runner.model import load as model_load
     from runner.api.spec import ModelSpec, QuantizationSpec
 
     found = {}
     for arch in ("llama", "opt"):
         spec = _spec(tiny_models[arch])
         plan = make_plan(spec, tiny_models[arch], CPU)
-        model = model_phase.load_base(tiny_models[arch], ModelSpec(source=str(tiny_models[arch])),
+        model = model_load.load_base(tiny_models[arch], ModelSpec(source=str(tiny_models[arch])),
                                       QuantizationSpec(), compute=plan.compute_dtype, attention=plan.attention)
         found[arch] = plan.with_packing(model).packing
     assert found == {"llama": True, "opt": False}  # OPT's masks ignore restarting position ids
