@@ -1,4 +1,3 @@
-# INTERFACE READY
 """The one interface every store implements (local paths, S3, the Hub, ...), and the registry that picks one.
 
     backend_for(loc).download(loc, dest)         the Backend of a Location's scheme (registry below)
