@@ -111,6 +111,10 @@ def _gcs(request, own_process: bool) -> Store:
 
 
 STORES = {"local": _local, "s3": _s3, "hub": _hub, "gcs": _gcs}
+SCHEME = {"local": "local", "s3": "s3", "hub": "hf", "gcs": "gs"}  # each store's Location.scheme
+HOLDS_CHECKPOINTS = [n for n in STORES if Location.holds_checkpoints_for(SCHEME[n])]
+REFUSES_CHECKPOINTS = [n for n in STORES if n not in HOLDS_CHECKPOINTS]
+HAS_ENDPOINT = [n for n in STORES if SCHEME[n] != "local"]  # a server of its own, which a test can freeze
 
 
 @pytest.fixture(params=list(STORES))
@@ -118,7 +122,13 @@ def store(request) -> Store:
     return STORES[request.param](request, own_process=False)
 
 
-@pytest.fixture(params=list(STORES))
+@pytest.fixture(params=HOLDS_CHECKPOINTS)
+def ckpt_store(request) -> Store:
+    """A store that may hold checkpoints and their lease (runner/api/uris.py's scheme table says which)."""
+    return STORES[request.param](request, own_process=False)
+
+
+@pytest.fixture(params=HAS_ENDPOINT)
 def frozen_store(request, monkeypatch) -> Store:
     """A store whose endpoint runs in a process of its own, with limits that give a frozen one up in seconds."""
     monkeypatch.setenv(names.ENV_STORE_TIMEOUTS, FAST)
@@ -126,17 +136,14 @@ def frozen_store(request, monkeypatch) -> Store:
     return STORES[request.param](request, own_process=True)
 
 
-def _checkpoints_or_refused(store: Store, name: str = "ckpt") -> Location:
-    """The place for checkpoints; for a store that cannot hold them, the refusal is checked and the test ends."""
-    loc = store.place(name)
-    if backend_for(loc).can_hold_checkpoints:
-        return loc
+@pytest.mark.parametrize("name", REFUSES_CHECKPOINTS)
+def test_a_store_that_cannot_hold_checkpoints_refuses_them_and_their_lease(name, request):
+    loc = STORES[name](request, own_process=False).place("ckpt")
     with pytest.raises(PermanentError) as e:
         CheckpointStore(loc)
     assert e.value.reason == INVALID_SPEC and "output.checkpoints" in e.value.message
     with pytest.raises(PermanentError):
         Lease(loc, wait=0).acquire("runner-a")
-    pytest.skip(f"{store.name} cannot hold checkpoints (refused, as checked)")
 
 
 def test_every_scheme_has_a_store_and_every_store_is_tested():
@@ -204,8 +211,9 @@ def test_foreign_files_are_refused_and_left_alone(store, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
-def test_checkpoints_save_list_fetch_prune(store, tmp_path):
-    loc = _checkpoints_or_refused(store)
+def test_checkpoints_save_list_fetch_prune(ckpt_store, tmp_path):
+    store = ckpt_store
+    loc = store.place("ckpt")
     ckpts = CheckpointStore(loc)
     storage.check_writable(loc)
     assert ckpts.list_complete() == []
@@ -246,8 +254,9 @@ def _holder(loc: Location) -> str | None:
     return json.loads(got.data)["owner"] if got else None
 
 
-def test_a_held_lease_refuses_a_second_runner_until_released(store):
-    loc = _checkpoints_or_refused(store)
+def test_a_held_lease_refuses_a_second_runner_until_released(ckpt_store):
+    store = ckpt_store
+    loc = store.place("ckpt")
     a = Lease(loc, interval=60, wait=0)
     a.acquire("runner-a")
     b = Lease(loc, interval=60, wait=0.3)
@@ -262,12 +271,13 @@ def test_a_held_lease_refuses_a_second_runner_until_released(store):
     assert _holder(loc) is None
 
 
-def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(store):
-    loc = _checkpoints_or_refused(store)
+def test_a_stale_lease_is_taken_over_and_a_live_one_is_not(ckpt_store):
+    store = ckpt_store
+    loc = store.place("ckpt")
     live = Lease(loc, interval=0.2)
     live.acquire("runner-live")
     with pytest.raises(RetryableError, match="in use by another runner"):
-        Lease(loc, interval=60, ttl=0.6, wait=1.5).acquire("runner-b")  # renewed every 0.2 s: never stale
+        Lease(loc, interval=60, ttl=3, wait=1.5).acquire("runner-b")  # renewed every 0.2 s: never stale
     live.renew()
     live.release()
 
@@ -296,8 +306,9 @@ def _race(uri: str, owner: str, start: float, results) -> None:
         results.put(None)
 
 
-def test_four_racing_runners_exactly_one_holds_the_lease(store):
-    loc = _checkpoints_or_refused(store)
+def test_four_racing_runners_exactly_one_holds_the_lease(ckpt_store):
+    store = ckpt_store
+    loc = store.place("ckpt")
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     start = time.time() + 4
@@ -315,8 +326,6 @@ def test_four_racing_runners_exactly_one_holds_the_lease(store):
 # ------------------------------------------------------------------------------------------------ frozen
 def test_a_frozen_endpoint_times_out_retryable_naming_it(frozen_store, tmp_path):
     store = frozen_store
-    if store.server is None:
-        pytest.skip(f"{store.name} has no endpoint to freeze")
     out = make_output(tmp_path / "o")
     store.server.freeze()
     calls = [lambda: storage.check_source(store.place("model")),
