@@ -25,7 +25,7 @@ def main(lengths: list[int]) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.varlen import varlen_attn
 
-    from runner.model import attention as attention
+    from runner.model import attention
 
     out = {}
     for s in lengths:

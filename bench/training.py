@@ -191,7 +191,7 @@ def run_config(name: str, model_dir: Path, shape: str, steps: int, warmup: int, 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     model = parallel.add_lora(model, spec.lora)  # under FSDP the sharded loader added them already
     tokens_per_step = spec.training.batch_size * spec.dataset.max_length * spec.training.gradient_accumulation_steps
-    from runner.parallel import distributed as distributed
+    from runner.parallel import distributed
 
     n_examples = max(64, int(tokens_per_step * (steps + 2) / 300 * 1.3)) * distributed.world_size()
     data = synthetic_data(model.config.vocab_size, n_examples, spec.dataset.max_length)
@@ -329,7 +329,7 @@ def write_job(shape: str, directory: Path, examples: int = 2000, steps: int = 30
 
 
 def run_single(args) -> int:
-    from runner.parallel import distributed as distributed
+    from runner.parallel import distributed
 
     try:
         res, adapter = run_config(args.single, Path(args.model_dir), args.shape, args.steps, args.warmup,

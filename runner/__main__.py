@@ -16,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from runner.model import notices as notices
+from runner.model import notices
 from runner.api import errors, names, status
 from runner.api.errors import RunnerError, redact
 
@@ -80,7 +80,7 @@ def _run_job(args, events_out, *, console=None, log=None) -> int:
     from runner.report.events import Reporter
     from runner.api.parse import load_job
 
-    from runner.parallel import distributed as distributed
+    from runner.parallel import distributed
     from runner.report.kube_status import sink_from_env
 
     if distributed.is_main():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner.api.errors import PermanentError, DOWNLOAD_FAILED, INVALID_SPEC
-from runner.data import chat as chat
+from runner.data import chat
 from runner.api.spec import CHAT_TEMPLATE_NAMES, DatasetSpec
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from runner.model import attention as attention_kernels
-from runner.model import notices as notices
+from runner.model import notices
 from runner.api.errors import PermanentError, INVALID_SPEC
 from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 

@@ -134,7 +134,7 @@ def load_sharded(spec, model_dir: Path, plan, *, seed: int | None = None):
     if not ((model_dir / INDEX).is_file() or (model_dir / "model.safetensors").is_file()):
         raise PermanentError(f"model.source: training.strategy fsdp reads safetensors weights, and {model_dir} has "
                              f"none; convert the checkpoint or use training.strategy: data", reason=INVALID_SPEC)
-    from runner.parallel import distributed as distributed
+    from runner.parallel import distributed
 
     distributed.init()  # the process group (NCCL on GPUs, gloo on CPU), if nothing joined it yet
     files = BaseFiles(model_dir)

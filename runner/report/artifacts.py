@@ -7,9 +7,9 @@ from pathlib import Path
 
 import yaml
 
-from runner.report import card as card
+from runner.report import card
 from runner.report import metrics_file
-from runner.report import plots as plots
+from runner.report import plots
 from runner.report.card import METHODS  # noqa: F401 - how the adapter was trained, by quantization.bits
 from runner.api.parse import manifest
 from runner.api.spec import Job

@@ -205,7 +205,7 @@ class Tracking:
     def start(self, store, work_dir: Path) -> list:
         """Start (or, resuming, continue) the runs, and the TensorBoard writer; the callbacks for the Trainer.
         Every rank calls this; only rank 0 tracks."""
-        from runner.parallel import distributed as distributed
+        from runner.parallel import distributed
 
         self.tb_dir = Path(work_dir) / TB_DIR
         if not distributed.is_main():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from runner.parallel import distributed as distributed
+from runner.parallel import distributed
 from runner.model import load as model_load
 from runner.parallel.fsdp_load import layer_classes
 from runner.api.errors import INVALID_SPEC, PermanentError
@@ -39,7 +39,7 @@ def load_base(spec: FineTuneJobSpec, model_dir: Path, plan: Plan):
     """The base where the plan wants it: on this rank's GPU; under FSDP this rank's shard with its LoRA
     adapters (runner.parallel.fsdp_load), or (FINETUNE_FSDP_LOAD=full) the whole base in CPU memory for FSDP to shard."""
     if loads_sharded(plan):
-        from runner.parallel import fsdp_load as fsdp_load
+        from runner.parallel import fsdp_load
 
         return fsdp_load.load_sharded(spec, model_dir, plan)
     model = model_load.load_base(

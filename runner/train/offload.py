@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runner.train import memory as memory
+from runner.train import memory
 from runner.train.memory import Checkpointing, Mode
 
 _SPLIT_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")

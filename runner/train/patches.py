@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterable, Iterator, Protocol
 
-from runner.train import fused_lora as fused_lora
-from runner.train import layer_kernels as layer_kernels
-from runner.train import offload as offload
+from runner.train import fused_lora
+from runner.train import layer_kernels
+from runner.train import offload
 
 
 class Patch(Protocol):

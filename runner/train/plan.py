@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from runner.model import attention as attention_kernels
-from runner.parallel import distributed as distributed
+from runner.parallel import distributed
 from runner.model import load as model_load
-from runner.train import memory as memory
+from runner.train import memory
 from runner.train.memory import Mode
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec

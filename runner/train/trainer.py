@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from runner.parallel import distributed as distributed
+from runner.parallel import distributed
 from runner.train import fsdp as parallel
-from runner.train import patches as patches
+from runner.train import patches
 from runner.train.best import Best, callback as best_callback
 from runner.api.errors import PermanentError, Preempted, TRAINING_FAILED
 from runner.api.spec import FineTuneJobSpec

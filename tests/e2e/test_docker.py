@@ -106,7 +106,7 @@ LIGER_PROBE = """
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama import modeling_llama
-from runner.train import layer_kernels as layer_kernels
+from runner.train import layer_kernels
 cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=64)
 model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules="all-linear"))

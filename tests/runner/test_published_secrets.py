@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from runner.report import artifacts as artifacts
+from runner.report import artifacts
 from runner.api.parse import parse_job
 from tests.conftest import job_doc, run_cli
 

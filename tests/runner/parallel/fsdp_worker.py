@@ -106,7 +106,7 @@ def sharded(model_dir: str, out: str, how: str = "sharded") -> None:
     from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
     from torch.distributed.fsdp import fully_shard  # noqa: F401
 
-    from runner.parallel import fsdp_load as fsdp_load
+    from runner.parallel import fsdp_load
     from runner.model import load as model_load
     from runner.api.spec import LoraSpec, ModelSpec, QuantizationSpec
 

@@ -241,7 +241,7 @@ BOUND_S = 120  # the survivor's collective fails as soon as the dead node's conn
 
 
 def test_torchrun_command_for_one_node_and_for_several(monkeypatch):
-    from runner.parallel import distributed as distributed
+    from runner.parallel import distributed
 
     for name in ("RANK", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT", "PET_LOCAL_ADDR", "PET_NNODES"):
         monkeypatch.delenv(name, raising=False)
@@ -268,7 +268,7 @@ def test_torchrun_command_for_one_node_and_for_several(monkeypatch):
 
 
 def test_nodes_come_from_the_spec_or_pet_nnodes(tiny_llama, monkeypatch):
-    from runner.parallel import distributed as distributed
+    from runner.parallel import distributed
     from runner.api.parse import parse_job
 
     spec = parse_job(job_doc(tiny_llama, "data.jsonl", "/tmp/out", resources={"nodes": 2})).spec

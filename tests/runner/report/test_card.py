@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from runner.report import artifacts as artifacts
+from runner.report import artifacts
 from runner.api.parse import parse_job
 from tests.conftest import job_doc
 

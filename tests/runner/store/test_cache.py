@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.store import cache as cache
+from runner.store import cache
 from runner.api import names
 from runner.api.uris import Location
 
@@ -24,7 +24,7 @@ REPO = "org/tiny-base"
 FILL = """
 import sys
 from pathlib import Path
-from runner.store import cache as cache
+from runner.store import cache
 from runner.api.uris import Location
 got = cache.download(Location.parse(sys.argv[1]), Path(sys.argv[2]), log=lambda m: print(m, flush=True),
                      stall=float(sys.argv[3]))

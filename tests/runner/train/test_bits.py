@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.report import artifacts as artifacts
+from runner.report import artifacts
 from runner.model import load as model_load
 from runner.train import fsdp as parallel
 from runner.train import plan as plan_phase

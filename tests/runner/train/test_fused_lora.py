@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.train import fused_lora as fused_lora
-from runner.train import offload as offload
+from runner.train import fused_lora
+from runner.train import offload
 
 
 class _Net(torch.nn.Module):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.train import memory as memory
-from runner.train import offload as offload
-from runner.train import patches as patches
+from runner.train import memory
+from runner.train import offload
+from runner.train import patches
 
 
 def _model(seed: int = 0):
@@ -167,7 +167,7 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
 def test_patches_are_removed_in_reverse_order_also_when_the_block_fails():
     """runner/train/patches.py: the plan's patches (fused LoRA over offloaded units here) go on in order and come off
     in reverse, leaving every forward as it was, even when what ran between raised."""
-    from runner.train import fused_lora as fused_lora
+    from runner.train import fused_lora
 
     model = _model()
     forwards = {n: m.forward for n, m in model.named_modules()}
@@ -201,7 +201,7 @@ def test_what_a_patch_that_cannot_undo_itself_changed_is_undone():
     import torch.nn.functional as F
     from transformers.models.llama import modeling_llama
 
-    from runner.train import layer_kernels as layer_kernels
+    from runner.train import layer_kernels
 
     model = _model()
     names = {k: getattr(modeling_llama, k) for k in ("apply_rotary_pos_emb", "LlamaRMSNorm")}

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from runner.train import memory as memory
+from runner.train import memory
 from runner.train.memory import CHECKPOINTING, NO_CHECKPOINTING, OFFLOADED_LAYER, OFFLOADED_SPLIT, OFFLOADED_TILED
 from runner.train import plan as plan_phase
 from runner.api import errors
@@ -293,7 +293,7 @@ def test_auto_strategy_that_lands_on_fsdp_still_checks_the_storage_dtype(tmp_pat
 
 
 def test_fsdp_without_gpus_fails_in_validating_before_any_download(tiny_llama, qa_jsonl, tmp_path, monkeypatch):
-    from runner.parallel import distributed as distributed
+    from runner.parallel import distributed
     from runner.job import run_job
     from runner.report.events import Reporter
 
