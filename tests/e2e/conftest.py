@@ -102,11 +102,13 @@ def iam_user_keys(endpoint: str) -> tuple[str, str]:
     return key["AccessKeyId"], key["SecretAccessKey"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def s3(tmp_path_factory, tiny_llama) -> S3:
     """A real S3 API (moto server) on 127.0.0.1, with the tiny model and the Q/A data in it. Its authentication is on
     (moto's IAM: every request's signature checked against an IAM user's access key, and that user's policy
-    applied), so a pod with wrong keys is refused as by AWS; without it moto accepts any key."""
+    applied), so a pod with wrong keys is refused as by AWS; without it moto accepts any key. moto's switch is one
+    setting of this process, so it is on for this package's tests only (scope "package"): the moto servers of the
+    tests that come after, in the same process, accept their fixtures' keys again."""
     from moto import settings
     from moto.server import ThreadedMotoServer
 
