@@ -166,8 +166,9 @@ def _resumed_and_succeeded(node, ns, name, stopped_pod: str) -> dict:
     return s
 
 
-def _stopped_with_a_checkpoint(node, ns, name, pod: str) -> int:
-    """The stopped pod's runner exited 75 (retryable) after saving a checkpoint: its termination message says so."""
+def _stopped_with_a_checkpoint(node, ns, name, pod: str, step: int | None = None) -> int:
+    """The stopped pod's runner exited 75 (retryable) after saving a checkpoint: its termination message says so.
+    `step`: the checkpoint it saved, where the caller saw it in the status (a later one may be there by now)."""
     def terminated():
         pods = [p for p in _runner_pods(node, ns, name) if p["metadata"]["name"] == pod]
         if not pods:  # gone: its checkpoint is in the status
@@ -175,8 +176,9 @@ def _stopped_with_a_checkpoint(node, ns, name, pod: str) -> int:
         state = pods[0]["status"]["containerStatuses"][0]["state"]
         return state.get("terminated")
     term = wait_for(terminated, timeout=150, interval=0.5, what=f"{pod} to stop")
-    checkpoint = wait_status(node, ns, name, lambda s: (s.get("lastCheckpoint") or {}).get("step"), 60,
-                             "the checkpoint saved on SIGTERM")["lastCheckpoint"]
+    checkpoint = {"step": step} if step is not None else wait_status(
+        node, ns, name, lambda s: (s.get("lastCheckpoint") or {}).get("step"), 60,
+        "the checkpoint saved on SIGTERM")["lastCheckpoint"]
     if "exitCode" in term:
         assert term["exitCode"] == 75, term
         assert f"resumes from step {checkpoint['step']}" in json.loads(term["message"])["message"], term
@@ -195,14 +197,18 @@ def test_deleted_pod_checkpoints_on_sigterm_and_a_new_pod_resumes(node, namespac
     pod = _runner_pods(node, namespace, "preempted")[-1]["metadata"]["name"]
     node.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")  # a real SIGTERM, grace period honoured
     seen: list[dict] = []
-    def replaced():  # every status written meanwhile, until the new pod's runner reports
+    def saved():  # the checkpoint saved on SIGTERM (the first after the deletion: saveSteps never comes)
+        return next(((x.get("lastCheckpoint") or {}).get("step") for x in seen if x.get("lastCheckpoint")), None)
+
+    def replaced():  # every status written meanwhile, until the new pod's runner reports and the checkpoint is in
         s = status(node, namespace, "preempted")
         if not seen or seen[-1] != s:
             seen.append(s)
         runner = s.get("runner") or {}
-        return s.get("attempt", 1) > 1 or (runner.get("pod") not in (None, pod) and runner.get("phase"))
-    wait_for(replaced, timeout=300, interval=0.3, what="the new pod's runner to report")
-    step = _stopped_with_a_checkpoint(node, namespace, "preempted", pod)
+        new_pod = s.get("attempt", 1) > 1 or (runner.get("pod") not in (None, pod) and runner.get("phase"))
+        return new_pod and saved() is not None
+    wait_for(replaced, timeout=300, interval=0.3, what="the new pod's runner to report and the saved checkpoint")
+    step = _stopped_with_a_checkpoint(node, namespace, "preempted", pod, saved())
     s = _resumed_and_succeeded(node, namespace, "preempted", pod)
     assert s["runner"]["resumedFrom"]["step"] == step
     events = _events(node, namespace, "preempted")
