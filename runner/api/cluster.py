@@ -5,9 +5,10 @@ Also the base of every spec model (Section): camelCase aliases, unknown fields r
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -49,6 +50,13 @@ class ModelCacheSpec(Section):
                             "one the operator's policy allows (policy.modelCacheClaims).")
 
 
+# An extended resource (what a device plugin advertises): <dotted domain>/<name>. `memory`, `cpu` and the other
+# built-in names have no domain; the kubernetes.io domain is Kubernetes' own (refused by the validator below).
+EXTENDED_RESOURCE = (r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+/"
+                     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+KUBERNETES_DOMAIN = re.compile(r"^([^/]*\.)?kubernetes\.io/")
+
+
 class ResourcesSpec(Section):
     gpus: int = Field(1, ge=0, le=64, description="GPUs on each node (one runner pod per node). Standalone too: "
                       "one process per GPU; 0 or 1 runs one process (a GPU if one is visible, else the CPU); more "
@@ -62,7 +70,21 @@ class ResourcesSpec(Section):
     )
     cpu: str | None = Field(None, description="CPU request, e.g. `8`.")
     memory: str | None = Field(None, description="Memory request and limit, e.g. `64Gi`.")
-    gpu_resource_name: str = Field("nvidia.com/gpu", description="Extended resource name of the GPUs.")
+    gpu_resource_name: str = Field(
+        "nvidia.com/gpu", pattern=EXTENDED_RESOURCE, max_length=253,
+        description="Extended resource name of the GPUs: a domain-prefixed name such as `nvidia.com/gpu` or "
+        "`amd.com/gpu` (never `cpu`, `memory` or another built-in resource, nor one under kubernetes.io).")
+
+    @field_validator("gpu_resource_name")
+    @classmethod
+    def _extended(cls, value: str) -> str:
+        if KUBERNETES_DOMAIN.match(value):
+            raise ValueError(f"{value!r} is a built-in Kubernetes resource, not a GPU's extended resource name; "
+                             "write the device plugin's name, e.g. nvidia.com/gpu")
+        return value
+
+
+MAX_DEADLINE_SECONDS = 30 * 86400  # a sane bound: far beyond any fine-tune, far below what overflows a deadline
 
 
 class ClusterFields(Section):
@@ -97,8 +119,8 @@ class ClusterFields(Section):
         "(GKE Workload Identity).")
     backoff_limit: int = Field(3, ge=0, description="Retries after retryable failures.")
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail with DeadlineExceeded when the job has been running this long (counted "
-        "from status.startTime, across retries).",
+        None, ge=1, le=MAX_DEADLINE_SECONDS, description="Fail with DeadlineExceeded when the job has been running "
+        "this long (counted from status.startTime, across retries); at most 30 days (2592000).",
     )
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, description="Delete the job's Jobs, Pods and runner identity this long after it finished "

@@ -103,6 +103,9 @@ def test_strict_validation_catches_a_typo_in_a_free_form_value(helm_bin):
     ("image.pullPolicy=Sometimes", "pullPolicy"),                   # not one of the allowed values
     ("watchNamespaces={Team_A}", "watchNamespaces"),                # not a namespace name
     ("runner.gpuResourceName=nvidia gpu", "gpuResourceName"),       # not a resource name
+    ("runner.gpuResourceName=memory", "gpuResourceName"),           # a built-in resource: pods would ask 1 byte
+    ("runner.gpuResourceName=cpu", "gpuResourceName"),
+    ("runner.gpuResourceName=kubernetes.io/gpu", "gpuResourceName"),  # Kubernetes' own domain
     ("metrics.serviceMonitor.interval=often", "interval"),
     ("crds.keep=maybe", "keep"),
     ("metrics.service.annotations.scrape=true", "scrape"),          # annotation values are strings
