@@ -85,6 +85,8 @@ def ownership_problem(dest: Path, job: dict | None) -> str | None:
     job counts as the runner's own) and nothing that output's manifest does not list."""
     dest = Path(dest)
     where = f"output.destination: {dest}"
+    if problem := _inside_an_output(dest, where):
+        return problem
     if not dest.is_dir():
         return f"{where} exists and is not a directory: {_FIX}" if os.path.lexists(dest) else None
     try:
@@ -105,6 +107,19 @@ def ownership_problem(dest: Path, job: dict | None) -> str | None:
     if extra:
         return (f"{where} holds files its earlier output did not ({', '.join(extra)}); the runner never deletes "
                 f"them when it replaces that output: {_FIX}")
+    return None
+
+
+def _inside_an_output(dest: Path, where: str) -> str | None:
+    """Why `dest` may not be written when a folder above it is a published output (its manifest lists what it
+    holds, so files added inside it would be another's in that output), or None."""
+    for parent in Path(os.path.abspath(dest)).parents:
+        manifest = read_manifest(Location("local", str(parent)))
+        if manifest is not None:
+            owner = job_of(manifest).get("name")
+            whose = f"the output of job {owner!r}" if owner else "a published output"
+            return (f"{where} is inside {parent}, {whose}; it overlaps that output, and publishing there would "
+                    "add files to it: set output.destination to a new directory outside every job's output")
     return None
 
 

@@ -186,3 +186,19 @@ def test_an_empty_folder_or_a_file_as_destination(tmp_path):
     with pytest.raises(PermanentError, match="not a directory"):
         storage.publish(make_output(tmp_path / "s"), Location.parse(str(tmp_path / "file")), job=JOB_A)
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("below", ["sub", "tokenizer/more", "deeper/still/here"])
+def test_a_destination_inside_another_jobs_output_is_refused_as_an_overlap(tmp_path, below):
+    theirs = Location.parse(str(tmp_path / "out-b"))
+    storage.publish(make_output(tmp_path / "staged-b"), theirs, job={"name": "job-b", "spec": "e" * 64})
+    before = digests(tmp_path / "out-b")
+    inside = Location.parse(str(tmp_path / "out-b" / below))
+    with pytest.raises(PermanentError) as e:
+        storage.check_destination(inside, JOB_A)
+    assert e.value.reason == "InvalidSpec" and e.value.exit_code == 2
+    assert "output.destination" in str(e.value) and "overlaps" in str(e.value) and "'job-b'" in str(e.value)
+    with pytest.raises(PermanentError, match="overlaps"):
+        storage.publish(make_output(tmp_path / "staged-a"), inside, job=JOB_A)
+    assert digests(tmp_path / "out-b") == before  # their output holds what its manifest lists, nothing more
+    storage.check_destination(Location.parse(str(tmp_path / "out-a")), JOB_A)  # beside it: fine
