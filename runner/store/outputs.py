@@ -3,7 +3,8 @@ places (job.places, parsed once) and the Backends of their stores.
 
     identity(job)            {"name", "spec"}: what a published manifest records about the job that wrote it
     local_problems(job)      what this machine can tell without downloading: a local model or data path that does
-                             not exist (or a model folder without config, weights or tokenizer), a destination
+                             not exist (or a model folder without config, weights or tokenizer, or with a
+                             file that is a device, a FIFO or an outsized JSON file), a destination
                              that overlaps a source or the checkpoints, a local destination holding files the
                              runner did not write
     remote_model_problem(job)  a remote model.source without config, weights or tokenizer
@@ -16,6 +17,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import stat
 from pathlib import Path
 
 from runner.api.errors import RunnerError
@@ -30,6 +32,9 @@ from .manifest import job_of
 
 _MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
+JSON_MAX_BYTES = 256 << 20  # config.json, tokenizer.json, ...: the largest real ones are tens of MiB
+_KINDS = {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO",
+          stat.S_IFSOCK: "a socket"}
 _SUMMARY = ("train_loss", "eval_loss", "global_step", "num_input_tokens_seen", "train_runtime")
 METRICS_FILE = "report/metrics.json"  # in a published output (runner/report writes it)
 
@@ -53,7 +58,29 @@ def _missing_source(field: str, path: Path) -> str | None:
         return None
     if not path.is_dir():
         return f"{field}: {path} is a file; give the model's folder (config.json, weights and tokenizer)"
-    return _not_a_model(field, path, [p.name for p in path.iterdir() if p.is_file()], "folder")
+    return _odd_file(field, path) or _not_a_model(field, path, [p.name for p in path.iterdir() if p.is_file()],
+                                                  "folder")
+
+
+def _odd_file(field: str, folder: Path) -> str | None:
+    """A file of a local model folder that loading would hang or exhaust memory on: not a regular file (a link
+    to /dev/zero, a FIFO, a socket), or a JSON file (config, tokenizer) larger than any real one. Only stat()ed,
+    never opened, so checking it cannot block."""
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        try:
+            st = os.stat(entry.path)  # follows links: what reading the name would open
+        except OSError:
+            continue  # a dangling link: loading names the missing file itself
+        if stat.S_ISDIR(st.st_mode):
+            continue
+        link = f" (a link to {os.readlink(entry.path)})" if entry.is_symlink() else ""
+        if not stat.S_ISREG(st.st_mode):
+            return (f"{field}: {entry.path}{link} is {_KINDS.get(stat.S_IFMT(st.st_mode), 'not a regular file')}, "
+                    "not a file the model can be read from; put the real file in the model folder")
+        if entry.name.endswith(".json") and st.st_size > JSON_MAX_BYTES:
+            return (f"{field}: {entry.path}{link} holds {st.st_size} bytes, more than any model's JSON file "
+                    f"({JSON_MAX_BYTES >> 20} MiB at most); put the real file in the model folder")
+    return None
 
 
 def _not_a_model(field: str, where, names: list[str], kind: str) -> str | None:
