@@ -71,9 +71,10 @@ def template_source(spec: DatasetSpec) -> str | None:
 
 def _environment():
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    from runner.data.render import environment
+
+    env = environment(immutable=True, trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
 
     def raise_exception(message):
         raise ValueError(message)
@@ -94,7 +95,9 @@ def syntax_problem(spec: DatasetSpec) -> str | None:
     except TemplateSyntaxError as e:
         return (f"dataset.chatTemplate: Jinja syntax error on line {e.lineno}: {str(e.message)[:200]}; fix the "
                 "template, or use a built-in name (" + ", ".join(CHAT_TEMPLATE_NAMES) + ")")
-    return None
+    from runner.data.render import static_problems
+
+    return next(iter(static_problems(source, "dataset.chatTemplate", immutable=True)), None)
 
 
 def chat_function(spec: DatasetSpec, tokenizer, *, install: bool = False) -> ChatFn | None:
@@ -110,6 +113,8 @@ def chat_function(spec: DatasetSpec, tokenizer, *, install: bool = False) -> Cha
     problem = syntax_problem(spec)
     if problem:
         raise ChatTemplateError(problem)
+    from runner.data.render import render as bounded_render
+
     compiled = _environment().from_string(source)
     special = {"bos_token": getattr(tokenizer, "bos_token", None) or "",
                "eos_token": getattr(tokenizer, "eos_token", None) or ""}
@@ -118,7 +123,7 @@ def chat_function(spec: DatasetSpec, tokenizer, *, install: bool = False) -> Cha
 
     def render(messages, add_generation_prompt: bool = False) -> str:
         try:
-            return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+            return bounded_render(compiled, messages=messages, add_generation_prompt=add_generation_prompt, **special)
         except Exception as e:  # noqa: BLE001 - the template is the user's code: any failure is theirs
             raise ChatTemplateError(f"dataset.chatTemplate: the template failed on a conversation ({e.__class__.__name__}: "
                             f"{str(e)[:300]}); fix the template, or the messages column") from e

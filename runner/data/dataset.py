@@ -65,6 +65,28 @@ def load_rows(local: Path, *, split: str, subset: str | None = None):
         ) from e
 
 
+def peek(local: Path, *, split: str, subset: str | None = None, field: str = "dataset.source",
+         cache_dir: Path | None = None) -> tuple[list[str], int]:
+    """The data's columns and row count, read from the first row and the line count (or Parquet footers) where
+    the data is JSON lines or Parquet shards; otherwise from the rows loaded."""
+    if problem := files.problem(field, local):
+        raise DataError(problem)
+    plain = subset is None and split == "train" and not (local.is_dir() and (local / "README.md").exists())
+    found = files.shards(local) if plain else None
+    if found is None:
+        rows = load_rows(local, split=split, subset=subset, field=field, cache_dir=cache_dir)
+        return list(rows.column_names), len(rows)
+    try:
+        head = files.sample(found, 1)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PermanentError(f"{field}: {local.name} could not be parsed ({e.__class__.__name__}: {str(e)[:200]}); "
+                             "check the file is valid JSON lines / Parquet", reason=DOWNLOAD_FAILED) from e
+    if not head.rows or not isinstance(head.rows[0], dict):
+        raise DataError(f"{field}: {local.name} holds no rows as JSON objects (read {head.total} line(s)); give one "
+                        "JSON object per line")
+    return list(head.rows[0]), head.total
+
+
 # ------------------------------------------------------------------------------------------ formats
 @dataclass(frozen=True)
 class Example:
@@ -84,10 +106,11 @@ class Formatter:
 def _template_fn(template: str, columns: list[str], where: str) -> tuple[Callable[[dict], str], set[str]]:
     if "{{" in template or "{%" in template:
         from jinja2 import StrictUndefined
-        from jinja2.sandbox import SandboxedEnvironment
         from jinja2 import TemplateSyntaxError, meta
 
-        env = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+        from runner.data import render as bounds
+
+        env = bounds.environment(undefined=StrictUndefined, keep_trailing_newline=True)
         try:
             names = meta.find_undeclared_variables(env.parse(template))
             compiled = env.from_string(template)
@@ -97,7 +120,7 @@ def _template_fn(template: str, columns: list[str], where: str) -> tuple[Callabl
 
         def render(row: dict) -> str:
             try:
-                return compiled.render(**row)
+                return bounds.render(compiled, **row)
             except Exception as e:  # noqa: BLE001 - the template is the user's code: any failure is theirs
                 raise DataError(f"{where}: the template failed on a row ({e.__class__.__name__}: "
                                 f"{str(e)[:300]}); fix the template") from e
@@ -122,11 +145,14 @@ def template_problems(spec: DatasetSpec) -> list[str]:
         from jinja2 import TemplateSyntaxError
         from jinja2.sandbox import SandboxedEnvironment
 
+        from runner.data.render import static_problems
+
         try:
             SandboxedEnvironment().parse(template)
         except TemplateSyntaxError as e:
             problems.append(f"dataset.template.{key}: Jinja syntax error on line {e.lineno}: {str(e.message)[:200]}; "
                             "fix the template")
+        problems += static_problems(template, f"dataset.template.{key}")
     problem = chat.syntax_problem(spec)
     return problems + ([problem] if problem else [])
 
