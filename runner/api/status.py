@@ -137,6 +137,31 @@ class Published(_Status):
     reason: str | None = Field(None, description="Why this step: the rule, the eval losses, early stopping.")
 
 
+class Estimate(_Status):
+    """What the job's training is expected to take before any GPU is held (runner/api/cost.py says how): the
+    controller's from the spec alone at Pending; `runner preview` and the run's summary add the data and the plan."""
+
+    summary: str = Field(description="Training time and GPU-hours, e.g. `12m, 0.2 h100-hours`, or `unknown`.")
+    why: str | None = Field(None, description="What is unknown, where the summary is `unknown`.")
+    gpu: str = Field(description="The GPU kind estimated for, e.g. h100.")
+    gpu_source: str = Field(description="Why that kind: the spec's nodeSelector, --gpu, or assumed.")
+    gpus: int = Field(description="GPUs over every node.")
+    model: str = Field(description="Where the model's shape came from.")
+    steps: int | None = Field(None, description="Optimizer steps (unknown with epochs before the data is read).")
+    tokens: int | None = Field(None, description="Tokens through the model over the run (padding included).")
+    tokens_per_epoch: int | None = Field(None, description="Tokens per epoch after packing (from the data).")
+    flops_per_token: int | None = Field(None, description="Training FLOPs per token (forward and backward).")
+    tokens_per_second: float | None = Field(None, description="Expected tokens per second over every GPU.")
+    seconds: float | None = Field(None, description="Expected seconds of training steps (no loading or merging).")
+    gpu_hours: float | None = Field(None, description="seconds x GPUs / 3600.")
+    row: str | None = Field(None, description="The measured throughput row it scales from.")
+    row_source: str | None = Field(None, description="The benchmark result the row comes from.")
+    distance: str | None = Field(None, description="How far this job's shape is from the row's.")
+    mode: str | None = Field(None, description="The memory mode planned (none, layer, layer, host, ...).")
+    peak_gib: float | None = Field(None, description="The planned peak GPU memory, GiB.")
+    notes: list[str] = Field(default_factory=list, description="What the estimate assumed.")
+
+
 class FineTuneJobStatus(_Status):
     """The status contract of a FineTuneJob."""
 
@@ -158,6 +183,9 @@ class FineTuneJobStatus(_Status):
     last_checkpoint: Checkpoint | None = Field(None, description="The newest durable checkpoint.")
     published: Published | None = Field(
         None, description="The step whose weights are published, and why (output.publish, training.earlyStopping).")
+    estimate: Estimate | None = Field(
+        None, description="The expected training time and GPU-hours, from the spec alone (`runner preview` reads "
+        "the data too).")
 
 
 # What the runner writes (everything else is the controller's), by alias.
