@@ -4,6 +4,7 @@
     python -m bench controller --jobs 1000                                              # the controller
     python -m bench frontier --out frontier.json          # runner vs Unsloth: throughput, memory, long sequences
     python -m bench table                                 # bench/README.md's runner-vs-Unsloth tables from results
+    python -m bench throughput                            # the cost estimate's throughput table from results
 
 The first form is the training benchmark (bench/training.py); `python -m bench --help` lists its options.
 `controller` runs bench/controller/bench.py (the same as `python -m bench.controller.bench`) with the rest of
@@ -54,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import table
 
         return table.main(argv[1:])
+    if argv[:1] == ["throughput"]:
+        from bench import throughput
+
+        return throughput.main(argv[1:])
     if argv[:1] == ["frontier"]:
         from bench import frontier
 
