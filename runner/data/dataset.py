@@ -65,28 +65,6 @@ def load_rows(local: Path, *, split: str, subset: str | None = None):
         ) from e
 
 
-def peek(local: Path, *, split: str, subset: str | None = None, field: str = "dataset.source",
-         cache_dir: Path | None = None) -> tuple[list[str], int]:
-    """The data's columns and row count, read from the first row and the line count (or Parquet footers) where
-    the data is JSON lines or Parquet shards; otherwise from the rows loaded."""
-    if problem := files.problem(field, local):
-        raise DataError(problem)
-    plain = subset is None and split == "train" and not (local.is_dir() and (local / "README.md").exists())
-    found = files.shards(local) if plain else None
-    if found is None:
-        rows = load_rows(local, split=split, subset=subset, field=field, cache_dir=cache_dir)
-        return list(rows.column_names), len(rows)
-    try:
-        head = files.sample(found, 1)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise PermanentError(f"{field}: {local.name} could not be parsed ({e.__class__.__name__}: {str(e)[:200]}); "
-                             "check the file is valid JSON lines / Parquet", reason=DOWNLOAD_FAILED) from e
-    if not head.rows or not isinstance(head.rows[0], dict):
-        raise DataError(f"{field}: {local.name} holds no rows as JSON objects (read {head.total} line(s)); give one "
-                        "JSON object per line")
-    return list(head.rows[0]), head.total
-
-
 # ------------------------------------------------------------------------------------------ formats
 @dataclass(frozen=True)
 class Example:
