@@ -1,31 +1,32 @@
 # syntax=docker/dockerfile:1
-# Two images from this file (tests/deploy/test_images.py checks the pins against pyproject.toml, and
-# tests/deploy/test_versions.py against the table in README "Versions"; tests/e2e builds both and runs them):
+# Three images from this file, every Python package from PyPI at the exact version and hash its lock gives
+# (locks/*.txt, written by `python -m locks` from pyproject.toml; tests/deploy checks both):
 #
-#   docker build -t finetune-runner .                               # the runner (default target): CUDA, torch
-#   docker build --target controller -t finetune-controller .       # the controller: slim, no torch
+#   docker build -t finetune-runner .                                # the runner (default target): CUDA 13.0 torch
+#   docker build --target runner-cpu -t finetune-runner-cpu .        # the runner for CPU clusters: CPU torch
+#   docker build --target controller -t finetune-controller .        # the controller: slim, no torch
 #
 # The runner runs the same FineTuneJob YAML that `kubectl apply` takes (README "Run standalone with docker"):
 #
 #   docker run --gpus all --ipc=host --read-only --tmpfs /tmp -v "$PWD:/work" -e HF_TOKEN finetune-runner run /work/job.yaml
 #
 # Credentials come from the environment: HF_TOKEN, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION,
-# AWS_ENDPOINT_URL_S3 (MinIO, R2, Ceph). Both images run as uid 1000, the uid the controller gives runner pods,
-# and both run with a read-only root filesystem (only /tmp, HOME's caches and /work need to be writable).
+# AWS_ENDPOINT_URL_S3 (MinIO, R2, Ceph). Every image runs as uid 1000, the uid the controller gives runner pods,
+# with a read-only root filesystem (only /tmp, HOME's caches and /work need to be writable).
 #
-# Build arguments (the defaults are the production images; CI overrides them to build offline-capable CPU
-# images from a Debian base it makes itself, tests/e2e/images.py):
-#   CONTROLLER_BASE  any Debian/Ubuntu image with python3 (>= 3.11) and python3-venv; default python:3.12-slim
-#   RUNNER_BASE      the runner's base; default CUDA 13.0 (matches torch's cu130 build, and NVIDIA_REQUIRE_CUDA
-#                    refuses a host driver too old for it at `docker run`, not mid-training)
-#   TORCH, TORCH_INDEX_URL  the torch build and the index it comes from; default the CUDA 13.0 build
-#   PIP_FIND_LINKS   optional extra wheel location for every pip install (CI: its local CPU torch wheel)
-ARG CONTROLLER_BASE=python:3.12-slim-bookworm
-ARG RUNNER_BASE=nvidia/cuda:13.0.0-base-ubuntu24.04
+# Build arguments (CI sets only the two bases, to a Debian 12 image it makes itself, and the CPU torch's location,
+# to its local copy; tests/e2e/images.py):
+#   BASE             the runner's and the controller's base: Debian with Python >= 3.11 and its venv module
+#   CPU_BASE         the CPU runner's base: Python 3.11 (the CPU torch build of locks/runner-cpu.txt is cp311)
+#   TORCH_CPU_LINKS  where pip finds that CPU torch wheel (PyPI has only the CUDA build for Linux x86_64)
+# The runner's CUDA libraries come as PyPI's nvidia-* wheels; the host's driver comes in through the NVIDIA
+# container toolkit (`--gpus all`, the device plugin), which refuses a driver older than NVIDIA_REQUIRE_CUDA, and
+# the runner checks it again at start (exit 2 naming the driver it needs).
+ARG BASE=python:3.12-slim-bookworm
+ARG CPU_BASE=python:3.11-slim-bookworm
 
 # ------------------------------------------------------------------------------------------ controller
-FROM ${CONTROLLER_BASE} AS controller
-ARG PIP_FIND_LINKS
+FROM ${BASE} AS controller
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -36,16 +37,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/venv \
     && useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin finetune
 
-# The spec (pydantic, pyyaml) and the `controller` extra, pinned as README "Versions" lists: a layer of its own,
-# so that a change to the source rebuilds only the last layer.
-RUN pip install --no-cache-dir \
-        "pydantic==2.14.3" "pyyaml==6.0.3" \
-        "kopf==1.45.2" "kubernetes==37.0.1" "prometheus-client==0.26.0"
+# The lock first, the source last: a change to the source rebuilds only the last layer.
+COPY locks/controller.txt /tmp/locks/
+RUN pip install --no-cache-dir --require-hashes -r /tmp/locks/controller.txt
 COPY pyproject.toml README.md /tmp/src/
 COPY runner /tmp/src/runner
 COPY controller /tmp/src/controller
 RUN pip install --no-cache-dir --no-deps "/tmp/src[controller]" \
-    && rm -rf /tmp/src
+    && rm -rf /tmp/src /tmp/locks
 
 USER 1000:1000
 WORKDIR /tmp
@@ -53,50 +52,69 @@ EXPOSE 8080
 ENTRYPOINT ["python", "-m", "controller"]
 CMD ["run"]
 
-# -------------------------------------------------------------------------------------------- runner
-FROM ${RUNNER_BASE} AS runner
-ARG PIP_FIND_LINKS
+# ------------------------------------------------------------------------------------------ runner-cpu
+FROM ${CPU_BASE} AS runner-cpu
+ARG TORCH_CPU_LINKS=https://download.pytorch.org/whl/cpu/torch/
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+RUN python3 -m venv /opt/venv \
+    && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin finetune \
+    && mkdir -p /work && chown 1000:1000 /work
+
+COPY locks/runner-cpu.txt /tmp/locks/
+RUN pip install --no-cache-dir --require-hashes --find-links "$TORCH_CPU_LINKS" -r /tmp/locks/runner-cpu.txt
+COPY pyproject.toml README.md /tmp/src/
+COPY runner /tmp/src/runner
+COPY controller /tmp/src/controller
+RUN pip install --no-cache-dir --no-deps "/tmp/src[runner,tracking]" \
+    && rm -rf /tmp/src /tmp/locks
+
+USER 1000:1000
+WORKDIR /work
+ENTRYPOINT ["python", "-m", "runner"]
+CMD ["--help"]
+
+# ------------------------------------------------------------------------------ runner (the default)
+FROM ${BASE} AS runner
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    NVIDIA_REQUIRE_CUDA="cuda>=13.0"
 
-# Python (3.12 on the CUDA base); gcc and the Python headers because Triton (Liger's fused kernels,
-# torch.compile) builds a small launcher with the system compiler the first time a kernel runs. uid 1000 is
-# taken by the CUDA base's `ubuntu` user.
+# gcc and the Python headers because Triton (Liger's fused kernels, torch.compile) builds a small launcher with
+# the system compiler the first time a kernel runs (python:3.12-slim has the headers; a Debian base needs
+# python3-dev).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && if [ ! -e "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
+         apt-get install -y --no-install-recommends python3-dev; fi \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
-    && if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin finetune \
     && mkdir -p /work && chown 1000:1000 /work
 
-# torch first, from PyTorch's CUDA 13.0 index (a layer of its own: the largest and the least often changed).
-ARG TORCH=torch==2.11.0+cu130
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
-# hadolint ignore=DL3013
-RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$TORCH"
-
-# The `runner`, `gpu` and `tracking` extras, pinned to README "Versions" (the GPU stack `python -m bench` ran on,
-# H100 and H200); then the source, without dependencies (they are all in the layer above).
-# hadolint ignore=DL3059
-RUN pip install --no-cache-dir \
-        "pydantic==2.14.3" "pyyaml==6.0.3" \
-        "transformers==5.17.0" "peft==0.21.0" "bitsandbytes==0.50.2" "trl==1.16.0" "datasets==5.2.0" \
-        "accelerate==1.15.0" "huggingface_hub==1.33.0" "tokenizers==0.23.3" "safetensors==0.8.0" \
-        "boto3==1.44.5" "google-cloud-storage==3.17.2" "matplotlib==3.11.2" "pandas==2.3.3" "pyarrow==26.0.1" \
-        "tensorboard==2.21.0" \
-        "liger-kernel==0.8.5" "mlflow-skinny==3.17.2" "wandb==0.31.0"
+# The `runner`, `gpu` and `tracking` extras with torch 2.11.0 (the CUDA 13.0 build, its CUDA libraries as
+# nvidia-* wheels, triton): the GPU stack the benchmarks ran on (H100, H200). Then the source, without
+# dependencies (they are all in the layer above).
+COPY locks/runner.txt /tmp/locks/
+RUN pip install --no-cache-dir --require-hashes -r /tmp/locks/runner.txt
 COPY pyproject.toml README.md /tmp/src/
 COPY runner /tmp/src/runner
 COPY controller /tmp/src/controller
 RUN pip install --no-cache-dir --no-deps "/tmp/src[runner,gpu,tracking]" \
-    && rm -rf /tmp/src
+    && rm -rf /tmp/src /tmp/locks
 
 USER 1000:1000
 WORKDIR /work

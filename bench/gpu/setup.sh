@@ -1,7 +1,25 @@
-# Source on a GPU machine that has torch/transformers/peft but no network: installs the wheels in .whl/
-# (see bench/README.md, "On a GPU machine") into /tmp/site and puts them and the project on PYTHONPATH.
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
+# Source on a GPU machine that has torch/transformers/peft but no network: a venv beside the machine's own torch
+# (--system-site-packages) with every other package at the version and hash of the runner's GPU lock
+# (locks/runner.txt), from the wheels carried in .whl/lock/ (fetched here by bench/gpu/fetch-wheels.sh; packages
+# the machine already has at the locked version are not installed again). The checkout goes on PYTHONPATH.
+VENV=${LOCK_VENV:-/tmp/lock-venv}
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv --system-site-packages "$VENV"
+fi
+# .whl/lock* : one folder a carry when the wheels are more than one call can carry (64 MiB)
+dirs=$(ls -d .whl/lock* 2>/dev/null)
+if [ -n "$dirs" ]; then
+    "$VENV/bin/python" bench/gpu/lockfile.py need $dirs > /tmp/lock-need.txt
+    if [ -s /tmp/lock-need.txt ]; then
+        "$VENV/bin/python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --require-hashes \
+            $(for d in $dirs; do echo --find-links "$d"; done) -r /tmp/lock-need.txt
+    fi
+else
+    : > /tmp/lock-need.txt
+    echo "setup.sh: no .whl/lock (bash bench/gpu/fetch-wheels.sh here, then carry .whl/lock)" >&2
+fi
+export PATH="$VENV/bin:$PATH"
+export PYTHONPATH=$PWD
 export OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 # Optional: Unsloth (bench/frontier.py) in its own folder, since it needs trl <= 1.15 and datasets < 5. Its wheels

@@ -9,12 +9,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from controller import generate
 
@@ -147,30 +146,46 @@ def stages() -> dict[str, list[tuple[str, str]]]:
 
 
 def pip_installs(stage: list[tuple[str, str]]) -> list[list[str]]:
-    """The arguments of every `pip install` in a stage."""
+    """The arguments of every `pip install` in a stage (commands split at `&&`, `||`, `;` outside quotes)."""
     out = []
     for word, rest in stage:
         if word != "RUN":
             continue
-        for command in re.split(r"&&|;", rest):
-            argv = shlex.split(command)
-            if argv[:2] == ["pip", "install"]:
-                out.append(argv[2:])
+        lexer = shlex.shlex(rest, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        argv: list[str] = []
+        for token in [*lexer, ";"]:
+            if token and set(token) <= set(";&|"):
+                if argv[:2] == ["pip", "install"]:
+                    out.append(argv[2:])
+                argv = []
+            else:
+                argv.append(token)
     return out
 
 
-def pins_and_extras(stage: list[tuple[str, str]]) -> tuple[dict[str, str], set[str]]:
-    pins, extras = {}, set()
+@dataclass(frozen=True)
+class StageInstall:
+    """What a stage installs: its lock (by `pip install --require-hashes -r`) and the project's extras (--no-deps)."""
+
+    locks: tuple[str, ...]  # the lock files' paths inside the image
+    hashed: bool  # every install from a lock has --require-hashes
+    extras: frozenset[str]
+    source_no_deps: bool  # the project itself installed without dependencies
+    index_options: tuple[str, ...]  # any --index-url / --extra-index-url / --find-links given
+
+
+def stage_install(stage: list[tuple[str, str]]) -> StageInstall:
+    locks, hashed, extras, no_deps, index = [], True, set(), True, []
     for argv in pip_installs(stage):
+        for i, arg in enumerate(argv):
+            if arg in ("--index-url", "--extra-index-url", "-i", "--find-links", "-f"):
+                index.append(argv[i + 1])
+        if "-r" in argv:
+            locks.append(argv[argv.index("-r") + 1])
+            hashed &= "--require-hashes" in argv
         for arg in argv:
-            if arg.startswith("-") or arg.startswith("https://"):
-                continue
-            m = re.match(r"/tmp/src\[(.*)\]$", arg)
-            if m:
+            if m := re.match(r"/tmp/src\[(.*)\]$", arg):
                 extras |= set(m.group(1).split(","))
-                continue
-            req = Requirement(arg)
-            [spec] = req.specifier
-            assert spec.operator == "==", f"pin exact versions in the image: {arg}"
-            pins[canonicalize_name(req.name)] = spec.version
-    return pins, extras
+                no_deps &= "--no-deps" in argv
+    return StageInstall(tuple(locks), hashed, frozenset(extras), no_deps, tuple(index))

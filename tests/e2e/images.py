@@ -1,15 +1,17 @@
-"""Build the project's two images from its Dockerfile, offline except for the package registries.
+"""Build the project's images from its Dockerfile, offline except for the package registries.
 
-    python -m tests.e2e.images          # build (or check) everything; prints sizes and times as JSON
+    python -m tests.e2e.images          # build (or check) everything; prints sizes, layers and times as JSON
 
 No base image can be pulled here, so CI makes one from Debian packages (mmdebstrap: Debian 12 with python3 and
-python3-venv), imports it into the private daemon (tests/cluster/dockerd.py) and builds both Dockerfile targets
-on it with the build arguments the Dockerfile documents: CONTROLLER_BASE and RUNNER_BASE set to that base, the
-runner with the CPU torch build from the machine's local wheel folder (served on loopback as PIP_FIND_LINKS).
-Everything else is installed by the Dockerfile's own pip commands, from the package registry.
+python3-venv), imports it into the private daemon (tests/cluster/dockerd.py) and builds the Dockerfile as a user
+does, with only the base images' names substituted (BASE and CPU_BASE): `docker build .` with no target, which is
+the production runner (CUDA torch from PyPI, exactly as its lock says), then the `runner-cpu` and `controller`
+targets (the legacy builder has built every stage on the way; these two only tag them). The CPU runner's torch
+build comes from the machine's local wheel folder (served on loopback as TORCH_CPU_LINKS) instead of PyTorch's
+CPU index. Everything else is installed by the Dockerfile's own `pip install --require-hashes` from the locks.
 
 Cached between runs: the base tarball (in ~/.cache/finetune-test-cluster/images) and the daemon's data root, so
-a second build reuses every layer whose inputs did not change (the dependency layers come before the source).
+a second build reuses every layer whose inputs did not change (the locks' layers come before the source).
 """
 from __future__ import annotations
 
@@ -22,14 +24,14 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 
 from tests.cluster.dockerd import CACHE, Dockerd, DockerError
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "ftc-debian:bookworm"
-RUNNER = "finetune-runner:e2e"
+RUNNER = "finetune-runner:e2e"  # the default target: the production runner
+RUNNER_CPU = "finetune-runner-cpu:e2e"
 CONTROLLER = "finetune-controller:e2e"
 BASE_PACKAGES = ("python3", "python3-venv", "ca-certificates", "passwd")
 REPORT = CACHE / "images" / "last-build.json"
@@ -109,44 +111,51 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def default_index() -> str:
-    """pip's own default index (the package registry), without writing its address into the project."""
-    from pip._internal.models.index import PyPI
-
-    return PyPI.simple_url
-
-
-def build(d: Dockerd, target: str, tag: str, *build_args: str, log: Path) -> float:
+def build(d: Dockerd, target: str | None, tag: str, *build_args: str, log: Path) -> float:
+    """One `docker build` (target None: the Dockerfile's default, as a plain `docker build .`); seconds."""
     t0 = time.monotonic()
-    argv = ["build", "--network", "host", "--target", target, "-t", tag]
+    argv = ["build", "--network", "host", *(["--target", target] if target else []), "-t", tag]
     for a in build_args:
         argv += ["--build-arg", a]
     with open(log, "w") as f:
         p = subprocess.run(["docker", "-H", d.host, *argv, str(ROOT)], stdout=f, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, env={**d.env(), "DOCKER_BUILDKIT": "0"}, timeout=3000)
     if p.returncode != 0:
-        raise DockerError(f"docker build --target {target} failed; log {log}:\n"
+        raise DockerError(f"docker build {'--target ' + target if target else '.'} failed; log {log}:\n"
                           + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
     return time.monotonic() - t0
 
 
+def layers(d: Dockerd, tag: str) -> list[dict]:
+    """The image's layers that hold data, newest first: MB and the instruction that made each."""
+    out = d.run("history", "--no-trunc", "--format", "{{json .}}", tag, timeout=60).stdout.splitlines()
+    rows = [json.loads(line) for line in out]
+    return [{"mb": round(_bytes(r["Size"]) / 1e6), "step": r["CreatedBy"].replace("/bin/sh -c ", "")[:120]}
+            for r in rows if _bytes(r["Size"]) >= 1e6]
+
+
+def _bytes(size: str) -> float:
+    units = {"B": 1, "kB": 1e3, "KB": 1e3, "MB": 1e6, "GB": 1e9}
+    number = size.rstrip("kKMGB")
+    return float(number) * units[size[len(number):] or "B"]
+
+
 def build_all(d: Dockerd) -> dict:
-    """Both images (and the base): seconds and sizes."""
+    """Every image (and the base): seconds, sizes and the runners' layers."""
     logs = CACHE / "images"
     logs.mkdir(parents=True, exist_ok=True)
     report: dict = {"base_seconds": round(ensure_base(d), 1)}
-    torch = version("torch")  # the CPU build the test venv runs: 2.13.0+cpu
     wheels = local_wheel_dir()
-    if not list(wheels.glob(f"torch-{torch}-*.whl")):
-        raise DockerError(f"{wheels} has no torch-{torch} wheel for the CPU runner image")
-    bases = (f"CONTROLLER_BASE={BASE}", f"RUNNER_BASE={BASE}")  # the legacy builder reads every stage's FROM
-    report["controller_seconds"] = round(build(d, "controller", CONTROLLER, *bases,
-                                               log=logs / "controller-build.log"), 1)
+    if not list(wheels.glob("torch-*+cpu-*.whl")):
+        raise DockerError(f"{wheels} has no CPU torch wheel for the CPU runner image")
+    bases = (f"BASE={BASE}", f"CPU_BASE={BASE}")  # the legacy builder reads every stage's FROM
     with serve(wheels) as url:
-        report["runner_seconds"] = round(build(
-            d, "runner", RUNNER, *bases, f"TORCH=torch=={torch}",
-            f"TORCH_INDEX_URL={default_index()}", f"PIP_FIND_LINKS={url}", log=logs / "runner-build.log"), 1)
-    report["sizes_mb"] = {tag: round(d.image_size(tag) / 1e6) for tag in (BASE, CONTROLLER, RUNNER)}
+        args = (*bases, f"TORCH_CPU_LINKS={url}")
+        report["runner_seconds"] = round(build(d, None, RUNNER, *args, log=logs / "runner-build.log"), 1)
+        for target, tag in (("runner-cpu", RUNNER_CPU), ("controller", CONTROLLER)):
+            report[f"{target}_seconds"] = round(build(d, target, tag, *args, log=logs / f"{target}-build.log"), 1)
+    report["sizes_mb"] = {tag: round(d.image_size(tag) / 1e6) for tag in (BASE, CONTROLLER, RUNNER_CPU, RUNNER)}
+    report["layers"] = {tag: layers(d, tag) for tag in (RUNNER, RUNNER_CPU)}
     REPORT.write_text(json.dumps(report, indent=1))
     return report
 
