@@ -19,6 +19,7 @@ from runner.api.errors import INVALID_SPEC, PermanentError, SpecError
 from runner.api.spec import FineTuneJobSpec, Job
 from runner.data.dataset import build_formatter, load_rows, prepare, template_problems
 from runner.merge import fold
+from runner.model import cuda_driver
 from runner.model.load import check_target_modules, generate, linear_module_names, load_tokenizer
 from runner.parallel import distributed
 from runner.report import artifacts, metrics_file, tracking
@@ -49,6 +50,7 @@ def _validate(job: Job) -> None:
     """Settings this machine can run, sources reachable, credentials present, destination writable and this
     job's to replace, checkpoints writable - before any download or GPU time."""
     spec, places = job.spec, job.places
+    cuda_driver.check(torch.version.cuda)  # a driver too old for torch's CUDA build: exit 2, not a CPU run
     check_spec(spec, Machine.here())
     tracking.check(spec)  # every tracker of training.reportTo reachable
     problems = template_problems(spec.dataset) + outputs.local_problems(job)

@@ -5,6 +5,7 @@ attention kernels.
     files      a model's safetensors shards read tensor by tensor, written tensor by tensor
     attention  document-masked attention for packed rows (varlen flash, cuDNN)
     notices    library log lines nobody can act on, dropped
+    cuda_driver  the host's NVIDIA driver against torch's CUDA build (too old: exit 2 naming the driver needed)
 
 Imports: runner.api only.
 """
