@@ -175,6 +175,8 @@ def crd(cel: bool = True) -> dict:
                     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
                     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
                     {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt"},
+                    {"name": "EST", "type": "string", "jsonPath": ".status.estimate.summary",
+                     "description": "Estimated training time and GPU-hours (status.estimate)"},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
                     {"name": "Output", "type": "string", "jsonPath": ".status.output", "priority": 1},

@@ -16,7 +16,7 @@ import time
 
 from controller.attempts import clip, format_time
 from controller.policies import (
-    active, admission, backoff, bounds, deadline, finished, next_attempt, outcome, spec_change, suspend, ttl,
+    active, admission, backoff, bounds, cost, deadline, finished, next_attempt, outcome, spec_change, suspend, ttl,
 )
 from controller.policies.observed import Observed, Options, observe
 from controller.policies.results import Assessment, Event
@@ -62,7 +62,8 @@ def _first(results):
 def _observed_fields(o: Observed) -> dict:
     return {"observedGeneration": o.ftj["metadata"].get("generation"),
             "attempt": o.last.index if o.last else None, "jobName": o.last.name if o.last else None,
-            "failedAttempts": o.counted, "startTime": format_time(o.start) if o.start else None}
+            "failedAttempts": o.counted, "startTime": format_time(o.start) if o.start else None,
+            "estimate": cost.estimate(o)}
 
 
 def finalize(a: Assessment, ftj: dict, now: float) -> None:

@@ -103,7 +103,8 @@ def test_immutable_fields_have_cel_rules_and_run_policy_does_not():
 def test_status_schema_has_no_defaults_and_the_printer_columns_exist():
     v = crd.crd()["spec"]["versions"][0]
     assert "default" not in yaml.safe_dump(v["schema"]["openAPIV3Schema"]["properties"]["status"])
-    assert [c["name"] for c in v["additionalPrinterColumns"]][:5] == ["Phase", "Progress", "Loss", "Attempt", "Age"]
+    assert [c["name"] for c in v["additionalPrinterColumns"]][:6] == ["Phase", "Progress", "Loss", "Attempt", "EST",
+                                                                      "Age"]
     assert v["subresources"] == {"status": {}}
     assert crd.crd()["spec"]["names"]["shortNames"] == ["ftj"]
 
@@ -134,7 +135,7 @@ def test_defaults_are_filled_in_and_kubectl_shows_the_columns(k8s_cluster, clust
     assert spec["lora"]["r"] == 16 and spec["resources"] == {"gpus": 1, "nodes": 1, "gpuResourceName": "nvidia.com/gpu"}
     assert spec["backoffLimit"] == 3 and spec["suspend"] is False
     out = k8s_cluster.kubectl_run("get", "ftj", "-n", cluster_api.ns).stdout
-    assert out.split()[:6] == ["NAME", "PHASE", "PROGRESS", "LOSS", "ATTEMPT", "AGE"]
+    assert out.split()[:7] == ["NAME", "PHASE", "PROGRESS", "LOSS", "ATTEMPT", "EST", "AGE"]
 
 
 def test_kubectl_explain_shows_the_descriptions(k8s_cluster):

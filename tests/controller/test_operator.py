@@ -269,3 +269,16 @@ def test_all_namespaces_mode(controller_kubeconfig, cluster_api, fake_kubelet, t
         cluster_api.wait_phase("anywhere", "Running")
     finally:
         ctl.stop()
+
+
+def test_a_pending_job_shows_its_cost_estimate_in_kubectl_get(controller, cluster_api, k8s_cluster):
+    ns = cluster_api.ns
+    cluster_api.create_ftj(ftj_doc("est", model={"source": "hf://meta-llama/Meta-Llama-3-8B-Instruct"},
+                                   training={"maxSteps": 600}))
+    s = cluster_api.wait_phase("est", "Pending")
+    e = s["estimate"]
+    assert (e["gpu"], e["steps"], e["row"]) == ("h100", 600, "h100-8b-packed") and e["summary"].endswith("h100-hours")
+    lines = k8s_cluster.kubectl_run("get", "ftj", "est", "-n", ns).stdout.splitlines()
+    header = lines[0].split()
+    at = lines[1].index(e["summary"])  # EST shows the summary, under its header
+    assert "EST" in header and lines[0].index("EST") == at

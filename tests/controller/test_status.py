@@ -308,3 +308,26 @@ def test_a_deleted_pod_whose_job_counts_it_failed_is_a_failed_attempt():
                deleting=True)
     a = run(ftj(status=old), [job(1, failed="BackoffLimitExceeded")], [gone])
     assert a.status["failedAttempts"] == 1 and "AttemptFailed" in [e.reason for e in a.events]
+
+
+# ----------------------------------------------------------------------------------- the cost estimate
+def test_pending_status_carries_the_estimate_the_spec_alone_allows():
+    from runner.api import cost
+    from runner.api.parse import manifest, parse_job
+
+    over = dict(model={"source": "hf://meta-llama/Meta-Llama-3-8B-Instruct"}, training={"maxSteps": 300})
+    s = run(ftj(**over)).status
+    assert s["phase"] == "Pending"
+    e = s["estimate"]
+    expected = cost.from_spec(parse_job(manifest("demo", spec(**over))).spec)
+    assert e == expected.model_dump(by_alias=True, exclude_none=True)
+    assert (e["gpu"], e["row"], e["steps"]) == ("h100", "h100-8b-packed", 300) and e["summary"].endswith("h100-hours")
+    assert "assumed" in e["gpuSource"]  # the spec names no GPU kind
+    # the same on every pass, of the spec the job runs with (its first attempt's)
+    assert run(ftj(), [job(1)], [pod(1, "Running")]).status["estimate"] == run(ftj()).status["estimate"]
+
+
+def test_an_estimate_the_spec_cannot_give_says_unknown_and_why():
+    e = run(ftj()).status["estimate"]  # epochs without maxSteps, a model the table does not know by name
+    assert e["summary"] == "unknown" and e["why"]
+    assert "estimate" not in {k for k, v in run(ftj(lora={"r": 0})).status.items() if v is not None}
