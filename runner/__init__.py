@@ -3,13 +3,14 @@
 Packages, lowest layer first; each imports only the layers below it (tests/test_layout.py checks it):
 
     api       the FineTuneJob contract shared with the controller: spec, parsing, status, errors, names
-    data      rows read, formatted into text with loss spans, tokenized, packed
+    data      rows read (files and shards), formatted into text with loss spans, tokenized into memory-mapped Arrow
     store     every place files live (local, S3, GCS, the Hub) behind one interface: download, publish, checkpoints,
               the lease, the shared model cache
     model     the base loaded 4-bit/8-bit/16-bit with LoRA, its files, attention kernels
     parallel  several processes: the launcher, ranks, FSDP loading
     report    events, console, status patches, trackers, the published report and model card
-    train     the Plan, the memory modes and kernels, the trainer with durable checkpoints
+    train     the Plan, the memory modes and kernels, the trainer with durable checkpoints, the data tokenized
+              once per dataset and kept beside them
     merge     the adapter folded into a 16-bit base, shard by shard, and checked
 
 At the top: job (one job start to finish, phase by phase), preview (what will be trained, before any GPU is

@@ -170,6 +170,10 @@ def _validate(args) -> int:
         job = load_job(args.job)
         # Templates; local paths that do not exist, overlaps, a destination holding files the runner did not write.
         problems = template_problems(job.spec.dataset) + ([] if args.spec_only else local_problems(job))
+        if not args.spec_only and not problems:
+            from runner.train.tokens import local_problems as data_problems
+
+            problems = data_problems(job)  # local data that is empty, a FIFO or a device
         if any(not p.startswith("dataset.template.") for p in problems):
             problems.append("(local paths are checked on this machine; for a job whose volumes are mounted "
                             "only where it runs, pass --spec-only)")
@@ -188,7 +192,8 @@ def _preview(args) -> int:
 
     try:
         job = load_job(args.job)
-        found = preview.gather(job, n=args.examples, work=Path(args.work_dir) if args.work_dir else None)
+        found = preview.gather(job, n=args.examples, work=Path(args.work_dir) if args.work_dir else None,
+                               full=args.full)
     except RunnerError as e:
         print(f"preview: {e.message}", file=sys.stderr)
         return e.exit_code
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p_pre.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                        help="colour the loss mask (auto: on a terminal); without colour it is marked ⟦…⟧")
     p_pre.add_argument("--work-dir", default=None, help="where a remote dataset and tokenizer are downloaded")
+    p_pre.add_argument("--full", action="store_true",
+                       help="read and tokenize every row (default: a sample, the first 1000 rows and 1000 at random)")
     p_qs = sub.add_parser("quickstart", help="run the embedded default job (tiny model, CPU)")
     p_qs.add_argument("--dir", default="finetune-quickstart", help="where the model, data and output go")
     sub.add_parser("schema", help="print the spec's JSON schema")

@@ -17,7 +17,8 @@ from runner import store
 from runner.api import errors, status
 from runner.api.errors import INVALID_SPEC, PermanentError, SpecError
 from runner.api.spec import FineTuneJobSpec, Job
-from runner.data.dataset import build_formatter, load_rows, prepare, template_problems
+from runner.train import tokens
+from runner.data.dataset import build_formatter, peek, template_problems
 from runner.merge import fold
 from runner.model import cuda_driver
 from runner.model.load import check_target_modules, generate, linear_module_names, load_tokenizer
@@ -54,6 +55,7 @@ def _validate(job: Job) -> None:
     check_spec(spec, Machine.here())
     tracking.check(spec)  # every tracker of training.reportTo reachable
     problems = template_problems(spec.dataset) + outputs.local_problems(job)
+    problems = problems or tokens.local_problems(job)  # empty or unreadable local data, before any download
     if problems:
         raise SpecError(problems)
     store.check_source(places.model)
@@ -70,9 +72,9 @@ def _download(job: Job, work: Path, reporter: Reporter) -> Downloads:
     layers are checked against lora.targetModules."""
     spec, places, d = job.spec, job.places, job.spec.dataset
     data = store.download(places.data, work / "data")
-    rows = load_rows(data, split=d.split, subset=d.subset)
-    build_formatter(d, list(rows.column_names), chat_template=lambda *a, **k: "")
-    reporter.log(f"data: {len(rows)} training rows")
+    columns, count = peek(data, split=d.split, subset=d.subset, cache_dir=work / "rows")
+    build_formatter(d, columns, chat_template=lambda *a, **k: "")
+    reporter.log(f"data: {count:,} training rows")
     eval_data = store.download(places.eval_data, work / "eval-data") if places.eval_data else None
     model = cache.download(places.model, work / "model", log=reporter.log, cache_root=places.cache)
     check_target_modules(spec.lora, _linear_layers(spec, model))
@@ -121,7 +123,7 @@ def _run(job: Job, spec: FineTuneJobSpec, reporter: Reporter, work: Path, stop: 
         return done if distributed.is_main() else {}
     distributed.init()
     inputs = _fetch(job, work, reporter)
-    tokenizer, data = _tokenize(spec, inputs, reporter)
+    tokenizer, data = _tokenize(job, inputs, work, reporter)
     trained = _fine_tune(job, inputs.model, tokenizer, data, work, reporter, stop, tracking.Tracking(job, reporter))
     if not distributed.is_main():
         return {}  # rank 0 merges and publishes
@@ -153,16 +155,10 @@ def _fetch(job: Job, work: Path, reporter: Reporter) -> Downloads:
     return inputs
 
 
-def _tokenize(spec: FineTuneJobSpec, inputs: Downloads, reporter: Reporter):
-    d = spec.dataset
-    train_rows = load_rows(inputs.data, split=d.split, subset=d.subset)
-    eval_rows = None
-    if inputs.eval_data:
-        eval_rows = load_rows(inputs.eval_data, split="train" if inputs.eval_data.is_file() else d.split)
-    elif d.eval_split:
-        eval_rows = load_rows(inputs.data, split=d.eval_split, subset=d.subset)
+def _tokenize(job: Job, inputs: Downloads, work: Path, reporter: Reporter):
+    spec, d = job.spec, job.spec.dataset
     tokenizer = load_tokenizer(inputs.model, spec.model)
-    data = prepare(d, train_rows, eval_rows, tokenizer, seed=spec.training.seed)
+    data = tokens.tokenized_data(job, inputs.data, inputs.eval_data, inputs.model, tokenizer, work, reporter.log)
     reporter.log(
         f"tokenized {len(data.train)} examples as {data.fmt}; {data.truncated} truncated to {d.max_length} tokens"
     )

@@ -1,7 +1,8 @@
 """`python -m runner preview job.yaml`: what will be trained, before any GPU is held.
 
-It reads the data and only the tokenizer (no weights), formats and tokenizes every example exactly as `run`
-does (runner/data/dataset.py), and shows: N examples as the model sees them with the loss mask marked, the format
+It reads the data and only the tokenizer (no weights), formats and tokenizes a sample of the rows (the first
+and as many at random, said as a sample; `--full`: every row) exactly as `run` does (runner/data/sampled.py),
+and shows: N examples as the model sees them with the loss mask marked, the format
 and why, token-length statistics and a histogram, what maxLength cuts, packing, steps and tokens, and
 warnings.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from runner import store
 from runner.api.spec import Job
-from runner.data.dataset import DataError, build_formatter, load_rows, tokenize
+from runner.data import sampled
 
 # What AutoTokenizer reads: never the weights.
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
@@ -63,66 +64,72 @@ class Preview:
     epochs: float
     examples: list[Example] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    sample: str | None = None  # how the statistics were estimated from a sample (None: from every row)
+    scale: float = 1.0  # rows per sampled row
 
 
 # ------------------------------------------------------------------------------------------ gathering
-def gather(job: Job, *, n: int = 3, work: Path | None = None) -> Preview:
+def gather(job: Job, *, n: int = 3, work: Path | None = None, full: bool = False) -> Preview:
+    """What will be trained, from a sample of the rows (the first and some at random), or every row (`full`)."""
     own = work is None
     work = Path(work or tempfile.mkdtemp(prefix=f"finetune-preview-{job.name}-"))
     try:
-        return _gather(job, n, work)
+        return _gather(job, n, work, full)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _gather(job: Job, n: int, work: Path) -> Preview:
+def _gather(job: Job, n: int, work: Path, full: bool = False) -> Preview:
     from runner.model.load import load_tokenizer
 
     spec, d, places = job.spec, job.spec.dataset, job.places
     data_path = store.download(places.data, work / "data")
-    rows = load_rows(data_path, split=d.split, subset=d.subset)
+    read = sampled.read(data_path, d, full=full, cache_dir=work / "rows", seed=spec.training.seed)
+    rows = read.rows
     model_dir = store.download(places.model, work / "model", allow_patterns=TOKENIZER_FILES)
     tokenizer = load_tokenizer(model_dir, spec.model)
     columns = list(rows.column_names)
-    from runner.data.chat import chat_function
-
-    formatter = build_formatter(d, columns, chat_template=chat_function(d, tokenizer))
-    if len(rows) == 0:
-        raise DataError(f"dataset.split: {d.split!r} selects no rows; choose a larger split")
-    eval_rows, eval_note = None, None
+    eval_rows, eval_note, total = None, None, read.total
     if d.eval_source:
         eval_note = f"from {d.eval_source} (not read by preview)"
     elif d.eval_split:
         eval_note = f"split {d.eval_split!r} of the source (not read by preview)"
-    elif d.eval_fraction:
+    elif d.eval_fraction and not read.sampled:
         parts = rows.train_test_split(test_size=d.eval_fraction, seed=spec.training.seed)
         rows, eval_rows = parts["train"], len(parts["test"])
+        total = len(rows)
         eval_note = f"{eval_rows} rows held out (dataset.evalFraction {d.eval_fraction})"
-    tokenized = tokenize(rows, formatter, tokenizer, max_length=d.max_length, add_eos=d.add_eos)
+    elif d.eval_fraction:
+        eval_rows = math.ceil(total * d.eval_fraction)
+        total -= eval_rows
+        eval_note = f"about {eval_rows:,} rows held out (dataset.evalFraction {d.eval_fraction})"
+    tokens, formatter = sampled.tokenize(sampled.Rows(rows, total, read.first), d, tokenizer, work=work)
+    scale = total / max(len(rows), 1)
+    est = (lambda x: total if x == len(rows) else round(x * scale))  # noqa: E731 - counts in the sample -> all
     masked = formatter.fmt != "text"
-    lengths = list(tokenized["full_length"])
+    lengths = tokens.data.column("full_length").to_pylist()
     kept = [min(x, d.max_length) for x in lengths]
-    masks = tokenized["completion_mask"] if masked else [None] * len(lengths)
-    trained = [sum(m) for m in masks] if masked else kept
-    cut = sum(1 for m in masks if m is not None and not any(m))
+    trained = tokens.data.column("trained").to_pylist()
+    cut = sum(1 for x in trained if x == 0) if masked else 0
     empty = _empty_completions(rows, formatter) if masked else 0
-    examples = [_example(tokenizer, tokenized[i]["input_ids"], masks[i], lengths[i])
-                for i in range(min(n, len(rows)))]
+    examples = [_example(tokenizer, tokens[i]["input_ids"], tokens[i]["completion_mask"] if masked else None,
+                         lengths[i]) for i in range(min(n, len(rows)))]
     t = spec.training
     processes = max(getattr(getattr(spec, "resources", None), "gpus", 1) or 1, 1)
-    packed = pack_rows(kept, d.max_length) if d.packing else None
-    batches = math.ceil((packed or len(kept)) / (t.batch_size * processes))
+    packed = est(pack_rows(kept, d.max_length)) if d.packing else None
+    batches = math.ceil((packed or total) / (t.batch_size * processes))
     per_epoch = max(batches // t.gradient_accumulation_steps, 1)
-    total = t.max_steps or math.ceil(t.epochs * per_epoch)
+    total_steps = t.max_steps or math.ceil(t.epochs * per_epoch)
     p = Preview(
         name=job.name, source=d.source, split=d.split, columns=columns, fmt=formatter.fmt,
-        fmt_reason=format_reason(job, formatter), tokenizer_source=spec.model.source, rows=len(rows),
+        fmt_reason=format_reason(job, formatter), tokenizer_source=spec.model.source, rows=total,
         eval_rows=eval_rows, eval_note=eval_note, masked=masked, max_length=d.max_length, lengths=lengths,
-        truncated=sum(1 for x in lengths if x > d.max_length), completion_cut=cut, empty_completion=empty,
-        trained_tokens=sum(trained), packing=d.packing, packed_rows=packed, batch=t.batch_size,
+        truncated=est(sum(1 for x in lengths if x > d.max_length)), completion_cut=est(cut),
+        empty_completion=est(empty), trained_tokens=round(sum(trained) * scale), packing=d.packing,
+        packed_rows=packed, batch=t.batch_size, sample=read.note(), scale=scale,
         accumulation=t.gradient_accumulation_steps, processes=processes, steps_per_epoch=per_epoch,
-        total_steps=total, epochs=t.epochs, examples=examples,
+        total_steps=total_steps, epochs=t.epochs, examples=examples,
     )
     p.warnings = warnings_for(p, tokenizer, add_eos=d.add_eos)
     return p
@@ -256,9 +263,10 @@ def render(p: Preview, *, color: bool, width: int = 100) -> str:
 def length_lines(p: Preview, c=None) -> list[str]:
     c = c or _Colors(False)
     s = sorted(p.lengths)
-    lines = [f"{len(s)} examples: min {s[0]} · median {percentile(s, 0.5)} · mean {statistics.fmean(s):.1f} · "
-             f"p95 {percentile(s, 0.95)} · max {s[-1]} · maxLength {p.max_length}",
-             f"cut at maxLength: {p.truncated} ({100 * p.truncated / len(s):.1f}%)"
+    lines = ([p.sample] if p.sample else []) + [
+             f"{'a sample of ' if p.sample else ''}{len(s)} examples: min {s[0]} · median {percentile(s, 0.5)} · "
+             f"mean {statistics.fmean(s):.1f} · p95 {percentile(s, 0.95)} · max {s[-1]} · maxLength {p.max_length}",
+             f"cut at maxLength: {'about ' if p.sample else ''}{p.truncated} ({100 * p.truncated / p.rows:.1f}%)"
              + (f", {p.completion_cut} lose their whole completion" if p.completion_cut else ""), ""]
     return lines + histogram(s, p.max_length, c)
 
@@ -299,7 +307,7 @@ def training_lines(p: Preview) -> list[str]:
     lines.append(f"{p.steps_per_epoch} optimizer steps per epoch (batch {p.batch} × accumulation "
                  f"{p.accumulation}{procs}); {p.total_steps} steps in all"
                  + ("" if p.total_steps != math.ceil(p.epochs * p.steps_per_epoch) else f" ({p.epochs:g} epochs)"))
-    kept = sum(min(x, p.max_length) for x in p.lengths)
+    kept = round(sum(min(x, p.max_length) for x in p.lengths) * p.scale)
     lines.append(f"{kept:,} tokens per epoch, {p.trained_tokens:,} of them trained on "
                  f"({100 * p.trained_tokens / max(kept, 1):.0f}%)")
     return lines

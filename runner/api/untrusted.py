@@ -11,7 +11,9 @@ Every problem is a line naming the field (or the file's line) and the fix; nothi
 from __future__ import annotations
 
 import math
+import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -39,10 +41,40 @@ def short(value: Any, limit: int = 60) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the file
+FIFO_FIRST, FIFO_WAIT = 2.0, 10.0  # seconds a job file that is a FIFO (`<(...)`) may take to start, and to end
+
+
+def _read_fifo(path: Path) -> bytes:
+    """A FIFO's bytes up to its end, never blocking on one that nobody writes."""
+    import select
+    import time
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        data, started = b"", time.monotonic()
+        while len(data) <= MAX_FILE_BYTES:
+            waited = time.monotonic() - started
+            if waited > (FIFO_WAIT if data else FIFO_FIRST):
+                raise FileProblem(f"a FIFO (named pipe) that nothing {'finished writing' if data else 'wrote to'} "
+                                  f"within {FIFO_WAIT if data else FIFO_FIRST:.0f}s; give the path of a YAML file")
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            chunk = os.read(fd, 1 << 16) if ready else b""
+            if chunk:
+                data += chunk
+            elif ready and data:
+                break  # end of file: the writer closed it
+        return data
+    finally:
+        os.close(fd)
+
+
 def read_yaml(path: Path) -> Any:
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            data = _read_fifo(path)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise FileProblem(f"cannot read the job file ({e.strerror or e}); give the path of a YAML file") from e
     except ValueError as e:  # a NUL byte in the path itself

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runner.api.errors import PermanentError, DOWNLOAD_FAILED, INVALID_SPEC
-from runner.data import chat
+from runner.data import chat, files
+from runner.data.files import DATA_SUFFIXES
 from runner.api.spec import CHAT_TEMPLATE_NAMES, DatasetSpec
 
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _DEFAULT_ROLE_COLUMNS = {
     "text": "text",
@@ -37,32 +37,60 @@ class DataError(PermanentError):
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_rows(local: Path, *, split: str, subset: str | None = None):
-    """Load a split from a local file or folder (a downloaded Hub dataset, an S3 prefix, a user path)."""
+def load_rows(local: Path, *, split: str, subset: str | None = None, cache_dir: Path | None = None,
+              field: str = "dataset.source"):
+    """Load a split from a local file or folder (a downloaded Hub dataset, an S3 prefix of shards, a user path)
+    into Arrow files under `cache_dir` (memory-mapped; the datasets library's cache when None), shard by shard."""
     import datasets
 
     datasets.disable_progress_bars()
+    if problem := files.problem(field, local):
+        raise DataError(problem)
     if local.is_file():
         builder = DATA_SUFFIXES.get(local.suffix.lower())
         if builder is None:
             raise DataError(
-                f"dataset.source: {local.name} is not a supported file; use .jsonl, .json, .csv or .parquet"
+                f"{field}: {local.name} is not a supported file; use .jsonl, .json, .csv or .parquet"
             )
         kwargs: dict[str, Any] = {"data_files": {"train": str(local)}}
-    elif local.is_dir():
-        builder, kwargs = str(local), {"name": subset}
+    elif (found := files.shards(local)) is not None and subset is None and not (local / "README.md").exists():
+        builder, kwargs = found.kind, {"data_files": {"train": [str(f) for f in found.files]}}
     else:
-        raise DataError(f"dataset.source: {local} does not exist; check the path")
+        builder, kwargs = str(local), {"name": subset}
+    if cache_dir is not None:
+        kwargs["cache_dir"] = str(cache_dir)
     try:
         return datasets.load_dataset(builder, split=split, **kwargs)
     except ValueError as e:  # unknown split / bad slice
         raise DataError(f"dataset.split: {split!r} cannot be read from {local.name}: {e}") from e
-    except (datasets.exceptions.DatasetGenerationError, json.JSONDecodeError) as e:
+    except (datasets.exceptions.DatasetGenerationError, json.JSONDecodeError, StopIteration) as e:
         raise PermanentError(
-            f"dataset.source: {local.name} could not be parsed ({e.__class__.__name__}: {e}); "
+            f"{field}: {local.name} could not be parsed ({e.__class__.__name__}: {e}); "
             "check the file is valid JSON lines / CSV / Parquet",
             reason=DOWNLOAD_FAILED,
         ) from e
+
+
+def peek(local: Path, *, split: str, subset: str | None = None, field: str = "dataset.source",
+         cache_dir: Path | None = None) -> tuple[list[str], int]:
+    """The data's columns and row count, read from the first row and the line count (or Parquet footers) where
+    the data is JSON lines or Parquet shards; otherwise from the rows loaded."""
+    if problem := files.problem(field, local):
+        raise DataError(problem)
+    plain = subset is None and split == "train" and not (local.is_dir() and (local / "README.md").exists())
+    found = files.shards(local) if plain else None
+    if found is None:
+        rows = load_rows(local, split=split, subset=subset, field=field, cache_dir=cache_dir)
+        return list(rows.column_names), len(rows)
+    try:
+        head = files.sample(found, 1)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PermanentError(f"{field}: {local.name} could not be parsed ({e.__class__.__name__}: {str(e)[:200]}); "
+                             "check the file is valid JSON lines / Parquet", reason=DOWNLOAD_FAILED) from e
+    if not head.rows or not isinstance(head.rows[0], dict):
+        raise DataError(f"{field}: {local.name} holds no rows as JSON objects (read {head.total} line(s)); give one "
+                        "JSON object per line")
+    return list(head.rows[0]), head.total
 
 
 # ------------------------------------------------------------------------------------------ formats
@@ -259,72 +287,66 @@ def build_formatter(spec: DatasetSpec, columns: list[str], *, chat_template: Cal
 # -------------------------------------------------------------------------------------- tokenizing
 @dataclass
 class TokenizedData:
-    train: Any  # datasets.Dataset with input_ids (+ completion_mask)
+    train: Any  # datasets.Dataset with input_ids (+ completion_mask), memory-mapped when made in a folder
     eval: Any | None
     fmt: str
-    lengths: list[int]  # token lengths before truncation (train), for the histogram
+    lengths: Any  # token lengths before truncation (train; a numpy array), for the histogram
     truncated: int
     has_completion_mask: bool
+    rows_total: int | None = None  # training rows in the data
+    tokenized: int | None = None  # rows tokenized by this process (0: reused)
 
 
-def tokenize(rows, formatter: Formatter, tokenizer, *, max_length: int, add_eos: bool, desc: str = "train"):
-    """Dataset of rows -> Dataset of input_ids (+ completion_mask when some tokens carry no loss)."""
-    eos = tokenizer.eos_token or ""
-    chat = formatter.fmt == "chat"
+@dataclass(frozen=True)
+class Limit:
+    """What maxSteps needs: `max_steps` optimizer steps of `per_step` sequences, packed or not."""
 
-    def one_batch(batch: dict) -> dict:
-        n = len(next(iter(batch.values())))
-        examples = []
-        for i in range(n):
-            row = {k: v[i] for k, v in batch.items()}
-            try:
-                ex = formatter.render(row)
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataError(
-                    f"dataset: row cannot be formatted as {formatter.fmt} ({e.__class__.__name__}: {e}); "
-                    "check dataset.format, dataset.columns and dataset.template"
-                ) from e
-            if add_eos and not chat and eos and not ex.text.endswith(eos):
-                spans = ex.trainable
-                if spans is not None:
-                    spans = spans[:-1] + [(spans[-1][0], spans[-1][1] + len(eos))]
-                ex = Example(ex.text + eos, spans)
-            examples.append(ex)
-        enc = tokenizer(
-            [e.text for e in examples],
-            add_special_tokens=not chat,
-            return_offsets_mapping=True,
-            truncation=False,
-        )
-        out: dict[str, list] = {"input_ids": [], "completion_mask": [], "full_length": []}
-        for ex, ids, offsets in zip(examples, enc["input_ids"], enc["offset_mapping"]):
-            if ex.trainable is None:
-                mask = [1] * len(ids)
-            else:
-                mask = [
-                    int(end > start and any(a <= start < b for a, b in ex.trainable))
-                    for start, end in offsets
-                ]
-            out["full_length"].append(len(ids))
-            out["input_ids"].append(ids[:max_length])
-            out["completion_mask"].append(mask[:max_length])
-        return out
-
-    tokenized = rows.map(one_batch, batched=True, remove_columns=rows.column_names, desc=f"tokenize {desc}")
-    return tokenized
+    max_steps: int
+    per_step: int
+    packing: bool
 
 
-def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int) -> TokenizedData:
+def check_rows(spec: DatasetSpec, rows, *, where: str = "dataset.source") -> None:
+    """Data with no rows is the user's to fix: a permanent error naming the field, with what was read."""
+    if len(rows) == 0:
+        selected = spec.split not in ("train", "") and ("[" in spec.split or ":" in spec.split)
+        if selected:
+            raise DataError(f"dataset.split: {spec.split!r} selects 0 rows of {spec.source}; choose a larger split")
+        raise DataError(f"{where}: {spec.source if where == 'dataset.source' else spec.eval_source} holds no rows "
+                        "(0 rows read, none dropped); give data that holds at least one row")
+
+
+def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int, into: Path | None = None,
+            limit: Limit | None = None, key=None) -> TokenizedData:
+    """Rows -> TokenizedData. With `into` (a folder), the token ids go to memory-mapped Arrow files there and the
+    folder becomes a complete entry (runner/data/tokenized.py) once `key`'s marker is written; with `limit`,
+    only the rows maxSteps uses are tokenized."""
+    import numpy as np
+
+    from runner.data import tokenized as tk
+
     columns = list(train_rows.column_names)
-    # dataset.chatTemplate becomes the tokenizer's (published with the model) only when the format is chat
-    chat_fn = chat.chat_function(spec, tokenizer, install=infer_format(spec, columns) == "chat")
-    formatter = build_formatter(spec, columns, chat_template=chat_fn)
-    if len(train_rows) == 0:
-        raise DataError(f"dataset.split: {spec.split!r} selects no rows; choose a larger split")
+    fn = tk.Tokenize(spec, columns, tokenizer, spec.max_length)
+    formatter = fn.formatter()
+    check_rows(spec, train_rows)
     if eval_rows is None and spec.eval_fraction:
         parts = train_rows.train_test_split(test_size=spec.eval_fraction, seed=seed)
         train_rows, eval_rows = parts["train"], parts["test"]
-    train = tokenize(train_rows, formatter, tokenizer, max_length=spec.max_length, add_eos=spec.add_eos)
+    rows_total = len(train_rows)
+    out = (lambda name: into / name) if into is not None else (lambda name: None)  # noqa: E731
+    if limit is not None and limit.max_steps * limit.per_step < rows_total:
+        first = min(rows_total, limit.max_steps * limit.per_step)
+        train = tk.tokenize(train_rows.select(range(first)), fn, out_file=out("train-a.arrow"))
+        mean = float(np.mean(np.minimum(_arrow_column(train, "full_length"), spec.max_length)))
+        need = min(rows_total, tk.rows_for_steps(limit.max_steps, limit.per_step, packing=limit.packing,
+                                                 max_length=spec.max_length, mean_tokens=mean))
+        if need > first:
+            import datasets
+
+            more = tk.tokenize(train_rows.select(range(first, need)), fn, out_file=out("train-b.arrow"))
+            train = datasets.concatenate_datasets([train, more])
+    else:
+        train = tk.tokenize(train_rows, fn, out_file=out("train.arrow"))
     ev = None
     if eval_rows is not None:
         missing = set(formatter.columns_used) - set(eval_rows.column_names)
@@ -332,20 +354,39 @@ def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int) -
             raise DataError(
                 f"dataset.evalSource: eval data lacks column(s) {', '.join(sorted(missing))} the format uses"
             )
-        ev = tokenize(eval_rows, formatter, tokenizer, max_length=spec.max_length, add_eos=spec.add_eos, desc="eval")
-    lengths = list(train["full_length"])
-    truncated = sum(1 for n in lengths if n > spec.max_length)
-    train, ev = train.remove_columns("full_length"), ev.remove_columns("full_length") if ev is not None else None
-    has_mask = formatter.fmt != "text"
-    if not has_mask:
-        train = train.remove_columns("completion_mask")
-        ev = ev.remove_columns("completion_mask") if ev is not None else None
-    empty = sum(1 for m in train["completion_mask"] if not any(m)) if has_mask else 0
-    if has_mask and empty == len(train):
+        ev = tk.tokenize(eval_rows, fn, out_file=out("eval.arrow"), desc="eval")
+    data = finish(spec, train, ev, formatter.fmt, rows_total=rows_total)
+    data.tokenized = len(train) + (len(ev) if ev is not None else 0)
+    if into is not None and key is not None:
+        tk.write_marker(into, key, {"fmt": formatter.fmt, "rows": len(train), "rowsTotal": rows_total,
+                                    "evalRows": len(ev) if ev is not None else None})
+    return data
+
+
+def _arrow_column(ds, name: str):
+    import numpy as np
+
+    return np.asarray(ds.data.column(name).to_numpy())
+
+
+def finish(spec: DatasetSpec, train, ev, fmt: str, *, rows_total: int | None = None) -> TokenizedData:
+    """TokenizedData from tokenized datasets (made now or opened from an entry): statistics from the Arrow
+    columns, the columns the trainer does not read dropped (no copy)."""
+    import numpy as np
+
+    lengths = _arrow_column(train, "full_length")
+    trained = _arrow_column(train, "trained")
+    truncated = int((lengths > spec.max_length).sum())
+    has_mask = fmt != "text"
+    if has_mask and len(trained) and not trained.any():
+        s = np.sort(lengths)
         raise DataError(
             f"dataset.maxLength: every example's completion is cut off at {spec.max_length} tokens (examples are "
-            f"{min(lengths)}-{max(lengths)} tokens, median {sorted(lengths)[len(lengths) // 2]}, 95% within "
-            f"{sorted(lengths)[max(0, -(-len(lengths) * 95 // 100) - 1)]}); raise dataset.maxLength or shorten the "
+            f"{s[0]}-{s[-1]} tokens, median {s[len(s) // 2]}, 95% within "
+            f"{s[max(0, -(-len(s) * 95 // 100) - 1)]}); raise dataset.maxLength or shorten the "
             "prompts (`python -m runner preview JOB` shows the histogram)"
         )
-    return TokenizedData(train, ev, formatter.fmt, lengths, truncated, has_mask)
+    drop = ["full_length", "trained"] + ([] if has_mask else ["completion_mask"])
+    train = train.remove_columns(drop)
+    ev = ev.remove_columns(drop) if ev is not None else None
+    return TokenizedData(train, ev, fmt, lengths, truncated, has_mask, rows_total=rows_total)

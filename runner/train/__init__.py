@@ -10,6 +10,8 @@ that make a step fast, and the trainer loop with its durable checkpoints.
     fsdp          what FSDP-QLoRA needs from the loader and the trainer
     best          the best checkpoint and early stopping
     trainer       trl's SFTTrainer over the tokenized data: checkpoints, resume, progress
+    tokens        the job's data tokenized once per dataset: found where an attempt or job kept it, else made
+                  (runner.data) and kept in the checkpoint location and the model cache (runner.store.prepared)
 
-Imports: runner.api, runner.store, runner.model, runner.parallel, runner.report.
+Imports: runner.api, runner.data, runner.store, runner.model, runner.parallel, runner.report.
 """
