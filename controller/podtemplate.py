@@ -1,5 +1,6 @@
-"""What the cluster admin adds to every runner pod (chart values `runner.podTemplate` and `runner.modelCache`,
-passed to the controller as `--runner-pod` JSON), and the volumes a FineTuneJob asks for (spec.volumes,
+"""What the cluster admin adds to every runner pod (chart values `runner.podTemplate`, `runner.modelCache`,
+`runner.defaultResources` and `runner.storeTimeouts` (FINETUNE_STORE_TIMEOUTS, the ceiling of a job's
+spec.storeTimeouts), passed to the controller as `--runner-pod` JSON), and the volumes a FineTuneJob asks for (spec.volumes,
 spec.modelCache, allowed by controller/policy.py). Typed, checked once at controller start.
 
 How `runner.podTemplate` merges into the pod the controller builds (for a Job and for each pod of a JobSet):
@@ -38,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from controller import naming
-from runner.api import names
+from runner.api import names, store_limits
 
 SOURCE = "runner.podTemplate"
 CONTROLLER_VOLUMES = ("job", "dshm", "scratch", "tmp")
@@ -169,11 +170,16 @@ class DefaultResources(_Model):
 
 
 class RunnerPod(_Model):
-    """The chart's `runner.podTemplate`, `runner.modelCache` and `runner.defaultResources`."""
+    """The chart's `runner.podTemplate`, `runner.modelCache`, `runner.defaultResources` and
+    `runner.storeTimeouts`."""
 
     pod_template: PodTemplatePatch = Field(default_factory=PodTemplatePatch)
     model_cache: ModelCache = Field(default_factory=ModelCache)
     default_resources: DefaultResources = Field(default_factory=DefaultResources)
+    store_timeouts: str = Field(
+        "", description="The limits on every runner's calls to remote stores, the ceiling of a job's "
+        f"spec.storeTimeouts (FINETUNE_STORE_TIMEOUTS in each runner pod): {store_limits.EXAMPLE!r}, any subset; "
+        "unset: those defaults.")
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -235,7 +241,14 @@ class RunnerPod(_Model):
         claim = self.model_cache.claim_name
         if claim and claim_name_problem(claim):
             out.append(f"runner.modelCache.claimName: {claim_name_problem(claim)}")
+        try:
+            store_limits.StoreLimits.parse(self.store_timeouts, "runner.storeTimeouts")
+        except ValueError as e:
+            out.append(str(e))
         return out
+
+    def store_limits(self) -> store_limits.StoreLimits:
+        return store_limits.StoreLimits.parse(self.store_timeouts, "runner.storeTimeouts")
 
     # ----------------------------------------------------------------------------------- applying
     def apply(self, template: dict, spec: dict) -> dict:
@@ -259,6 +272,8 @@ class RunnerPod(_Model):
             pod["volumes"].append({"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache}})
             c["volumeMounts"].append({"name": CACHE_VOLUME, "mountPath": names.MODEL_CACHE_DIR})
             c["env"].append({"name": names.ENV_MODEL_CACHE, "value": names.MODEL_CACHE_DIR})
+        # the cluster's store limits, always written: a job's spec.storeTimeouts may only tighten them
+        c["env"].append({"name": names.ENV_STORE_TIMEOUTS, "value": self.store_limits().describe()})
 
         patch = self.pod_template
         md["labels"] = {**patch.metadata.labels, **md.get("labels", {})}

@@ -25,7 +25,7 @@ from runner.model.load import check_target_modules, generate, linear_module_name
 from runner.parallel import distributed
 from runner.report import artifacts, metrics_file, tracking
 from runner.report.events import Reporter
-from runner.store import cache, outputs
+from runner.store import cache, outputs, timeouts
 from runner.train import fsdp
 from runner.train.plan import Machine, Plan, check_spec, make_plan
 from runner.train.trainer import StopFlag, train_adapter
@@ -99,6 +99,7 @@ def _linear_layers(spec: FineTuneJobSpec, model_dir: Path) -> set[str]:
 
 def run_job(job: Job, reporter: Reporter, *, work_dir: Path | None = None, stop: StopFlag | None = None) -> dict:
     spec = job.spec
+    timeouts.apply_job(spec.store_timeouts, reporter.log)  # spec.storeTimeouts, within the environment's ceiling
     stop = stop or StopFlag()
     own_work = work_dir is None
     work = Path(work_dir or tempfile.mkdtemp(prefix=f"finetune-{job.name[:64]}-"))

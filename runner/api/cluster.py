@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
+from runner.api.store_limits import MAX_SECONDS
+
 
 class Section(BaseModel):
     model_config = ConfigDict(
@@ -84,6 +86,21 @@ class ResourcesSpec(Section):
         return value
 
 
+class StoreTimeouts(Section):
+    """Tighter limits on this job's calls to remote stores than the cluster's (the chart's runner.storeTimeouts,
+    standalone FINETUNE_STORE_TIMEOUTS); values above those are cut to them. The runner applies them, on a cluster and standalone (runner/api/store_limits.py)."""
+
+    connect: float | None = Field(None, gt=0, lt=MAX_SECONDS, description="Seconds to open a connection.")
+    read: float | None = Field(None, gt=0, lt=MAX_SECONDS,
+                               description="Seconds to wait for the next byte of an answer, or to send the next byte.")
+    stall: float | None = Field(None, gt=0, lt=MAX_SECONDS,
+                                description="Seconds a request may wait for an answer from its endpoint, retries "
+                                "included, before the attempt ends (exit 75, retried).")
+    deadline: float | None = Field(None, gt=0, lt=MAX_SECONDS,
+                                   description="Seconds one store operation (a download, a publish, a checkpoint "
+                                   "save) may take in all.")
+
+
 MAX_DEADLINE_SECONDS = 30 * 86400  # a sane bound: far beyond any fine-tune, far below what overflows a deadline
 
 
@@ -134,6 +151,10 @@ class ClusterFields(Section):
         "`output.checkpoints` or `output.destination` (cluster only; policy.volumeClaims).")
     model_cache: ModelCacheSpec | None = Field(
         None, description="The model cache volume of this job (cluster only; default: the operator's, if any).")
+    store_timeouts: StoreTimeouts | None = Field(
+        None, description="Limits on this job's calls to S3, GCS and the Hub, tighter than the cluster's (chart "
+        "value runner.storeTimeouts; standalone FINETUNE_STORE_TIMEOUTS): a frozen store ends the attempt (exit "
+        "75, retried) instead of holding the GPU.")
 
 
 # ------------------------------------------------------------------------------------------ the job

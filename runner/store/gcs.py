@@ -94,8 +94,10 @@ def _credentials():
 def _client_for(_env: tuple):
     class CheckedSession(AuthorizedSession):
         def request(self, *args, **kwargs):
-            timeouts.check()  # no request starts past an operation's deadline
-            return super().request(*args, **kwargs)
+            timeouts.sending(where())  # no request starts when an operation is stalled or late
+            answer = super().request(*args, **kwargs)
+            timeouts.answered(where())
+            return answer
 
     creds, project = _credentials()
     return storage.Client(project=os.environ.get(ENV_PROJECT) or project, credentials=creds,

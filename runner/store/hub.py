@@ -44,6 +44,11 @@ def _base_url() -> str:
     return constants.ENDPOINT
 
 
+def where() -> str:
+    """The endpoint as messages and the store limits name it."""
+    return f"the Hub at {_base_url()}"
+
+
 _configured: list = [None]
 _configure_lock = threading.Lock()
 
@@ -62,7 +67,7 @@ def _configure() -> None:
         def limit(request) -> None:
             """Before each request: the deadline, and the limits wherever the caller left a timeout unset (HfApi
             passes timeout=None explicitly, which overrides a client's default)."""
-            timeouts.check()
+            timeouts.sending(where())
             given = dict(request.extensions.get("timeout") or {})
             for key, value in (("connect", limits.connect), ("read", limits.read), ("write", limits.read),
                                ("pool", limits.connect)):
@@ -71,7 +76,8 @@ def _configure() -> None:
             request.extensions["timeout"] = given
 
         def factory():
-            return httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook, limit]},
+            return httpx2.Client(event_hooks={"request": [_http.hf_request_event_hook, limit],
+                                              "response": [lambda _response: timeouts.answered(where())]},
                                  follow_redirects=True, timeout=httpx2.Timeout(limits.read, connect=limits.connect))
 
         _http.set_client_factory(factory)
@@ -184,7 +190,7 @@ def _short(e: BaseException) -> str:
 def errors(action: str, uri: str, reason: str) -> Iterator[None]:
     """One Hub operation: its failures become RunnerErrors, and it ends within the deadline (timeouts.py)."""
     _configure()
-    with store_call(f"{action} {uri}", f"the Hub at {_base_url()}", reason,
+    with store_call(f"{action} {uri}", where(), reason,
                     lambda exc: translate(exc, action=action, uri=uri, reason=reason)):
         yield
 

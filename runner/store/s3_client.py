@@ -11,6 +11,7 @@ The Backend is runner/store/s3.py (the object-store primitives); what it does wi
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import uuid
@@ -101,8 +102,16 @@ def _build():
         config = Config(**options)
     session = boto3.session.Session(region_name=region())
     c = session.client("s3", endpoint_url=endpoint, config=config)
-    c.meta.events.register("before-send.s3", timeouts.check)  # no request starts past an operation's deadline
+    here = where()  # as the operations name their endpoint
+    c.meta.events.register("before-send.s3", functools.partial(timeouts.sending, here))  # none starts stalled or late
+    c.meta.events.register("needs-retry.s3", functools.partial(_answered, here))
     return session, c
+
+
+def _answered(store: str, response=None, **_kwargs) -> None:
+    """After each attempt: an answer (any status) means the endpoint is alive; None lets botocore decide a retry."""
+    if response is not None:
+        timeouts.answered(store)
 
 
 def transfer_config():

@@ -254,3 +254,15 @@ def test_without_a_cache_or_volumes_the_pod_has_neither_and_a_star_allows_any_cl
     assert anyone.refusals(ftj(volumes=[{"claimName": "whatever", "mountPath": "/data"}])["spec"]) == []
     assert anyone.refusals(ftj(volumes=[VOLUME, VOLUME])["spec"]) == [
         "spec.volumes[1].mountPath: /mnt/checkpoints is mounted twice; give each volume its own path"]
+
+
+def test_the_clusters_store_limits_reach_every_runner_pod_and_a_bad_value_stops_the_controller():
+    def env(runner_pod):
+        return {e["name"]: e.get("value") for e in _runner(_pod(runner_pod))["env"]}
+
+    assert env(None)["FINETUNE_STORE_TIMEOUTS"] == "connect=10,read=30,stall=90,deadline=10800"  # bounded by default
+    admin = RunnerPod.parse({**CHART_DEFAULTS, "storeTimeouts": "read=10, stall=40"})
+    assert env(admin)["FINETUNE_STORE_TIMEOUTS"] == "connect=10,read=10,stall=40,deadline=10800"
+    with pytest.raises(RunnerPodError) as e:
+        RunnerPod.parse({**CHART_DEFAULTS, "storeTimeouts": "stall=forever"})
+    assert "runner.storeTimeouts" in str(e.value) and "'stall=forever'" in str(e.value)

@@ -108,6 +108,7 @@ def test_strict_validation_catches_a_typo_in_a_free_form_value(helm_bin):
     ("runner.gpuResourceName=kubernetes.io/gpu", "gpuResourceName"),  # Kubernetes' own domain
     ("metrics.serviceMonitor.interval=often", "interval"),
     ("crds.keep=maybe", "keep"),
+    ("runner.storeTimeouts=read=soon", "storeTimeouts"),
     ("metrics.service.annotations.scrape=true", "scrape"),          # annotation values are strings
     ("resources.requests.gpu=1", None),                             # accepted: any resource name is allowed
 ])
@@ -273,7 +274,8 @@ def test_deployment_flags_probes_and_security(rendered):
     assert c["args"][8].startswith("--runner-pod=")
     runner_pod = RunnerPod.from_text(c["args"][8].split("=", 1)[1])
     assert runner_pod == RunnerPod(default_resources=DefaultResources.model_validate(
-        {"requests": {"cpu": "500m", "memory": "4Gi"}, "limits": {"memory": "32Gi"}}))
+        {"requests": {"cpu": "500m", "memory": "4Gi"}, "limits": {"memory": "32Gi"}}),
+        store_timeouts="connect=10,read=30,stall=90,deadline=10800")  # a frozen store ends the attempt in minutes
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
