@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from runner.model import notices
-from runner.api import errors, names, status
+from runner.api import cost, errors, names, status
 from runner.api.errors import RunnerError, redact
 
 
@@ -181,7 +181,17 @@ def _validate(args) -> int:
             raise SpecError(problems)
     except RunnerError as e:
         print(e.message, file=sys.stderr)
+        if args.json:
+            print(json.dumps({"job": args.job, "valid": False, "message": e.message}))
         return e.exit_code
+    if args.json:
+        from runner.train import estimate
+
+        model = job.places.model
+        found = estimate.for_job(job.spec, args.gpu, model_dir=Path(model.path) if model.local else None)
+        print(json.dumps({"job": args.job, "name": job.name, "valid": True,
+                          "estimate": found.model_dump(by_alias=True, exclude_none=True)}, indent=1))
+        return 0
     print(f"{args.job}: valid FineTuneJob {job.name!r}")
     return 0
 
@@ -193,7 +203,7 @@ def _preview(args) -> int:
     try:
         job = load_job(args.job)
         found = preview.gather(job, n=args.examples, work=Path(args.work_dir) if args.work_dir else None,
-                               full=args.full)
+                               gpu=args.gpu, full=args.full)
     except RunnerError as e:
         print(f"preview: {e.message}", file=sys.stderr)
         return e.exit_code
@@ -244,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p_pre.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                        help="colour the loss mask (auto: on a terminal); without colour it is marked ⟦…⟧")
     p_pre.add_argument("--work-dir", default=None, help="where a remote dataset and tokenizer are downloaded")
+    p_val.add_argument("--json", action="store_true",
+                       help="print the result as JSON, with the cost estimate (time and GPU-hours)")
+    for p in (p_val, p_pre):
+        p.add_argument("--gpu", type=str.lower, choices=cost.gpu_kinds(), default=None,
+                       help="the GPU kind to estimate the cost for (default: the one the spec's nodeSelector names, "
+                       f"else {cost.DEFAULT_GPU})")
     p_pre.add_argument("--full", action="store_true",
                        help="read and tokenize every row (default: a sample, the first 1000 rows and 1000 at random)")
     p_qs = sub.add_parser("quickstart", help="run the embedded default job (tiny model, CPU)")

@@ -26,7 +26,7 @@ from runner.parallel import distributed
 from runner.report import artifacts, metrics_file, tracking
 from runner.report.events import Reporter
 from runner.store import cache, outputs, timeouts
-from runner.train import fsdp
+from runner.train import estimate, fsdp
 from runner.train.plan import Machine, Plan, check_spec, make_plan
 from runner.train.trainer import StopFlag, train_adapter
 
@@ -192,6 +192,9 @@ def _fine_tune(job: Job, model_dir: Path, tokenizer, data, work: Path, reporter:
         reporter.log(f"packed examples could attend to each other here ({plan.attention} attention, strategy "
                      f"{plan.strategy}); training unpacked instead")
     reporter.log(plan.line())
+    cost = estimate.at_training(spec, plan, data.lengths, len(data.train), model_dir)
+    if cost is not None:
+        reporter.log("estimate: " + estimate.lines(cost)[0])
     torch.manual_seed(spec.training.seed)  # LoRA's initial A matrices: training.seed makes a run repeatable
     model = fsdp.add_lora(model, spec.lora)  # under FSDP the sharded loader added them
     result = train_adapter(
@@ -207,7 +210,8 @@ def _fine_tune(job: Job, model_dir: Path, tokenizer, data, work: Path, reporter:
     metrics = {**result.metrics, metrics_file.RESUMED_FROM: result.resumed_from, "format": data.fmt,
                "packing": plan.packing, "strategy": plan.strategy, "processes": plan.processes, "plan": plan.to_dict(),
                "examples": len(data.train), metrics_file.TRUNCATED_EXAMPLES: data.truncated,
-               "checkpoints": str(checkpoints)}
+               "checkpoints": str(checkpoints),
+               estimate.METRIC: cost.model_dump(by_alias=True, exclude_none=True) if cost else None}
     return _Trained(result.adapter_dir, result.history, metrics, before, after)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runner import store
 from runner.api.spec import Job
+from runner.api.status import Estimate
 from runner.data import sampled
 
 # What AutoTokenizer reads: never the weights.
@@ -66,21 +67,22 @@ class Preview:
     warnings: list[str] = field(default_factory=list)
     sample: str | None = None  # how the statistics were estimated from a sample (None: from every row)
     scale: float = 1.0  # rows per sampled row
+    estimate: Estimate | None = None  # time and GPU-hours on the job's GPU kind (runner/train/estimate.py)
 
 
 # ------------------------------------------------------------------------------------------ gathering
-def gather(job: Job, *, n: int = 3, work: Path | None = None, full: bool = False) -> Preview:
+def gather(job: Job, *, n: int = 3, work: Path | None = None, gpu: str | None = None, full: bool = False) -> Preview:
     """What will be trained, from a sample of the rows (the first and some at random), or every row (`full`)."""
     own = work is None
     work = Path(work or tempfile.mkdtemp(prefix=f"finetune-preview-{job.name}-"))
     try:
-        return _gather(job, n, work, full)
+        return _gather(job, n, work, gpu, full)
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _gather(job: Job, n: int, work: Path, full: bool = False) -> Preview:
+def _gather(job: Job, n: int, work: Path, gpu: str | None = None, full: bool = False) -> Preview:
     from runner.model.load import load_tokenizer
 
     spec, d, places = job.spec, job.spec.dataset, job.places
@@ -132,7 +134,17 @@ def _gather(job: Job, n: int, work: Path, full: bool = False) -> Preview:
         total_steps=total_steps, epochs=t.epochs, examples=examples,
     )
     p.warnings = warnings_for(p, tokenizer, add_eos=d.add_eos)
+    p.estimate = _estimate(job, p, model_dir, gpu)
     return p
+
+
+def _estimate(job: Job, p: Preview, model_dir: Path, gpu: str | None) -> Estimate:
+    """The cost on `gpu` (else the spec's GPU kind): this data's tokens after packing, the model's config."""
+    from runner.train import estimate
+
+    data = estimate.DataSize.of(p.lengths, examples=p.rows, max_length=p.max_length, packing=p.packing,
+                                batch=p.batch, packed_rows=p.packed_rows)
+    return estimate.for_job(job.spec, gpu, model_dir=model_dir, data=data, total_steps=p.total_steps)
 
 
 def format_reason(job: Job, formatter) -> str:
@@ -254,6 +266,10 @@ def render(p: Preview, *, color: bool, width: int = 100) -> str:
                                 f"{ex.full_tokens} tokens dropped"))
     out += ["", c.bold("Token lengths")] + ["  " + ln for ln in length_lines(p, c)]
     out += ["", c.bold("Training")] + ["  " + ln for ln in training_lines(p)]
+    if p.estimate is not None:
+        from runner.train.estimate import lines
+
+        out += ["", c.bold("Cost estimate")] + ["  " + ln for ln in lines(p.estimate)]
     if p.warnings:
         out += ["", c.bold(c.yellow("Warnings"))]
         out += [c.yellow("  ! ") + w for w in p.warnings]

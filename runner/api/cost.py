@@ -265,8 +265,8 @@ def spec_job(spec: FineTuneJobSpec, gpu: str | None = None, *, shape: ModelShape
     shorter, so an upper bound); with epochs and no maxSteps, unknown."""
     named = gpu_of(spec)
     kind = gpu or named or DEFAULT_GPU
-    why = "--gpu" if gpu else (f"spec.nodeSelector" if named else f"assumed: the spec names no GPU kind "
-                                                                   f"(nodeSelector {GPU_LABELS[0]})")
+    why = "--gpu" if gpu else ("spec.nodeSelector" if named else
+                               f"assumed; name one with --gpu or the nodeSelector label {GPU_LABELS[0]}")
     if shape is None:
         known = table().known_model(spec.model.source)
         model, shape = (f"{known[0]} (by its name)", known[1]) if known else (

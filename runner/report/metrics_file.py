@@ -33,6 +33,8 @@ What the runner adds:
     truncated_examples     examples longer than dataset.maxLength (cut)
     resumed_from           the checkpoint the last attempt resumed from, or null
     checkpoints            where the checkpoints are
+    estimate               the cost estimated as training started, on this GPU and plan (status.estimate's
+                           shape, camelCase; null on CPU or a GPU kind the throughput table does not know)
     tracking, tensorboard  the experiment trackers' runs {runId, url}, and report/tensorboard when written
 
 Deprecated, written too for one release with the same values: resumedFrom, truncatedExamples, mergeCheck and

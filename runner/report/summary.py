@@ -35,6 +35,9 @@ def summary(console, result: dict) -> list[str]:
     seconds = result.get("phaseSeconds") or {}
     if seconds:
         rows.append(("Time", " · ".join(f"{p} {_secs(s)}" for p, s in seconds.items())))
+    cost = _estimate_text(console, result)
+    if cost:
+        rows.append(("Estimate", cost))
     if output and "://" not in str(output):
         rows.append(("Report", f"{output}/report  (metrics.json, loss.png, token_lengths.png, samples.json)"))
     elif output:
@@ -98,6 +101,18 @@ def _loss_text(console, result: dict) -> str:
     if isinstance(ev, (int, float)):
         parts.append(f"eval {ev:.4g}")
     return " · ".join(parts)
+
+
+def _estimate_text(console, result: dict) -> str:
+    """The cost estimated as training started (metrics.json's `estimate`) beside the measured training time."""
+    metrics = {**(result.get("metrics") or {}), **(console.details.get("metrics") or {})}
+    e, actual = metrics.get("estimate"), metrics.get("train_runtime")
+    if not isinstance(e, dict) or not e.get("summary"):
+        return ""
+    text = f"{e['summary']} of training on {e.get('gpus', 1)} x {e.get('gpu')}"
+    if isinstance(e.get("seconds"), (int, float)) and isinstance(actual, (int, float)) and e["seconds"] > 0:
+        text += f" · actual {_secs(actual)} ({100 * (actual / e['seconds'] - 1):+.0f}%)"
+    return text + (f" · from the measured row {e['row']}" if e.get("row") else "")
 
 
 def _published_text(p: dict) -> str:

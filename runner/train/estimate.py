@@ -21,10 +21,6 @@ from runner.train import plan as plans
 METRIC = "estimate"  # metrics.json's key: the Estimate, by alias
 
 
-class UnknownGpu(ValueError):
-    """--gpu names a kind the table does not know."""
-
-
 @dataclass(frozen=True)
 class DataSize:
     """What one epoch of the data is, once read and tokenized."""
@@ -59,16 +55,6 @@ def steps(spec: FineTuneJobSpec, rows: int, processes: int) -> int:
     return t.max_steps or math.ceil(t.epochs * per_epoch)
 
 
-def kind(gpu: str | None) -> str | None:
-    """`--gpu`'s value checked against the table (lower case), or None."""
-    if gpu is None:
-        return None
-    if gpu.lower() not in cost.gpu_kinds():
-        raise UnknownGpu(f"--gpu: {gpu!r} is not a GPU kind the throughput table knows; use one of "
-                         + ", ".join(cost.gpu_kinds()))
-    return gpu.lower()
-
-
 def kind_of_device(name: str) -> str | None:
     """The table's kind for a CUDA device name (torch.cuda.get_device_name), or None."""
     for k, g in cost.table().gpus.items():
@@ -86,7 +72,7 @@ def _config(model_dir: Path | None) -> dict | None:
 
 def for_job(spec: FineTuneJobSpec, gpu: str | None = None, *, model_dir: Path | None = None,
             data: DataSize | None = None, total_steps: int | None = None,
-            plan: plans.Plan | None = None) -> Estimate:
+            plan: plans.Plan | None = None, source: str | None = None) -> Estimate:
     """The estimate for `gpu` (else the spec's nodeSelector's kind, else cost.DEFAULT_GPU). `model_dir`: a
     folder with the model's config.json (its shape and the memory plan; else a model the table knows by name).
     `data`: the data's size (else tokens only with maxSteps). `plan`: the plan this machine made (a run);
@@ -103,11 +89,13 @@ def for_job(spec: FineTuneJobSpec, gpu: str | None = None, *, model_dir: Path | 
             plan = plans.make_plan(spec, model_dir, machine)
         except RunnerError as e:
             notes.append(f"no memory plan: {e.message}")
-        except (ImportError, OSError, ValueError) as e:  # an architecture transformers cannot build here
-            notes.append(f"no memory plan ({e.__class__.__name__}: {e})")
+        except Exception as e:  # noqa: BLE001 - an architecture transformers cannot build from its config alone
+            notes.append(f"no memory plan ({e.__class__.__name__}: {str(e)[:200]})")
     if plan is not None:
         job = replace(job, mode=str(plan.mode), micro_batch_tokens=plan.micro_batch_tokens, fsdp=plan.fsdp,
-                      peak_bytes=plan.peak_bytes)
+                      peak_bytes=plan.peak_bytes, gpus=max(plan.processes, 1))
+    if source:
+        job = replace(job, gpu_source=source)
     if data is not None:
         rows_per_step = spec.training.batch_size * spec.training.gradient_accumulation_steps * job.gpus
         n = total_steps or steps(spec, data.rows, job.gpus)
@@ -116,6 +104,23 @@ def for_job(spec: FineTuneJobSpec, gpu: str | None = None, *, model_dir: Path | 
         notes = [x for x in notes if not x.startswith("unpacked rows")]
         job = replace(job, steps=n, tokens=round(tokens), tokens_per_epoch=data.tokens, context=data.context)
     return cost.estimate(replace(job, notes=tuple(notes)))
+
+
+def at_training(spec: FineTuneJobSpec, plan: plans.Plan, lengths: list[int], examples: int,
+                model_dir: Path) -> Estimate | None:
+    """The estimate on this machine's GPU and plan, made as training starts (None on CPU, or on a GPU kind the
+    table does not know): what the summary sets beside the measured time."""
+    import torch
+
+    if plan.gpu_total_bytes is None or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    gpu = kind_of_device(name)
+    if gpu is None:
+        return None
+    data = DataSize.of(lengths, examples=examples, max_length=spec.dataset.max_length, packing=bool(plan.packing),
+                       batch=plan.micro_batch)
+    return for_job(spec, gpu, model_dir=model_dir, data=data, plan=plan, source=f"this machine's {name}")
 
 
 def lines(e: Estimate) -> list[str]:
