@@ -2,7 +2,7 @@
 
 Packages, lowest layer first; each imports only the layers below it (tests/test_layout.py checks it):
 
-    api       the FineTuneJob contract shared with the controller: spec, parsing, status, errors, names
+    api       the FineTuneJob contract shared with the controller: spec, parsing, status, errors, names, cost
     data      rows read (files and shards), formatted into text with loss spans, tokenized into memory-mapped Arrow
     store     every place files live (local, S3, GCS, the Hub) behind one interface: download, publish, checkpoints,
               the lease, the shared model cache

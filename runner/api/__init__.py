@@ -9,4 +9,6 @@
     errors   exit codes, the permanent/retryable error classes, secret redaction
     uris     where files live: hf://, s3://, gs://, local paths; the table of schemes and what each may hold
     places   every place a job names, parsed once when it is loaded (Job.places)
+    cost     what a job costs before any GPU is held: FLOPs per token, the measured-throughput table
+             (throughput.json), the estimate a spec alone allows (the controller's status.estimate)
 """

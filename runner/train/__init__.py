@@ -3,6 +3,7 @@ that make a step fast, and the trainer loop with its durable checkpoints.
 
     plan          bits, precision, attention, strategy, micro-batch and memory mode, decided once
     memory        the Mode (checkpointing, offloading), what each costs, and the fastest that fits
+    estimate      a job's cost with the data's tokens, the model's config and the plan on a GPU kind
     patches       the one way to patch a model for a training and undo it; the plan's patches:
     offload         checkpointing with saved layer inputs in pinned host memory
     fused_lora      LoRA projections as one autograd node each
