@@ -42,6 +42,9 @@ UNKNOWN = "unknown"
 # Node labels that name a GPU model (GPU feature discovery, GKE, Karpenter), in the order they are trusted.
 GPU_LABELS = ("nvidia.com/gpu.product", "cloud.google.com/gke-accelerator", "karpenter.k8s.aws/instance-gpu-name",
               "node.kubernetes.io/gpu")
+# Model sizes (parameters against the row's) that FLOPs scale across: within NEAR_SIZE as measured, up to FAR_SIZE
+# as a rough figure, beyond it not at all (a tiny model is bound by kernel launches, not FLOPs).
+NEAR_SIZE, FAR_SIZE = 4.0, 20.0
 _MAX_NAME = 512  # characters of a model source or a label value looked at (the spec is untrusted)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -217,9 +220,9 @@ def nearest(job: Job) -> tuple[Row, str]:
     row = min(measured or rows, key=score)
     parts = []
     if params:
-        parts.append(f"params x{params / t.shape_of(row).params:.2f}")
-    parts.append(f"tokens per micro-batch x{job.micro_batch_tokens / row.micro_batch_tokens:.2f}")
-    parts.append(f"context x{job.context / row.context:.2f}")
+        parts.append(f"params x{_ratio(params / t.shape_of(row).params)}")
+    parts.append(f"tokens per micro-batch x{_ratio(job.micro_batch_tokens / row.micro_batch_tokens)}")
+    parts.append(f"context x{_ratio(job.context / row.context)}")
     if job.mode is not None and job.mode != row.mode:
         parts.append(f"mode {job.mode} vs {row.mode}")
     if row.bits != job.bits:
@@ -227,6 +230,10 @@ def nearest(job: Job) -> tuple[Row, str]:
     if job.gpus != row.processes:
         parts.append(f"{job.gpus} GPUs vs {row.processes}")
     return row, ", ".join(parts)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}" if 0.01 <= x < 1000 else f"{x:.1e}"
 
 
 def estimate(job: Job) -> Estimate:
@@ -238,9 +245,17 @@ def estimate(job: Job) -> Estimate:
     row, distance = nearest(job)
     flops = job.shape.flops_per_token(lora_params=job.lora_params, context=job.context,
                                       recompute=job.mode not in (None, "none"))
+    base.update(flops_per_token=round(flops), row=row.id, distance=distance,
+                row_source=row.source + (f" (derived: {row.derived})" if row.derived else ""))
+    size = job.shape.params / table().shape_of(row).params
+    if not 1 / FAR_SIZE <= size <= FAR_SIZE:
+        return Estimate(**base, summary=UNKNOWN, why=f"no measured row near this model's size (params "
+                        f"x{_ratio(size)} of the nearest): FLOPs do not carry over that far")
     per_gpu = row.tokens_per_second * table().row_flops(row) / flops
-    base.update(flops_per_token=round(flops), tokens_per_second=round(per_gpu * job.gpus, 1), row=row.id,
-                row_source=row.source + (f" (derived: {row.derived})" if row.derived else ""), distance=distance)
+    base.update(tokens_per_second=round(per_gpu * job.gpus, 1))
+    if not 1 / NEAR_SIZE <= size <= NEAR_SIZE:
+        base["notes"].append(f"a model x{_ratio(size)} the size of the measured row's: a rough figure (a smaller "
+                             "model keeps the GPU less busy, so it likely takes longer)")
     if job.tokens is None:
         return Estimate(**base, summary=UNKNOWN, why="tokens unknown: the data's size is read by `runner preview` "
                         "(or set training.maxSteps)")

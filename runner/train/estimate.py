@@ -131,10 +131,11 @@ def lines(e: Estimate) -> list[str]:
         per_epoch = f"; {e.tokens_per_epoch:,} per epoch after packing" if e.tokens_per_epoch else ""
         out.append(f"{e.steps} steps, {e.tokens:,} tokens{per_epoch}")
     if e.flops_per_token:
-        out.append(f"{e.flops_per_token / 1e9:.1f} GFLOP per token, about {e.tokens_per_second:,.0f} tokens/s; "
-                   f"memory mode {e.mode or 'not planned'}{gib}")
+        speed = f", about {e.tokens_per_second:,.0f} tokens/s" if e.tokens_per_second else ""
+        out.append(f"{e.flops_per_token / 1e9:.3g} GFLOP per token{speed}; memory mode {e.mode or 'not planned'}{gib}")
     if e.row:
-        out.append(f"scaled by FLOPs from the measured row {e.row} ({e.distance}); {e.row_source}")
+        how = "scaled by FLOPs from" if e.tokens_per_second else "nearest"
+        out.append(f"{how} the measured row {e.row} ({e.distance}); {e.row_source}")
     out += [f"assumed: {n}" for n in e.notes]
     out.append(f"model shape: {e.model}; training steps only (loading, merging and uploading not included)")
     return out

@@ -3,6 +3,7 @@ as its docstring's formula says, for the GPU kind the spec names, and `unknown` 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -86,3 +87,15 @@ def test_a_long_model_source_is_looked_at_to_its_first_characters_only():
     assert cost.from_spec(spec(model={"source": "/models/llama-3-8b"})).summary != "unknown"
     e = cost.from_spec(spec(model={"source": "/models/" + "a" * 600 + "/llama-3-8b"}))
     assert e.summary == "unknown"  # the spec is untrusted: the name is read to its first 512 characters
+
+
+def test_a_model_far_from_every_measured_size_is_not_scaled_by_flops():
+    small = cost.ModelShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, head_dim=16, vocab=1024)
+    far = cost.estimate(replace(cost.spec_job(spec(), "h100"), shape=small,
+                                lora_params=small.lora_params(8, ["q_proj"])))
+    assert far.summary == "unknown" and "no measured row near this model's size" in far.why and far.seconds is None
+    qwen_1b = cost.ModelShape(layers=28, hidden=1536, intermediate=8960, heads=12, kv_heads=2, head_dim=128,
+                              vocab=151936)
+    rough = cost.estimate(replace(cost.spec_job(spec(), "h100"), shape=qwen_1b))
+    assert rough.seconds and any("rough figure" in n for n in rough.notes)
+    assert not any("rough" in n for n in cost.from_spec(spec(), "h100").notes)
