@@ -5,6 +5,7 @@
     python -m bench frontier --out frontier.json          # runner vs Unsloth: throughput, memory, long sequences
     python -m bench table                                 # bench/README.md's runner-vs-Unsloth tables from results
     python -m bench throughput                            # the cost estimate's throughput table from results
+    python -m bench data                                  # corpora of 100k-5M rows: memory, tokenizing, preview
 
 The first form is the training benchmark (bench/training.py); `python -m bench --help` lists its options.
 `controller` runs bench/controller/bench.py (the same as `python -m bench.controller.bench`) with the rest of
@@ -59,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import throughput
 
         return throughput.main(argv[1:])
+    if argv[:1] == ["data"]:
+        from bench import data
+
+        return data.main(argv[1:])
     if argv[:1] == ["frontier"]:
         from bench import frontier
 

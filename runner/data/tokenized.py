@@ -125,25 +125,61 @@ class Tokenize:
                     spans = spans[:-1] + [(spans[-1][0], spans[-1][1] + len(eos))]
                 ex = Example(ex.text + eos, spans)
             examples.append(ex)
-        enc = self.tokenizer([e.text for e in examples], add_special_tokens=not chat, return_offsets_mapping=True,
-                             truncation=False)
-        out: dict[str, list] = {"input_ids": [], "completion_mask": [], "full_length": [], "trained": []}
-        cap = self.max_length
-        for ex, ids, offsets in zip(examples, enc["input_ids"], enc["offset_mapping"]):
-            if ex.trainable is None:
-                mask = np.ones(min(len(ids), cap), dtype=np.int8)
+        ids_list, offsets_list = self._encode([e.text for e in examples], add_special_tokens=not chat)
+        return self._table(examples, ids_list, offsets_list)
+
+    def _table(self, examples: list, ids_list: list, offsets_list: list):
+        """The batch as one Arrow table, built from flat numpy arrays (no per-token Python work): a token carries
+        loss when it starts inside a trainable span and is not empty (a special token added around the text)."""
+        import itertools
+
+        import numpy as np
+        import pyarrow as pa
+
+        n, cap = len(examples), self.max_length
+        full = np.fromiter((len(i) for i in ids_list), np.int64, n)
+        kept = np.minimum(full, cap)
+        bounds = np.zeros(n + 1, np.int32)
+        np.cumsum(kept, out=bounds[1:])
+        total = int(bounds[-1])
+        ids = np.fromiter(itertools.chain.from_iterable(i[:cap] for i in ids_list), np.int32, total)
+        offs = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(o[:cap] for o in offsets_list)),
+                           np.int64, 2 * total).reshape(-1, 2)
+        row = np.repeat(np.arange(n), kept)
+        spans = max((len(e.trainable) for e in examples if e.trainable is not None), default=0)
+        lo, hi = np.zeros((n, max(spans, 1)), np.int64), np.zeros((n, max(spans, 1)), np.int64)
+        whole = np.zeros(n, bool)
+        for r, e in enumerate(examples):
+            if e.trainable is None:
+                whole[r] = True
             else:
-                o = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)[:cap]
-                starts, real = o[:, 0], o[:, 1] > o[:, 0]
-                hit = np.zeros(len(o), dtype=bool)
-                for a, b in ex.trainable:
-                    hit |= (starts >= a) & (starts < b)
-                mask = (hit & real).astype(np.int8)
-            out["input_ids"].append(ids[:cap])
-            out["completion_mask"].append(mask)
-            out["full_length"].append(len(ids))
-            out["trained"].append(int(mask.sum()))
-        return out
+                for j, (a, b) in enumerate(e.trainable):
+                    lo[r, j], hi[r, j] = a, b
+        starts = offs[:, 0]
+        hit = np.zeros(total, bool)
+        for j in range(lo.shape[1]):
+            hit |= (starts >= lo[row, j]) & (starts < hi[row, j])
+        mask = np.where(whole[row], True, hit & (offs[:, 1] > starts)).astype(np.int8)
+        trained = np.bincount(row, weights=mask, minlength=n).astype(np.int32)
+        offsets = pa.array(bounds, pa.int32())
+        return pa.table({"input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids, pa.int32())),
+                         "completion_mask": pa.ListArray.from_arrays(offsets, pa.array(mask, pa.int8())),
+                         "full_length": pa.array(full.astype(np.int32)), "trained": pa.array(trained)})
+
+
+    def _encode(self, texts: list[str], *, add_special_tokens: bool) -> tuple[list, list]:
+        """Token ids and character offsets of each text: the fast tokenizer's own batch call (Rust, no per-token
+        Python objects beyond the two lists), else the tokenizer's __call__."""
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if getattr(self.tokenizer, "is_fast", False) and hasattr(backend, "encode_batch"):
+            if backend.truncation is not None or backend.padding is not None:
+                backend.no_truncation()
+                backend.no_padding()
+            encs = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+            return [e.ids for e in encs], [e.offsets for e in encs]
+        enc = self.tokenizer(texts, add_special_tokens=add_special_tokens, return_offsets_mapping=True,
+                             truncation=False)
+        return enc["input_ids"], enc["offset_mapping"]
 
 
 def features():

@@ -154,3 +154,20 @@ def test_parquet_shards_under_an_s3_prefix(tiny_llama, s3_server, tmp_path):
     job = _job(tiny_llama, source, tmp_path / "out", training={"maxSteps": None, "epochs": 1})
     data = _prepare(job, local, tiny_llama, tmp_path / "w", [])
     assert len(data.train) == 60
+
+
+def test_preview_states_a_sample_and_full_reads_every_row(tiny_llama, tmp_path, capsys):
+    import yaml
+
+    from runner.__main__ import main
+
+    data = write_jsonl(tmp_path / "big.jsonl", _rows(5000))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(job_doc(tiny_llama, data, tmp_path / "out")))
+    assert main(["preview", str(job), "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "sample of 2,000 of 5,000 rows (the first 1,000 and 1,000 at random); `--full` reads every row" in out
+    assert "5000 training rows" in out
+    assert main(["preview", str(job), "--color", "never", "--full"]) == 0
+    out = capsys.readouterr().out
+    assert "sample of" not in out and "5000 examples: min" in out

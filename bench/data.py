@@ -1,0 +1,220 @@
+"""`python -m bench data`: corpora of any size through the quickstart's tiny model, on CPU.
+
+For each size (default 100k, 1M and 5M rows of ~500 bytes, instruction format) it writes the corpus as JSON
+lines, then runs, each as its own process, and measures wall time, peak memory (the sum of the resident memory of
+the process and its children, polled) and the work folder's disk:
+
+    validate        `runner validate JOB`
+    preview         `runner preview JOB` (a sample of the rows)
+    tokenize        every row tokenized into the work folder (what a job without maxSteps does before training)
+    run             `runner run JOB` with maxSteps 3 (first attempt: tokenizes only the rows 3 steps use)
+    run-resumed     the same job again on a fresh work folder (another node) after its output was removed:
+                    the tokenized data comes from output.checkpoints and 0 rows are tokenized
+
+and writes bench/results/cpu-data.json (with the commit). bench/README.md "Corpora of any size" has the method.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the model reads a question and answers it with care while the data grows large enough that memory "
+         "and time both matter for every step of training on a cluster of nodes with disks and caches").split()
+
+
+def corpus(path: Path, rows: int, *, seed: int = 0) -> Path:
+    """`rows` instruction rows of ~500 bytes as JSON lines (a pool of distinct rows, each line numbered)."""
+    if path.exists() and path.stat().st_size > rows * 400:
+        return path
+    rng = random.Random(seed)
+    pool = []
+    for _ in range(4099):
+        pool.append(json.dumps({"instruction": " ".join(rng.choices(WORDS, k=rng.randint(10, 20))),
+                                "input": " ".join(rng.choices(WORDS, k=rng.randint(10, 30))),
+                                "output": " ".join(rng.choices(WORDS, k=rng.randint(40, 70)))})[1:])
+    part = path.with_name(path.name + ".partial")
+    with open(part, "w") as f:
+        buf = []
+        for i in range(rows):
+            buf.append(f'{{"id": {i}, {pool[i % len(pool)]}\n')
+            if len(buf) == 10000:
+                f.write("".join(buf))
+                buf = []
+        f.write("".join(buf))
+    os.replace(part, path)
+    return path
+
+
+class Peak:
+    """Polls the resident memory of a process and its descendants; keeps the largest sum seen."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid, self.interval, self.peak, self._stop = pid, interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[int]:
+        children: dict[int, list[int]] = {}
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+                children.setdefault(ppid, []).append(int(proc.name))
+        out, todo = [], [self.pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
+            todo += children.get(p, [])
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            total = 0
+            for p in self._tree():
+                try:
+                    for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+                except OSError:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def measure(argv: list[str], *, log: Path, env: dict | None = None) -> dict:
+    started = time.monotonic()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        peak = Peak(proc.pid)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    tree = peak.stop()
+    return {"exit": proc.returncode, "wall_s": round(time.monotonic() - started, 2),
+            "peak_rss_mb": round(max(tree, usage.ru_maxrss * 1024) / 2**20),
+            "main_process_peak_rss_mb": round(usage.ru_maxrss / 1024)}
+
+
+def disk(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) if path.exists() else 0
+
+
+TOKENIZE = """
+import json, sys, time
+from pathlib import Path
+from runner.api.parse import load_job
+from runner.model import load as model_load
+from runner.train import tokens
+job = load_job(sys.argv[1]); work = Path(sys.argv[2])
+tok = model_load.load_tokenizer(Path(job.places.model.path), job.spec.model)
+t = time.monotonic()
+data = tokens.tokenized_data(job, Path(job.places.data.path), None, Path(job.places.model.path), tok, work, print)
+print(json.dumps({"rows": data.tokenized, "seconds": time.monotonic() - t}))
+"""
+
+
+def one_size(rows: int, base: Path, model: Path) -> dict:
+    here = base / f"rows-{rows}"
+    here.mkdir(parents=True, exist_ok=True)
+    data = corpus(base / f"corpus-{rows}.jsonl", rows)
+    doc = yaml.safe_load((ROOT / "runner/quickstart/job.yaml").read_text().replace("@DIR@", str(base / "qs")))
+    spec = doc["spec"]
+    spec["dataset"] = {"source": str(data), "maxLength": 512, "packing": True}
+    spec["training"].update({"maxSteps": 3, "saveSteps": 3, "loggingSteps": 1, "batchSize": 4})
+    spec["training"].pop("epochs", None)
+    spec["output"] = {"destination": str(here / "output"), "checkpoints": str(here / "checkpoints")}
+    spec.pop("evalPrompts", None)
+    job = here / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    py = [sys.executable, "-m", "runner"]
+    for d in ("output", "checkpoints", "w-run", "w-resume", "w-tok", "w-preview"):
+        shutil.rmtree(here / d, ignore_errors=True)
+    out: dict = {"rows": rows, "corpus_mb": round(data.stat().st_size / 2**20)}
+    out["validate"] = measure(py + ["validate", str(job)], log=here / "validate.log")
+    out["preview"] = measure(py + ["preview", str(job), "--color", "never", "--work-dir", str(here / "w-preview")],
+                             log=here / "preview.log")
+    tok = here / "job-all-rows.yaml"
+    every = yaml.safe_load(job.read_text())
+    every["spec"]["training"].pop("maxSteps")
+    every["spec"]["training"]["epochs"] = 1
+    every["spec"]["output"]["checkpoints"] = str(here / "checkpoints-tok")
+    tok.write_text(yaml.safe_dump(every))
+    shutil.rmtree(here / "checkpoints-tok", ignore_errors=True)
+    out["tokenize"] = measure([sys.executable, "-c", TOKENIZE, str(tok), str(here / "w-tok")], log=here / "tok.log")
+    result = json.loads((here / "tok.log").read_text().strip().splitlines()[-1])
+    out["tokenize"].update(rows_tokenized=result["rows"], rows_per_s=round(result["rows"] / result["seconds"]),
+                           disk_mb=round(disk(here / "w-tok") / 2**20))
+    shutil.rmtree(here / "w-tok", ignore_errors=True)
+    shutil.rmtree(here / "checkpoints-tok", ignore_errors=True)
+    events = here / "run-events.jsonl"
+    out["run"] = measure(py + ["run", str(job), "--work-dir", str(here / "w-run")], log=events)
+    out["run"]["disk_mb"] = round(disk(here / "w-run") / 2**20)
+    out["run"]["log"] = _lines(events, ("tokenized", "maxSteps"))
+    shutil.rmtree(here / "output")  # the bench's own output: the next attempt publishes again
+    resumed = here / "resume-events.jsonl"
+    out["run_resumed"] = measure(py + ["run", str(job), "--work-dir", str(here / "w-resume")], log=resumed)
+    out["run_resumed"]["disk_mb"] = round(disk(here / "w-resume") / 2**20)
+    out["run_resumed"]["log"] = _lines(resumed, ("tokenized",))
+    for d in ("w-run", "w-resume", "w-preview"):
+        shutil.rmtree(here / d, ignore_errors=True)
+    return out
+
+
+def _lines(path: Path, words: tuple[str, ...]) -> list[str]:
+    return [ln.strip()[:300] for ln in path.read_text(errors="replace").splitlines()
+            if ln.startswith("[runner]") and any(w in ln for w in words)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench data", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default="100000,1000000,5000000", help="comma list of corpus sizes")
+    p.add_argument("--work-dir", default="/tmp/finetune-bench-data")
+    p.add_argument("--out", default=str(ROOT / "bench/results/cpu-data.json"))
+    args = p.parse_args(argv)
+    base = Path(args.work_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    from runner.quickstart import prepare
+
+    prepare(base / "qs")
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    found = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    found.update(commit=commit, cpus=os.cpu_count(), machine=os.uname().machine)
+    sizes = found.setdefault("sizes", {})
+    for rows in (int(x) for x in args.rows.split(",") if x):
+        result = one_size(rows, base, base / "qs" / "base-model")
+        sizes[str(rows)] = {**result, "commit": commit}
+        Path(args.out).write_text(json.dumps(found, indent=1) + "\n")
+        print(table(found))
+    return 0
+
+
+def table(found: dict) -> str:
+    head = ("| rows | corpus | validate | preview | tokenize every row | `run` maxSteps 3 | resumed `run` |\n"
+            "|---|---|---|---|---|---|---|")
+    lines = [head]
+    for rows, r in sorted(found["sizes"].items(), key=lambda kv: int(kv[0])):
+        def cell(k):
+            return f"{r[k]['wall_s']:.0f} s / {r[k]['peak_rss_mb']} MB"
+        t = r["tokenize"]
+        lines.append(f"| {int(rows):,} | {r['corpus_mb']} MB | {cell('validate')} | {cell('preview')} | "
+                     f"{t['wall_s']:.0f} s / {t['peak_rss_mb']} MB, {t['rows_per_s']:,} rows/s, {t['disk_mb']} MB | "
+                     f"{cell('run')} | {cell('run_resumed')} |")
+    return "\n".join(lines)
