@@ -16,9 +16,12 @@ HIDDEN = ("generate",)  # a maintainer's command on a checkout (controller/gener
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in (*COMMANDS, *HIDDEN, "-h", "--help"):
+    if not argv or argv[0] not in (*COMMANDS, *HIDDEN, "-h", "--help", "--version"):
         argv.insert(0, "run")
+    import runner
+
     p = argparse.ArgumentParser(prog="python -m controller", description="The FineTuneJob operator.")
+    runner.add_version_flag(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     c = sub.add_parser("crd", help="print the CustomResourceDefinition (generated from runner/api/spec.py)")
     c.add_argument("--without-cel", action="store_true",

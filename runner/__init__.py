@@ -16,3 +16,28 @@ Packages, lowest layer first; each imports only the layers below it (tests/test_
 At the top: job (one job start to finish, phase by phase), preview (what will be trained, before any GPU is
 held), __main__ (the command line), quickstart/ (the embedded CPU job).
 """
+
+
+def version() -> str:
+    """The version of the installed distribution holding this package (its metadata: pyproject.toml's), for both
+    command lines' --version; "unknown" on a checkout used without installing it."""
+    from importlib import metadata
+
+    for dist in metadata.distributions():  # top_level.txt first: reading every distribution's RECORD is slow
+        if __name__ in (dist.read_text("top_level.txt") or "").split():
+            return dist.version
+    for name in metadata.packages_distributions().get(__name__, []):
+        return metadata.version(name)
+    return "unknown"
+
+
+def add_version_flag(parser) -> None:
+    """`--version` on a command line (argparse), looked up only when asked for."""
+    import argparse
+
+    class Version(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"{parser.prog} {version()}")
+            parser.exit()
+
+    parser.add_argument("--version", nargs=0, action=Version, help="print the version and exit")

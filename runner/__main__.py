@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from runner.model import notices
 from runner.api import cost, errors, names, status
 from runner.api.errors import RunnerError, redact
+from runner.report.summary import INTERRUPTED, RESUME
 
 
 def oom_advice(spec) -> str:
@@ -41,6 +43,17 @@ def oom_advice(spec) -> str:
         tips.append("use training.optimizer: paged_adamw_8bit")
     tips.append("or request a GPU with more memory (resources.gpuResourceName / nodeSelector)")
     return "CUDA out of memory. To fit: " + "; ".join(tips)
+
+
+def runner_command(*args: str) -> str:
+    """A command line that runs this runner as printed, from a fresh shell: this interpreter by its full path (no
+    virtual environment to activate), with this checkout on PYTHONPATH where the package is not installed."""
+    import runner
+
+    words = [shlex.quote(sys.executable), "-m", "runner", *(shlex.quote(a) for a in args)]
+    if runner.version() == "unknown":
+        words.insert(0, "PYTHONPATH=" + shlex.quote(str(Path(runner.__file__).resolve().parents[1])))
+    return " ".join(words)
 
 
 def _human(args) -> bool:
@@ -96,6 +109,7 @@ def _run_job(args, events_out, *, console=None, log=None) -> int:
         _quiet_progress_bars()
     job = None
     try:
+        reporter.details[RESUME] = runner_command("run", str(Path(args.job).resolve()))
         job = load_job(args.job)
         reporter.details["job"] = job
         nproc = distributed.processes_for(job.spec)
@@ -104,19 +118,22 @@ def _run_job(args, events_out, *, console=None, log=None) -> int:
         if distributed.world_size() == 1:
             distributed.pin_one_gpu()
         from runner.job import run_job
-        from runner.train.trainer import StopFlag
+        from runner.train.trainer import CTRL_C, StopFlag
 
         stop = StopFlag()
         stop.install()
-        result = run_job(job, reporter, work_dir=Path(args.work_dir) if args.work_dir else None, stop=stop)
+        try:
+            result = run_job(job, reporter, work_dir=Path(args.work_dir) if args.work_dir else None, stop=stop)
+        except errors.Preempted as e:
+            return _fail(reporter, e, interrupted=stop.signal_name == CTRL_C)
         reporter.result(succeeded=True, exit_code=errors.EXIT_OK, **result)
         return errors.EXIT_OK
     except RunnerError as e:
         return _fail(reporter, e)
     except KeyboardInterrupt:
         return _fail(reporter, errors.RetryableError(
-            "interrupted; running the same job again resumes from its newest complete checkpoint (if one was "
-            "saved) and leaves an output already published alone", reason=_reason(reporter)))
+            "stopped by Ctrl-C; running the same job again resumes from its newest complete checkpoint (if one was "
+            "saved) and leaves an output already published alone", reason=_reason(reporter)), interrupted=True)
     except Exception as e:  # noqa: BLE001 - every failure must end in a result and an exit code
         import torch
 
@@ -144,25 +161,31 @@ def _reason(reporter) -> str:
     return status.PHASE_REASON.get(reporter.phase_name or "", errors.TRAINING_FAILED)
 
 
-def _fail(reporter, e: RunnerError) -> int:
+def _fail(reporter, e: RunnerError, *, interrupted: bool = False) -> int:
+    """The failure's result; `interrupted`: a person stopped the run (Ctrl-C), which the console shows as a
+    pause with the command that resumes it, not as a failure (the exit code stays retryable)."""
     from runner.report.events import failure_reason
 
+    from runner.api.parse import field_paths
+
     reason = failure_reason(e.reason, reporter.phase_name, retryable=e.retryable)  # named for the phase it failed in
-    reporter.log(f"failed ({reason}): {e.message}")
+    message = field_paths(e.message)
+    reporter.log(f"failed ({reason}): {message}")
     reporter.result(
         succeeded=False,
         exit_code=e.exit_code,
         reason=reason,
-        message=e.message,
+        message=message,
         retryable=e.retryable,
         failedPhase=reporter.phase_name,
+        **({INTERRUPTED: True} if interrupted else {}),
     )
     return e.exit_code
 
 
 def _validate(args) -> int:
     from runner.api.errors import SpecError
-    from runner.api.parse import load_job
+    from runner.api.parse import field_paths, load_job
     from runner.data.dataset import template_problems
     from runner.store.outputs import local_problems
 
@@ -180,9 +203,9 @@ def _validate(args) -> int:
         if problems:
             raise SpecError(problems)
     except RunnerError as e:
-        print(e.message, file=sys.stderr)
+        print(field_paths(e.message), file=sys.stderr)
         if args.json:
-            print(json.dumps({"job": args.job, "valid": False, "message": e.message}))
+            print(json.dumps({"job": args.job, "valid": False, "message": field_paths(e.message)}))
         return e.exit_code
     if args.json:
         from runner.train import estimate
@@ -198,14 +221,14 @@ def _validate(args) -> int:
 
 def _preview(args) -> int:
     from runner import preview
-    from runner.api.parse import load_job
+    from runner.api.parse import field_paths, load_job
 
     try:
         job = load_job(args.job)
         found = preview.gather(job, n=args.examples, work=Path(args.work_dir) if args.work_dir else None,
                                gpu=args.gpu, full=args.full)
     except RunnerError as e:
-        print(f"preview: {e.message}", file=sys.stderr)
+        print(f"preview: {field_paths(e.message)}", file=sys.stderr)
         return e.exit_code
     color = {"always": True, "never": False}.get(args.color, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     sys.stdout.write(preview.render(found, color=color, width=min(shutil.get_terminal_size().columns, 120)))
@@ -213,19 +236,37 @@ def _preview(args) -> int:
 
 
 def _quickstart(args) -> int:
-    from runner.quickstart import prepare
+    from runner.quickstart import JOB, check, prepare
 
     directory = Path(args.dir).resolve()
     args.log_dir = directory
+    again = runner_command("run", str(directory / JOB))
+    try:  # before the console starts: a folder holding the user's changes is refused, naming --dir and --force
+        check(directory, force=args.force, run_command=again)
+    except RunnerError as e:
+        print(f"quickstart: {e.message}", file=sys.stderr)
+        return e.exit_code
 
     def prepare_job(console) -> None:
-        if console:
-            console.note(f"quickstart: a tiny Llama and 40 country capitals, written to {directory}")
-        args.job = str(prepare(directory))
-        if console:
-            console.note(f"job file: {args.job}  (run it again with: python -m runner run {args.job})")
+        def say(text: str) -> None:
+            console.note(text) if console else print(f"[quickstart] {text}", file=sys.stderr)
+
+        done = prepare(directory, force=args.force, run_command=again)
+        args.job = str(done.job)
+        head = "quickstart: " if console else ""
+        if not done.reused:
+            say(f"{head}a tiny Llama and 40 country capitals, written to {directory}")
         else:
-            print(f"[quickstart] job file: {args.job}", file=sys.stderr)
+            say(f"{head}reusing {', '.join(done.reused)} already in {directory}, as they are"
+                + (f"; wrote {', '.join(done.written)}" if done.written else ""))
+        for kept in done.kept:
+            say(f"your changed copy is kept as {kept.name}; the quickstart's own is back in its place")
+        say(f"job file: {args.job}")
+        say("run it again with:")
+        if console:
+            console.command(again)
+        else:
+            print(f"  {again}", file=sys.stderr)
 
     human = _human(args)
     code = _run(args, before=prepare_job)
@@ -240,7 +281,10 @@ def _quickstart(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import runner
+
     parser = argparse.ArgumentParser(prog="runner", description="QLoRA fine-tuning from one FineTuneJob YAML")
+    runner.add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run a FineTuneJob")
     p_run.add_argument("job", help="YAML file: a FineTuneJob manifest or its spec")
@@ -254,16 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     p_pre.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                        help="colour the loss mask (auto: on a terminal); without colour it is marked ⟦…⟧")
     p_pre.add_argument("--work-dir", default=None, help="where a remote dataset and tokenizer are downloaded")
+    p_pre.add_argument("--full", action="store_true",
+                       help="read and tokenize every row (default: a sample, the first 1000 rows and 1000 at random)")
     p_val.add_argument("--json", action="store_true",
                        help="print the result as JSON, with the cost estimate (time and GPU-hours)")
     for p in (p_val, p_pre):
         p.add_argument("--gpu", type=str.lower, choices=cost.gpu_kinds(), default=None,
                        help="the GPU kind to estimate the cost for (default: the one the spec's nodeSelector names, "
                        f"else {cost.DEFAULT_GPU})")
-    p_pre.add_argument("--full", action="store_true",
-                       help="read and tokenize every row (default: a sample, the first 1000 rows and 1000 at random)")
     p_qs = sub.add_parser("quickstart", help="run the embedded default job (tiny model, CPU)")
     p_qs.add_argument("--dir", default="finetune-quickstart", help="where the model, data and output go")
+    p_qs.add_argument("--force", action="store_true",
+                      help="put the quickstart's own job.yaml and data back where they were changed (yours are kept "
+                      "as NAME.yours); without it a changed file stops the quickstart")
     sub.add_parser("schema", help="print the spec's JSON schema")
     for p in (p_run, p_qs):
         p.add_argument("--work-dir", default=os.environ.get(names.ENV_WORK_DIR),

@@ -3,6 +3,7 @@ every problem at once, each naming its field and the fix.
 
     load_job(path) -> Job            a file holding a FineTuneJob manifest or a bare spec
     parse_job(doc) -> Job            the same for a mapping
+    field_paths(message) -> str      a message's field paths written the one way: spec.dataset.source
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ OUTPUT_HEADS = {"lm_head", "embed_out", "output", "score", "classifier"}
 SEED_MAX = 2**32 - 1  # numpy's seeds, which the Trainer sets from training.seed
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _PLACEHOLDER = re.compile(r"(?<!\{)\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\}(?!\})")
+SPEC = "spec"  # a manifest's key holding the spec, and the first part of every field path a message leads with
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -47,6 +49,15 @@ def parse_job(doc: Any, *, default_name: str = "finetune") -> Job:
         raise SpecError([shape])
     prefix = ""
     name = _dns_name(default_name)
+    if SPEC in doc and "kind" not in doc and "apiVersion" not in doc:
+        missing = (f"apiVersion, kind: missing; a file with `{SPEC}:` at the top is a FineTuneJob manifest: add "
+                   f"`apiVersion: {API_VERSION}` and `kind: {KIND}` above `{SPEC}:`, or drop the `{SPEC}:` line "
+                   f"and write the spec's fields (model:, dataset:, ...) at the top of the file")
+        try:
+            parse_job({**doc, "apiVersion": API_VERSION, "kind": KIND}, default_name=default_name)
+        except SpecError as e:
+            raise SpecError([missing, *e.problems]) from None
+        raise SpecError([missing])
     if "kind" in doc or "apiVersion" in doc:
         problems = []
         if doc.get("kind") != KIND:
@@ -61,7 +72,7 @@ def parse_job(doc: Any, *, default_name: str = "finetune") -> Job:
         if problems:
             raise SpecError(problems)
         name = given or name
-        doc, prefix = doc["spec"], "spec."
+        doc, prefix = doc[SPEC], SPEC + "."
     problems = untrusted.raw_problems(doc, FineTuneJobSpec, prefix)
     flagged = {p.split(": ", 1)[0] for p in problems}  # said once, by the more precise message
     spec = None
@@ -95,6 +106,14 @@ def _metadata_name(doc: dict) -> tuple[str | None, str | None]:
 def _dns_name(name: str) -> str:
     """A Kubernetes name made from a file name: lowercase letters, digits and '-', at most 63 characters."""
     return re.sub(r"[^a-z0-9-]+", "-", name.lower())[:63].strip("-") or "finetune"
+
+
+def field_paths(message: str) -> str:
+    """`message` with each problem's leading field path written from the manifest's top, as parse errors, the
+    controller, kubectl and the README's reference write them: a line (or a `- ` item) that starts with a path
+    relative to the spec (dataset.source: ...) gets `spec.` in front (spec.dataset.source: ...)."""
+    tops = "|".join(sorted((f.alias or n for n, f in FineTuneJobSpec.model_fields.items()), key=len, reverse=True))
+    return re.sub(rf"^(\s*(?:- )?)(?=(?:{tops})[.\[:])", rf"\g<1>{SPEC}.", message, flags=re.M)
 
 
 # -------------------------------------------------------------------------------- error explanations

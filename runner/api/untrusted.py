@@ -94,6 +94,7 @@ def read_yaml(path: Path) -> Any:
         raise FileProblem(f"not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}; latin-1 or another "
                           "encoding?); save the file as UTF-8") from None
     loader = _Loader(text)
+    loader.name = str(path)  # the file in YAML's own marks, not "<unicode string>"
     try:
         node = loader.get_single_node()
         if node is None:
@@ -102,12 +103,25 @@ def read_yaml(path: Path) -> Any:
         return loader.construct_document(node)
     except FileProblem:
         raise
+    except yaml.MarkedYAMLError as e:
+        raise FileProblem(_yaml_problem(e)) from None
     except yaml.YAMLError as e:
         raise FileProblem(f"not valid YAML ({_bounded(str(e), 400)}); fix the syntax") from None
     except RecursionError:
         raise FileProblem(f"nested deeper than {MAX_DEPTH} levels; a job file is a few levels deep") from None
     finally:
         loader.dispose()
+
+
+def _yaml_problem(e: yaml.MarkedYAMLError) -> str:
+    """One line: where (line, column), what, and what it was in the middle of."""
+    mark = e.problem_mark or e.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    during = ""
+    if e.context and e.context_mark is not None:
+        during = f" ({e.context} from line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+    what = _bounded(e.problem or e.context or "syntax error", 200)
+    return f"not valid YAML at {where}{what}{during}; fix the syntax"
 
 
 def _bounded(text: str, limit: int) -> str:

@@ -28,10 +28,11 @@ def write_report(
     metrics_file.write(report_dir, metrics)
     (report_dir / "history.json").write_text(json.dumps(history, indent=2))
     (report_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))
-    # The spec as run, published with the model (Hub, S3): spec.env entries by name only - a value (an API key
-    # set as a plain value, say) or a valueFrom reference never leaves the cluster. Credentials are Secret
-    # references (hfTokenSecretRef, s3SecretRef, gcsSecretRef): their names are published, never their contents.
-    spec = job.spec.model_dump(by_alias=True, exclude_defaults=True)
+    # The spec as run, every default filled in, published with the model (Hub, S3): spec.env entries by name only -
+    # a value (an API key set as a plain value, say) or a valueFrom reference never leaves the cluster. Credentials
+    # are Secret references (hfTokenSecretRef, s3SecretRef, gcsSecretRef): their names are published, never their
+    # contents.
+    spec = job.spec.model_dump(mode="json", by_alias=True, exclude_none=True)
     if spec.get("env"):
         spec["env"] = [{"name": e.get("name")} for e in spec["env"] if isinstance(e, dict)]
     (report_dir / "job.yaml").write_text(

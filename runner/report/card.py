@@ -219,7 +219,7 @@ def model_card(job: Job, metrics: dict, *, merged: bool, samples: list[dict] | N
               frozen + f", a LoRA adapter of rank "
               f"{s.lora.r} (alpha {s.lora.alpha}) trained on {', '.join(s.lora.target_modules)}. "
               f"Run as FineTuneJob `{job.name}` ({names.GROUP}); "
-              "the whole spec is in `report/job.yaml`.", "", "```yaml",
+              "the whole spec, every default filled in, is in `report/job.yaml`.", "", "```yaml",
               yaml.safe_dump(hyper, sort_keys=False, allow_unicode=True).rstrip(), "```", ""]
     lines += _limitations(job, metrics, merged)
     return "\n".join(lines)

@@ -1,7 +1,8 @@
 """The human view of a run on a terminal: one header per phase, one live progress line, and a summary.
 
 `python -m runner run` / `quickstart` use it when stdout is a terminal; pods, CI and pipes get the JSON events
-instead (runner/report/events.py). Everything else that would reach the terminal - Python warnings, library logging,
+instead (runner/report/events.py). Long lines are wrapped at spaces, never cut (a path stays whole on its line);
+a terminal that reports no width, or a tiny one, is drawn FALLBACK_WIDTH wide. Everything else that would reach the terminal - Python warnings, library logging,
 progress bars, native libraries writing to file descriptors 1 and 2 - goes to a log file instead (`session`),
 unless `--verbose`.
 """
@@ -22,6 +23,8 @@ from runner.report.summary import summary
 
 _CODES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34", "cyan": "36"}
 TICK_SECONDS = 1.0
+MIN_WIDTH = 40  # narrower is taken for a terminal that does not know its width (0 from `script`, some CI runners)
+FALLBACK_WIDTH = 100
 
 
 class Console:
@@ -60,11 +63,34 @@ class Console:
         if self.fixed_width:
             return self.fixed_width
         try:
-            return max(40, os.get_terminal_size(self.out.fileno()).columns)
+            columns = os.get_terminal_size(self.out.fileno()).columns
         except (OSError, ValueError, AttributeError):
-            return shutil.get_terminal_size((100, 24)).columns
+            columns = shutil.get_terminal_size((0, 0)).columns  # $COLUMNS, else 0
+        return columns if columns >= MIN_WIDTH else FALLBACK_WIDTH
+
+    def wrap(self, text: str, indent: int = 0) -> list[str]:
+        """`text` as lines that fit beside `indent` columns: broken at spaces; a word too long for a line gets one
+        of its own, whole if it is a path or URI (never cut), else in pieces."""
+        room = max(self.width() - 1 - indent, 20)
+        lines: list[str] = []
+        current = ""
+        for word in text.split(" "):
+            if current and len(current) + 1 + len(word) > room:
+                lines.append(current)
+                current = ""
+            if len(word) > room and not _is_path(word):
+                if current:
+                    lines.append(current)
+                pieces = [word[i:i + room] for i in range(0, len(word), room)]
+                lines += pieces[:-1]
+                current = pieces[-1]
+                continue
+            current = f"{current} {word}" if current else word
+        lines.append(current)
+        return lines
 
     def _fit(self, text: str, indent: int = 0) -> str:
+        """One line (the live line is redrawn in place, so it cannot wrap): cut only where it cannot fit."""
         room = self.width() - 1 - indent
         return text if len(text) <= room else text[: max(room - 1, 1)] + "…"
 
@@ -115,6 +141,10 @@ class Console:
         parts.append(f"{clock(elapsed)} elapsed")
         eta = self._eta(now, step, total)
         parts.append("done" if total and step >= total else f"ETA {clock(eta) if eta is not None else '…'}")
+        for optional in ("tok/s", "epoch ", "elapsed", "eval loss"):  # dropped first where the line is too narrow
+            if len(" · ".join(parts)) + 7 <= self.width():
+                break
+            parts = [p for p in parts if optional not in p]
         text = " · ".join(parts)
         if len(text) + 19 < self.width():  # the bar only where it fits beside the numbers
             text = _bar(step, total, 12) + " " + text
@@ -137,7 +167,12 @@ class Console:
 
     # -------------------------------------------------------------------------------------- events
     def note(self, text: str) -> None:
-        self.line(self.style(text, "dim"))
+        for i, part in enumerate(self.wrap(text, 2)):
+            self.line(("  " if i else "") + self.style(part, "dim"))
+
+    def command(self, text: str) -> None:
+        """A shell command on a line of its own, never wrapped: it runs as printed when copied."""
+        self.line("    " + self.style(text, "cyan"))
 
     def event(self, event: dict) -> None:
         kind = event.get("event")
@@ -181,7 +216,7 @@ class Console:
                 lines = ["a traceback went to the log" + (f": {self.log_path}" if self.log_path else "")]
             elif len(lines) > 1:
                 lines = [lines[0] + f" … ({len(lines) - 1} more lines in the log)"]
-            lines = [self._fit(lines[0], 6)]
+            lines = [("  " if i else "") + part for i, part in enumerate(self.wrap(lines[0], 8))]
         for text in lines:
             self.line("      " + self.style(text, "dim"))
 
@@ -191,6 +226,10 @@ class Console:
             self._ticker.join(timeout=2)
         with self._lock:
             self._end_live(keep=True)
+
+
+def _is_path(word: str) -> bool:
+    return "/" in word or "\\" in word
 
 
 def _bar(step: int, total: int, width: int) -> str:

@@ -1,14 +1,18 @@
 """The final screen of a run on a terminal: where the output is, the losses, the time per phase, the eval
-prompts' answers before and after training, and how to load the result."""
+prompts' answers before and after training, and how to load the result. A run a person stopped (Ctrl-C) is
+shown as stopped, with the command that resumes it; an output already complete, as left alone."""
 from __future__ import annotations
 
 import json
-import textwrap
 import time
 from pathlib import Path
 
 from runner.api import status
 from runner.report.events import clock
+
+INTERRUPTED = "interrupted"  # a result field: true where a person stopped the run (Ctrl-C)
+RESUME = "resume"  # the Reporter's details: the command line that runs the same job again
+ALREADY_COMPLETE = "alreadyComplete"  # a result field (runner/store/outputs.py): nothing was run or changed
 
 
 def summary(console, result: dict) -> list[str]:
@@ -16,10 +20,15 @@ def summary(console, result: dict) -> list[str]:
     total = clock(time.monotonic() - console.started)
     job = console.details.get("job")
     name = f"  ·  {job.name}" if job is not None else ""
+    if result.get(INTERRUPTED):
+        return _stopped(console, result, total, name)
     if result.get("phase") != status.SUCCEEDED:
         return _failure(console, result, total, name)
     out = [""]
-    out.append(st(f"✓ Succeeded in {total}", "bold", "green") + name)
+    if result.get(ALREADY_COMPLETE):
+        out.append(st("✓ Already complete: nothing was changed", "bold", "green") + name)
+    else:
+        out.append(st(f"✓ Succeeded in {total}", "bold", "green") + name)
     out.append("")
     rows = []
     output = result.get("output")
@@ -53,11 +62,13 @@ def summary(console, result: dict) -> list[str]:
     if samples:
         out += ["", st("  Eval prompts, before → after training", "bold")]
         for s in samples:
-            out.append("    " + console._fit(_flat(s.get("prompt")), 4))
+            out += ["    " + part for part in console.wrap(_flat(s.get("prompt")), 4)]
             for label, key, color in (("before", "before", "dim"), ("after ", "after", "green")):
                 if s.get(key) is not None:
-                    text = console._fit(_flat(s[key]), 14)
-                    out.append("      " + st(label, "dim") + "  " + (st(text, color) if text else st("(nothing)", "dim")))
+                    parts = console.wrap(_flat(s[key]), 14) if _flat(s[key]) else []
+                    out.append("      " + st(label, "dim") + "  " + (st(parts[0], color) if parts else
+                                                                       st("(nothing)", "dim")))
+                    out += [" " * 14 + st(part, color) for part in parts[1:]]
     code = load_code(job, output)
     if code:
         out += ["", st("  Load it in Python", "bold")] + ["    " + st(c, "cyan") for c in code]
@@ -72,18 +83,44 @@ def _failure(console, result: dict, total: str, name: str) -> list[str]:
     retry = ", retryable" if result.get("retryable") else ""
     out = ["", st(f"✗ Failed{where} after {total}", "bold", "red") + f"  ({why}{retry}, exit code "
            f"{result.get('exitCode')}){name}", ""]
-    width = max(console.width() - 5, 30)
-    for para in str(result.get("message") or "").splitlines() or [""]:
-        out += ["  " + ln for ln in textwrap.wrap(para, width) or [""]]
+    out += _message(console, result)
     if console.log_path:
         out += ["", "  " + st("Log", "dim") + f"  {console.log_path}"]
     out.append("")
     return out
 
 
+def _stopped(console, result: dict, total: str, name: str) -> list[str]:
+    """Ctrl-C: a pause the user asked for, with the command that goes on from the newest checkpoint."""
+    st = console.style
+    where = f" in {result['failedPhase']}" if result.get("failedPhase") else ""
+    out = ["", st(f"■ Stopped{where} after {total}", "bold", "yellow") + f"  (Ctrl-C, exit code "
+           f"{result.get('exitCode')}){name}", ""]
+    out += _message(console, result)
+    resume = console.details.get(RESUME)
+    if resume:
+        out += ["", st("  Resume with", "bold"), "    " + st(resume, "cyan")]
+    if console.log_path:
+        out += ["", "  " + st("Log", "dim") + f"  {console.log_path}"]
+    out.append("")
+    return out
+
+
+def _message(console, result: dict) -> list[str]:
+    out = []
+    for para in str(result.get("message") or "").splitlines() or [""]:
+        out += ["  " + ln for ln in console.wrap(para, 2)]
+    return out
+
+
 def _table(console, rows: list[tuple[str, str]]) -> list[str]:
     pad = max((len(k) for k, _ in rows), default=0)
-    return ["  " + console.style(k.ljust(pad), "dim") + "  " + console._fit(v, pad + 4) for k, v in rows]
+    out = []
+    for k, v in rows:
+        parts = console.wrap(v, pad + 4)
+        out.append("  " + console.style(k.ljust(pad), "dim") + "  " + parts[0])
+        out += [" " * (pad + 4) + part for part in parts[1:]]
+    return out
 
 
 def _loss_text(console, result: dict) -> str:

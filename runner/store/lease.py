@@ -31,9 +31,11 @@ WAIT = 300.0
 
 
 def default_owner() -> str:
+    """Who holds the lease, in words: "process 123 on host" (", job J, attempt N" under the controller)."""
     who = os.environ.get(names.ENV_POD_NAME) or socket.gethostname()
-    return (f"{who} pid {os.getpid()} job {os.environ.get(names.ENV_JOB_NAME) or '-'} "
-            f"attempt {os.environ.get(names.ENV_ATTEMPT) or '-'}")
+    job, attempt = os.environ.get(names.ENV_JOB_NAME), os.environ.get(names.ENV_ATTEMPT)
+    return (f"process {os.getpid()} on {who}" + (f", job {job}" if job else "")
+            + (f", attempt {attempt}" if attempt else ""))
 
 
 class Lease:
@@ -84,7 +86,7 @@ class Lease:
                     f"over once it has not been renewed for {self.ttl:.0f}s", reason=TRAINING_FAILED)
             time.sleep(max(0.05, min(1.0, self.interval / 10, deadline - time.monotonic())))
         self.held = True
-        self.log(f"holding the lease on {self.uri} as {self.owner}")
+        self.log(f"checkpoints go to {self.uri}; no other run writes there while this one works ({self.owner})")
         self._thread = threading.Thread(target=self._beat, name="checkpoint-lease", daemon=True)
         self._thread.start()
 

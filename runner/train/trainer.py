@@ -25,6 +25,7 @@ from runner.store.lease import Lease
 FINGERPRINT_FILE = "job-fingerprint.json"
 # Inside every checkpoint: the progress history up to its step, so that a resumed run reports the whole run.
 HISTORY_FILE = "finetune-history.json"
+CTRL_C = "Ctrl-C"  # StopFlag.signal_name when a person pressed it (SIGINT), not a pod's SIGTERM
 
 
 # --------------------------------------------------------------------------------------- preemption
@@ -45,7 +46,7 @@ class StopFlag:
         def on_interrupt(signum, frame):  # noqa: ARG001
             if not self.training or self.requested:
                 raise KeyboardInterrupt
-            self.requested, self.signal_name = True, "Ctrl-C"
+            self.requested, self.signal_name = True, CTRL_C
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_interrupt)
