@@ -66,12 +66,24 @@ RUN python3 -m venv /opt/venv \
     && useradd --uid 1000 --user-group --create-home --shell /usr/sbin/nologin finetune \
     && mkdir -p /work && chown 1000:1000 /work
 
+# The `runner` extra (no tracker clients: training.reportTo mlflow/wandb is refused at Validating, naming the
+# package) with the CPU torch. Kept small (under 1.5 GB): without what no CPU job runs - torch's C++ tests, tools
+# (but its shared-memory manager) and headers (no compiler here), bitsandbytes' GPU libraries, the packages' own test suites - and with bytecode
+# only for the modules a job imports (compiled once here; the root filesystem is read-only at run time).
 COPY locks/runner-cpu.txt /tmp/locks/
-RUN pip install --no-cache-dir --require-hashes --find-links "$TORCH_CPU_LINKS" -r /tmp/locks/runner-cpu.txt
+RUN pip install --no-cache-dir --no-compile --require-hashes --find-links "$TORCH_CPU_LINKS" -r /tmp/locks/runner-cpu.txt \
+    && site="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    && rm -rf "$site/torch/test" "$site/torch/include" \
+    && find "$site/torch/bin" -type f ! -name torch_shm_manager -delete \
+    && find "$site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name 'libbitsandbytes_cpu.so' -delete \
+    && find "$site" -mindepth 2 -depth -type d -name tests -exec rm -rf {} + \
+    && PYTHONDONTWRITEBYTECODE='' python -c "import torch, torch.utils.tensorboard, transformers, peft, trl, datasets, \
+accelerate, bitsandbytes, boto3, google.cloud.storage, pandas, pyarrow, matplotlib.pyplot, yaml, pydantic; \
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM; from trl import SFTTrainer"
 COPY pyproject.toml README.md /tmp/src/
 COPY runner /tmp/src/runner
 COPY controller /tmp/src/controller
-RUN pip install --no-cache-dir --no-deps "/tmp/src[runner,tracking]" \
+RUN pip install --no-cache-dir --no-deps "/tmp/src[runner]" \
     && rm -rf /tmp/src /tmp/locks
 
 USER 1000:1000

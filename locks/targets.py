@@ -72,8 +72,8 @@ TARGETS = (
            ("runner", "tracking", "controller", "test"), "3.11", pins=(CPU_TORCH,), local_torch=True),
     Target("runner", "the runner image (Dockerfile, default target) and GPU machines: CUDA 13.0 torch from PyPI",
            ("runner", "gpu", "tracking"), "3.11", pins=GPU_STACK, universal=True),
-    Target("runner-cpu", "the CPU runner image (Dockerfile --target runner-cpu): CPU torch, no liger/triton",
-           ("runner", "tracking"), "3.11", pins=(CPU_TORCH,), local_torch=True, constrained_by="ci"),
+    Target("runner-cpu", "the CPU runner image (Dockerfile --target runner-cpu): CPU torch, no liger/triton, no "
+           "tracker clients", ("runner",), "3.11", pins=(CPU_TORCH,), local_torch=True, constrained_by="ci"),
     Target("controller", "the controller image (Dockerfile --target controller)",
            ("controller",), "3.11", universal=True, constrained_by="ci"),
 )

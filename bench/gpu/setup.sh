@@ -1,10 +1,13 @@
 # Source on a GPU machine that has torch/transformers/peft but no network: a venv beside the machine's own torch
-# (--system-site-packages) with every other package at the version and hash of the runner's GPU lock
-# (locks/runner.txt), from the wheels carried in .whl/lock/ (fetched here by bench/gpu/fetch-wheels.sh; packages
+# (its site-packages after the venv's own, through a .pth file: the machine's python3 is itself a venv, which
+# --system-site-packages would skip) with every other package at the version and hash of the runner's GPU lock
+# (locks/runner.txt), from the wheels carried in .whl/lock*/ (fetched here by bench/gpu/fetch-wheels.sh; packages
 # the machine already has at the locked version are not installed again). The checkout goes on PYTHONPATH.
 VENV=${LOCK_VENV:-/tmp/lock-venv}
 if [ ! -x "$VENV/bin/python" ]; then
-    python3 -m venv --system-site-packages "$VENV"
+    python3 -m venv "$VENV"
+    python3 -c 'import site; print("\n".join(site.getsitepackages()))' \
+        > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/machine-site.pth"
 fi
 # .whl/lock* : one folder a carry when the wheels are more than one call can carry (64 MiB)
 dirs=$(ls -d .whl/lock* 2>/dev/null)

@@ -18,7 +18,7 @@ OLDEST_SUPPORTED = Version("1.27")
 VERSIONS = [v for v in kubernetes_validate.utils.all_versions() if Version(v) >= OLDEST_SUPPORTED]
 # Kinds whose schema is not Kubernetes' own: the CRD is checked by a real API server (test_install.py) and
 # against controller/crd.py below; ServiceMonitor belongs to the Prometheus Operator.
-NOT_IN_KUBERNETES = {"CustomResourceDefinition", "ServiceMonitor"}
+NOT_IN_KUBERNETES = {"CustomResourceDefinition", "ServiceMonitor", "Issuer", "Certificate"}  # (cert-manager's)
 
 # Value sets that together render every template and every branch of them.
 VALUE_SETS = {
@@ -38,7 +38,8 @@ VALUE_SETS = {
                    "serviceAccount.annotations.iam=role", "controller.extraEnv[0].name=HTTPS_PROXY",
                    "controller.extraEnv[0].value=http://proxy:3128", "crds.keep=false",
                    "image.tag=1.2.3", "runner.image.tag=1.2.3"),
-    "webhook": ("webhook.enabled=true",),
+    "webhook": ("webhook.certificate=cert-manager",),
+    "no-webhook-one-replica": ("webhook.enabled=false", "replicaCount=1", "leaderElection.enabled=false"),
     "no-crd-no-service": ("crds.install=false", "metrics.service.enabled=false", "rbac.create=false",
                           "serviceAccount.create=false", "serviceAccount.name=existing"),
 }
@@ -74,7 +75,8 @@ def test_rendered_manifests_are_valid_for_every_supported_kubernetes(rendered):
                                          f"Kubernetes {version}: {e.caught}") from None
             checked.add(obj["kind"])
     assert checked == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
-                       "Deployment", "Secret", "ValidatingWebhookConfiguration"}
+                       "Deployment", "ValidatingWebhookConfiguration", "MutatingWebhookConfiguration",
+                       "PodDisruptionBudget"}
 
 
 def test_chart_declares_the_kubernetes_versions_it_installs_on(helm_bin):
@@ -106,9 +108,9 @@ def test_strict_validation_catches_a_typo_in_a_free_form_value(helm_bin):
     ("runner.gpuResourceName=memory", "gpuResourceName"),           # a built-in resource: pods would ask 1 byte
     ("runner.gpuResourceName=cpu", "gpuResourceName"),
     ("runner.gpuResourceName=kubernetes.io/gpu", "gpuResourceName"),  # Kubernetes' own domain
+    ("runner.storeTimeouts=read=soon", "storeTimeouts"),
     ("metrics.serviceMonitor.interval=often", "interval"),
     ("crds.keep=maybe", "keep"),
-    ("runner.storeTimeouts=read=soon", "storeTimeouts"),
     ("metrics.service.annotations.scrape=true", "scrape"),          # annotation values are strings
     ("resources.requests.gpu=1", None),                             # accepted: any resource name is allowed
 ])
@@ -211,7 +213,7 @@ def test_cel_rules_only_where_the_api_server_knows_them(helm_bin, version, cel):
 
 
 def _rules(obj: dict) -> list[dict]:
-    return [{k: r[k] for k in ("apiGroups", "resources", "verbs")} for r in obj["rules"]]
+    return [{k: r[k] for k in ("apiGroups", "resources", "resourceNames", "verbs") if k in r} for r in obj["rules"]]
 
 
 CLUSTER_SCOPED = ("customresourcedefinitions", "namespaces")
@@ -221,21 +223,22 @@ def test_rbac_matches_the_controllers_own_rules(rendered):
     """Cluster mode: exactly `python -m controller rbac`. Namespaced mode: the same rules on namespaced
     resources as Roles in each watched namespace; cluster-wide only read access to CRDs and Namespaces."""
     assert _rules(by_kind(rendered["defaults"], "ClusterRole")[0]) == rbac.RULES
-    assert not by_kind(rendered["defaults"], "Role")
+    assert not [r for r in by_kind(rendered["defaults"], "Role") if not r["metadata"]["name"].endswith("-self")]
 
     namespaced = [r for r in rbac.RULES if not set(r["resources"]) & set(CLUSTER_SCOPED)]
     discovery = [r for r in rbac.RULES if set(r["resources"]) & set(CLUSTER_SCOPED)]
     objs = rendered["namespaced"]
-    roles = by_kind(objs, "Role")
+    roles = [r for r in by_kind(objs, "Role") if not r["metadata"]["name"].endswith("-self")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
         assert _rules(role) == namespaced
-    bindings = by_kind(objs, "RoleBinding")
+    bindings = [b for b in by_kind(objs, "RoleBinding") if not b["metadata"]["name"].endswith("-self")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     sa = by_kind(objs, "ServiceAccount")[0]["metadata"]
     for b in bindings + by_kind(objs, "ClusterRoleBinding"):
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": sa["name"], "namespace": sa["namespace"]}]
-    [cluster_role] = [r for r in by_kind(objs, "ClusterRole") if not r["metadata"]["name"].endswith(USER_ROLES)]
+    [cluster_role] = [r for r in by_kind(objs, "ClusterRole") if not r["metadata"]["name"].endswith(
+        (*USER_ROLES, "-webhook"))]
     assert _rules(cluster_role) == discovery
     assert all(set(r["verbs"]) <= {"get", "list", "watch"} for r in cluster_role["rules"])
     assert not by_kind(rendered["no-crd-no-service"], "ClusterRole")
@@ -276,11 +279,27 @@ def test_deployment_flags_probes_and_security(rendered):
     assert runner_pod == RunnerPod(default_resources=DefaultResources.model_validate(
         {"requests": {"cpu": "500m", "memory": "4Gi"}, "limits": {"memory": "32Gi"}}),
         store_timeouts="connect=10,read=30,stall=90,deadline=10800")  # a frozen store ends the attempt in minutes
-    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
-    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 8080}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8080}
+    assert c["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                          {"name": "webhook", "containerPort": 8443, "protocol": "TCP"}]
     deploy = by_kind(rendered["defaults"], "Deployment")[0]
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+    # two replicas, one leader (controller/leader.py), a new pod up before an old one goes
+    assert deploy["spec"]["replicas"] == 2 and deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    assert c["args"][c["args"].index("--leader-elect"):][:5] == [
+        "--leader-elect", "--lease-name=finetune-operator-leader", "--lease-duration=15",
+        "--renew-deadline=10", "--retry-period=2"]
+    [pdb] = by_kind(rendered["defaults"], "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= \
+        deploy["spec"]["template"]["metadata"]["labels"].items()
+    [role] = [r for r in by_kind(rendered["defaults"], "Role") if r["metadata"]["name"].endswith("-self")]
+    assert _rules(role) == rbac.self_rules("finetune-operator-leader",
+                                           "finetune-operator-webhook-state")
+    one = rendered["no-webhook-one-replica"]
+    assert not by_kind(one, "PodDisruptionBudget") and "--leader-elect" not in _controller(one)["args"]
+    # with the webhook off, Secret references it did not check are still refused by default
+    assert "--unattributed-secrets=refuse" in _controller(one)["args"]
 
     # the Pod Security Standard "restricted" (manifests/install.yaml's namespace enforces it)
     pod = deploy["spec"]["template"]["spec"]
@@ -297,7 +316,8 @@ def test_deployment_flags_probes_and_security(rendered):
     everything = rendered["everything"]
     c = _controller(everything)
     assert c["image"] == "finetune-controller:1.2.3" and "--image=finetune-runner:1.2.3" in c["args"]
-    assert c["env"] == [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]
+    assert c["env"][1:] == [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]
+    assert c["env"][0] == {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     pod = by_kind(everything, "Deployment")[0]["spec"]["template"]
     assert pod["metadata"]["annotations"] == {"a": "b"} and pod["metadata"]["labels"]["team"] == "ml"
     assert pod["spec"]["nodeSelector"] == {"pool": "system"}
@@ -308,37 +328,49 @@ def test_deployment_flags_probes_and_security(rendered):
         "serviceAccountName"] == "existing"
 
 
-def test_webhook_is_registered_with_its_own_ca_and_served_by_the_controller(rendered):
-    """webhook.enabled: the registration trusts the generated CA, calls the controller's path through a Service
-    on the controller's webhook port, and the controller may create SubjectAccessReviews (controller/webhook.py)."""
-    import base64
-
+def test_webhook_is_on_by_default_with_the_controllers_own_certificate(rendered):
+    """By default both halves of the webhook are registered, failing closed, calling the controller's paths through
+    a Service on its webhook port; the controller makes and rotates the certificate itself (no Secret in the chart,
+    no caBundle: the controller writes it, and helm's three-way merge keeps it), may create SubjectAccessReviews and
+    write these two registrations only. With webhook.certificate=cert-manager: an Issuer, a Certificate, the CA
+    injected by cert-manager and the certificate mounted."""
     from controller import webhook
 
-    assert not by_kind(rendered["defaults"], "ValidatingWebhookConfiguration")
-    objs = rendered["webhook"]
+    objs = rendered["defaults"]
     [hook] = by_kind(objs, "ValidatingWebhookConfiguration")[0]["webhooks"]
-    [secret] = by_kind(objs, "Secret")
-    assert hook["clientConfig"]["caBundle"] == secret["data"]["ca.crt"]
-    assert base64.b64decode(secret["data"]["tls.crt"]).startswith(b"-----BEGIN CERTIFICATE-----")
-    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
-    assert hook["rules"][0]["operations"] == ["CREATE", "UPDATE"]
+    [mutating] = by_kind(objs, "MutatingWebhookConfiguration")[0]["webhooks"]
+    assert not by_kind(objs, "Secret") and "caBundle" not in hook["clientConfig"]
+    for h, path in ((hook, webhook.PATH), (mutating, webhook.ATTRIBUTE_PATH)):
+        assert h["failurePolicy"] == "Fail" and h["sideEffects"] == "None"
+        assert h["rules"][0]["operations"] == ["CREATE", "UPDATE"] and h["clientConfig"]["service"]["path"] == path
     svc = next(s for s in by_kind(objs, "Service") if s["metadata"]["name"] == hook["clientConfig"]["service"]["name"])
-    assert hook["clientConfig"]["service"]["path"] == webhook.PATH and svc["spec"]["ports"][0]["targetPort"] == "webhook"
+    assert svc["spec"]["ports"][0]["targetPort"] == 8443
     c = _controller(objs)
-    assert "--webhook-cert=/etc/finetune-webhook/tls.crt" in c["args"]
-    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in c["ports"]
+    name = "finetune-operator"  # the release (tests/deploy/conftest.py)
+    assert {"--state-secret=" + name + "-webhook-state", f"--webhook-service={name}-webhook",
+            f"--webhook-registration=validating/{name}", f"--webhook-registration=mutating/{name}",
+            "--unattributed-secrets=refuse", "--webhook-port=8443"} <= set(c["args"])
     role = next(r for r in by_kind(objs, "ClusterRole") if r["metadata"]["name"].endswith("-webhook"))
-    assert _rules(role) == rbac.WEBHOOK_RULES
+    assert _rules(role) == rbac.WEBHOOK_RULES + rbac.registration_rules(name)
+
+    objs = rendered["webhook"]
+    c = _controller(objs)
+    assert "--webhook-cert=/etc/finetune-webhook/tls.crt" in c["args"] and not [
+        a for a in c["args"] if a.startswith("--webhook-service")]
+    [cert] = by_kind(objs, "Certificate")
+    assert cert["spec"]["dnsNames"][-1] == f"{name}-webhook.finetune-system.svc"
+    for kind in ("ValidatingWebhookConfiguration", "MutatingWebhookConfiguration"):
+        assert by_kind(objs, kind)[0]["metadata"]["annotations"] == {
+            "cert-manager.io/inject-ca-from": f"finetune-system/{name}-webhook"}
 
 
 def test_metrics_service_and_service_monitor_select_the_controller(rendered):
     objs = rendered["everything"]
     deploy = by_kind(objs, "Deployment")[0]
-    [svc] = by_kind(objs, "Service")
+    [svc] = [s for s in by_kind(objs, "Service") if s["metadata"]["name"].endswith("-metrics")]
     pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
-    assert svc["spec"]["ports"] == [{"name": "http-metrics", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    assert svc["spec"]["ports"] == [{"name": "http-metrics", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]
     assert svc["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
     [sm] = by_kind(objs, "ServiceMonitor")
     assert sm["apiVersion"] == "monitoring.coreos.com/v1" and sm["metadata"]["labels"]["release"] == "prom"
@@ -346,4 +378,4 @@ def test_metrics_service_and_service_monitor_select_the_controller(rendered):
     assert sm["spec"]["endpoints"] == [{"port": "http-metrics", "path": "/metrics", "interval": "30s",
                                         "scrapeTimeout": "10s"}]
     assert not by_kind(rendered["defaults"], "ServiceMonitor")
-    assert not by_kind(rendered["no-crd-no-service"], "Service")
+    assert not [s for s in by_kind(rendered["no-crd-no-service"], "Service") if s["metadata"]["name"].endswith("-metrics")]

@@ -1,15 +1,17 @@
 """The images as built from the Dockerfile, run as real containers: what each image is, and the runner standalone
-with the README's `docker run` command (CPU here: the CPU torch build; `--gpus all` needs a GPU host)."""
+with the README's `docker run` command - on the production runner (`docker build .`: its CUDA torch runs CPU work
+here) and on the CPU runner (`--target runner-cpu`). `--gpus all` needs a GPU host."""
 from __future__ import annotations
 
 import json
 import subprocess
 import time
 
+import pytest
 import yaml
 
 from tests.cluster.cluster import wait_for
-from tests.e2e.images import CONTROLLER, RUNNER
+from tests.e2e.images import CONTROLLER, RUNNER, RUNNER_CPU
 
 # README "Run standalone with docker", less --gpus/--ipc: read-only root, uid 1000, /tmp and HOME in a tmpfs.
 STANDALONE = ["--user", "1000:1000", "--read-only", "--tmpfs", "/tmp:exec", "-e", "HOME=/tmp", "--network", "host"]
@@ -21,15 +23,23 @@ def docker_run(dockerd, image, *args, opts=(), timeout=600, check=True):
 
 def test_image_facts(dockerd, built_images):
     print(f"\nimages: {json.dumps(built_images)}")  # sizes and build seconds, for the CI log
-    # the runner: uid 1000, its CLI, a read-only root filesystem
-    r = docker_run(dockerd, RUNNER, "-c", "import os; print(os.getuid(), os.getgid())",
-                   opts=["--read-only", "--entrypoint", "python"])
-    assert r.stdout.split() == ["1000", "1000"]
-    r = docker_run(dockerd, RUNNER, "--help", opts=["--read-only"])
-    assert r.returncode == 0 and "usage:" in r.stdout and "quickstart" in r.stdout, r.stdout + r.stderr
-    r = docker_run(dockerd, RUNNER, "-c", "import torch, transformers, peft, bitsandbytes, trl, mlflow, wandb;"
-                   "print(torch.__version__)", opts=["--read-only", "--tmpfs", "/tmp", "--entrypoint", "python"])
-    assert r.stdout.strip().endswith("+cpu"), r.stdout  # this tier's build argument: the CPU torch
+    # both runners: uid 1000, their CLI, a read-only root filesystem
+    for image in (RUNNER, RUNNER_CPU):
+        r = docker_run(dockerd, image, "-c", "import os; print(os.getuid(), os.getgid())",
+                       opts=["--read-only", "--entrypoint", "python"])
+        assert r.stdout.split() == ["1000", "1000"], image
+        r = docker_run(dockerd, image, "--help", opts=["--read-only"])
+        assert r.returncode == 0 and "usage:" in r.stdout and "quickstart" in r.stdout, r.stdout + r.stderr
+    probe = ("import importlib.util, torch, transformers, peft, bitsandbytes, trl;"
+             "print(torch.__version__, torch.version.cuda, torch.cuda.is_available(),"
+             " *(importlib.util.find_spec(m) is not None for m in ('triton', 'liger_kernel', 'mlflow', 'wandb')))")
+    tmp = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", "python"]
+    # the production runner: PyPI's torch 2.11.0, the CUDA 13.0 build, with Triton and Liger; no GPU here
+    assert docker_run(dockerd, RUNNER, "-c", probe, opts=tmp).stdout.split() == [
+        "2.11.0", "13.0", "False", "True", "True", "True", "True"]
+    # the CPU runner: the CPU build; no Triton, Liger or tracker clients
+    version, cuda, *rest = docker_run(dockerd, RUNNER_CPU, "-c", probe, opts=tmp).stdout.split()
+    assert version.endswith("+cpu") and cuda == "None" and rest == ["False"] * 5, (version, cuda, rest)
     # the controller: uid 1000, no torch, prints its CRD from a read-only root
     r = docker_run(dockerd, CONTROLLER, "-c", "import os; print(os.getuid())",
                    opts=["--read-only", "--entrypoint", "python"])
@@ -40,17 +50,19 @@ def test_image_facts(dockerd, built_images):
     r = docker_run(dockerd, CONTROLLER, "crd", opts=["--read-only"])
     assert yaml.safe_load(r.stdout)["kind"] == "CustomResourceDefinition"
     sizes = built_images["sizes_mb"]
-    assert sizes[CONTROLLER] < sizes[RUNNER] / 3, sizes  # the controller image is the slim one
+    assert sizes[CONTROLLER] < sizes[RUNNER_CPU] / 3, sizes  # the controller image is the slim one
+    assert sizes[RUNNER_CPU] < 1500, sizes  # the CPU runner: no CUDA libraries, no Triton
 
 
-def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_path):
+@pytest.mark.parametrize("image", [RUNNER, RUNNER_CPU], ids=["runner", "runner-cpu"])
+def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_path, image):
     """The README's docker command: the quickstart succeeds and writes the merged model to the mounted directory;
     `docker stop` (SIGTERM) mid-training leaves a checkpoint that the next run resumes from."""
     work = tmp_path / "work"
     work.mkdir()
     work.chmod(0o777)  # the container runs as uid 1000
     mount = ["-v", f"{work}:/work"]
-    r = docker_run(dockerd, RUNNER, "quickstart", "--dir", "/work/qs", opts=[*STANDALONE, *mount], timeout=900)
+    r = docker_run(dockerd, image, "quickstart", "--dir", "/work/qs", opts=[*STANDALONE, *mount], timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     out = work / "qs" / "output"
     assert (out / "finetune-manifest.json").exists() and (out / "config.json").exists()
@@ -66,7 +78,7 @@ def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_p
     job["spec"]["output"]["destination"] = "/work/long-output"
     (work / "long.yaml").write_text(yaml.safe_dump(job))
     name = f"ftc-stop-{int(time.time())}"
-    dockerd.run("run", "-d", "--name", name, *STANDALONE, *mount, RUNNER, "run", "/work/long.yaml")
+    dockerd.run("run", "-d", "--name", name, *STANDALONE, *mount, image, "run", "/work/long.yaml")
     try:
         def training():
             logs = dockerd.run("logs", name, check=False).stdout
@@ -87,7 +99,7 @@ def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_p
     assert f"running the same job again resumes from step {step}" in logs.stderr, logs.stderr[-2000:]
     assert not (work / "long-output" / "finetune-manifest.json").exists()  # nothing looks complete
 
-    r = docker_run(dockerd, RUNNER, "run", "/work/long.yaml", opts=[*STANDALONE, *mount], timeout=900, check=False)
+    r = docker_run(dockerd, image, "run", "/work/long.yaml", opts=[*STANDALONE, *mount], timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {checkpoints[-1]}" in r.stderr, r.stderr[-3000:]
     assert (work / "long-output" / "finetune-manifest.json").exists()
@@ -167,3 +179,21 @@ def test_standalone_output_not_writable_fails_at_validating_named_for_validating
     assert result["reason"] == "InvalidSpec", result  # not UploadFailed: the phase it failed in
     assert "/work/locked" in result["message"] and "writable" in result["message"], result["message"]
     assert "phase Downloading" not in r.stderr  # found before any download
+
+
+def test_the_production_runner_refuses_a_driver_too_old_for_its_cuda_at_start(dockerd, built_images, tmp_path):
+    """A host driver that runs CUDA 12.8 only (a 570 driver), given to the container as the toolkit gives a real
+    one (libcuda.so.1 on the library path): the runner exits 2 at start naming the driver it needs, instead of
+    training on the CPU. Here libcuda is a real shared library answering cuDriverGetVersion, built with cc."""
+    drv = tmp_path / "driver"
+    drv.mkdir()
+    (drv / "cuda.c").write_text("int cuDriverGetVersion(int *v) { *v = 12080; return 0; }\n")
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(drv / "libcuda.so.1"), str(drv / "cuda.c")], check=True)
+    drv.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    work.chmod(0o777)
+    r = docker_run(dockerd, RUNNER, "quickstart", "--dir", "/work/qs", check=False, timeout=600,
+                   opts=[*STANDALONE, "-v", f"{work}:/work", "-v", f"{drv}:/driver:ro", "-e", "LD_LIBRARY_PATH=/driver"])
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "built for CUDA 13.0" in r.stderr and "580.65.06 or newer" in r.stderr, r.stderr[-3000:]
