@@ -7,11 +7,22 @@ import os
 import sys
 
 from controller import generate
+from controller.attribution import Unattributed
 from runner.api import names
 
 DEFAULT_IMAGE = os.environ.get(names.ENV_RUNNER_IMAGE, "finetune-runner:latest")
 COMMANDS = ("run", "crd", "rbac")  # what --help lists
 HIDDEN = ("generate",)  # a maintainer's command on a checkout (controller/generate.py): runs, but --help leaves it out
+
+
+def _own_namespace() -> str | None:
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,10 +69,36 @@ def main(argv: list[str] | None = None) -> int:
                    "controller/podtemplate.py; default: nothing")
     r.add_argument("--runner-pod-file", default=None, metavar="PATH", help="read --runner-pod from a file instead")
     r.add_argument("--webhook-cert", default=None, metavar="PEM",
-                   help="serve the validating admission webhook over TLS with this certificate (and --webhook-key)")
+                   help="serve the admission webhook over TLS with this certificate (and --webhook-key), kept by "
+                   "another tool (cert-manager)")
     r.add_argument("--webhook-key", default=None, metavar="PEM", help="the webhook certificate's private key")
     r.add_argument("--webhook-port", type=int, default=8443, help="port of the webhook (default %(default)s)")
     r.add_argument("--webhook-host", default="0.0.0.0", help="address the webhook listens on (default %(default)s)")
+    r.add_argument("--webhook-service", default=None, metavar="NAME",
+                   help="serve the admission webhook with a certificate the controller makes for this Service of "
+                   "its namespace and rotates before expiry (kept in --state-secret)")
+    r.add_argument("--webhook-host-name", action="append", default=[], metavar="HOST",
+                   help="a host name or address of the webhook's registration by URL, put into the certificate the "
+                   "controller makes besides the Service's names (repeatable)")
+    r.add_argument("--webhook-registration", action="append", default=[], metavar="KIND/NAME",
+                   help="a webhook registration (validating/NAME or mutating/NAME) whose caBundle the controller "
+                   "keeps and that owns --state-secret (repeatable)")
+    r.add_argument("--state-secret", default=None, metavar="NAME",
+                   help="the Secret of its namespace the controller keeps: the key that signs which Secrets the "
+                   "webhook checked, and its own webhook certificate")
+    r.add_argument("--unattributed-secrets", choices=[u.value for u in Unattributed], default=None,
+                   help="a job naming a Secret that the webhook did not check for its creator (created while the "
+                   "webhook was off or bypassed): refuse it (the default with --state-secret) or allow it (the "
+                   "default without: nothing could check it)")
+    r.add_argument("--controller-namespace", default=None, metavar="NS",
+                   help="namespace of the controller's Lease and Secret (default: $POD_NAMESPACE, else the "
+                   "ServiceAccount's)")
+    r.add_argument("--leader-elect", action="store_true",
+                   help="run several replicas: only the holder of a Lease (coordination.k8s.io/v1) reconciles")
+    r.add_argument("--lease-name", default="finetune-controller", help="the leader Lease (default %(default)s)")
+    r.add_argument("--lease-duration", type=float, default=15.0, help="seconds (default %(default)s)")
+    r.add_argument("--renew-deadline", type=float, default=10.0, help="seconds (default %(default)s)")
+    r.add_argument("--retry-period", type=float, default=2.0, help="seconds (default %(default)s)")
     r.add_argument("--no-jobsets", action="store_true",
                    help="neither watch nor create JobSets (jobset.x-k8s.io): FineTuneJobs with resources.nodes > 1 "
                    "are refused (InvalidSpec); for clusters without JobSet, or without the RBAC on jobsets")
@@ -87,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kopf").setLevel(logging.WARNING)
     if args.kubeconfig:
         os.environ["KUBECONFIG"] = args.kubeconfig  # for kopf's login too
-    from controller.operator import Config, Webhook, run
+    from controller.operator import Config, Election, KeptState, Webhook, run
     from controller.status import Options
 
     if args.all_namespaces and args.namespace:
         p.error("--all-namespaces and --namespace exclude each other")
+    from controller.certs import Registration
+    from controller.leader import Timing
     from controller.podtemplate import RunnerPod, RunnerPodError
     from controller.policy import Policy, PolicyError
 
@@ -107,11 +146,35 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("controller").info("runner pod additions: %s", runner.describe())
     if bool(args.webhook_cert) != bool(args.webhook_key):
         p.error("--webhook-cert and --webhook-key go together")
+    if args.webhook_service and args.webhook_cert:
+        p.error("--webhook-service (the controller's own certificate) and --webhook-cert exclude each other")
+    if args.webhook_service and not args.state_secret:
+        p.error("--webhook-service needs --state-secret (where the controller keeps the certificate)")
     hook = (Webhook(cert=args.webhook_cert, key=args.webhook_key, port=args.webhook_port, host=args.webhook_host)
-            if args.webhook_cert else None)
+            if args.webhook_cert or args.webhook_service else None)
+    try:
+        registrations = [Registration(*r.split("/", 1)) for r in args.webhook_registration]
+        if any(r.kind not in ("validating", "mutating") or not r.name for r in registrations):
+            raise ValueError
+    except (TypeError, ValueError):
+        p.error("--webhook-registration: KIND/NAME, KIND validating or mutating")
+    own_ns = args.controller_namespace or _own_namespace()
+    if (args.state_secret or args.leader_elect) and not own_ns:
+        p.error("--controller-namespace: not in a pod and $POD_NAMESPACE unset; name the namespace of the "
+                "controller's Lease and Secret")
+    state = (KeptState(own_ns, args.state_secret, args.webhook_service or "", registrations,
+                       hosts=tuple(args.webhook_host_name)) if args.state_secret else None)
+    try:
+        election = (Election(own_ns, args.lease_name, Timing(args.lease_duration, args.renew_deadline,
+                                                             args.retry_period)) if args.leader_elect else None)
+    except ValueError as e:
+        p.error(str(e))
+    unattributed = Unattributed(args.unattributed_secrets or ("refuse" if state else "allow"))
+    logging.getLogger("controller").info("Secrets not checked at admission: %s", unattributed.value)
     run(Config(image=args.image, workers=args.workers, http_port=args.http_port, http_host=args.http_host,
                kubeconfig=args.kubeconfig,
                options=Options(retry_backoff=args.retry_backoff, image_pull_timeout=args.image_pull_timeout,
-                               policy=policy, runner=runner), webhook=hook, jobsets=not args.no_jobsets),
+                               policy=policy, runner=runner), webhook=hook, state=state, election=election,
+               unattributed=unattributed, jobsets=not args.no_jobsets),
         namespaces=args.namespace)
     return 0

@@ -56,5 +56,5 @@ async def serve(port: int, ready: Callable[[], bool], healthy: Callable[[], bool
     app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)])
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, reuse_port=True).start()  # replicas in one node network share it
     return runner

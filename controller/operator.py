@@ -7,18 +7,28 @@ queues the FineTuneJob's key. Workers take keys from a `WorkQueue` (one pass per
 re-queued, delayed re-queues for retries, back-offs and deadlines) and run `Reconciler.reconcile` in a
 thread. A pass raises `kopf.TemporaryError` (retried after its delay) or `kopf.PermanentError` (not
 retried). Level-triggered: any pass recomputes everything, so a missed or merged event costs nothing.
+
+Several replicas (the chart runs two): each serves health, metrics and the admission webhook at once, and only
+the holder of the leader Lease (controller/leader.py) starts kopf, so only one ever reconciles; a replica that
+loses the Lease exits and restarts as a standby. The webhook's certificate and the attribution key are kept by
+controller/certs.py before anything else starts.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
+import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import kopf
 
-from controller import jobset, limits, metrics, naming, webhook
+from controller import attribution, certs, jobset, leader, limits, metrics, naming, webhook
 from controller.kube import Kube, load_configuration
 from controller.reconciler import Reconciler, Snapshot
 from controller.status import Options
@@ -31,11 +41,31 @@ SELECTOR = naming.LABEL_JOB_UID  # children are watched with this label only (se
 
 @dataclass
 class Webhook:
-    """The validating admission webhook's server (controller/webhook.py)."""
-    cert: str
-    key: str
+    """The admission webhook's server (controller/webhook.py). `cert`/`key`: files another tool keeps (cert-manager);
+    without them the controller makes and rotates its own (`state`)."""
+    cert: str | None = None
+    key: str | None = None
     port: int = 8443
     host: str = "0.0.0.0"
+
+
+@dataclass
+class KeptState:
+    """The controller's own Secret (controller/certs.py): the webhook's certificate and the attribution key."""
+    namespace: str
+    secret: str
+    service: str
+    registrations: list[certs.Registration]
+    hosts: tuple[str, ...] = ()  # of a registration by URL: names the certificate is for besides the Service's
+    refresh_seconds: float = 3600.0
+
+
+@dataclass
+class Election:
+    """Leader election over a Lease (controller/leader.py)."""
+    namespace: str
+    name: str
+    timing: leader.Timing = field(default_factory=leader.Timing)
 
 
 @dataclass
@@ -47,6 +77,9 @@ class Config:
     kubeconfig: str | None = None
     options: Options = field(default_factory=Options)
     webhook: Webhook | None = None
+    state: KeptState | None = None
+    election: Election | None = None
+    unattributed: attribution.Unattributed = attribution.Unattributed.REFUSE
     jobsets: bool = True  # watch and create JobSets (resources.nodes > 1); False: such jobs are refused
 
 
@@ -57,6 +90,7 @@ class _State:
     pool: ThreadPoolExecutor
     workers: list[asyncio.Task]
     ready: bool = False
+    leading: bool = False
     indices: dict
 
 
@@ -75,7 +109,8 @@ def _slim_meta(md, *, annotations: tuple[str, ...] = ()) -> dict:
 @kopf.index(names.GROUP, names.VERSION, names.PLURAL)
 async def ftj_cache(namespace, name, body, **_):
     # Untrusted input: a spec or status out of bounds is set aside here, before anything else reads it.
-    return {(namespace, name): limits.screen({"metadata": _slim_meta(body.metadata), "spec": dict(body.spec),
+    return {(namespace, name): limits.screen({"metadata": _slim_meta(body.metadata, annotations=(
+                                                 attribution.ANNOTATION,)), "spec": dict(body.spec),
                                               "status": dict(body.status)})}
 
 
@@ -214,19 +249,11 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs):
     STATE.indices = {k: kwargs[k] for k in ("ftj_cache", "job_cache", "pod_cache", "identity_cache",
                                             "jobset_cache") if k in kwargs}
     STATE.queue = WorkQueue()
-    kube = Kube.from_config(load_configuration(cfg.kubeconfig, pool_size=cfg.workers + 2))
-    STATE.reconciler = Reconciler(kube, image=cfg.image, options=cfg.options, jobsets=cfg.jobsets)
-    STATE.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="reconcile")
+    STATE.reconciler = Reconciler(STATE.kube, image=cfg.image, options=STATE.options, jobsets=cfg.jobsets)
     STATE.workers = [asyncio.create_task(_worker(i), name=f"worker-{i}") for i in range(cfg.workers)]
     metrics.register_live(lambda: [next(iter(s)).get("status", {}).get("phase") for s in
                                    list(STATE.indices["ftj_cache"].values()) if s],
                           lambda: len(STATE.queue))
-    if cfg.http_port:
-        STATE.http = await metrics.serve(cfg.http_port, ready=lambda: STATE.ready,
-                                         healthy=lambda: all(not t.done() for t in STATE.workers), host=cfg.http_host)
-    if cfg.webhook:
-        STATE.webhook = await webhook.serve(cfg.webhook.port, cfg.webhook.cert, cfg.webhook.key, cfg.options.policy,
-                                            webhook.sar_check(kube), STATE.pool, host=cfg.webhook.host)
     STATE.ready = True
     log.info("controller started: %d workers, runner image %s", cfg.workers, cfg.image)
 
@@ -235,11 +262,6 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs):
 async def _cleanup(**_):
     for t in getattr(STATE, "workers", []):
         t.cancel()
-    for server in (getattr(STATE, "http", None), getattr(STATE, "webhook", None)):
-        if server is not None:
-            await server.cleanup()
-    if getattr(STATE, "pool", None):
-        STATE.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _watch_jobsets() -> None:
@@ -248,9 +270,80 @@ def _watch_jobsets() -> None:
     kopf.on.event(jobset.GROUP, jobset.VERSION, jobset.PLURAL, labels=selector)(jobset_changed)
 
 
+async def _keep_state(keeper: certs.Keeper, context, every: float) -> None:
+    """Re-check the certificate and caBundle periodically; a rotated certificate is served to new connections."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if await loop.run_in_executor(STATE.pool, keeper.ensure) and context is not None:
+                context.load_cert_chain(str(keeper.cert_file), str(keeper.key_file))
+                log.info("webhook certificate reloaded")
+        except Exception as e:  # noqa: BLE001 - the current certificate stays; tried again next time
+            log.warning("webhook certificate check failed: %s", e)
+
+
+def _lead_or_exit(elector: leader.Elector) -> None:
+    """Renew the Lease until that fails, then exit at once: another replica may be acting already."""
+    elector.keep()
+    log.error("lost the leader lease: exiting, to restart as a standby")
+    logging.shutdown()
+    os._exit(1)
+
+
+async def _main(config: Config, namespaces: list[str]) -> None:
+    loop = asyncio.get_running_loop()
+    STATE.kube = Kube.from_config(load_configuration(config.kubeconfig, pool_size=config.workers + 4))
+    STATE.pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="reconcile")
+    STATE.workers = []
+    options = config.options
+    keeper = None
+    if config.state:
+        st = config.state
+        keeper = certs.Keeper(STATE.kube, st.namespace, st.secret, st.service, st.registrations, hosts=st.hosts,
+                              directory=Path(tempfile.mkdtemp(prefix="webhook-tls-")),
+                              manage_tls=bool(config.webhook and not config.webhook.cert))
+        await loop.run_in_executor(STATE.pool, keeper.ensure)
+    options = dataclasses.replace(options, attribution=attribution.Attribution(
+        key=keeper.state.attribution_key if keeper else None, unattributed=config.unattributed))
+    STATE.options = options
+    STATE.leading = config.election is None  # a standby is ready once it serves; a leader once its caches are
+    servers = []
+    if config.http_port:
+        servers.append(await metrics.serve(
+            config.http_port, ready=lambda: STATE.ready or not STATE.leading,
+            healthy=lambda: all(not t.done() for t in STATE.workers), host=config.http_host))
+    context = None
+    if config.webhook:
+        hook = config.webhook
+        cert, key = (hook.cert, hook.key) if hook.cert else (str(keeper.cert_file), str(keeper.key_file))
+        context = webhook.tls_context(cert, key)
+        servers.append(await webhook.serve(hook.port, context, options.policy, webhook.sar_check(STATE.kube),
+                                           STATE.pool, host=hook.host, attribution_key=options.attribution.key))
+    refresher = (asyncio.create_task(_keep_state(keeper, context, config.state.refresh_seconds))
+                 if keeper else None)
+    elector = None
+    if config.election:
+        e = config.election
+        elector = leader.Elector(STATE.kube, e.namespace, e.name, timing=e.timing)
+        await loop.run_in_executor(None, elector.acquire)
+        threading.Thread(target=_lead_or_exit, args=(elector,), name="leader-lease", daemon=True).start()
+    STATE.leading = True
+    try:
+        await kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
+    finally:
+        if elector is not None:
+            await loop.run_in_executor(None, elector.release)
+        if refresher:
+            refresher.cancel()
+        for server in servers:
+            await server.cleanup()
+        STATE.pool.shutdown(wait=False, cancel_futures=True)
+
+
 def run(config: Config, namespaces: list[str]) -> None:
     STATE.config = config
     if config.jobsets:
         _watch_jobsets()
     limits.raise_recursion_limit()  # before kopf parses its first watch event (and before any thread starts)
-    kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
+    asyncio.run(_main(config, namespaces))

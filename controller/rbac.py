@@ -58,6 +58,28 @@ WEBHOOK_RULES = [
 WEBHOOK_CLUSTER_ROLE = f"{CLUSTER_ROLE}-webhook"
 
 
+def registration_rules(name: str) -> list[dict]:
+    """The webhook registrations named `name` (validating and mutating): the controller writes their caBundle."""
+    return [{"apiGroups": ["admissionregistration.k8s.io"],
+             "resources": ["validatingwebhookconfigurations", "mutatingwebhookconfigurations"],
+             "resourceNames": [name], "verbs": ["get", "patch"]}]
+
+
+def self_rules(lease: str | None, state_secret: str | None) -> list[dict]:
+    """In the controller's own namespace: its leader Lease (controller/leader.py) and the Secret it keeps
+    (controller/certs.py); `create` cannot be limited by name in Kubernetes, the rest is."""
+    rules = []
+    if lease:
+        rules += [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+                  {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease],
+                   "verbs": ["get", "update"]}]
+    if state_secret:
+        rules += [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+                  {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [state_secret],
+                   "verbs": ["get", "update"]}]
+    return rules
+
+
 def webhook_cluster_role() -> dict:
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
             "metadata": {"name": WEBHOOK_CLUSTER_ROLE, "labels": {"app.kubernetes.io/name": "finetune-controller"}},

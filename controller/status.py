@@ -24,8 +24,8 @@ from runner.api import status as contract
 
 # 1. The first of these that decides the job (Succeeded or Failed) gives the verdict.
 VERDICTS = (bounds.spec_out_of_bounds, bounds.status_invalid, outcome.succeeded, outcome.permanent_failure,
-            deadline.exceeded, backoff.exhausted, admission.refused_by_policy, admission.needs_jobsets,
-            admission.invalid_spec)
+            deadline.exceeded, backoff.exhausted, admission.refused_by_policy, admission.unattributed_secrets,
+            admission.needs_jobsets, admission.invalid_spec)
 # 2. Without a verdict, the first of these that applies gives the phase (the last one always does).
 PHASES = (finished.kept, suspend.suspended, active.phase, next_attempt.start)
 # 3. Then every one of these, from the new status.

@@ -1,10 +1,10 @@
 """Whether the spec may start an attempt at all: the cluster admin's policy (controller/policy.py), a JobSet
-install for a job on several nodes, and the contract's rules (runner/api/parse.py, as `runner validate` and the
+install for a job on several nodes, Secrets checked at admission (controller/attribution.py), and the contract's rules (runner/api/parse.py, as `runner validate` and the
 admission webhook apply them). Each refusal fails the job with InvalidSpec before any Job exists; the policy and
 the JobSet install are checked again before every retry (either may have changed meanwhile)."""
 from __future__ import annotations
 
-from controller import jobset, naming
+from controller import attribution, jobset, naming
 from controller.attempts import clip
 from controller.policies.observed import Observed
 from controller.policies.results import Verdict
@@ -31,6 +31,15 @@ def refused_by_policy(o: Observed) -> Verdict | None:
     if o.active or o.finished:
         return None
     refusals = o.options.policy.refusals(o.effective)
+    return _refused(refusals) if refusals else None
+
+
+def unattributed_secrets(o: Observed) -> Verdict | None:
+    """A Secret the admission webhook did not check for the job's creator never reaches a pod
+    (controller/attribution.py); checked before every attempt."""
+    if o.active or o.finished:
+        return None
+    refusals = attribution.refusals(o.options.attribution, o.ftj["metadata"], o.spec, runs_with=o.effective)
     return _refused(refusals) if refusals else None
 
 

@@ -15,6 +15,7 @@ from controller.attempts import (
     POD_FAILED, POD_SUCCEEDED, Attempt, attempts_of, belongs, deleting, owner_uid, parse_time, pod_phase,
     true_condition,
 )
+from controller.attribution import Attribution, Unattributed
 from controller.podtemplate import RunnerPod
 from controller.policy import Policy
 from runner.api import names, status as contract
@@ -27,6 +28,9 @@ class Options:
     image_pull_timeout: float = 300.0  # a pod that cannot pull its image (or find its Secret) this long fails
     policy: Policy = field(default_factory=Policy)  # what a spec may ask of the cluster (controller/policy.py)
     runner: RunnerPod = field(default_factory=RunnerPod)  # the admin's pod additions (controller/podtemplate.py)
+    # which Secret references the controller trusts (controller/attribution.py); the operator always sets it from
+    # its flags (--unattributed-secrets), this default serves the pure functions' callers
+    attribution: Attribution = field(default_factory=lambda: Attribution(unattributed=Unattributed.ALLOW))
 
 
 @dataclass(frozen=True)
