@@ -270,7 +270,10 @@ class RunnerPod(_Model):
         cache = (spec.get("modelCache") or {}).get("claimName") or self.model_cache.claim_name
         if cache:
             pod["volumes"].append({"name": CACHE_VOLUME, "persistentVolumeClaim": {"claimName": cache}})
-            c["volumeMounts"].append({"name": CACHE_VOLUME, "mountPath": names.MODEL_CACHE_DIR})
+            mount = {"name": CACHE_VOLUME, "mountPath": names.MODEL_CACHE_DIR}
+            if (spec.get("model") or {}).get("trustRemoteCode"):  # the model's own code runs here: it reads the
+                mount["readOnly"] = True                           # cache other jobs fill, and writes nothing there
+            c["volumeMounts"].append(mount)
             c["env"].append({"name": names.ENV_MODEL_CACHE, "value": names.MODEL_CACHE_DIR})
         # the cluster's store limits, always written: a job's spec.storeTimeouts may only tighten them
         c["env"].append({"name": names.ENV_STORE_TIMEOUTS, "value": self.store_limits().describe()})

@@ -76,7 +76,8 @@ def _download(job: Job, work: Path, reporter: Reporter) -> Downloads:
     build_formatter(d, columns, chat_template=lambda *a, **k: "")
     reporter.log(f"data: {count:,} training rows")
     eval_data = store.download(places.eval_data, work / "eval-data") if places.eval_data else None
-    model = cache.download(places.model, work / "model", log=reporter.log, cache_root=places.cache)
+    model = cache.download(places.model, work / "model", log=reporter.log, cache_root=places.cache,
+                           fill=not spec.model.trust_remote_code)  # the model's own code never writes the cache
     check_target_modules(spec.lora, _linear_layers(spec, model))
     return Downloads(model, data, eval_data)
 

@@ -40,6 +40,7 @@ from runner.api.errors import INVALID_SPEC, PermanentError, RunnerError
 from runner.api.uris import Location
 
 from . import timeouts
+from .checksums import Checksum
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Revision:
     identity: str  # scheme, ENDPOINT, container, path and revision in one string: one job's endpoint (a fake
     #                one, say) can never fill a cache entry that a job reading another endpoint is handed
     described: str  # how a log line names it: "hf://org/m@<sha>", "s3://b/m (listing 1a2b...)"
+    checksums: tuple[Checksum, ...] = ()  # what the store says each file holds (runner/store/checksums.py)
+    unverified: tuple[str, ...] = ()  # files it gives no checksum for: the source is then never cached
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,13 @@ class Backend(ABC):
     def revision(self, loc: Location, *, repo_type: str = "model") -> Revision | None:
         """What the source holds now, for the shared model cache (one or two calls to the store); None when
         it is not cached: a local source (used in place), or a store that cannot name a revision now (the Hub
-        offline). Revision.identity MUST contain the endpoint the environment points at."""
+        offline). Revision.identity MUST contain the endpoint the environment points at, and
+        Revision.checksums what the store says each file holds (its files are cached only when every byte
+        matches them; files it gives none for go in Revision.unverified)."""
+
+    def where(self) -> str:
+        """The endpoint as messages name it ("the S3 endpoint http://...", "the Hub at https://...")."""
+        return f"the {self.scheme} store"
 
     def local_path(self, loc: Location) -> Path | None:
         """Where the place is on this machine's filesystem, when it is a local one; else None."""

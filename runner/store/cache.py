@@ -15,9 +15,16 @@ for STALL seconds, the second downloads into its own work dir without the cache.
 against its marker (every file there with its size); a damaged entry is moved aside and filled again.
 
 The key: the store's Revision of the source (Backend.revision), whose identity names the endpoint too: Hub
-sources by their commit (a branch or tag is resolved first, so a moved branch is a new entry); bucket sources by
-the listing of the prefix (keys, sizes, ETags), so an overwritten model is a new entry. Local sources are used
-in place and never cached. Eviction: remove entries by hand (README "Model cache").
+sources by their commit and their files' hashes (a branch or tag is resolved first, so a moved branch is a new
+entry); bucket sources by the listing of the prefix (keys, sizes, ETags), so an overwritten model is a new entry.
+Local sources are used in place and never cached. Eviction: remove entries by hand (README "Model cache").
+
+Trust: a job can point its store at any server, even one answering at the address another job's store has (a
+Service of the same name in another namespace). So an entry holds only files whose every byte matched the
+checksums in the key (S3 ETags, the Hub's LFS sha256 and git blob ids: runner/store/checksums.py): a server
+that lists the real checksums must send the real bytes. A source whose store gives no checksum (GCS) is
+downloaded for its job alone, and a job that runs its model's own code (model.trustRemoteCode) never fills the
+cache (on a cluster its pod mounts the cache read-only).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from runner.api import names
 from runner.api.errors import DOWNLOAD_FAILED, RetryableError
 from runner.api.uris import Location
 
+from . import checksums
 from .backend import Revision, backend_for
 
 MARKER = ".finetune-cache.json"
@@ -70,10 +78,11 @@ class Key:
 
 
 def download(loc: Location, dest: Path, *, repo_type: str = "model", log: Callable[[str], None] = print,
-             cache_root: Path | None = None, stall: float = STALL) -> Path:
+             cache_root: Path | None = None, stall: float = STALL, fill: bool = True) -> Path:
     """Where the files of `loc` are: from the cache (filling it on a miss), or, with no cache configured or a
     source the store cannot key (a local one: used in place; the Hub offline), as the store's download gives
-    them."""
+    them. `fill=False` (a job running its model's own code, model.trustRemoteCode): hits are read, a miss is
+    downloaded for this job alone - such a job never writes into the cache."""
     base = cache_root or root()
     backend = backend_for(loc)
     key = resolve(loc, repo_type) if base is not None else None
@@ -85,6 +94,13 @@ def download(loc: Location, dest: Path, *, repo_type: str = "model", log: Callab
     hit = _lookup(entry)
     if hit is not None:
         return _hit(entry, hit, key, log)
+    why_not = ("model.trustRemoteCode runs the model's own code in this job, which must not write what other jobs "
+               "read" if not fill else "the cache is mounted read-only here" if not _writable(base)
+               else f"the store gives no checksum for {', '.join(key.rev.unverified[:3])}, so other jobs could not "
+               "trust the files" if key.rev.unverified else None)
+    if why_not:
+        log(f"model cache: {key.what} downloaded for this job alone, not into the cache ({why_not})")
+        return backend.download(key.loc, dest, repo_type=repo_type)
     for sub in ("models", "tmp", "locks"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     fd = _lock(base / "locks" / f"{key.digest}.lock", base / "tmp", key, stall, log)
@@ -97,7 +113,7 @@ def download(loc: Location, dest: Path, *, repo_type: str = "model", log: Callab
         if hit is not None:
             return _hit(entry, hit, key, log)
         _clear(base / "tmp", key.digest, entry)
-        return _fill(base, entry, key, repo_type, log)
+        return _fill(base, entry, key, repo_type, log, dest)
     finally:
         os.close(fd)  # releases the lock
 
@@ -141,7 +157,7 @@ def _hit(entry: Path, marker: dict, key: Key, log) -> Path:
     return entry / marker.get("path", ".")
 
 
-def _fill(base: Path, entry: Path, key: Key, repo_type: str, log) -> Path:
+def _fill(base: Path, entry: Path, key: Key, repo_type: str, log, dest: Path) -> Path:
     tmp = base / "tmp" / f"{key.digest}.{uuid.uuid4().hex[:12]}"
     started = time.monotonic()
     try:
@@ -150,6 +166,18 @@ def _fill(base: Path, entry: Path, key: Key, repo_type: str, log) -> Path:
         if backend.revision(key.loc, repo_type=repo_type) != key.rev:
             raise RetryableError(f"model.source: {key.loc} changed while it was being downloaded; the next attempt "
                                  "downloads it again", reason=DOWNLOAD_FAILED)
+        verdict = checksums.verify(tmp, key.rev.checksums)  # every byte what the store lists, or no entry
+        if verdict.mismatched:
+            raise RetryableError(
+                f"model.source: {key.loc}: what {backend.where()} sent is not what it lists "
+                f"({'; '.join(verdict.mismatched[:3])}); the files were discarded and nothing was cached. Check "
+                "the endpoint (a proxy or a store other than the one meant may answer at that address)",
+                reason=DOWNLOAD_FAILED)
+        if verdict.unverified:
+            log(f"model cache: {key.what} downloaded for this job alone, not into the cache (no part size "
+                f"reproduces the multipart ETag of {', '.join(verdict.unverified[:3])})")
+            shutil.move(str(tmp), str(dest))
+            return dest / Path(got).relative_to(tmp)
         files, total = _inventory(tmp)
         marker = {"source": str(key.loc), "revision": key.rev.revision, "path": str(Path(got).relative_to(tmp)),
                   "files": files, "bytes": total, "filledAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -200,6 +228,14 @@ def _lock(path: Path, tmp_dir: Path, key: Key, stall: float, log) -> int | None:
             os.close(fd)
             return None
         time.sleep(min(POLL, max(stall / 4, 0.05)))
+
+
+def _writable(base: Path) -> bool:
+    """Whether the cache (or the folder it will be made in) takes new files: a read-only mount does not."""
+    path = Path(os.path.abspath(base))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return os.access(path, os.W_OK)
 
 
 def _fsync_dir(path: Path) -> None:

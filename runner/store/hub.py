@@ -9,6 +9,7 @@ call, so a changed environment always takes effect. Every request runs under the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, PermanentError, RetryableError, RunnerError
 
-from . import timeouts
+from . import checksums, timeouts
 from .backend import Backend, Revision, store_call
 from .manifest import MANIFEST_NAME, build_manifest, iter_files, listed, manifest_bytes, ownership_problem, parse_manifest
 from runner.api.uris import Location
@@ -339,8 +340,15 @@ def revision(loc: Location, repo_type: str = "model") -> Revision | None:
     rtype = _repo_type(loc, repo_type)
     with errors("read", str(loc), DOWNLOAD_FAILED):
         sha = _api().repo_info(loc.path, repo_type=rtype, revision=loc.revision).sha
+        entries = [e for e in _api().list_repo_tree(loc.path, repo_type=rtype, revision=sha, recursive=True)
+                   if getattr(e, "size", None) is not None]  # files (folders have no size)
+    sums = [(e.path, checksums.of_hub_entry(e.path, e.size, getattr(e, "blob_id", None),
+                                            getattr(getattr(e, "lfs", None), "sha256", None))) for e in entries]
+    files = hashlib.sha256("\n".join(sorted(c.token() for _, c in sums if c)).encode()).hexdigest()[:16]
     pinned = Location("hf", loc.path, revision=sha, repo_type=loc.repo_type)
-    return Revision(pinned, sha, f"hf|{_base_url()}|{rtype}|{loc.path}|{sha}", str(pinned))
+    # the files' hashes in the key too: a server answering with this commit but other files is another entry
+    return Revision(pinned, sha, f"hf|{_base_url()}|{rtype}|{loc.path}|{sha}|{files}", str(pinned),
+                    tuple(c for _, c in sums if c), tuple(p for p, c in sums if c is None))
 
 
 def read_text(loc: Location, rel: str) -> str | None:
@@ -374,6 +382,9 @@ class HubBackend(Backend):
 
     def revision(self, loc: Location, *, repo_type: str = "model") -> Revision | None:
         return revision(loc, repo_type)
+
+    def where(self) -> str:
+        return where()
 
     def relation(self, place: Location, other: Location) -> str | None:
         same = (other.scheme == place.scheme and other.path == place.path

@@ -44,6 +44,7 @@ from runner.api.errors import DOWNLOAD_FAILED, INVALID_SPEC, UPLOAD_FAILED, Perm
 from runner.api.uris import Location
 
 from .backend import Backend, Revision, Versioned, store_call
+from .checksums import Checksum
 from .manifest import (
     MANIFEST_FORMAT, MANIFEST_NAME, build_manifest, iter_files, listed, manifest_bytes, ownership_problem,
     parse_manifest,
@@ -221,7 +222,15 @@ class ObjectBackend(Backend):
         listing = sorted([o.key, o.size, o.version] for o in objects)
         rev = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
         identity = f"{self.scheme}|{self.endpoint()}|{loc.bucket}|{loc.path}|{rev}"  # the endpoint in the key
-        return Revision(loc, rev, identity, f"{loc} (listing {rev})")
+        single = len(objects) == 1 and objects[0].key == loc.path
+        rels = [(o, PurePosixPath(o.key).name if single else o.key[len(_base(loc)):]) for o in objects]
+        sums = [(rel, self.checksum(o, rel)) for o, rel in rels]
+        return Revision(loc, rev, identity, f"{loc} (listing {rev})", tuple(c for _, c in sums if c),
+                        tuple(rel for rel, c in sums if c is None))
+
+    def checksum(self, o: StoredObject, rel: str) -> Checksum | None:
+        """What the listing says the object's bytes hash to, if the store says (default: it does not)."""
+        return None
 
     # ------------------------------------------------------------------------------------- outputs
     def _owned(self, loc: Location, job: dict | None) -> tuple[dict | None, dict | None]:

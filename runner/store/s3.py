@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from . import s3_client
+from . import checksums, s3_client
 from .backend import Versioned
+from .checksums import Checksum
 from .objects import ObjectBackend, StoredObject
 from .s3_client import client, endpoint_url, region
 
@@ -34,6 +35,9 @@ class S3Backend(ObjectBackend):
             from botocore.exceptions import NoCredentialsError
 
             raise NoCredentialsError()
+
+    def checksum(self, o: StoredObject, rel: str) -> Checksum | None:
+        return checksums.of_s3_etag(rel, o.size, o.version)  # the version is the ETag
 
     def check_bucket(self, bucket: str) -> None:
         client().head_bucket(Bucket=bucket)

@@ -266,3 +266,11 @@ def test_the_clusters_store_limits_reach_every_runner_pod_and_a_bad_value_stops_
     with pytest.raises(RunnerPodError) as e:
         RunnerPod.parse({**CHART_DEFAULTS, "storeTimeouts": "stall=forever"})
     assert "runner.storeTimeouts" in str(e.value) and "'stall=forever'" in str(e.value)
+
+
+def test_a_job_running_its_models_own_code_mounts_the_model_cache_read_only():
+    admin = RunnerPod.parse({**CHART_DEFAULTS, "modelCache": {"claimName": "shared-models"}})
+    for trust, read_only in ((False, None), (True, True)):
+        pod = _pod(admin, model={"source": "hf://org/custom-arch", "trustRemoteCode": trust})
+        mount = next(m for m in _runner(pod)["volumeMounts"] if m["mountPath"] == "/model-cache")
+        assert mount.get("readOnly") is read_only, mount

@@ -17,6 +17,7 @@ import pytest
 
 from runner.store import cache
 from runner.api import names
+from runner.api.errors import RetryableError
 from runner.api.uris import Location
 
 
@@ -240,3 +241,147 @@ def test_a_stalled_filler_does_not_block_the_next_runner(hub_server, slow_hub, t
         a.wait(timeout=30)
     marker_free = json.dumps([str(p) for p in (root / "models").rglob(cache.MARKER)])
     assert marker_free == "[]"
+
+
+# ------------------------------------------------------------------------------------------- poisoning
+class RewritingProxy:
+    """A TCP proxy to `upstream` (settable: the same address, another server behind it) that replaces byte strings
+    in what the server sends (same length each): a store that lists what another store holds (its ETags, its
+    blob ids) and sends other bytes."""
+
+    def __init__(self, upstream: str, replace: dict[bytes, bytes] | None = None):
+        self.upstream, self.replace = upstream, dict(replace or {})
+        proxy = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                host, port = proxy.upstream.rsplit("//", 1)[1].split(":")
+                up = socket.create_connection((host, int(port)))
+                t = threading.Thread(target=proxy._pump, args=(self.request, up, False), daemon=True)
+                t.start()
+                proxy._pump(up, self.request, True)
+                t.join(timeout=5)
+                up.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _pump(self, src, dst, rewrite):
+        try:
+            while data := src.recv(1 << 20):
+                for old, new in (self.replace.items() if rewrite else ()):
+                    data = data.replace(old, new)
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def attackers_s3(s3_server):
+    """A second real S3 server (moto, a process of its own) holding the same bucket and keys as the victim's, of
+    the same sizes, with zeros for weights."""
+    from tests.runner.store import fixtures
+
+    port = fixtures._free_port()
+    server = fixtures._start([sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1",
+                              "-p", str(port)], f"http://127.0.0.1:{port}")
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="AKIAATTACKER0000001",
+                          aws_secret_access_key="attacker", config=Config(s3={"addressing_style": "path"}))
+    client.create_bucket(Bucket=s3_server.bucket)
+    yield server, client
+    fixtures._stop(server)
+
+
+def _seed_both(s3_server, attacker) -> tuple[dict[str, bytes], dict[bytes, bytes]]:
+    """The real model in the victim's store, the poisoned one in the attacker's; and the attacker's ETags -> the
+    victim's, so that the attacker's store lists exactly what the victim's lists."""
+    real, etags = _files(1 << 16), {}
+    for name, data in real.items():
+        mine = s3_server.client.put_object(Bucket=s3_server.bucket, Key=f"bases/tiny/{name}", Body=data)["ETag"]
+        poison = b"\0" * len(data) if name == "model.safetensors" else data
+        theirs = attacker.put_object(Bucket=s3_server.bucket, Key=f"bases/tiny/{name}", Body=poison)["ETag"]
+        etags[theirs.strip('"').encode()] = mine.strip('"').encode()
+    return real, etags
+
+
+def test_a_job_at_its_own_s3_serving_the_same_listing_with_other_weights_poisons_no_other_job(
+        s3_server, attackers_s3, tmp_path, monkeypatch):
+    server, attacker = attackers_s3
+    real, etags = _seed_both(s3_server, attacker)
+    loc, root, lines = Location.parse(f"s3://{s3_server.bucket}/bases/tiny"), tmp_path / "cache", []
+    victims_endpoint = s3_server.endpoint
+    lying = RewritingProxy(server.url, etags)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", lying.url)  # the attacker's job points at its own store
+        assert cache.resolve(loc).rev.revision == cache.resolve(loc).rev.revision  # a stable listing
+        listing = cache.resolve(loc).rev.revision
+        with pytest.raises(RetryableError) as e:
+            cache.download(loc, tmp_path / "attacker", log=lines.append, cache_root=root)
+        assert "is not what it lists" in e.value.message and "model.safetensors" in e.value.message
+        assert _entries(root) == []  # nothing cached, under any key
+
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", victims_endpoint)  # the victim's job, on the real store
+        assert cache.resolve(loc).rev.revision == listing  # the very listing the attacker's store served
+        got = cache.download(loc, tmp_path / "victim", log=lines.append, cache_root=root)
+        assert "model cache miss" in lines[-1]
+        assert (got / "model.safetensors").read_bytes() == real["model.safetensors"]
+    finally:
+        lying.close()
+
+
+def test_another_server_answering_at_the_victims_store_address_cannot_fill_its_entry(
+        s3_server, attackers_s3, tmp_path, monkeypatch):
+    """The same endpoint name, another server behind it (a Service of the same name in the attacker's namespace):
+    the key is the same, so only the check of every byte against the listed ETags keeps the poison out."""
+    server, attacker = attackers_s3
+    real, etags = _seed_both(s3_server, attacker)
+    loc, root, lines = Location.parse(f"s3://{s3_server.bucket}/bases/tiny"), tmp_path / "cache", []
+    address = RewritingProxy(server.url, etags)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", address.url)
+        with pytest.raises(RetryableError, match="is not what it lists"):
+            cache.download(loc, tmp_path / "attacker", log=lines.append, cache_root=root)
+        address.upstream, address.replace = s3_server.endpoint, {}  # the victim's store at that address again
+        got = cache.download(loc, tmp_path / "victim", log=lines.append, cache_root=root)
+        assert "model cache miss" in lines[-1] and "downloaded 0 bytes" not in lines[-1]
+        assert (got / "model.safetensors").read_bytes() == real["model.safetensors"]
+    finally:
+        address.close()
+
+
+def test_hub_files_whose_bytes_are_not_their_listed_blob_ids_are_never_cached(hub_server, tmp_path, monkeypatch):
+    files = {**_files(1 << 16), "model.safetensors": b"REAL" * (1 << 14)}
+    hub_server.seed(REPO, files)
+    root, lines = tmp_path / "cache", []
+    lying = RewritingProxy(hub_server.url, {b"REAL": b"FAKE"})
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", lying.url)
+        with pytest.raises(RetryableError, match="is not what it lists"):
+            cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "w1", log=lines.append, cache_root=root)
+        assert _entries(root) == []
+        lying.replace = {}
+        got = cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "w2", log=lines.append, cache_root=root)
+        assert "model cache miss" in lines[-1] and (got / "model.safetensors").read_bytes() == files["model.safetensors"]
+    finally:
+        lying.close()
+
+
+def test_a_job_running_its_models_own_code_reads_the_cache_but_never_fills_it(hub_server, tmp_path):
+    hub_server.seed(REPO, _files(1 << 16))
+    root, lines = tmp_path / "cache", []
+    got = cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "w1", log=lines.append, cache_root=root,
+                         fill=False)
+    assert got == tmp_path / "w1" and _entries(root) == [] and "model.trustRemoteCode" in lines[-1]
+    entry = cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "w2", log=lines.append, cache_root=root)
+    assert cache.download(Location.parse(f"hf://{REPO}"), tmp_path / "w3", log=lines.append, cache_root=root,
+                          fill=False) == entry and "model cache hit" in lines[-1]
