@@ -56,11 +56,15 @@ def namespace(k8s_cluster):
 
 
 def helm_install(cluster, release: str, ns: str, *sets: str) -> None:
+    """With the webhook registered by URL on a free port of this machine, where InstalledController serves it (no
+    kubelet runs the Deployment's pods, and a Service's Endpoints cannot hold a loopback address)."""
     # The session's CRD was created with kubectl-like tools: let this release adopt it, as README explains.
     cluster.kubectl_run("label", CRD, "app.kubernetes.io/managed-by=Helm", "--overwrite")
     cluster.kubectl_run("annotate", CRD, f"meta.helm.sh/release-name={release}",
                         f"meta.helm.sh/release-namespace={ns}", "--overwrite")
-    args = ["install", release, str(CHART), "-n", ns, "--set", f"runner.image.repository={RUNNER_IMAGE}"]
+    port = free_port()
+    args = ["install", release, str(CHART), "-n", ns, "--set", f"runner.image.repository={RUNNER_IMAGE}",
+            "--set", f"webhook.port={port}", "--set", f"webhook.url=https://127.0.0.1:{port}"]
     for s in sets:
         args += ["--set", s]
     cluster.helm_run(*args)
@@ -70,7 +74,7 @@ class InstalledController:
     """`python -m controller` with the installed Deployment's arguments, as the chart's ServiceAccount."""
 
     def __init__(self, cluster, release_ns: str, deployment: str, log_dir):
-        self.cluster = cluster
+        self.cluster, self.namespace = cluster, release_ns
         deploy = json.loads(cluster.kubectl_run("get", "deploy", deployment, "-n", release_ns, "-o", "json").stdout)
         pod = deploy["spec"]["template"]["spec"]
         self.args = pod["containers"][0]["args"]
@@ -82,7 +86,7 @@ class InstalledController:
 
     def start(self) -> "InstalledController":
         env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
-        env.update(KUBECONFIG=self.kubeconfig, PYTHONPATH=str(ROOT))
+        env.update(KUBECONFIG=self.kubeconfig, PYTHONPATH=str(ROOT), POD_NAMESPACE=self.namespace)  # (fieldRef)
         with open(self.log_path, "w") as log:
             # the image's ENTRYPOINT is `python -m controller`; only the port differs (free one here)
             self.proc = subprocess.Popen([sys.executable, "-m", "controller", *self.args, f"--http-port={self.port}"],
