@@ -11,8 +11,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
-from runner.api.store_limits import MAX_SECONDS
-
 
 class Section(BaseModel):
     model_config = ConfigDict(
@@ -86,17 +84,20 @@ class ResourcesSpec(Section):
         return value
 
 
+STORE_MAX_SECONDS = 1e7  # any store limit (runner/api/store_limits.py)
+
+
 class StoreTimeouts(Section):
     """Tighter limits on this job's calls to remote stores than the cluster's (the chart's runner.storeTimeouts,
     standalone FINETUNE_STORE_TIMEOUTS); values above those are cut to them. The runner applies them, on a cluster and standalone (runner/api/store_limits.py)."""
 
-    connect: float | None = Field(None, gt=0, lt=MAX_SECONDS, description="Seconds to open a connection.")
-    read: float | None = Field(None, gt=0, lt=MAX_SECONDS,
+    connect: float | None = Field(None, gt=0, lt=STORE_MAX_SECONDS, description="Seconds to open a connection.")
+    read: float | None = Field(None, gt=0, lt=STORE_MAX_SECONDS,
                                description="Seconds to wait for the next byte of an answer, or to send the next byte.")
-    stall: float | None = Field(None, gt=0, lt=MAX_SECONDS,
+    stall: float | None = Field(None, gt=0, lt=STORE_MAX_SECONDS,
                                 description="Seconds a request may wait for an answer from its endpoint, retries "
                                 "included, before the attempt ends (exit 75, retried).")
-    deadline: float | None = Field(None, gt=0, lt=MAX_SECONDS,
+    deadline: float | None = Field(None, gt=0, lt=STORE_MAX_SECONDS,
                                    description="Seconds one store operation (a download, a publish, a checkpoint "
                                    "save) may take in all.")
 

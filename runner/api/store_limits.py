@@ -14,12 +14,9 @@ only tighten them; a value above the ceiling is cut to it, and the runner says s
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from runner.api.cluster import StoreTimeouts
+from runner.api.cluster import STORE_MAX_SECONDS as MAX_SECONDS, StoreTimeouts
 
-MAX_SECONDS = 1e7
 EXAMPLE = "connect=10,read=30,stall=90,deadline=10800"
 
 
@@ -51,7 +48,7 @@ class StoreLimits:
             values[key] = number
         return cls(**values)
 
-    def tightened(self, job: "StoreTimeouts | None") -> tuple["StoreLimits", list[str]]:
+    def tightened(self, job: StoreTimeouts | None) -> tuple["StoreLimits", list[str]]:
         """These limits with a job's tighter ones applied, and what the job asked above them (cut to them)."""
         if job is None:
             return self, []
