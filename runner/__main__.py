@@ -109,7 +109,8 @@ def _run_job(args, events_out, *, console=None, log=None) -> int:
         _quiet_progress_bars()
     job = None
     try:
-        reporter.details[RESUME] = runner_command("run", str(Path(args.job).resolve()))
+        if console is not None:  # what the summary offers after a Ctrl-C
+            reporter.details[RESUME] = runner_command("run", str(Path(args.job).resolve()))
         job = load_job(args.job)
         reporter.details["job"] = job
         nproc = distributed.processes_for(job.spec)

@@ -90,10 +90,15 @@ def quickstart(directory: Path, *, columns: int, args: tuple = ()) -> Screen:
 
 
 def printed_commands(screen: str) -> list[str]:
-    """The shell commands the screen offers: the line under 'run it again with:' and under 'Resume with'."""
+    """The shell commands the screen offers after 'run it again with:' or 'Resume with': the rest of that line,
+    or the line under it."""
     lines = screen.splitlines()
-    return [lines[i + 1].strip() for i, ln in enumerate(lines[:-1])
-            if ln.strip() in ("run it again with:", "Resume with")]
+    found = []
+    for i, line in enumerate(lines[:-1]):
+        m = re.search(r"(?:run it again with:|Resume with)(.*)$", line)
+        if m:
+            found.append(m[1].strip().rstrip(")") or lines[i + 1].strip())
+    return found
 
 
 def in_fresh_shell(command: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ def test_report_publishes_env_names_only(tmp_path):
                            lengths=[10, 20], samples=[])
     published = yaml.safe_load((tmp_path / "report" / "job.yaml").read_text())
     assert published["spec"]["env"] == [{"name": "WANDB_API_KEY"}, {"name": "FROM_SECRET"}]
-    assert published["spec"]["hfTokenSecretRef"] == {"name": "hf"}  # a Secret's name, never its content
+    assert published["spec"]["hfTokenSecretRef"] == {"name": "hf", "key": "token"}  # where, never the content
     for name, data in _files(tmp_path / "report").items():
         assert SECRET.encode() not in data and b"team-b-secret" not in data and b"password" not in data, name
     card = artifacts.model_card(job, {"train_loss": 1.0}, merged=True)

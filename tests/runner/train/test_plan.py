@@ -317,7 +317,7 @@ def test_fused_kernels_without_liger_fail_in_validating(tiny_llama, qa_jsonl, tm
     code, events, stderr, result = run_cli(tmp_path, doc)
     assert code == errors.EXIT_PERMANENT, stderr[-3000:]
     assert result["failedPhase"] == "Validating" and result["reason"] == "InvalidSpec"
-    assert result["message"].startswith("training.fusedKernels: liger-kernel is not installed")
+    assert result["message"].startswith("spec.training.fusedKernels: liger-kernel is not installed")
     assert [e["phase"] for e in events if e["event"] == "phase"] == ["Validating"]
 
 
