@@ -270,7 +270,12 @@ def _quickstart(args) -> int:
             print(f"  {again}", file=sys.stderr)
 
     human = _human(args)
-    code = _run(args, before=prepare_job)
+    try:
+        code = _run(args, before=prepare_job)
+    except KeyboardInterrupt:  # while its files were being written, before the job started
+        print(f"\nquickstart: stopped by Ctrl-C before the job started; nothing half-written is kept as complete. "
+              f"Start it again with: {runner_command('quickstart', '--dir', str(directory))}", file=sys.stderr)
+        return errors.EXIT_RETRYABLE
     if code == 0 and not human:  # on a terminal the console's summary says this
         out = directory / "output"
         print(
