@@ -143,8 +143,13 @@ class _Watchdog:
         self.fired: set[int] = set()
         self.pid = None
 
+    def after_fork(self) -> None:
+        """In a forked worker (parallel tokenizing): no watchdog thread yet, and a fresh lock (the parent's
+        may have been held by its watchdog at the fork)."""
+        self.lock, self.deadlines, self.fired, self.pid = threading.Lock(), {}, set(), None
+
     def _ensure(self) -> None:
-        if self.pid != os.getpid():  # a forked worker has no watchdog thread yet
+        if self.pid != os.getpid():
             self.pid = os.getpid()
             threading.Thread(target=self._run, name="template-watchdog", daemon=True).start()
 
@@ -182,6 +187,7 @@ class _Timeout(BaseException):
 
 
 _watchdog = _Watchdog()
+os.register_at_fork(after_in_child=_watchdog.after_fork)
 
 
 def render(compiled, **context) -> str:
