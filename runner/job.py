@@ -74,7 +74,7 @@ def _download(job: Job, work: Path, reporter: Reporter) -> Downloads:
     data = store.download(places.data, work / "data")
     columns, count = peek(data, split=d.split, subset=d.subset, cache_dir=work / "rows")
     build_formatter(d, columns, chat_template=lambda *a, **k: "")
-    reporter.log(f"data: {count:,} training rows")
+    reporter.log(f"data: {count:,} training rows; {tokens.disk_line(work, data)}")
     eval_data = store.download(places.eval_data, work / "eval-data") if places.eval_data else None
     model = cache.download(places.model, work / "model", log=reporter.log, cache_root=places.cache,
                            fill=not spec.model.trust_remote_code)  # the model's own code never writes the cache

@@ -317,10 +317,11 @@ def check_rows(spec: DatasetSpec, rows, *, where: str = "dataset.source") -> Non
 
 
 def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int, into: Path | None = None,
-            limit: Limit | None = None, key=None) -> TokenizedData:
+            limit: Limit | None = None, key=None, rows_total: int | None = None) -> TokenizedData:
     """Rows -> TokenizedData. With `into` (a folder), the token ids go to memory-mapped Arrow files there and the
     folder becomes a complete entry (runner/data/tokenized.py) once `key`'s marker is written; with `limit`,
-    only the rows maxSteps uses are tokenized."""
+    only the rows maxSteps uses are tokenized (`rows_total`: the rows in the data, when `train_rows` holds only
+    its first rows)."""
     import numpy as np
 
     from runner.data import tokenized as tk
@@ -332,13 +333,13 @@ def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int, i
     if eval_rows is None and spec.eval_fraction:
         parts = train_rows.train_test_split(test_size=spec.eval_fraction, seed=seed)
         train_rows, eval_rows = parts["train"], parts["test"]
-    rows_total = len(train_rows)
+    rows_total = rows_total or len(train_rows)
     out = (lambda name: into / name) if into is not None else (lambda name: None)  # noqa: E731
-    if limit is not None and limit.max_steps * limit.per_step < rows_total:
-        first = min(rows_total, limit.max_steps * limit.per_step)
+    if limit is not None and limit.max_steps * limit.per_step < len(train_rows):
+        first = min(len(train_rows), limit.max_steps * limit.per_step)
         train = tk.tokenize(train_rows.select(range(first)), fn, out_file=out("train-a.arrow"))
         mean = float(np.mean(np.minimum(_arrow_column(train, "full_length"), spec.max_length)))
-        need = min(rows_total, tk.rows_for_steps(limit.max_steps, limit.per_step, packing=limit.packing,
+        need = min(len(train_rows), tk.rows_for_steps(limit.max_steps, limit.per_step, packing=limit.packing,
                                                  max_length=spec.max_length, mean_tokens=mean))
         if need > first:
             import datasets

@@ -137,6 +137,13 @@ def sample(s: Shards, k: int, *, seed: int = 0) -> Sample:
     return Sample(first + picked, len(first), len(picked), total)
 
 
+def head(s: Shards, k: int) -> list[dict]:
+    """The first k rows, reading no further."""
+    if s.kind == "parquet":
+        return _parquet_rows(s, k, random.Random(0), first=True)
+    return _head_lines(s, k)
+
+
 def _head_lines(s: Shards, k: int) -> list[dict]:
     out: list[dict] = []
     for f in s.files:

@@ -190,12 +190,16 @@ def features():
                               "full_length": datasets.Value("int32"), "trained": datasets.Value("int32")})
 
 
+def processes(rows: int, procs: int | None = None) -> int:
+    """Processes that tokenize `rows` rows: the pod's CPUs, one for a few rows (starting more costs more)."""
+    return 1 if rows < _PARALLEL_FROM else min(procs or cpus(), max(1, rows // _BATCH))
+
+
 def tokenize(rows, fn: Tokenize, *, out_file: Path | None = None, procs: int | None = None, desc: str = "train"):
     """Rows (a datasets.Dataset) -> the tokenized Dataset: memory-mapped from `out_file` (and its per-process
     siblings) when given, else in memory (small data: tests, a preview's sample)."""
     fn.formatter()  # a format problem raises here, once, not in every process
-    procs = procs or cpus()
-    procs = 1 if len(rows) < _PARALLEL_FROM or out_file is None else min(procs, max(1, len(rows) // _BATCH))
+    procs = processes(len(rows), procs) if out_file is not None else 1
     kwargs: dict[str, Any] = dict(batched=True, batch_size=_BATCH, remove_columns=rows.column_names,
                                   features=features(), desc=f"tokenize {desc}")
     if out_file is not None:

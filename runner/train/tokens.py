@@ -44,6 +44,7 @@ def check_disk(work: Path, data_path: Path) -> int:
     """The work folder must hold the data's Arrow copy and token ids; a clear error naming the sizes if not.
     Returns the bytes it expects to use."""
     need = int(sum(f.stat().st_size for f in files.data_files(data_path)) * _DISK_FACTOR)
+    work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free
     if need > free:
         raise PermanentError(
@@ -51,6 +52,14 @@ def check_disk(work: Path, data_path: Path) -> int:
             f"({names.ENV_WORK_DIR}), which has {_gib(free)} free; set {names.ENV_WORK_DIR} to a larger volume "
             "(in a cluster, give the runner more ephemeral storage)", reason=INVALID_SPEC)
     return need
+
+
+def disk_line(work: Path, data_path: Path) -> str:
+    """The data's disk use in the work folder, said at Downloading (check_disk's error when it cannot fit)."""
+    size = sum(f.stat().st_size for f in files.data_files(data_path))
+    need = check_disk(work, data_path)
+    return (f"{_gib(size)} of data files; preparing them uses up to {_gib(need)} more in the work folder {work} "
+            f"({names.ENV_WORK_DIR}; {_gib(shutil.disk_usage(work).free)} free)")
 
 
 def _gib(n: int) -> str:
@@ -89,6 +98,22 @@ def tokenized_data(job: Job, data_path: Path, eval_path: Path | None, model_dir:
         return data
 
 
+def _first_rows(job: Job, data_path: Path, limit: dataset.Limit | None):
+    """With maxSteps, JSON lines or Parquet shards and no evalFraction split (which draws from every row): only
+    the first rows that the steps can use, read without parsing the rest; else None (every row is loaded)."""
+    d = job.spec.dataset
+    if limit is None or d.eval_fraction or d.subset is not None or d.split != "train":
+        return None
+    found = files.shards(data_path)
+    if found is None:
+        return None
+    import datasets
+
+    most = tokenized.rows_for_steps(limit.max_steps, limit.per_step, packing=limit.packing,
+                                    max_length=d.max_length, mean_tokens=1.0)
+    return datasets.Dataset.from_list(files.head(found, most))
+
+
 def _make(job: Job, data_path: Path, eval_path: Path | None, tokenizer, work: Path, folder: Path, key, limit,
           log) -> dataset.TokenizedData:
     d = job.spec.dataset
@@ -96,7 +121,11 @@ def _make(job: Job, data_path: Path, eval_path: Path | None, tokenizer, work: Pa
     folder.mkdir(parents=True)
     check_disk(work, data_path)
     rows_cache = work / "rows"
-    train_rows = dataset.load_rows(data_path, split=d.split, subset=d.subset, cache_dir=rows_cache)
+    train_rows, rows_total = _first_rows(job, data_path, limit), None
+    if train_rows is not None:
+        rows_total = files.count_rows(files.shards(data_path))
+    else:
+        train_rows = dataset.load_rows(data_path, split=d.split, subset=d.subset, cache_dir=rows_cache)
     eval_rows = None
     if eval_path:
         eval_rows = dataset.load_rows(eval_path, split="train" if eval_path.is_file() else d.split,
@@ -106,10 +135,10 @@ def _make(job: Job, data_path: Path, eval_path: Path | None, tokenizer, work: Pa
         eval_rows = dataset.load_rows(data_path, split=d.eval_split, subset=d.subset, cache_dir=rows_cache)
     started = time.monotonic()
     data = dataset.prepare(d, train_rows, eval_rows, tokenizer, seed=job.spec.training.seed, into=folder,
-                           limit=limit, key=key)
+                           limit=limit, key=key, rows_total=rows_total)
     timing = tokenized.Timing()
     timing.started = started
-    timing.done(data.tokenized or 0, tokenized.cpus())
+    timing.done(data.tokenized or 0, tokenized.processes(data.tokenized or 0))
     log(timing.line() + f" into memory-mapped Arrow files ({folder})")
     if limit is not None:
         log(f"training.maxSteps {limit.max_steps}: uses {len(data.train):,} of {data.rows_total:,} training rows "

@@ -171,3 +171,14 @@ def test_preview_states_a_sample_and_full_reads_every_row(tiny_llama, tmp_path, 
     assert main(["preview", str(job), "--color", "never", "--full"]) == 0
     out = capsys.readouterr().out
     assert "sample of" not in out and "5000 examples: min" in out
+
+
+def test_data_that_cannot_fit_the_work_folder_names_it_and_the_sizes(tiny_llama, corpus, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from runner.api.errors import PermanentError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(tokens.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(PermanentError, match=r"FINETUNE_WORK_DIR.*0\.0 GiB free"):
+        tokens.check_disk(tmp_path / "w", corpus)
