@@ -132,7 +132,10 @@ print(json.dumps({"rows": data.tokenized, "seconds": time.monotonic() - t}))
 """
 
 
-def one_size(rows: int, base: Path, model: Path) -> dict:
+STEPS = ("validate", "preview", "tokenize", "run")
+
+
+def one_size(rows: int, base: Path, model: Path, steps: tuple[str, ...] = STEPS) -> dict:
     here = base / f"rows-{rows}"
     here.mkdir(parents=True, exist_ok=True)
     data = corpus(base / f"corpus-{rows}.jsonl", rows)
@@ -149,9 +152,19 @@ def one_size(rows: int, base: Path, model: Path) -> dict:
     for d in ("output", "checkpoints", "w-run", "w-resume", "w-tok", "w-preview"):
         shutil.rmtree(here / d, ignore_errors=True)
     out: dict = {"rows": rows, "corpus_mb": round(data.stat().st_size / 2**20)}
-    out["validate"] = measure(py + ["validate", str(job)], log=here / "validate.log")
-    out["preview"] = measure(py + ["preview", str(job), "--color", "never", "--work-dir", str(here / "w-preview")],
-                             log=here / "preview.log")
+    if "validate" in steps:
+        out["validate"] = measure(py + ["validate", str(job)], log=here / "validate.log")
+    if "preview" in steps:
+        out["preview"] = measure(py + ["preview", str(job), "--color", "never", "--work-dir", str(here / "w-preview")],
+                                 log=here / "preview.log")
+    if "tokenize" in steps:
+        out["tokenize"] = _tokenize_every_row(here, job)
+    if "run" in steps:
+        out.update(_run_twice(here, job, py))
+    return out
+
+
+def _tokenize_every_row(here: Path, job: Path) -> dict:
     tok = here / "job-all-rows.yaml"
     every = yaml.safe_load(job.read_text())
     every["spec"]["training"].pop("maxSteps")
@@ -159,12 +172,17 @@ def one_size(rows: int, base: Path, model: Path) -> dict:
     every["spec"]["output"]["checkpoints"] = str(here / "checkpoints-tok")
     tok.write_text(yaml.safe_dump(every))
     shutil.rmtree(here / "checkpoints-tok", ignore_errors=True)
-    out["tokenize"] = measure([sys.executable, "-c", TOKENIZE, str(tok), str(here / "w-tok")], log=here / "tok.log")
+    out = measure([sys.executable, "-c", TOKENIZE, str(tok), str(here / "w-tok")], log=here / "tok.log")
     result = json.loads((here / "tok.log").read_text().strip().splitlines()[-1])
-    out["tokenize"].update(rows_tokenized=result["rows"], rows_per_s=round(result["rows"] / result["seconds"]),
-                           disk_mb=round(disk(here / "w-tok") / 2**20))
+    out.update(rows_tokenized=result["rows"], rows_per_s=round(result["rows"] / result["seconds"]),
+               disk_mb=round(disk(here / "w-tok") / 2**20))
     shutil.rmtree(here / "w-tok", ignore_errors=True)
     shutil.rmtree(here / "checkpoints-tok", ignore_errors=True)
+    return out
+
+
+def _run_twice(here: Path, job: Path, py: list[str]) -> dict:
+    out: dict = {}
     events = here / "run-events.jsonl"
     out["run"] = measure(py + ["run", str(job), "--work-dir", str(here / "w-run")], log=events)
     out["run"]["disk_mb"] = round(disk(here / "w-run") / 2**20)
@@ -189,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="100000,1000000,5000000", help="comma list of corpus sizes")
     p.add_argument("--work-dir", default="/tmp/finetune-bench-data")
     p.add_argument("--out", default=str(ROOT / "bench/results/cpu-data.json"))
+    p.add_argument("--steps", default=",".join(STEPS), help="comma list of: " + ", ".join(STEPS))
     args = p.parse_args(argv)
     base = Path(args.work_dir)
     base.mkdir(parents=True, exist_ok=True)
@@ -200,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     found.update(commit=commit, cpus=os.cpu_count(), machine=os.uname().machine)
     sizes = found.setdefault("sizes", {})
     for rows in (int(x) for x in args.rows.split(",") if x):
-        result = one_size(rows, base, base / "qs" / "base-model")
-        sizes[str(rows)] = {**result, "commit": commit}
+        result = one_size(rows, base, base / "qs" / "base-model", tuple(args.steps.split(",")))
+        for step in set(result) - {"rows", "corpus_mb"}:
+            result[step]["commit"] = commit
+        sizes[str(rows)] = {**sizes.get(str(rows), {}), **result}
         Path(args.out).write_text(json.dumps(found, indent=1) + "\n")
         print(table(found))
     return 0
@@ -213,9 +234,10 @@ def table(found: dict) -> str:
     lines = [head]
     for rows, r in sorted(found["sizes"].items(), key=lambda kv: int(kv[0])):
         def cell(k):
-            return f"{r[k]['wall_s']:.0f} s / {r[k]['peak_rss_mb']} MB"
-        t = r["tokenize"]
-        lines.append(f"| {int(rows):,} | {r['corpus_mb']} MB | {cell('validate')} | {cell('preview')} | "
-                     f"{t['wall_s']:.0f} s / {t['peak_rss_mb']} MB, {t['rows_per_s']:,} rows/s, {t['disk_mb']} MB | "
+            return f"{r[k]['wall_s']:.0f} s / {r[k]['peak_rss_mb']} MB" if k in r else "-"
+        t = r.get("tokenize")
+        tok = (f"{t['wall_s']:.0f} s / {t['peak_rss_mb']} MB, {t['rows_per_s']:,} rows/s, {t['disk_mb']} MB" if t
+               else "-")
+        lines.append(f"| {int(rows):,} | {r['corpus_mb']} MB | {cell('validate')} | {cell('preview')} | {tok} | "
                      f"{cell('run')} | {cell('run_resumed')} |")
     return "\n".join(lines)
