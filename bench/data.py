@@ -11,6 +11,9 @@ the process and its children: their proportional set size, polled every 0.1 s) a
     run-resumed     the same job again on a fresh work folder (another node) after its output was removed:
                     the tokenized data comes from output.checkpoints and 0 rows are tokenized
 
+    compare         the first 200k rows tokenized by the code before this design (BASELINE: one process, Python
+                    lists) and by this tree's, each in a fresh process: rows/s and the speed-up
+
 and writes bench/results/cpu-data.json (with the commit). bench/README.md "Corpora of any size" has the method.
 """
 from __future__ import annotations
@@ -132,7 +135,30 @@ print(json.dumps({"rows": data.tokenized, "seconds": time.monotonic() - t}))
 """
 
 
-STEPS = ("validate", "preview", "tokenize", "run")
+STEPS = ("validate", "preview", "tokenize", "run", "compare")
+BASELINE = "6a911c4"  # the runner before tokenizing into Arrow files in parallel: one process, Python lists
+COMPARE = """
+import importlib.util, json, shutil, sys, time
+from pathlib import Path
+from runner.api.spec import DatasetSpec, ModelSpec
+from runner.data import dataset
+from runner.model import load as model_load
+module, corpus, rows, model, work = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+shutil.rmtree(work, ignore_errors=True)
+tok = model_load.load_tokenizer(model, ModelSpec(source=str(model)))
+spec = DatasetSpec(source=corpus, max_length=512, packing=True)
+data = dataset.load_rows(Path(corpus), split=f"train[:{rows}]", cache_dir=work / "rows")
+if module == "this":
+    t = time.monotonic()
+    dataset.prepare(spec, data, None, tok, seed=0, into=(work / "out"))
+else:
+    spec_ = importlib.util.spec_from_file_location("baseline_dataset", module)
+    old = sys.modules["baseline_dataset"] = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(old)
+    t = time.monotonic()
+    old.prepare(spec, data, None, tok, seed=0)
+print(json.dumps({"rows": rows, "seconds": time.monotonic() - t}))
+"""
 
 
 def one_size(rows: int, base: Path, model: Path, steps: tuple[str, ...] = STEPS) -> dict:
@@ -161,6 +187,25 @@ def one_size(rows: int, base: Path, model: Path, steps: tuple[str, ...] = STEPS)
         out["tokenize"] = _tokenize_every_row(here, job)
     if "run" in steps:
         out.update(_run_twice(here, job, py))
+    if "compare" in steps:
+        out["compare"] = _compare(here, data, model, min(rows, 200_000))
+    return out
+
+
+def _compare(here: Path, data: Path, model: Path, rows: int) -> dict:
+    """The first `rows` rows tokenized by the baseline's code and by this tree's, each in a fresh process with
+    its own caches (the rows' Arrow conversion is not timed): rows/s of each, and the speed-up."""
+    old = here / "baseline_dataset.py"
+    old.write_text(subprocess.run(["git", "show", f"{BASELINE}:runner/data/dataset.py"], cwd=ROOT, check=True,
+                                  capture_output=True, text=True).stdout)
+    out: dict = {"rows": rows, "baseline": BASELINE}
+    for name, module in (("baseline", str(old)), ("this", "this")):
+        r = measure([sys.executable, "-c", COMPARE, module, str(data), str(rows), str(model), str(here / "w-cmp")],
+                    log=here / f"compare-{name}.log")
+        got = json.loads((here / f"compare-{name}.log").read_text().strip().splitlines()[-1])
+        out[name] = {**r, "rows_per_s": round(rows / got["seconds"])}
+        shutil.rmtree(here / "w-cmp", ignore_errors=True)
+    out["speedup"] = round(out["this"]["rows_per_s"] / out["baseline"]["rows_per_s"], 2)
     return out
 
 
