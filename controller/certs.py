@@ -213,14 +213,17 @@ class Keeper:
                 current = None
             state = State.from_data((current or {}).get("data"))
             new = renewed(state, dns, tls=self.manage_tls, now=now)
+            owner = self._owner()
+            # a registration deleted and made again (an upgrade from a chart without it): the Secret follows the
+            # new one, before the garbage collector takes it with the old
+            owned = current is None or owner is None or \
+                [o.get("uid") for o in current["metadata"].get("ownerReferences") or []] == [owner["uid"]]
             try:
                 if current is None:
-                    self.kube.create(self._secret_path(), self._body(new))
-                elif new is not state:
-                    body = self._body(new)
+                    self.kube.create(self._secret_path(), self._body(new, owner))
+                elif new is not state or not owned:
+                    body = self._body(new, owner)
                     body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
-                    body["metadata"]["ownerReferences"] = current["metadata"].get("ownerReferences") or \
-                        body["metadata"].get("ownerReferences", [])
                     self.kube.request("PUT", self._secret_path(self.secret), body)
             except ApiException as e:
                 if e.status == 409:  # another replica wrote first: use what it wrote
@@ -236,10 +239,9 @@ class Keeper:
             return changed
         raise RuntimeError(f"Secret {self.namespace}/{self.secret}: kept changing under the controller")
 
-    def _body(self, state: State) -> dict:
+    def _body(self, state: State, owner: dict | None) -> dict:
         md: dict = {"name": self.secret, "namespace": self.namespace,
                     "labels": {"app.kubernetes.io/managed-by": "finetune-controller"}}
-        owner = self._owner()
         if owner:
             md["ownerReferences"] = [owner]
         return {"apiVersion": "v1", "kind": "Secret", "metadata": md, "type": "Opaque", "data": state.data()}

@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,8 +46,10 @@ class Timing:
 
 
 def default_identity() -> str:
-    """The pod's name (HOSTNAME) and a random suffix, as client-go's callers do: a restarted container is new."""
-    return f"{os.environ.get('HOSTNAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    """The pod's name ($POD_NAME, else the host name) and a random suffix, as client-go's callers do: a restarted
+    container is a new candidate."""
+    name = os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
+    return f"{name}_{uuid.uuid4().hex[:8]}"
 
 
 def _now_text() -> str:
@@ -65,7 +68,9 @@ class Elector:
     _seen: tuple | None = None
     _seen_at: float = 0.0
     _lease: dict | None = None
+    _expires: float = 0.0  # when the Lease another holds expires unless renewed (this replica's clock)
     acquired_at: float | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)  # release() was called: stop trying
 
     @property
     def path(self) -> str:
@@ -107,7 +112,8 @@ class Elector:
         spec = lease.get("spec") or {}
         holder = spec.get("holderIdentity")
         duration = float(spec.get("leaseDurationSeconds") or self.timing.lease_duration)
-        if holder and holder != self.identity and self._seen_at + duration > now:
+        self._expires = self._seen_at + duration
+        if holder and holder != self.identity and self._expires > now:
             return False  # held by another, and not expired
         new = dict(spec)
         new.update(spec_new)
@@ -127,50 +133,63 @@ class Elector:
     def _saw(self, lease: dict, now: float) -> None:
         self._seen, self._seen_at = self._record(lease), now
 
-    def acquire(self, sleep=time.sleep) -> None:
-        """Block until this replica holds the Lease."""
+    def acquire(self) -> bool:
+        """Block until this replica holds the Lease (True), or release() was called meanwhile (False)."""
         log.info("waiting for the leader lease %s/%s as %s", self.namespace, self.name, self.identity)
-        while True:
+        while not self.stopping.is_set():
             try:
                 if self.try_acquire_or_renew():
                     self.acquired_at = self.clock()
                     log.info("became the leader (lease %s/%s, %s)", self.namespace, self.name, self.identity)
-                    return
+                    return True
             except ApiException as e:
                 log.warning("leader lease: %s %s (retrying)", e.status, e.reason)
             except OSError as e:
                 log.warning("leader lease: %s (retrying)", e)
-            sleep(self.timing.retry_period)
+            # the next try at the retry period, or right when the holder's Lease expires if that is sooner
+            self.stopping.wait(min(self.timing.retry_period, max(0.05, self._expires - self.clock() + 0.05)))
+        return False
 
-    def keep(self, sleep=time.sleep) -> None:
-        """Renew every retry period; return once the Lease could not be renewed within the renew deadline."""
+    def keep(self) -> bool:
+        """Renew every retry period; return True once the Lease could not be renewed within the renew deadline
+        (or was taken), False when release() was called."""
         last = self.clock()
         while True:
-            sleep(self.timing.retry_period)
+            if self.stopping.wait(self.timing.retry_period):
+                return False
             try:
                 if self.try_acquire_or_renew():
                     last = self.clock()
                     continue
                 log.error("leader lease %s/%s taken by %s", self.namespace, self.name, self._seen and self._seen[0])
-                return
+                return True
             except (ApiException, OSError) as e:
                 log.warning("leader lease: could not renew (%s)", e)
             if self.clock() - last > self.timing.renew_deadline:
                 log.error("leader lease %s/%s: not renewed within %.0f s", self.namespace, self.name,
                           self.timing.renew_deadline)
-                return
+                return True
 
     def release(self) -> None:
-        """Give the Lease up (a clean stop): a standby takes over at its next retry."""
-        if self._lease is None or (self._lease.get("spec") or {}).get("holderIdentity") != self.identity:
-            return
-        body = {**self._lease, "spec": {**self._lease["spec"], "holderIdentity": None, "leaseDurationSeconds": 1,
-                                        "renewTime": _now_text()}}
-        try:
-            self.kube.request("PUT", self.path, body)
-            log.info("released the leader lease %s/%s", self.namespace, self.name)
-        except (ApiException, OSError) as e:
-            log.warning("leader lease: could not release (%s)", e)
+        """Stop trying, and give the Lease up if held (a clean stop): a standby takes over at its next retry."""
+        self.stopping.set()
+        for _ in range(3):  # (a renewal in flight may have moved the resourceVersion)
+            try:
+                lease = self._get()
+                if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.identity:
+                    return
+                body = {**lease, "spec": {**lease["spec"], "holderIdentity": None, "leaseDurationSeconds": 1,
+                                          "renewTime": _now_text()}}
+                self.kube.request("PUT", self.path, body)
+                log.info("released the leader lease %s/%s", self.namespace, self.name)
+                return
+            except ApiException as e:
+                if e.status != 409:
+                    log.warning("leader lease: could not release (%s)", e)
+                    return
+            except OSError as e:
+                log.warning("leader lease: could not release (%s)", e)
+                return
 
 
 __all__ = ["Elector", "Timing", "default_identity"]

@@ -8,9 +8,10 @@ re-queued, delayed re-queues for retries, back-offs and deadlines) and run `Reco
 thread. A pass raises `kopf.TemporaryError` (retried after its delay) or `kopf.PermanentError` (not
 retried). Level-triggered: any pass recomputes everything, so a missed or merged event costs nothing.
 
-Several replicas (the chart runs two): each serves health, metrics and the admission webhook at once, and only
-the holder of the leader Lease (controller/leader.py) starts kopf, so only one ever reconciles; a replica that
-loses the Lease exits and restarts as a standby. The webhook's certificate and the attribution key are kept by
+Several replicas (the chart runs two): each serves health, metrics and the admission webhook, and keeps its watch
+caches warm (kopf's indexes and event handlers only read and queue keys); only the holder of the leader Lease
+(controller/leader.py) starts the workers, the one part that writes, so only one ever reconciles and a standby that
+takes over acts within a pass of getting the Lease. A replica that loses the Lease exits and restarts as a standby. The webhook's certificate and the attribution key are kept by
 controller/certs.py before anything else starts.
 """
 from __future__ import annotations
@@ -90,7 +91,7 @@ class _State:
     pool: ThreadPoolExecutor
     workers: list[asyncio.Task]
     ready: bool = False
-    leading: bool = False
+    leader: asyncio.Event  # set once this replica leads: the workers start
     indices: dict
 
 
@@ -250,12 +251,19 @@ async def _startup(settings: kopf.OperatorSettings, **kwargs):
                                             "jobset_cache") if k in kwargs}
     STATE.queue = WorkQueue()
     STATE.reconciler = Reconciler(STATE.kube, image=cfg.image, options=STATE.options, jobsets=cfg.jobsets)
-    STATE.workers = [asyncio.create_task(_worker(i), name=f"worker-{i}") for i in range(cfg.workers)]
+    STATE.starter = asyncio.create_task(_work_when_leading(cfg.workers))
     metrics.register_live(lambda: [next(iter(s)).get("status", {}).get("phase") for s in
                                    list(STATE.indices["ftj_cache"].values()) if s],
                           lambda: len(STATE.queue))
     STATE.ready = True
     log.info("controller started: %d workers, runner image %s", cfg.workers, cfg.image)
+
+
+async def _work_when_leading(count: int) -> None:
+    """The workers start once this replica leads (at once without leader election); until then events only queue."""
+    await STATE.leader.wait()
+    STATE.workers = [asyncio.create_task(_worker(i), name=f"worker-{i}") for i in range(count)]
+    log.info("reconciling: %d workers, %d jobs queued", count, len(STATE.queue))
 
 
 @kopf.on.cleanup()
@@ -283,9 +291,14 @@ async def _keep_state(keeper: certs.Keeper, context, every: float) -> None:
             log.warning("webhook certificate check failed: %s", e)
 
 
-def _lead_or_exit(elector: leader.Elector) -> None:
-    """Renew the Lease until that fails, then exit at once: another replica may be acting already."""
-    elector.keep()
+def _lead_or_exit(elector: leader.Elector, loop: asyncio.AbstractEventLoop) -> None:
+    """Acquire the Lease, let the workers start, renew it until that fails, then exit at once: another replica may
+    be acting already. (A clean stop releases it instead: elector.release.)"""
+    if not elector.acquire():
+        return
+    loop.call_soon_threadsafe(STATE.leader.set)
+    if not elector.keep():
+        return
     log.error("lost the leader lease: exiting, to restart as a standby")
     logging.shutdown()
     os._exit(1)
@@ -303,15 +316,20 @@ async def _main(config: Config, namespaces: list[str]) -> None:
         keeper = certs.Keeper(STATE.kube, st.namespace, st.secret, st.service, st.registrations, hosts=st.hosts,
                               directory=Path(tempfile.mkdtemp(prefix="webhook-tls-")),
                               manage_tls=bool(config.webhook and not config.webhook.cert))
-        await loop.run_in_executor(STATE.pool, keeper.ensure)
+        try:
+            await loop.run_in_executor(STATE.pool, keeper.ensure)
+        except Exception as e:  # noqa: BLE001 - RBAC or the API server: say which Secret, retry by restarting
+            log.error("cannot keep the Secret %s/%s (webhook certificate, attribution key): %s", st.namespace,
+                      st.secret, getattr(e, "reason", None) or e)
+            raise SystemExit(75) from None
     options = dataclasses.replace(options, attribution=attribution.Attribution(
         key=keeper.state.attribution_key if keeper else None, unattributed=config.unattributed))
     STATE.options = options
-    STATE.leading = config.election is None  # a standby is ready once it serves; a leader once its caches are
+    STATE.leader = asyncio.Event()
     servers = []
     if config.http_port:
         servers.append(await metrics.serve(
-            config.http_port, ready=lambda: STATE.ready or not STATE.leading,
+            config.http_port, ready=lambda: STATE.ready,
             healthy=lambda: all(not t.done() for t in STATE.workers), host=config.http_host))
     context = None
     if config.webhook:
@@ -326,9 +344,9 @@ async def _main(config: Config, namespaces: list[str]) -> None:
     if config.election:
         e = config.election
         elector = leader.Elector(STATE.kube, e.namespace, e.name, timing=e.timing)
-        await loop.run_in_executor(None, elector.acquire)
-        threading.Thread(target=_lead_or_exit, args=(elector,), name="leader-lease", daemon=True).start()
-    STATE.leading = True
+        threading.Thread(target=_lead_or_exit, args=(elector, loop), name="leader-lease", daemon=True).start()
+    else:
+        STATE.leader.set()
     try:
         await kopf.operator(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
     finally:

@@ -316,7 +316,8 @@ def test_deployment_flags_probes_and_security(rendered):
     everything = rendered["everything"]
     c = _controller(everything)
     assert c["image"] == "finetune-controller:1.2.3" and "--image=finetune-runner:1.2.3" in c["args"]
-    assert c["env"][1:] == [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]
+    assert c["env"][2:] == [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]
+    assert c["env"][1] == {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     assert c["env"][0] == {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     pod = by_kind(everything, "Deployment")[0]["spec"]["template"]
     assert pod["metadata"]["annotations"] == {"a": "b"} and pod["metadata"]["labels"]["team"] == "ml"
