@@ -285,7 +285,7 @@ class Timing:
 
     def line(self) -> str:
         rate = self.rows / max(self.seconds, 1e-6)
-        return (f"tokenized {self.rows:,} rows in {self.seconds:.1f}s ({rate:,.0f} rows/s on {self.procs} "
+        return (f"data: tokenized {self.rows:,} rows in {self.seconds:.1f}s ({rate:,.0f} rows/s on {self.procs} "
                 f"process(es), {rate / self.procs:,.0f} rows/s each)")
 
 

@@ -96,7 +96,7 @@ def find(digest: str, dest: Path, *, checkpoints: Location | None, cache_root: P
         shutil.rmtree(dest, ignore_errors=True)
         os.rename(tmp, dest)
     except RunnerError as e:
-        log(f"tokenized data: could not read the copy in {checkpoints}/{rel} ({e.message}); tokenizing again")
+        log(f"data: could not read the tokenized copy in {checkpoints}/{rel} ({e.message}); tokenizing again")
         return None
     return f"output.checkpoints ({checkpoints}/{rel})"
 
@@ -113,9 +113,10 @@ def keep(folder: Path, digest: str, *, checkpoints: Location | None, cache_root:
             if backend.read_text(checkpoints, f"{rel}/{MARKER}") is None:
                 backend.put_files(checkpoints, [(folder / f["path"], f"{rel}/{f['path']}") for f in files])
                 backend.write_text(checkpoints, f"{rel}/{MARKER}", (folder / MARKER).read_text())
-                log(f"tokenized data kept in output.checkpoints ({checkpoints}/{rel}) for a retry or resume")
+                log(f"data: kept the tokenized data in output.checkpoints ({checkpoints}/{rel}) for a retry or resume")
         except (RunnerError, OSError) as e:
-            log(f"tokenized data: not kept in {checkpoints} ({getattr(e, 'message', e)}); a retry tokenizes again")
+            log(f"data: the tokenized data is not kept in {checkpoints} ({getattr(e, 'message', e)}); a retry "
+                "tokenizes again")
     if cache_root is None or not to_cache or _complete(cache_root / DIR / digest):
         return
     tmp = cache_root / DIR / f".tmp-{digest}.{uuid.uuid4().hex[:12]}"
@@ -126,8 +127,9 @@ def keep(folder: Path, digest: str, *, checkpoints: Location | None, cache_root:
             with open(tmp / f["path"], "rb") as fh:
                 os.fsync(fh.fileno())
         os.rename(tmp, cache_root / DIR / digest)
-        log(f"tokenized data kept in the model cache ({cache_root / DIR / digest}) for the next job on this data")
+        log(f"data: kept the tokenized data in the model cache ({cache_root / DIR / digest}) for the next job on "
+            "this data")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _complete(cache_root / DIR / digest):  # another runner's rename won: fine
-            log(f"tokenized data: not kept in the model cache ({e.strerror or e})")
+            log(f"data: the tokenized data is not kept in the model cache ({e.strerror or e})")

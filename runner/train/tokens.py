@@ -89,8 +89,8 @@ def tokenized_data(job: Job, data_path: Path, eval_path: Path | None, model_dir:
             data = dataset.finish(d, entry.train, entry.eval, entry.meta["fmt"], rows_total=entry.meta["rowsTotal"])
             data.tokenized = 0
             if distributed.is_node_main():
-                log(f"tokenized data reused from {where}: tokenized 0 rows ({len(data.train):,} training rows of "
-                    f"{data.rows_total:,}, key {key.digest})")
+                log(f"data: reused the tokenized data from {where}: tokenized 0 rows ({len(data.train):,} training "
+                    f"rows of {data.rows_total:,}, key {key.digest})")
             return data
         data = _make(job, data_path, eval_path, tokenizer, work, folder, key, limit, log)
         prepared.keep(folder, key.digest, checkpoints=job.places.checkpoints, cache_root=cache_root,

@@ -182,3 +182,16 @@ def test_data_that_cannot_fit_the_work_folder_names_it_and_the_sizes(tiny_llama,
     monkeypatch.setattr(tokens.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(PermanentError, match=r"FINETUNE_WORK_DIR.*0\.0 GiB free"):
         tokens.check_disk(tmp_path / "w", corpus)
+
+
+def test_a_retry_finds_the_tokens_in_an_s3_checkpoint_location(tiny_llama, corpus, s3_server, tmp_path):
+    ckpt = f"s3://{s3_server.bucket}/runs/ckpt"
+    job = _job(tiny_llama, corpus, tmp_path / "out", training={"maxSteps": None, "epochs": 1},
+               output={"checkpoints": ckpt})
+    made = _prepare(job, corpus, tiny_llama, tmp_path / "node-a", [])
+    keys = [o["Key"] for o in s3_server.client.list_objects_v2(Bucket=s3_server.bucket)["Contents"]]
+    assert any(k.startswith("runs/ckpt/tokenized/") and k.endswith("/tokenized.json") for k in keys), keys
+    logs: list[str] = []
+    again = _prepare(job, corpus, tiny_llama, tmp_path / "node-b", logs)
+    assert again.tokenized == 0 and again.train[7]["input_ids"] == made.train[7]["input_ids"]
+    assert any("tokenized 0 rows" in line and ckpt in line for line in logs), logs

@@ -50,7 +50,7 @@ def test_two_processes_split_the_data_and_only_rank0_writes(tiny_llama, qa_jsonl
     steps = [e["step"] for e in _events_of(events, "checkpoint")]
     assert steps == sorted(set(steps)) and steps[-1] == progress[-1]["totalSteps"]
     ckpts = sorted(p.name for p in (tmp_path / "two" / "out.checkpoints").iterdir())
-    assert ckpts == sorted(["job-fingerprint.json", *[f"checkpoint-{s}" for s in steps[-2:]]])
+    assert ckpts == sorted(["job-fingerprint.json", "tokenized", *[f"checkpoint-{s}" for s in steps[-2:]]])
     assert (tmp_path / "two" / "out" / "finetune-manifest.json").is_file()
 
 
