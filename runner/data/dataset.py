@@ -284,6 +284,22 @@ def build_formatter(spec: DatasetSpec, columns: list[str], *, chat_template: Cal
     return Formatter(fmt, render_chat, [mc])
 
 
+def row_formatter(spec: DatasetSpec, columns: list[str], tokenizer) -> Formatter:
+    """The job's formatter (dataset.chatTemplate installed on the tokenizer when the format is chat), whose render
+    raises DataError for a row that cannot be formatted."""
+    fn = chat.chat_function(spec, tokenizer, install=infer_format(spec, columns) == "chat")
+    built = build_formatter(spec, columns, chat_template=fn)
+
+    def render(row: dict) -> Example:
+        try:
+            return built.render(row)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"dataset: row cannot be formatted as {built.fmt} ({e.__class__.__name__}: {e}); "
+                            "check dataset.format, dataset.columns and dataset.template") from e
+
+    return Formatter(built.fmt, render, built.columns_used)
+
+
 # -------------------------------------------------------------------------------------- tokenizing
 @dataclass
 class TokenizedData:
@@ -327,7 +343,7 @@ def prepare(spec: DatasetSpec, train_rows, eval_rows, tokenizer, *, seed: int, i
     from runner.data import tokenized as tk
 
     columns = list(train_rows.column_names)
-    fn = tk.Tokenize(spec, columns, tokenizer, spec.max_length)
+    fn = tk.Tokenize(spec, columns, tokenizer, spec.max_length, row_formatter)
     formatter = fn.formatter()
     check_rows(spec, train_rows)
     if eval_rows is None and spec.eval_fraction:

@@ -62,6 +62,6 @@ def read(local: Path, spec: DatasetSpec, *, full: bool, cache_dir: Path | None, 
 def tokenize(rows: Rows, spec: DatasetSpec, tokenizer, *, work: Path | None):
     """The rows tokenized (full_length, trained, input_ids, completion_mask): in memory for a sample, in
     memory-mapped files under `work` (in parallel) for every row."""
-    fn = tokenized.Tokenize(spec, list(rows.rows.column_names), tokenizer, spec.max_length)
+    fn = tokenized.Tokenize(spec, list(rows.rows.column_names), tokenizer, spec.max_length, dataset.row_formatter)
     out = work / "preview-tokens.arrow" if (work is not None and not rows.sampled and len(rows.rows) > 2 * K) else None
     return tokenized.tokenize(rows.rows, fn, out_file=out), fn.formatter()

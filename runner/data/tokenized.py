@@ -86,44 +86,36 @@ def make_key(spec: DatasetSpec, *, data: str, model_dir: Path, seed: int, limit:
 # -------------------------------------------------------------------------------------------- tokenizing
 class Tokenize:
     """One batch of rows -> input_ids, completion_mask, full_length (before truncation), trained (tokens with
-    loss). Picklable, so that each process builds its own formatter from the spec."""
+    loss). Picklable: each process builds its own formatter with `make_formatter` (runner.data.dataset's
+    row_formatter: spec, columns, tokenizer -> a Formatter whose render raises DataError for a bad row)."""
 
-    def __init__(self, spec: DatasetSpec, columns: list[str], tokenizer, max_length: int):
+    def __init__(self, spec: DatasetSpec, columns: list[str], tokenizer, max_length: int,
+                 make_formatter: Callable):
         self.spec, self.columns, self.tokenizer, self.max_length = spec, columns, tokenizer, max_length
+        self.make_formatter = make_formatter
         self._formatter = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_formatter": None}  # templates are compiled afresh in each process
 
     def formatter(self):
         if self._formatter is None:
-            from runner.data import chat
-            from runner.data.dataset import build_formatter, infer_format
-
-            install = infer_format(self.spec, self.columns) == "chat"
-            fn = chat.chat_function(self.spec, self.tokenizer, install=install)
-            self._formatter = build_formatter(self.spec, self.columns, chat_template=fn)
+            self._formatter = self.make_formatter(self.spec, self.columns, self.tokenizer)
         return self._formatter
 
-    def __call__(self, batch: dict) -> dict:
-        import numpy as np
-
-        from runner.data.dataset import DataError, Example
-
+    def __call__(self, batch: dict):
         formatter = self.formatter()
         chat = formatter.fmt == "chat"
         eos = (self.tokenizer.eos_token or "") if self.spec.add_eos and not chat else ""
         n = len(next(iter(batch.values())))
         examples = []
         for i in range(n):
-            row = {k: v[i] for k, v in batch.items()}
-            try:
-                ex = formatter.render(row)
-            except (KeyError, TypeError, ValueError) as e:
-                raise DataError(f"dataset: row cannot be formatted as {formatter.fmt} ({e.__class__.__name__}: "
-                                f"{e}); check dataset.format, dataset.columns and dataset.template") from e
+            ex = formatter.render({k: v[i] for k, v in batch.items()})
             if eos and not ex.text.endswith(eos):
                 spans = ex.trainable
                 if spans is not None:
                     spans = spans[:-1] + [(spans[-1][0], spans[-1][1] + len(eos))]
-                ex = Example(ex.text + eos, spans)
+                ex = type(ex)(ex.text + eos, spans)
             examples.append(ex)
         ids_list, offsets_list = self._encode([e.text for e in examples], add_special_tokens=not chat)
         return self._table(examples, ids_list, offsets_list)
@@ -289,4 +281,3 @@ class Timing:
                 f"process(es), {rate / self.procs:,.0f} rows/s each)")
 
 
-Log = Callable[[str], None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import pytest
 import pyarrow as pa
@@ -195,3 +196,18 @@ def test_a_retry_finds_the_tokens_in_an_s3_checkpoint_location(tiny_llama, corpu
     again = _prepare(job, corpus, tiny_llama, tmp_path / "node-b", logs)
     assert again.tokenized == 0 and again.train[7]["input_ids"] == made.train[7]["input_ids"]
     assert any("tokenized 0 rows" in line and ckpt in line for line in logs), logs
+
+
+def test_several_processes_tokenize_exactly_as_one(tiny_llama, tmp_path, monkeypatch):
+    data = write_jsonl(tmp_path / "d.jsonl", _rows(2500))
+    job = _job(tiny_llama, data, tmp_path / "out", training={"maxSteps": None, "epochs": 1})
+    one = _prepare(job, data, tiny_llama, tmp_path / "w1", [])
+    monkeypatch.setattr(tokenized, "_PARALLEL_FROM", 100)
+    monkeypatch.setattr(tokenized, "cpus", lambda: 2)
+    shutil.rmtree(tmp_path / "out.checkpoints")
+    logs: list[str] = []
+    two = _prepare(job, data, tiny_llama, tmp_path / "w2", logs)
+    assert any("on 2 process(es)" in line for line in logs), logs
+    assert len({f["filename"] for f in two.train.cache_files}) == 2  # one Arrow file per process
+    assert two.train["input_ids"] == one.train["input_ids"]
+    assert two.train["completion_mask"] == one.train["completion_mask"]
