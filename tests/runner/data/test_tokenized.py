@@ -211,3 +211,35 @@ def test_several_processes_tokenize_exactly_as_one(tiny_llama, tmp_path, monkeyp
     assert len({f["filename"] for f in two.train.cache_files}) == 2  # one Arrow file per process
     assert two.train["input_ids"] == one.train["input_ids"]
     assert two.train["completion_mask"] == one.train["completion_mask"]
+
+
+def test_a_resumed_attempt_on_another_node_tokenizes_0_rows_and_says_so(tiny_llama, corpus, tmp_path):
+    import io
+
+    from runner.api.errors import Preempted
+    from runner.job import run_job
+    from runner.report.events import Reporter
+    from runner.train.trainer import StopFlag
+
+    job = _job(tiny_llama, corpus, tmp_path / "out", training={"maxSteps": 4, "saveSteps": 2, "loggingSteps": 1})
+    stop = StopFlag()
+
+    def preempt(event):
+        if event.get("event") == "progress" and event["step"] == 1:
+            stop.requested = True
+
+    def reporter(sinks=()):
+        err = io.StringIO()
+        return Reporter(stdout=io.StringIO(), stderr=err, termination_log=str(tmp_path / "term.log"),
+                        sinks=list(sinks)), err
+
+    first, first_log = reporter([preempt])
+    with pytest.raises(Preempted):
+        run_job(job, first, work_dir=tmp_path / "node-a", stop=stop)
+    assert "data: tokenized" in first_log.getvalue()
+    second, second_log = reporter()
+    run_job(job, second, work_dir=tmp_path / "node-b")
+    lines = second_log.getvalue().splitlines()
+    assert any("reused the tokenized data from output.checkpoints" in ln and "tokenized 0 rows" in ln
+               for ln in lines), lines
+    assert not any("data: tokenized" in ln for ln in lines)
