@@ -7,7 +7,6 @@ import json
 import subprocess
 import time
 
-import pytest
 import yaml
 
 from tests.cluster.cluster import wait_for
@@ -34,9 +33,10 @@ def test_image_facts(dockerd, built_images):
              "print(torch.__version__, torch.version.cuda, torch.cuda.is_available(),"
              " *(importlib.util.find_spec(m) is not None for m in ('triton', 'liger_kernel', 'mlflow', 'wandb')))")
     tmp = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", "python"]
-    # the production runner: PyPI's torch 2.11.0, the CUDA 13.0 build, with Triton and Liger; no GPU here
+    # the production runner: PyPI's torch 2.11.0, the CUDA 13.0 build (it names itself 2.11.0+cu130, as on the GPU
+    # machines), with Triton and Liger; no GPU here
     assert docker_run(dockerd, RUNNER, "-c", probe, opts=tmp).stdout.split() == [
-        "2.11.0", "13.0", "False", "True", "True", "True", "True"]
+        "2.11.0+cu130", "13.0", "False", "True", "True", "True", "True"]
     # the CPU runner: the CPU build; no Triton, Liger or tracker clients
     version, cuda, *rest = docker_run(dockerd, RUNNER_CPU, "-c", probe, opts=tmp).stdout.split()
     assert version.endswith("+cpu") and cuda == "None" and rest == ["False"] * 5, (version, cuda, rest)
@@ -54,10 +54,12 @@ def test_image_facts(dockerd, built_images):
     assert sizes[RUNNER_CPU] < 1500, sizes  # the CPU runner: no CUDA libraries, no Triton
 
 
-@pytest.mark.parametrize("image", [RUNNER, RUNNER_CPU], ids=["runner", "runner-cpu"])
-def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_path, image):
+def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_path):
     """The README's docker command: the quickstart succeeds and writes the merged model to the mounted directory;
-    `docker stop` (SIGTERM) mid-training leaves a checkpoint that the next run resumes from."""
+    `docker stop` (SIGTERM) mid-training leaves a checkpoint that the next run resumes from. On the CPU runner: the
+    production runner runs the same job and the same SIGTERM resume in real pods (tests/e2e/test_operator.py), and
+    both images here would add 3.5 to 10 minutes to a tier that is already past 10 (measured 208 s and 641 s)."""
+    image = RUNNER_CPU
     work = tmp_path / "work"
     work.mkdir()
     work.chmod(0o777)  # the container runs as uid 1000
