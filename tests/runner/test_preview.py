@@ -97,7 +97,7 @@ def test_every_completion_cut_shows_the_lengths_in_preview_and_run(tiny_llama, t
 def test_quickstart_preview_matches_the_steps_the_trainer_takes(tmp_path, capsys):
     from runner.quickstart import prepare
 
-    job = prepare(tmp_path / "qs")
+    job = prepare(tmp_path / "qs").job
     assert main(["preview", str(job), "--color", "never"]) == 0
     out = capsys.readouterr().out
     # The quickstart's run logs epoch 0.5 at step 1 and ends at step 200 of 200 (tests/runner/report/test_console.py).
