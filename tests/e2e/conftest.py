@@ -135,10 +135,14 @@ def in_cluster_env(node: RealNode) -> list[dict]:
             {"name": "KUBERNETES_SERVICE_PORT", "value": str(node.cluster.apiserver_port)}]
 
 
-def operator_values(node: RealNode, http_port: int) -> dict:
+def operator_values(node: RealNode, http_port: int, webhook_port: int) -> dict:
     """The chart values of this tier: the images built here, and the node's networking through the admin's
-    runner.podTemplate (hostNetwork and the API server address) - the feature platform teams use the same way."""
+    runner.podTemplate (hostNetwork and the API server address) - the feature platform teams use the same way. The
+    webhook is registered by URL on the node (webhook.url): a Service's Endpoints cannot hold the pods' loopback
+    address."""
     return {
+        "webhook": {"port": webhook_port, "url": f"https://127.0.0.1:{webhook_port}"},
+        "readinessProbe": {"initialDelaySeconds": 1, "periodSeconds": 2},  # rollouts (helm upgrade) sooner
         "image": {"repository": "finetune-controller", "tag": "e2e", "pullPolicy": "Never"},
         "runner": {"image": {"repository": "finetune-runner", "tag": "e2e"},
                    "podTemplate": {"spec": {"hostNetwork": True, "containers": [
@@ -188,12 +192,13 @@ def readme_install_on(node: RealNode, values: Path) -> list[tuple[str, float]]:
 
 @pytest.fixture(scope="session")
 def operator(node, tmp_path_factory):
-    """The operator installed by the README's own `helm install` (readme_install_on); its controller pod Ready."""
+    """The operator installed by the README's own `helm install` (readme_install_on); its controller pods Ready.
+    Yields its values file (for a `helm upgrade` with the same values)."""
     values = tmp_path_factory.mktemp("helm") / "values.yaml"
-    values.write_text(yaml.safe_dump(operator_values(node, free_port())))
+    values.write_text(yaml.safe_dump(operator_values(node, free_port(), free_port())))
     ran = readme_install_on(node, values)
     print("\nREADME install on the node:\n" + "\n".join(f"  {cmd}   # {secs} s" for cmd, secs in ran))
-    yield RELEASE
+    yield values
     node.cluster.helm_run("uninstall", RELEASE, "-n", OPERATOR_NS, check=False)
 
 

@@ -11,10 +11,10 @@ from tests.cluster.cluster import wait_for
 from tests.e2e.conftest import OPERATOR_NS, apply, ftj, status, wait_status
 
 
-def _controller_pod(node) -> dict:
+def _controller_pods(node) -> list[dict]:
     pods = json.loads(node.kubectl("get", "pods", "-n", OPERATOR_NS, "-o", "json").stdout)["items"]
-    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
-    return pods[0]
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]  # the chart's replicaCount: a leader, a standby
+    return pods
 
 
 def _runner_pods(node, ns: str, job: str) -> list[dict]:
@@ -25,19 +25,19 @@ def _runner_pods(node, ns: str, job: str) -> list[dict]:
 
 def test_controller_pod_is_ready_non_root_and_read_only(node, operator):
     t0 = time.monotonic()
-    pod = _controller_pod(node)
-    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
-    assert ready["Ready"] == "True"  # its readiness probe (/readyz) answers
-    name = pod["metadata"]["name"]
-    uid = node.kubectl("exec", "-n", OPERATOR_NS, name, "--", "python", "-c", "import os; print(os.getuid())")
-    assert uid.stdout.strip() == "1000"
-    r = node.kubectl("exec", "-n", OPERATOR_NS, name, "--", "python", "-c", "open('/opt/x', 'w')", check=False)
-    assert r.returncode != 0 and "Read-only file system" in r.stderr
-    # it talks to the API server with its own in-cluster ServiceAccount token (no kubeconfig in the image)
-    sa = pod["spec"]["serviceAccountName"]
-    assert sa and sa != "default"
-    logs = node.kubectl("logs", "-n", OPERATOR_NS, name).stdout
-    assert "Traceback" not in logs, logs[-3000:]
+    for pod in _controller_pods(node):
+        ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+        assert ready["Ready"] == "True"  # its readiness probe (/readyz) answers, the standby's too
+        name = pod["metadata"]["name"]
+        uid = node.kubectl("exec", "-n", OPERATOR_NS, name, "--", "python", "-c", "import os; print(os.getuid())")
+        assert uid.stdout.strip() == "1000"
+        r = node.kubectl("exec", "-n", OPERATOR_NS, name, "--", "python", "-c", "open('/opt/x', 'w')", check=False)
+        assert r.returncode != 0 and "Read-only file system" in r.stderr
+        # it talks to the API server with its own in-cluster ServiceAccount token (no kubeconfig in the image)
+        sa = pod["spec"]["serviceAccountName"]
+        assert sa and sa != "default"
+        logs = node.kubectl("logs", "-n", OPERATOR_NS, name).stdout
+        assert "Traceback" not in logs, logs[-3000:]
     print(f"\ncontroller pod checks: {time.monotonic() - t0:.1f} s")
 
 
