@@ -209,10 +209,11 @@ def _validate(args) -> int:
             print(json.dumps({"job": args.job, "valid": False, "message": field_paths(e.message)}))
         return e.exit_code
     if args.json:
+        from runner.store import backend_for
         from runner.train import estimate
 
         model = job.places.model
-        found = estimate.for_job(job.spec, args.gpu, model_dir=Path(model.path) if model.local else None)
+        found = estimate.for_job(job.spec, args.gpu, model_dir=backend_for(model).local_path(model))
         print(json.dumps({"job": args.job, "name": job.name, "valid": True,
                           "estimate": found.model_dump(by_alias=True, exclude_none=True)}, indent=1))
         return 0
