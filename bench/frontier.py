@@ -293,6 +293,7 @@ def main(args) -> int:
     budgets = {w["name"]: result["unsloth"].get(w["name"], {}).get("peakAllocatedGiB") for w in singles}
     loads = [dict(packed, name="packed"), dict(packed, name="packed-peft-lora", plan={"fused_lora": False}),
              dict(packed, name="packed-10gib", budget=10.0),
+             dict(packed, name="packed-compiled", training={"compile": True}),
              dict(packed, name="lean-profiled", batchSize=1, steps=16, training={"gradientAccumulationSteps": 2,
                   "optimizer": "paged_adamw_8bit"}, checkpointing=True,
                   plan={"micro_batch": 1, "accumulation": 2, "micro_batch_tokens": 2048}, profile=True)]
@@ -307,17 +308,20 @@ def main(args) -> int:
     if part.exists():
         result["runner"].update(json.loads(part.read_text()))
     result["pairs"] = {**({} if args.skip_packed else {"packed (memory to spare)": ("packed", "packed"),
+                                                       "packed, compiled layers": ("packed-compiled", "packed"),
                                                        "packed, <= 10 GiB": ("packed-10gib", "packed-offload")}),
                        **{w["name"]: (w["name"], w["name"]) for w in singles}}
     for key, fast, reference in (("lossCheck", "packed-10gib", "packed"),
-                                 ("lossCheckFusedLora", "packed", "packed-peft-lora")):
+                                 ("lossCheckFusedLora", "packed", "packed-peft-lora"),
+                                 ("lossCheckCompiled", "packed-compiled", "packed")):
         a, b = result["runner"].get(reference, {}), result["runner"].get(fast, {})
         if a.get("losses") and b.get("losses"):
             result[key] = tb.loss_check({"a": {"stepLosses": b["losses"]}, "b": {"stepLosses": a["losses"]}},
                                         ["a", "b"]) | {"fast": fast, "reference": reference}
     save()
     print(json.dumps({"ratios": result["ratios"], "lossCheck": result.get("lossCheck"),
-                      "lossCheckFusedLora": result.get("lossCheckFusedLora")}, indent=1), flush=True)
+                      "lossCheckFusedLora": result.get("lossCheckFusedLora"),
+                      "lossCheckCompiled": result.get("lossCheckCompiled")}, indent=1), flush=True)
     return 0
 
 

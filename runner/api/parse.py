@@ -231,7 +231,11 @@ def cross_field_problems(doc: dict) -> list[str]:
         problems.append(
             "output.pushAdapter: with merge.enabled false the adapter is the only result; set it true"
         )
-    problems += _bits_problems(section("quantization"), section("training"), merge)
+    training = section("training")
+    if training.get("compile") is True and training.get("strategy") == "fsdp":
+        problems.append("training.compile: compiled layers do not run under FSDP (it shards their weights); set "
+                        "training.strategy to data or auto, or remove compile")
+    problems += _bits_problems(section("quantization"), training, merge)
     return problems
 
 

@@ -197,6 +197,13 @@ class TrainingSpec(Section):
         "on a GPU with liger-kernel (true requires it; ~25% faster, ~20% less activation memory on an H100), under "
         "FSDP only if true. Fused LoRA, one matmul per projection: where it applies (bits 4/16, dropout 0, no FSDP).",
     )
+    compile: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile: one graph shared by every layer (Liger's layer "
+        "kernels off unless fusedKernels is true: the compiler fuses the same operations). The first step pays the "
+        "compilation, logged with its time. Applies without checkpointing and with plain checkpointing, not with "
+        "checkpointing offloaded to CPU memory (the plan's line says compile=False) and not under FSDP.",
+    )
     memory_budget: float | None = Field(
         None, gt=0,
         description="GiB of GPU memory the job may use at its peak (a shared or smaller GPU): the plan picks the "

@@ -7,6 +7,7 @@ plan's patches (`for_plan`, in the order they are applied):
                   call the norms' and MLPs' forward as patched
   offload         offloaded checkpointing units (runner/train/offload.py), for the modes that keep inputs on the host
   fused LoRA      each LoRA projection as one autograd node (runner/train/fused_lora.py)
+  compile         each decoder layer compiled (runner/train/compiled.py), last: the graphs trace the patched forwards
 
 `callback(installers)` applies them when training begins and removes them, in reverse order, when it ends; outside
 training (evaluation after it, generation, merging) the model computes as loaded. `applied(model, installers)` does
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterable, Iterator, Protocol
 
+from runner.train import compiled
 from runner.train import fused_lora
 from runner.train import layer_kernels
 from runner.train import offload
@@ -36,6 +38,7 @@ def for_plan(plan) -> list[Installer]:
         (plan.layer_kernels, layer_kernels.install),
         (plan.mode.offloaded, lambda model: offload.install(model, plan.mode)),
         (plan.fused_lora, fused_lora.install),
+        (plan.compile, compiled.install),
     ) if wanted]
 
 

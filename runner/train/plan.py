@@ -11,6 +11,7 @@
                   checkpointing when the activations do not fit; on CPU, what the spec asks for
   layer kernels   Liger's fused RMSNorm/RoPE/SwiGLU (runner/train/layer_kernels.py)
   fused LoRA      each LoRA projection one autograd node (runner/train/fused_lora.py)
+  compile         each decoder layer compiled, one graph for all (runner/train/compiled.py), when the spec asks
   attention       flash-attention 2, PyTorch's varlen flash kernel (packed rows), or SDPA
   packing         only where packed examples cannot attend to each other
 
@@ -187,8 +188,8 @@ def layer_kernels(spec: FineTuneJobSpec, strategy: str, machine: Machine) -> boo
     10,250 and 55 GB without (bench/results/h100-llama-3-8b.json). Off by default under FSDP: the fused loss reads
     the LM head's weight outside the head's forward, where FSDP holds only a shard of it."""
     wanted = spec.training.fused_kernels
-    if wanted is False or (wanted is None and strategy == "fsdp"):
-        return False
+    if wanted is False or (wanted is None and (strategy == "fsdp" or spec.training.compile)):
+        return False  # compiled layers: the compiler fuses the same operations, unless fusedKernels is true
     return machine.liger and machine.gpu
 
 
@@ -199,6 +200,12 @@ def fused_lora(spec: FineTuneJobSpec, strategy: str) -> bool:
     lora.dropout > 0 (peft's dropout module stays)."""
     return (spec.training.fused_kernels is not False and strategy != "fsdp" and spec.quantization.bits != 8
             and spec.lora.dropout == 0)
+
+
+def compiled(spec: FineTuneJobSpec, strategy: str, mode: Mode) -> bool:
+    """Decoder layers compiled (training.compile): where the spec asks, except under FSDP (it shards the layers'
+    weights) and with checkpointing offloaded to CPU memory (its units copy on a side stream inside the layer)."""
+    return spec.training.compile and strategy != "fsdp" and not mode.offloaded
 
 
 def attention(spec: FineTuneJobSpec, machine: Machine) -> str:
@@ -269,6 +276,7 @@ class Plan:
     memory_budget_bytes: int | None = None  # training.memoryBudget
     peak_bytes: int | None = None  # the chosen mode's estimated peak (GPU only)
     fused_lora: bool = False  # each LoRA projection one autograd node (runner/train/fused_lora.py)
+    compile: bool = False  # decoder layers compiled, one graph for all (runner/train/compiled.py)
 
     @property
     def fsdp(self) -> bool:
@@ -316,7 +324,8 @@ class Plan:
         return (f"plan: strategy={self.strategy} processes={self.processes} compute={_name(self.compute_dtype)} "
                 f"storage={_name(self.storage_dtype)} bits={self.bits} "
                 f"checkpointing={self.mode.checkpointing.value} offload={self.mode.offload.value} "
-                f"layer_kernels={self.layer_kernels} fused_lora={self.fused_lora} attention={self.attention} "
+                f"layer_kernels={self.layer_kernels} fused_lora={self.fused_lora} compile={self.compile} "
+                f"attention={self.attention} "
                 f"packing={packing} micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
                 f"accumulation={self.accumulation} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
@@ -372,6 +381,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         checkpointed_bytes=memory.activation_bytes(memory.CHECKPOINTING, tokens, shape),
         gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits, accumulation=fit.accumulation,
         memory_budget_bytes=budget, peak_bytes=fit.peak, fused_lora=fused_lora(spec, chosen),
+        compile=compiled(spec, chosen, fit.mode),
     )
 
 

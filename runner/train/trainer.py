@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from runner.parallel import distributed
+from runner.train import compiled
 from runner.train import fsdp as parallel
 from runner.train import patches
 from runner.train.best import Best, callback as best_callback
@@ -68,9 +69,10 @@ class _AlreadyTrained(Exception):
 def fingerprint(spec: FineTuneJobSpec) -> dict:
     """What must match for a checkpoint to be resumed: the model, data and everything that shapes the
     optimisation. Logging/saving cadence and output places may change between runs."""
-    training = spec.training.model_dump(  # early stopping decides when to stop, not what a step does
+    # early stopping decides when to stop, not what a step does; compiling changes how a step computes, not what
+    training = spec.training.model_dump(
         by_alias=True, exclude={"logging_steps", "save_steps", "eval_steps", "report_to", "early_stopping",
-                                  "memory_budget"}
+                                  "memory_budget", "compile"}
     )
     q = spec.quantization  # bits 4 fingerprints as before bits existed: those checkpoints still resume
     parts = {
@@ -327,7 +329,8 @@ def _train_holding_lease(
     trainer = None
     watch = best_callback(best, reporter, lambda where: parallel.save_adapter(trainer, where))
     trainer = make_trainer(spec, model, tokenizer, data, scratch, plan,
-                           callbacks=[progress, durable, watch, *tracked],
+                           callbacks=[progress, durable, watch, *tracked,
+                                      *([compiled.callback(reporter.log)] if plan.compile else [])],
                            **(tracker.trainer_args() if tracker is not None else {}))
     stop.training = True
     try:
