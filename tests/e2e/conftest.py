@@ -8,8 +8,13 @@ and the operator installed with `helm install` from charts/. Every test has its 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import signal
+import socket
+import socketserver
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runner.api import status as phases
 from runner.api.parse import manifest
 from tests.cluster.cluster import free_port, wait_for
 from tests.cluster.dockerd import Dockerd
@@ -249,3 +255,133 @@ def wait_status(node: RealNode, ns: str, name: str, pred, timeout: float, what: 
     except Exception as e:  # the status and the pods say why
         pods = node.kubectl("get", "pods", "-n", ns, "-o", "wide", check=False).stdout
         raise AssertionError(f"{e}\nstatus: {json.dumps(status(node, ns, name), indent=1)[-3000:]}\n{pods}") from None
+
+
+class InterceptingProxy:
+    """A TCP proxy on loopback in front of a store that calls `on_match` (once, in that connection's thread) before
+    forwarding the first request whose bytes contain `marker`: whatever on_match does (freeze the store, hold the
+    request) happens exactly when the runner asks for that object."""
+
+    def __init__(self, upstream_port: int, marker: bytes, on_match):
+        proxy, self.fired = self, threading.Event()
+        self.marker = marker
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                up = socket.create_connection(("127.0.0.1", upstream_port))
+                back = threading.Thread(target=proxy._pump, args=(up, self.request, None), daemon=True)
+                back.start()
+                proxy._pump(self.request, up, on_match)
+                back.join(timeout=5)
+                up.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def _pump(self, src, dst, on_match):
+        try:
+            while data := src.recv(65536):
+                if on_match and self.marker in data and not self.fired.is_set():
+                    self.fired.set()
+                    on_match()
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+HELD_STEP = 3  # the step whose checkpoint upload HeldRunner holds (the job's saveSteps: its first checkpoint)
+
+
+def _signal_pending(pid: int, signum: int) -> bool:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return bool((int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) >> (signum - 1) & 1)
+
+
+def _stopped(pid: int) -> bool:
+    tasks = Path(f"/proc/{pid}/task")
+    return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in tasks.iterdir())
+
+
+class HeldRunner:
+    """A job's runner held mid-training at a step the test knows, for as long as the test needs, without counting on
+    a step count to outlast what the test does meanwhile. The job's S3 traffic goes through an InterceptingProxy that
+    holds the upload of checkpoint-HELD_STEP (saveSteps: HELD_STEP, its first checkpoint): the runner waits inside
+    that step's save. `freeze()` stops the runner's process (SIGSTOP) and lets the upload through, so no store
+    timeout runs out however long the test takes (a helm upgrade; the kubelet's SIGTERM, which stays pending in the
+    stopped process where `wait_sigterm()` reads it); `thaw()` (SIGCONT) lets the runner go on from there."""
+
+    SECRET = "held-s3-creds"
+
+    def __init__(self, node: RealNode, namespace: str, s3: S3, dockerd: Dockerd):
+        self.node, self.namespace, self.s3, self.dockerd = node, namespace, s3, dockerd
+        self.held, self.released = threading.Event(), threading.Event()
+        self.proxy = InterceptingProxy(int(s3.endpoint.rsplit(":", 1)[1]), f"/checkpoint-{HELD_STEP}/".encode(),
+                                       self._hold)
+        self.pid: int | None = None
+        env = {**s3.env, "AWS_ENDPOINT_URL_S3": self.proxy.url}
+        node.kubectl("create", "secret", "generic", self.SECRET, "-n", namespace,
+                     *[f"--from-literal={k}={v}" for k, v in env.items()])
+
+    def _hold(self) -> None:
+        self.held.set()
+        self.released.wait(timeout=300)  # (a test that fails meanwhile: close() lets it go)
+
+    def job(self, name: str, steps: int) -> dict:
+        """A CPU job of `steps` steps, checkpointing every HELD_STEP steps, reading and writing through the proxy."""
+        return ftj(name, self.s3, training={"maxSteps": steps, "saveSteps": HELD_STEP, "loggingSteps": 1},
+                   merge={"enabled": False}, s3SecretRef={"name": self.SECRET})
+
+    def wait(self, name: str, timeout: float = 300) -> str:
+        """Wait until the job's runner is held in the save of checkpoint-HELD_STEP; return its pod's name."""
+        def held():
+            if self.held.is_set():
+                return True
+            if status(self.node, self.namespace, name).get("phase") == phases.FAILED:
+                raise AssertionError(f"{name} failed: {status(self.node, self.namespace, name)}")
+            return False
+        wait_for(held, timeout=timeout, interval=0.2, what=f"{name}'s runner to save checkpoint-{HELD_STEP}")
+        s = status(self.node, self.namespace, name)
+        assert s["phase"] == s["runner"]["phase"] == phases.TRAINING, s
+        return s["runner"]["pod"]
+
+    def freeze(self, pod: str) -> None:
+        """SIGSTOP the pod's runner process (its container's first process), then let the held upload through."""
+        p = json.loads(self.node.kubectl("get", "pod", pod, "-n", self.namespace, "-o", "json").stdout)
+        container = p["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+        self.pid = int(self.dockerd.run("inspect", "-f", "{{.State.Pid}}", container).stdout)
+        os.kill(self.pid, signal.SIGSTOP)
+        wait_for(lambda: _stopped(self.pid), timeout=30, interval=0.05, what="the runner to stop")
+        self.released.set()
+
+    def wait_sigterm(self, timeout: float = 120) -> None:
+        """Wait for the SIGTERM the kubelet sends the stopped runner (pending until thaw)."""
+        wait_for(lambda: _signal_pending(self.pid, signal.SIGTERM), timeout=timeout, interval=0.1,
+                 what="the kubelet's SIGTERM to reach the runner")
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+        self.pid = None
+
+    def close(self) -> None:
+        self.released.set()
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.proxy.close()
+
+
+@pytest.fixture
+def held(node, namespace, s3, dockerd):
+    """HeldRunner in this test's namespace."""
+    h = HeldRunner(node, namespace, s3, dockerd)
+    yield h
+    h.close()

@@ -8,7 +8,7 @@ import time
 
 from runner.api import status as st
 from tests.cluster.cluster import wait_for
-from tests.e2e.conftest import OPERATOR_NS, apply, ftj, status, wait_status
+from tests.e2e.conftest import HELD_STEP, OPERATOR_NS, apply, ftj, status, wait_status
 
 
 def _controller_pods(node) -> list[dict]:
@@ -137,19 +137,11 @@ def test_too_little_memory_is_really_oomkilled(node, namespace, s3):
     print(f"\nOOM: {time.monotonic() - t0:.1f} s")
 
 
-# Long enough that the stop comes mid-training: the CPU runner trains the tiny model at ~50 steps/s, and a run
-# that finished before its SIGTERM would "resume" from its last step with nothing left to do.
-LONG_STEPS = 1500
-
-
-def _long_job(name, s3):
-    return ftj(name, s3, training={"maxSteps": LONG_STEPS, "saveSteps": 10000, "loggingSteps": 1},
-               merge={"enabled": False})
-
-
-def _training(node, ns, name, at_least=3):
-    return wait_status(node, ns, name, lambda s: (s.get("progress") or {}).get("step", 0) >= at_least
-                       or s.get("phase") == st.FAILED, 300, f"{name} to train {at_least} steps")
+# The long jobs: held in the save of checkpoint-HELD_STEP (HeldRunner) while the test stops them, so the stop lands
+# mid-training whatever the machine's speed; the SIGTERM, pending while the runner is held, makes it save the step
+# it trains next and stop: STOP_STEP, which no saveSteps checkpoint is (those come every HELD_STEP steps).
+LONG_STEPS = 12
+STOP_STEP = HELD_STEP + 1
 
 
 def _resumed_and_succeeded(node, ns, name, stopped_pod: str) -> dict:
@@ -166,49 +158,45 @@ def _resumed_and_succeeded(node, ns, name, stopped_pod: str) -> dict:
     return s
 
 
-def _stopped_with_a_checkpoint(node, ns, name, pod: str, step: int | None = None) -> int:
-    """The stopped pod's runner exited 75 (retryable) after saving a checkpoint: its termination message says so.
-    `step`: the checkpoint it saved, where the caller saw it in the status (a later one may be there by now)."""
+def _stopped_with_a_checkpoint(node, ns, name, pod: str, step: int) -> int:
+    """The stopped pod's runner exited 75 (retryable) after saving checkpoint-`step`: its termination message says
+    so. (A deleted pod may be gone by then: the new pod's resumedFrom says which checkpoint it saved.)"""
     def terminated():
         pods = [p for p in _runner_pods(node, ns, name) if p["metadata"]["name"] == pod]
-        if not pods:  # gone: its checkpoint is in the status
+        if not pods:
             return {"gone": True}
         state = pods[0]["status"]["containerStatuses"][0]["state"]
         return state.get("terminated")
     term = wait_for(terminated, timeout=150, interval=0.5, what=f"{pod} to stop")
-    checkpoint = {"step": step} if step is not None else wait_status(
-        node, ns, name, lambda s: (s.get("lastCheckpoint") or {}).get("step"), 60,
-        "the checkpoint saved on SIGTERM")["lastCheckpoint"]
     if "exitCode" in term:
         assert term["exitCode"] == 75, term
-        assert f"resumes from step {checkpoint['step']}" in json.loads(term["message"])["message"], term
-    return checkpoint["step"]
+        assert f"resumes from step {step}" in json.loads(term["message"])["message"], term
+    return step
 
 
-def test_deleted_pod_checkpoints_on_sigterm_and_a_new_pod_resumes(node, namespace, s3):
-    """`kubectl delete pod` mid-training: a real SIGTERM; the runner saves a checkpoint within the grace period and
-    exits 75; the pod that replaces it resumes from that checkpoint. (On this 1.20 node the attempt's Job replaces a
-    deleted pod itself, so the new pod is the same attempt's; where the Job counts a deleted pod as failed, the
-    controller starts attempt 2, which resumes the same way.)"""
+def test_deleted_pod_checkpoints_on_sigterm_and_a_new_pod_resumes(node, namespace, held):
+    """`kubectl delete pod` mid-training (the runner held at a known step meanwhile: HeldRunner): a real SIGTERM; the
+    runner saves a checkpoint within the grace period and exits 75; the pod that replaces it resumes from that
+    checkpoint. (On this 1.20 node the attempt's Job replaces a deleted pod itself, so the new pod is the same
+    attempt's; where the Job counts a deleted pod as failed, the controller starts attempt 2, which resumes the same
+    way.)"""
     t0 = time.monotonic()
-    apply(node, namespace, _long_job("preempted", s3))
-    s = _training(node, namespace, "preempted")
-    assert s.get("phase") != st.FAILED, s
-    pod = _runner_pods(node, namespace, "preempted")[-1]["metadata"]["name"]
+    apply(node, namespace, held.job("preempted", LONG_STEPS))
+    pod = held.wait("preempted")
+    held.freeze(pod)
     node.kubectl("delete", "pod", pod, "-n", namespace, "--wait=false")  # a real SIGTERM, grace period honoured
+    held.wait_sigterm()
+    held.thaw()
     seen: list[dict] = []
-    def saved():  # the checkpoint saved on SIGTERM (the first after the deletion: saveSteps never comes)
-        return next(((x.get("lastCheckpoint") or {}).get("step") for x in seen if x.get("lastCheckpoint")), None)
 
-    def replaced():  # every status written meanwhile, until the new pod's runner reports and the checkpoint is in
+    def replaced():  # every status written meanwhile, until the new pod's runner reports
         s = status(node, namespace, "preempted")
         if not seen or seen[-1] != s:
             seen.append(s)
         runner = s.get("runner") or {}
-        new_pod = s.get("attempt", 1) > 1 or (runner.get("pod") not in (None, pod) and runner.get("phase"))
-        return new_pod and saved() is not None
-    wait_for(replaced, timeout=300, interval=0.3, what="the new pod's runner to report and the saved checkpoint")
-    step = _stopped_with_a_checkpoint(node, namespace, "preempted", pod, saved())
+        return s.get("attempt", 1) > 1 or (runner.get("pod") not in (None, pod) and runner.get("phase"))
+    wait_for(replaced, timeout=300, interval=0.3, what="the new pod's runner to report")
+    step = _stopped_with_a_checkpoint(node, namespace, "preempted", pod, STOP_STEP)
     s = _resumed_and_succeeded(node, namespace, "preempted", pod)
     assert s["runner"]["resumedFrom"]["step"] == step
     events = _events(node, namespace, "preempted")
@@ -232,14 +220,16 @@ def _events(node, ns: str, name: str) -> list[dict]:
             if e["involvedObject"].get("kind") == "FineTuneJob" and e["involvedObject"]["name"] == name]
 
 
-def test_suspend_then_resume_goes_on_from_the_checkpoint(node, namespace, s3):
+def test_suspend_then_resume_goes_on_from_the_checkpoint(node, namespace, held):
     t0 = time.monotonic()
-    apply(node, namespace, _long_job("paused", s3))
-    _training(node, namespace, "paused")
-    pod = _runner_pods(node, namespace, "paused")[-1]["metadata"]["name"]
+    apply(node, namespace, held.job("paused", LONG_STEPS))
+    pod = held.wait("paused")
+    held.freeze(pod)
     node.kubectl("patch", "ftj", "paused", "-n", namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     wait_status(node, namespace, "paused", lambda s: s.get("phase") == st.SUSPENDED, 60, "Suspended")
-    step = _stopped_with_a_checkpoint(node, namespace, "paused", pod)
+    held.wait_sigterm()  # the suspended job's pod is stopped
+    held.thaw()
+    step = _stopped_with_a_checkpoint(node, namespace, "paused", pod, STOP_STEP)
     wait_for(lambda: not [p for p in _runner_pods(node, namespace, "paused")
                           if p["status"].get("phase") in ("Pending", "Running")], 150, what="no runner pod")
     assert status(node, namespace, "paused")["phase"] == st.SUSPENDED

@@ -8,11 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import socketserver
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from datetime import datetime, timezone
@@ -22,46 +19,9 @@ import pytest
 from runner.api import status as st
 from tests.cluster.cluster import free_port, wait_for
 from tests.conftest import QA_ROWS, write_jsonl
-from tests.e2e.conftest import BUCKET, S3, apply, ftj, status, wait_status
+from tests.e2e.conftest import BUCKET, S3, InterceptingProxy, apply, ftj, status, wait_status
 
 WEIGHTS = b"model.safetensors"
-
-
-class FreezingProxy:
-    """A TCP proxy in front of the store that calls `on_weights` (once) before forwarding the first request that
-    names the model's weights: the store is frozen exactly while the runner downloads the model."""
-
-    def __init__(self, upstream_port: int, on_weights):
-        proxy, self.fired = self, threading.Event()
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self):
-                up = socket.create_connection(("127.0.0.1", upstream_port))
-                back = threading.Thread(target=proxy._pump, args=(up, self.request, None), daemon=True)
-                back.start()
-                proxy._pump(self.request, up, on_weights)
-                back.join(timeout=5)
-                up.close()
-
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def _pump(self, src, dst, on_weights):
-        try:
-            while data := src.recv(65536):
-                if on_weights and WEIGHTS in data and not self.fired.is_set():
-                    self.fired.set()
-                    on_weights()
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -88,7 +48,7 @@ def frozen_store(tiny_llama, tmp_path):
     direct.model = direct.upload_dir(tiny_llama, "models/tiny-llama")
     direct.client.upload_file(str(write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)), BUCKET, "data/qa.jsonl")
     direct.data = f"s3://{BUCKET}/data/qa.jsonl"
-    proxy = FreezingProxy(port, freeze)
+    proxy = InterceptingProxy(port, WEIGHTS, freeze)  # the store frozen as the runner asks for the weights
     through = S3.__new__(S3)
     through.endpoint, through.client, through.model, through.data = proxy.url, direct.client, direct.model, direct.data
     through.env = {**direct.env, "AWS_ENDPOINT_URL_S3": proxy.url}
