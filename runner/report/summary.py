@@ -9,10 +9,10 @@ from pathlib import Path
 
 from runner.api import status
 from runner.report.events import clock
+from runner.store.outputs import ALREADY_COMPLETE
 
 INTERRUPTED = "interrupted"  # a result field: true where a person stopped the run (Ctrl-C)
 RESUME = "resume"  # the Reporter's details: the command line that runs the same job again
-ALREADY_COMPLETE = "alreadyComplete"  # a result field (runner/store/outputs.py): nothing was run or changed
 
 
 def summary(console, result: dict) -> list[str]:

@@ -30,6 +30,8 @@ from . import local
 from .backend import backend_for
 from .manifest import job_of
 
+ALREADY_COMPLETE = "alreadyComplete"  # a result field: the output was already there, nothing was run or changed
+
 _MODEL_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
 JSON_MAX_BYTES = 256 << 20  # config.json, tokenizer.json, ...: the largest real ones are tens of MiB
@@ -168,6 +170,6 @@ def already_complete(job: Job) -> dict | None:
         metrics = {k: recorded[k] for k in _SUMMARY if k in recorded}
     except (RunnerError, ValueError, TypeError):
         pass
-    return {"output": str(loc), "alreadyComplete": True, "metrics": metrics,
+    return {"output": str(loc), ALREADY_COMPLETE: True, "metrics": metrics,
             "message": f"already complete: {loc} holds this job's output (published {manifest.get('created')}); "
                        "nothing was changed"}
