@@ -11,7 +11,7 @@ grep -h 'plan:\|merge' $OUT/job-8b.err | cut -c1-400
 python - $J/output/report/metrics.json <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
-print(json.dumps({k: m.get(k) for k in ("plan", "phaseSeconds", "mergeCheck", "train_loss", "global_step")}, indent=1))
+print(json.dumps({k: m.get(k) for k in ("plan", "phaseSeconds", "estimate", "train_runtime", "mergeCheck", "train_loss", "global_step")}, indent=1))
 PY
 ls -la $J/output | head -20
 tail -n 5 $OUT/job-8b.err
