@@ -299,14 +299,19 @@ class InterceptingProxy:
 HELD_STEP = 3  # the step whose checkpoint upload HeldRunner holds (the job's saveSteps: its first checkpoint)
 
 
-def _signal_pending(pid: int, signum: int) -> bool:
+def sigterm_pending(pid: int) -> bool:
+    """Whether a SIGTERM waits for the (stopped) process `pid`, as /proc says."""
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return bool((int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) >> (signum - 1) & 1)
+    return bool((int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)) >> (signal.SIGTERM - 1) & 1)
 
 
-def _stopped(pid: int) -> bool:
+def freeze(pid: int) -> None:
+    """SIGSTOP the process `pid` (a container's first process, by its host PID) and wait until every thread of it
+    has stopped. Signals sent to it meanwhile stay pending until SIGCONT."""
+    os.kill(pid, signal.SIGSTOP)
     tasks = Path(f"/proc/{pid}/task")
-    return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in tasks.iterdir())
+    wait_for(lambda: all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] in "tT" for t in tasks.iterdir()),
+             timeout=30, interval=0.05, what=f"process {pid} to stop")
 
 
 class HeldRunner:
@@ -356,13 +361,12 @@ class HeldRunner:
         p = json.loads(self.node.kubectl("get", "pod", pod, "-n", self.namespace, "-o", "json").stdout)
         container = p["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
         self.pid = int(self.dockerd.run("inspect", "-f", "{{.State.Pid}}", container).stdout)
-        os.kill(self.pid, signal.SIGSTOP)
-        wait_for(lambda: _stopped(self.pid), timeout=30, interval=0.05, what="the runner to stop")
+        freeze(self.pid)
         self.released.set()
 
     def wait_sigterm(self, timeout: float = 120) -> None:
         """Wait for the SIGTERM the kubelet sends the stopped runner (pending until thaw)."""
-        wait_for(lambda: _signal_pending(self.pid, signal.SIGTERM), timeout=timeout, interval=0.1,
+        wait_for(lambda: sigterm_pending(self.pid), timeout=timeout, interval=0.1,
                  what="the kubelet's SIGTERM to reach the runner")
 
     def thaw(self) -> None:

@@ -4,14 +4,20 @@ here) and on the CPU runner (`--target runner-cpu`). `--gpus all` needs a GPU ho
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 
 import yaml
 
 from tests.cluster.cluster import wait_for
+from tests.e2e.conftest import freeze, sigterm_pending
 from tests.e2e.images import CONTROLLER, RUNNER, RUNNER_CPU
 
+# The long standalone run's steps: held at step 3 for the stop, so it stops well before its last step (the runner logs
+# each step as it ends; it is held within a step or two of that line).
+LONG_STEPS = 60
 # README "Run standalone with docker", less --gpus/--ipc: read-only root, uid 1000, /tmp and HOME in a tmpfs.
 STANDALONE = ["--user", "1000:1000", "--read-only", "--tmpfs", "/tmp:exec", "-e", "HOME=/tmp", "--network", "host"]
 
@@ -64,7 +70,9 @@ def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_p
     work.mkdir()
     work.chmod(0o777)  # the container runs as uid 1000
     mount = ["-v", f"{work}:/work"]
+    t0 = time.monotonic()
     r = docker_run(dockerd, image, "quickstart", "--dir", "/work/qs", opts=[*STANDALONE, *mount], timeout=900)
+    t_quickstart = time.monotonic() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     out = work / "qs" / "output"
     assert (out / "finetune-manifest.json").exists() and (out / "config.json").exists()
@@ -73,22 +81,33 @@ def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_p
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.num_parameters() > 0
 
-    # a longer run of the same job, stopped the way Ctrl-C / `docker stop` stops it
+    # a longer run of the same job, stopped the way Ctrl-C / `docker stop` stops it: held (SIGSTOP) as it logs
+    # step 3, so that the stop lands mid-training whatever the machine's speed, `docker stop`'s SIGTERM left pending
+    # in it, then let go (SIGCONT)
     job = yaml.safe_load((work / "qs" / "job.yaml").read_text())
-    # long enough that the stop lands mid-training (the CPU runner trains the tiny model at ~50 steps/s)
-    job["spec"]["training"].update(maxSteps=1000, saveSteps=10000, loggingSteps=1)
+    job["spec"]["training"].update(maxSteps=LONG_STEPS, saveSteps=10000, loggingSteps=1)
     job["spec"]["output"]["destination"] = "/work/long-output"
     (work / "long.yaml").write_text(yaml.safe_dump(job))
     name = f"ftc-stop-{int(time.time())}"
+    t1 = time.monotonic()
     dockerd.run("run", "-d", "--name", name, *STANDALONE, *mount, image, "run", "/work/long.yaml")
     try:
-        def training():
-            logs = dockerd.run("logs", name, check=False).stdout
-            steps = [json.loads(line).get("step", 0) for line in logs.splitlines()
-                     if line.startswith("{") and '"progress"' in line]
-            return steps and steps[-1] >= 3
-        wait_for(training, timeout=300, interval=1, what="the standalone run to train 3 steps")
-        dockerd.run("stop", "-t", "60", name, timeout=120)
+        pid = int(dockerd.run("inspect", "-f", "{{.State.Pid}}", name).stdout)
+        follow = subprocess.Popen(["docker", "-H", dockerd.host, "logs", "-f", name], env=dockerd.env(), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        try:
+            held_at = next((json.loads(line)["step"] for line in follow.stdout if line.startswith("{")
+                            and '"progress"' in line and json.loads(line)["step"] >= 3), None)
+            assert held_at is not None, dockerd.run("logs", name, check=False).stderr[-3000:]
+            freeze(pid)
+        finally:
+            follow.kill()
+            follow.wait()
+        stopping = subprocess.Popen(["docker", "-H", dockerd.host, "stop", "-t", "60", name], env=dockerd.env(),
+                                    stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        wait_for(lambda: sigterm_pending(pid), timeout=60, interval=0.1, what="docker stop's SIGTERM")
+        os.kill(pid, signal.SIGCONT)
+        assert stopping.wait(timeout=120) == 0
         code = int(dockerd.run("inspect", "-f", "{{.State.ExitCode}}", name).stdout)
         logs = dockerd.run("logs", name, check=False)
     finally:
@@ -101,10 +120,13 @@ def test_standalone_quickstart_then_stop_and_resume(dockerd, built_images, tmp_p
     assert f"running the same job again resumes from step {step}" in logs.stderr, logs.stderr[-2000:]
     assert not (work / "long-output" / "finetune-manifest.json").exists()  # nothing looks complete
 
+    t2 = time.monotonic()
     r = docker_run(dockerd, image, "run", "/work/long.yaml", opts=[*STANDALONE, *mount], timeout=900, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resuming from {checkpoints[-1]}" in r.stderr, r.stderr[-3000:]
     assert (work / "long-output" / "finetune-manifest.json").exists()
+    print(f"\nstandalone: quickstart {t_quickstart:.1f} s; the long run held at step {held_at} and stopped with "
+          f"{checkpoints[-1]} after {t2 - t1:.1f} s; the run resuming from it {time.monotonic() - t2:.1f} s")
 
 
 def test_images_have_no_pip_cache_or_sources(dockerd, built_images):
