@@ -30,28 +30,24 @@ def test_image_facts(dockerd, built_images):
     print(f"\nimages: {json.dumps(built_images)}")  # sizes and build seconds, for the CI log
     # both runners: uid 1000, their CLI, a read-only root filesystem
     for image in (RUNNER, RUNNER_CPU):
-        r = docker_run(dockerd, image, "-c", "import os; print(os.getuid(), os.getgid())",
-                       opts=["--read-only", "--entrypoint", "python"])
-        assert r.stdout.split() == ["1000", "1000"], image
         r = docker_run(dockerd, image, "--help", opts=["--read-only"])
         assert r.returncode == 0 and "usage:" in r.stdout and "quickstart" in r.stdout, r.stdout + r.stderr
-    probe = ("import importlib.util, torch, transformers, peft, bitsandbytes, trl;"
-             "print(torch.__version__, torch.version.cuda, torch.cuda.is_available(),"
+    probe = ("import importlib.util, os, torch, transformers, peft, bitsandbytes, trl; print(os.getuid(), os.getgid(),"
+             " torch.__version__, torch.version.cuda, torch.cuda.is_available(),"
              " *(importlib.util.find_spec(m) is not None for m in ('triton', 'liger_kernel', 'mlflow', 'wandb')))")
     tmp = ["--read-only", "--tmpfs", "/tmp", "--entrypoint", "python"]
     # the production runner: PyPI's torch 2.11.0, the CUDA 13.0 build (it names itself 2.11.0+cu130, as on the GPU
     # machines), with Triton and Liger; no GPU here
     assert docker_run(dockerd, RUNNER, "-c", probe, opts=tmp).stdout.split() == [
-        "2.11.0+cu130", "13.0", "False", "True", "True", "True", "True"]
+        "1000", "1000", "2.11.0+cu130", "13.0", "False", "True", "True", "True", "True"]
     # the CPU runner: the CPU build; no Triton, Liger or tracker clients
-    version, cuda, *rest = docker_run(dockerd, RUNNER_CPU, "-c", probe, opts=tmp).stdout.split()
+    uid, gid, version, cuda, *rest = docker_run(dockerd, RUNNER_CPU, "-c", probe, opts=tmp).stdout.split()
+    assert [uid, gid] == ["1000", "1000"], (uid, gid)
     assert version.endswith("+cpu") and cuda == "None" and rest == ["False"] * 5, (version, cuda, rest)
     # the controller: uid 1000, no torch, prints its CRD from a read-only root
-    r = docker_run(dockerd, CONTROLLER, "-c", "import os; print(os.getuid())",
-                   opts=["--read-only", "--entrypoint", "python"])
+    r = docker_run(dockerd, CONTROLLER, "-c", "import os; print(os.getuid(), flush=True); import torch",
+                   opts=["--read-only", "--entrypoint", "python"], check=False)
     assert r.stdout.strip() == "1000"
-    r = docker_run(dockerd, CONTROLLER, "-c", "import torch", opts=["--read-only", "--entrypoint", "python"],
-                   check=False)
     assert r.returncode != 0 and "No module named 'torch'" in r.stderr
     r = docker_run(dockerd, CONTROLLER, "crd", opts=["--read-only"])
     assert yaml.safe_load(r.stdout)["kind"] == "CustomResourceDefinition"
