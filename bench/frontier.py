@@ -291,9 +291,9 @@ def main(args) -> int:
                 result["unsloth"].update(json.loads(part.read_text()))
             save()
     budgets = {w["name"]: result["unsloth"].get(w["name"], {}).get("peakAllocatedGiB") for w in singles}
-    loads = [dict(packed, name="packed"), dict(packed, name="packed-peft-lora", plan={"fused_lora": False}),
+    loads = [dict(packed, name="packed"), dict(packed, name="packed-compiled", training={"compile": True}),
+             dict(packed, name="packed-peft-lora", plan={"fused_lora": False}),
              dict(packed, name="packed-10gib", budget=10.0),
-             dict(packed, name="packed-compiled", training={"compile": True}),
              dict(packed, name="lean-profiled", batchSize=1, steps=16, training={"gradientAccumulationSteps": 2,
                   "optimizer": "paged_adamw_8bit"}, checkpointing=True,
                   plan={"micro_batch": 1, "accumulation": 2, "micro_batch_tokens": 2048}, profile=True)]
