@@ -1,8 +1,9 @@
 """A decided job (Succeeded or Failed) has nothing left to run: it gets its completionTime, its active attempts
-are deleted and the runner's identity is revoked. A finished job stays finished: when no attempt is active and
-the observations would start a new one (the Jobs were cleaned up by ttlSecondsAfterFinished, or backoffLimit was
-raised afterwards), the recorded terminal status is kept. While an attempt is active, the status is always
-rebuilt from observations."""
+are deleted and the runner's identity is revoked. A finished job stays finished: when the observations would
+start a new attempt (the Jobs were cleaned up by ttlSecondsAfterFinished, or backoffLimit was raised afterwards),
+or still show an attempt active that the verdict deleted (the watch cache has not had the Job's deletion yet, while
+its pod is already going), the recorded terminal status is kept and such an attempt deleted again - never a
+second Job of the same attempt. A verdict found again on a later pass (VERDICTS come first) is rebuilt as ever."""
 from __future__ import annotations
 
 from controller.attempts import format_time
@@ -27,9 +28,9 @@ def decided(o: Observed, v: Verdict) -> Decision:
 
 
 def kept(o: Observed) -> Decision | None:
-    if o.active or not o.finished:
+    if not o.finished:
         return None
-    return Decision(status={k: o.old.get(k) for k in _KEPT})
+    return Decision(status={k: o.old.get(k) for k in _KEPT}, actions=[delete(x.job) for x in o.active])
 
 
 def revoke_identity(o: Observed, a: Assessment) -> Decision | None:

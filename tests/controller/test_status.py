@@ -162,6 +162,22 @@ def test_image_pull_failure_waits_then_fails_and_stops_the_pod():
     assert kinds(a) == [("delete-job", "demo-1")]
 
 
+def test_a_failed_job_stays_failed_while_the_cache_still_shows_its_deleted_job():
+    """The pass after a verdict can still see the attempt's Job (the watch cache has not had its deletion yet) while
+    its pod, deleted after it, is going: the job stays Failed and the Job is deleted again; once the Job is gone from
+    the cache, no attempt starts afresh (no second Job of the same attempt)."""
+    pods = [pod(1, "Pending", waiting="ImagePullBackOff", started=-61)]
+    failed = run(ftj(), [job(1)], pods).status
+    assert (failed["phase"], failed["reason"]) == ("Failed", "ImagePullFailed")
+    going = [pod(1, "Pending", waiting="ImagePullBackOff", started=-61, deleting=True)]
+    a = run(ftj(status=failed), [job(1)], going, now=T0 + 2)
+    assert (a.status["phase"], a.status["reason"]) == ("Failed", "ImagePullFailed"), a.status
+    assert kinds(a) == [("delete-job", "demo-1")] and not a.events
+    assert a.status["conditions"] == failed["conditions"]
+    gone = run(ftj(status=failed), [], [], now=T0 + 30)
+    assert gone.status["phase"] == "Failed" and not gone.actions
+
+
 def test_invalid_image_name_fails_at_once():
     a = run(ftj(), [job(1)], [pod(1, "Pending", waiting="InvalidImageName")])
     assert (a.status["phase"], a.status["reason"]) == ("Failed", "ImagePullFailed")
