@@ -352,8 +352,9 @@ class HeldRunner:
                 raise AssertionError(f"{name} failed: {status(self.node, self.namespace, name)}")
             return False
         wait_for(held, timeout=timeout, interval=0.2, what=f"{name}'s runner to save checkpoint-{HELD_STEP}")
-        s = status(self.node, self.namespace, name)
-        assert s["phase"] == s["runner"]["phase"] == phases.TRAINING, s
+        s = wait_status(self.node, self.namespace, name, lambda s: s.get("phase") == phases.TRAINING, 60,
+                        "the job's phase to say Training")  # (the controller's, from the runner's report)
+        assert s["runner"]["phase"] == phases.TRAINING, s
         return s["runner"]["pod"]
 
     def freeze(self, pod: str) -> None:
