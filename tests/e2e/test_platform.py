@@ -197,6 +197,7 @@ def test_helm_upgrade_from_the_previous_chart_keeps_a_training_job_running(node,
     node.cluster.helm_run("upgrade", RELEASE, str(_previous_chart(tmp_path)), "-n", OPERATOR_NS, "-f",
                           str(old_values), "--wait", "--timeout", "180s", timeout=200)
     wait_for(lambda: _all_ready(node, 1), 120, interval=1.0, what="the previous chart's controller")
+    t_previous = time.monotonic() - t0
     apply(node, ns, held.job("across", STEPS))
     held.freeze(held.wait("across"))
     [pod] = _json(node, "get", "pods", "-n", ns)["items"]
@@ -216,5 +217,5 @@ def test_helm_upgrade_from_the_previous_chart_keeps_a_training_job_running(node,
     [after] = _json(node, "get", "pods", "-n", ns)["items"]
     assert after["metadata"]["uid"] == pod["metadata"]["uid"], "the runner pod was replaced"
     assert after["status"]["containerStatuses"][0]["restartCount"] == 0
-    print(f"\nprevious chart -> job training: {t1 - t0:.1f} s; helm upgrade to this chart with the job at step "
-          f"{step}: {upgraded:.1f} s; the job went on to step {STEPS} in its one pod")
+    print(f"\nprevious chart Ready: {t_previous:.1f} s, a job of it held in training: {t1 - t0:.1f} s; helm "
+          f"upgrade to this chart with the job at step {step}: {upgraded:.1f} s; it went on to step {STEPS} in its pod")
