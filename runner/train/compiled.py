@@ -19,40 +19,49 @@ from typing import Callable
 from runner.train.offload import decoder_layers
 
 
+# Compiler settings for the training, restored after it (module, name, value):
+#  - a layer's forward sets a context variable (transformers' kernel registry) that a checkpoint's recompute need not
+#    set again: said so, or dynamo falls back to eager for the whole checkpointed layer;
+#  - no common-subexpression elimination across forward and backward: fused LoRA dequantises the 4-bit weight again
+#    in its backward, and merged with the forward's dequantisation the 16-bit weight would be saved for backward,
+#    every layer's (12.4 GiB more for a Llama-3-8B, measured: bench/README.md).
+SETTINGS = (("torch._dynamo.config", "skip_fwd_side_effects_in_bwd_under_checkpoint", True),
+            ("torch._functorch.config", "cse", False))
+
+
 class Compiled:
     """The layers `install` compiled, to `remove` the compilation again."""
 
-    def __init__(self, layers: list, skipped_before: bool) -> None:
+    def __init__(self, layers: list, settings_before: list) -> None:
         self.layers = layers
-        self.skipped_before = skipped_before
+        self.settings_before = settings_before
 
     def remove(self) -> None:
-        import torch._dynamo.config
-
         for layer in self.layers:
             vars(layer).pop("forward", None)  # the class's forward again
-        if self.layers:
-            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = self.skipped_before
-        self.layers = []
+        for module, name, value in self.settings_before:
+            setattr(module, name, value)
+        self.layers, self.settings_before = [], []
 
 
 def install(model, backend: str = "inductor") -> Compiled:
-    """Every decoder layer's forward compiled (none compiled twice); the first step compiles them.
+    """Every decoder layer's forward compiled (none compiled twice); the first step compiles them. Under plain
+    checkpointing a layer's forward is transformers' checkpointing wrapper, and the checkpoint is traced into the
+    graph (the compiler then decides what to save and what to recompute)."""
+    import importlib
 
-    Under plain checkpointing a layer's forward is transformers' checkpointing wrapper, and the checkpoint is
-    traced into the graph (the compiler then decides what to save and what to recompute). The layer's forward sets
-    a context variable (transformers' kernel registry) that a recompute need not set again: dynamo is told so,
-    or it would fall back to eager for the whole layer."""
     import torch
-    import torch._dynamo.config
 
     layers = [layer for layer in decoder_layers(model) if "forward" not in vars(layer)]
-    skipped = torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint
+    before = []
     if layers:
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        for module_name, name, value in SETTINGS:
+            module = importlib.import_module(module_name)
+            before.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
     for layer in layers:
         layer.forward = torch.compile(layer.forward, backend=backend)
-    return Compiled(layers, skipped)
+    return Compiled(layers, before)
 
 
 def callback(log: Callable[[str], None]):
