@@ -9,6 +9,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # (result file, the line above its table)
 RESULTS = [
+    ("bench/results/h100-llama-3-8b-frontier.json", "The packed rows, one call, both frameworks, one H100 "
+     "(`LENGTHS= bash bench/gpu/frontier.sh`; fused LoRA projections, and compiled layers as measured before their "
+     "memory fix: results/h100-llama-3-8b-frontier-compiled.json has the fixed row):"),
     ("bench/results/h200-llama-3-8b-frontier.json", "One call, both frameworks, one H200 (`bash bench/gpu/frontier.sh`, "
      "lengths 16k-64k, 2 steps per length of which the second is timed):"),
     ("bench/results/h200-llama-3-8b-frontier-cudnn.json", "Then single sequences on cuDNN's attention kernel "
@@ -62,12 +65,13 @@ def table(result: dict) -> str:
         lines.append(f"Lean row (1x2048 x2, checkpointing, paged 8-bit AdamW): {_tps(lean)} tokens/s, GPU busy "
                      f"{lean['gpuBusyFraction']:.0%} of the profiled steps, {lean['kernelsPerStep']:,} kernels "
                      "per step.")
-    check = result.get("lossCheck")
-    if check:
-        lines.append("")
-        lines.append(f"Loss, {check['fast']} against {check['reference']} (same data and initial LoRA weights), "
-                     f"{check['steps']} steps: max relative difference {check['maxRelativeDifference']:.1e} "
-                     f"(tolerance {check['tolerance']}).")
+    for key in ("lossCheck", "lossCheckFusedLora", "lossCheckCompiled"):
+        check = result.get(key)
+        if check:
+            lines.append("")
+            lines.append(f"Loss, {check['fast']} against {check['reference']} (same data and initial LoRA weights), "
+                         f"{check['steps']} steps: max relative difference {check['maxRelativeDifference']:.1e} "
+                         f"(tolerance {check['tolerance']}).")
     return "\n".join(lines) + "\n"
 
 
