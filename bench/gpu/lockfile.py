@@ -66,7 +66,10 @@ def wheel_names(folder: Path) -> set[str]:
 def main(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     if command == "carry":
-        print("\n".join(line for name, _, line in entries(GPU_PYTHON) if not MACHINES_OWN.match(name)))
+        # markers already evaluated for the GPU machines' python: dropped, or pip here would evaluate them again for
+        # its own python and skip the 3.12-only pins (numpy, networkx, ...)
+        print("\n".join(re.sub(r"^[^\\]*", f"{name}=={version} ", line, count=1)
+                        for name, version, line in entries(GPU_PYTHON) if not MACHINES_OWN.match(name)))
     elif command == "missing":
         print(" ".join(f"{name}" for name, version, _ in entries()
                        if not MACHINES_OWN.match(name) and not same(installed(name), version)))
