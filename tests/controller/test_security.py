@@ -178,7 +178,8 @@ def test_the_deepest_spec_the_api_server_stores_is_contained(controller, cluster
     assert create_as(k8s_cluster, editor, ns, ftj_doc("after"))[0] == 201
     cluster_api.wait_phase("deepest", "Failed", reason="InvalidSpec")
     cluster_api.wait_phase("after", "Pending")
-    assert cluster_api.jobs("after") and not cluster_api.jobs("deepest")
+    wait_for(lambda: cluster_api.jobs("after"), 60, what="the Job of the job created after it")  # Pending comes first
+    assert not cluster_api.jobs("deepest")
     assert controller.proc.poll() is None, controller.log()
 
 
