@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Here (with the package registry), before a GPU run: the wheels of the runner's GPU lock (locks/runner.txt) for the
 # GPU machines' Python 3.12, every hash checked, into .whl/lock/ - all but the machines' own CUDA stack (torch,
-# triton, nvidia-*, cuda-*), which they have preinstalled. Then carry `.whl/lock` (bench/gpu/setup.sh installs
+# triton, nvidia-*, cuda-toolkit), which they have preinstalled. Then carry `.whl/lock` (bench/gpu/setup.sh installs
 # from it). Usage: bash bench/gpu/fetch-wheels.sh [NAME ...]   (only these packages; default: all of them)
 set -euo pipefail
 cd "$(dirname "$0")/../.."

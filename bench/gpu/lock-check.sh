@@ -11,8 +11,8 @@ if [ "${1:-}" = plan ]; then
     echo "carry: $(python3 bench/gpu/lockfile.py missing)"
     exit 0
 fi
-export LOCK_VENV=/tmp/lock-venv-$$
-rm -rf "$LOCK_VENV"
+export LOCK_VENV=${LOCK_VENV:-/tmp/lock-venv}
+rm -rf "$LOCK_VENV"  # clean: everything in it comes from the lock (frontier.sh then reuses it)
 source bench/gpu/setup.sh
 echo "== venv $LOCK_VENV: $(wc -l < /tmp/lock-need.txt) lock lines installed from .whl/lock"
 python -m pip freeze > "$OUT/lock-freeze.txt"

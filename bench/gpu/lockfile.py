@@ -22,7 +22,7 @@ from packaging.version import Version
 LOCK = Path(__file__).resolve().parents[2] / "locks" / "runner.txt"
 # The GPU machines' own CUDA stack (torch 2.11.0+cu130, its nvidia-* libraries, triton: several GB), used as it is;
 # lock-check compares their versions with the lock's like every other package's.
-MACHINES_OWN = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
+MACHINES_OWN = re.compile(r"^(torch|triton|nvidia-.*|cuda-toolkit)$")
 
 
 GPU_PYTHON = "3.12"  # the GPU machines' python3
