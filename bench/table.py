@@ -12,6 +12,9 @@ RESULTS = [
     ("bench/results/h100-llama-3-8b-frontier.json", "The packed rows, one call, both frameworks, one H100 "
      "(`LENGTHS= bash bench/gpu/frontier.sh`; fused LoRA projections, and compiled layers as measured before their "
      "memory fix: results/h100-llama-3-8b-frontier-compiled.json has the fixed row):"),
+    ("bench/results/h100-llama-3-8b-frontier-long.json", "Single sequences of 16k-128k tokens, one call, both "
+     "frameworks, one H100 (`LENGTHS=16384,32768,65536,131072 FRONTIER_ARGS=--skip-packed bash bench/gpu/frontier.sh`; "
+     "2 steps per length, the second timed; the runner under a memory budget of Unsloth's peak):"),
     ("bench/results/h200-llama-3-8b-frontier.json", "One call, both frameworks, one H200 (`bash bench/gpu/frontier.sh`, "
      "lengths 16k-64k, 2 steps per length of which the second is timed):"),
     ("bench/results/h200-llama-3-8b-frontier-cudnn.json", "Then single sequences on cuDNN's attention kernel "

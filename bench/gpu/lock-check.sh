@@ -14,7 +14,7 @@ fi
 export LOCK_VENV=${LOCK_VENV:-/tmp/lock-venv}
 rm -rf "$LOCK_VENV"  # clean: everything in it comes from the lock (frontier.sh then reuses it)
 source bench/gpu/setup.sh
-echo "== venv $LOCK_VENV: $(wc -l < /tmp/lock-need.txt) lock lines installed from .whl/lock"
+echo "== venv $LOCK_VENV: $(grep -c "==" /tmp/lock-need.txt) packages installed from .whl/lock*"
 python -m pip freeze > "$OUT/lock-freeze.txt"
 python bench/gpu/lockfile.py compare "$OUT/lock-compare.json"
 echo "== the 8B job"
