@@ -12,6 +12,8 @@ import inspect
 
 import torch
 
+from runner.model import kept_attention
+
 NAME = "varlen"
 
 
@@ -72,8 +74,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 
 def single_sequence(query, key, value, scaling=None) -> torch.Tensor:
     """Causal attention of one sequence (b=1, h, s, d) -> (1, s, h, d): SDPA, preferring cuDNN's kernel, then
-    flash-attention 2, then memory-efficient attention (no backend here materialises the s x s scores)."""
+    flash-attention 2, then memory-efficient attention (no backend here materialises the s x s scores). Inside
+    an offloaded checkpoint unit, the kernel's output is kept for its recomputation (runner/model/kept_attention.py)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kept = kept_attention.attend(query, key, value, scaling)
+    if kept is not None:
+        return kept.transpose(1, 2)
 
     backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     gqa = query.shape[1] != key.shape[1]

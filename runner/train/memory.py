@@ -103,6 +103,9 @@ HALF_LAYER_BYTES = {True: 30, False: 38}
 CHUNK_TOKENS = 8192  # the MLP's chunk (runner/train/offload.py)
 INPUT_BYTES = 2  # one saved layer input (bf16)
 UNITS = {Checkpointing.NONE: 0, Checkpointing.LAYER: 1, Checkpointing.SPLIT: 2, Checkpointing.TILED: 1}  # per layer
+# A kept attention output is one more input's worth (bf16, hidden units per token); its log-sum-exp (4 bytes per
+# token per head: 1/64 of that for 128-wide heads) is the rest.
+KEPT_ATTENTION = 1.02
 IN_FLIGHT = 2  # offloaded: saved inputs on the GPU besides the units of the layer being computed (copies in flight)
 # Checked on an H200, Llama-3-8B shape, offloaded layers (bench/results/h200-llama-3-8b-frontier*.json): estimated
 # peak + LoRA state against the measured peak allocated: 4x2048 8.2 vs 8.2 GiB, one sequence of 16k 10.0 vs 10.0
@@ -146,11 +149,13 @@ def activation_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
     return per_token * INPUT_BYTES * saved + live
 
 
-def host_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
-    """Pinned host bytes of one micro-batch's offloaded inputs: one per unit of every layer."""
+def host_bytes(mode: Mode, tokens: int, shape: Shape, kept_attention: bool = False) -> int:
+    """Pinned host bytes of one micro-batch's offloaded inputs: one per unit of every layer, and with
+    `kept_attention` each layer's attention output besides (runner/model/kept_attention.py)."""
     if not mode.offloaded:
         return 0
-    return tokens * shape.hidden * INPUT_BYTES * UNITS[mode.checkpointing] * shape.layers
+    per_layer = UNITS[mode.checkpointing] + (KEPT_ATTENTION if kept_attention else 0)
+    return int(tokens * shape.hidden * INPUT_BYTES * per_layer * shape.layers)
 
 
 @dataclass(frozen=True)

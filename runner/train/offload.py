@@ -13,6 +13,11 @@ checkpointed separately, norms inside, residual adds outside (an add saves nothi
 larger half's activations are ever live: about half of a whole layer's at long sequences, for the same single
 recomputation. Any other architecture checkpoints whole decoder layers (transformers' GradientCheckpointingLayer).
 
+With `keep_attention`, a unit's attention of one long sequence also sends its output and log-sum-exp to host memory
+(runner/model/kept_attention.py), and the recomputation takes them back instead of running the attention kernel:
+at 64k-128k tokens attention is the larger part of a layer's forward, for 2 more bytes per token per hidden unit
+per layer of host memory.
+
 `install(model, mode)` patches the units in for one of the memory modes that keep their inputs on the host
 (runner/train/memory.py), and its `remove()` undoes that; runner/train/patches.py does both around the training,
 after the Liger patches (runner/train/layer_kernels.py: they replace the norms' and MLPs' forward, and the units call
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runner.model import kept_attention
 from runner.train import memory
 from runner.train.memory import Checkpointing, Mode
 
@@ -44,9 +50,10 @@ class _Saved:
 class _Store:
     """Unit inputs of one forward pass, in pinned CPU memory, in the order they were saved."""
 
-    def __init__(self) -> None:
+    def __init__(self, kept: _Store | None = None) -> None:
         self.saved: list[_Saved | None] = []  # None: taken back by the backward pass
         self.stream = None
+        self.kept = kept  # where the units' attention outputs are kept (None: recomputed)
 
     def _side(self, device: torch.device):
         if self.stream is None:
@@ -162,8 +169,11 @@ class _Offloaded(torch.autograd.Function):
         ctx.run, ctx.store, ctx.args, ctx.device, ctx.chunk = run, store, args, x.device, chunk
         ctx.recompute = _Recompute(x)
         ctx.slot = store.save(x)
-        with torch.no_grad():
+        kept = store.kept
+        with torch.no_grad(), (kept_attention.keeping(kept.save) if kept is not None
+                               else contextlib.nullcontext([])) as records:
             out = _chunked(run, x, chunk) if chunk else run(x, *args)
+        ctx.records = records
         ctx.is_tuple = isinstance(out, tuple)
         return out
 
@@ -176,7 +186,9 @@ class _Offloaded(torch.autograd.Function):
                 dx = None if grads[0] is None else _chunked_backward(ctx.run, x, grads[0], ctx.chunk)
             ctx.run, ctx.args = None, None
             return (None, None, None, None, dx, *(None,) * n)
-        with ctx.recompute():
+        kept = ctx.store.kept
+        with ctx.recompute(), (kept_attention.replaying(lambda slot: kept.load(slot, ctx.device), ctx.records)
+                               if ctx.records else contextlib.nullcontext()):
             out = ctx.run(x, *ctx.args)
         outs = out if ctx.is_tuple else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads)
@@ -292,14 +304,15 @@ def _splittable(layer) -> bool:
     return all(isinstance(getattr(layer, p, None), torch.nn.Module) for p in _SPLIT_PARTS)
 
 
-def install(model, mode: Mode = memory.OFFLOADED_SPLIT) -> Offload:
+def install(model, mode: Mode = memory.OFFLOADED_SPLIT, keep_attention: bool = False) -> Offload:
     """Offloaded checkpointing on every decoder layer, as `mode` (one of memory.OFFLOADED) checkpoints: whole layers,
     split (attention and MLP halves apart, the MLP a chunk of tokens at a time) or tiled (whole layers, their MLP
     recomputed a chunk at a time: half of split's CPU memory, one more MLP forward). Layers that are not pre-norm
-    decoder layers: whole."""
+    decoder layers: whole. `keep_attention`: one sequence's attention output (runner/model/kept_attention.py) goes
+    to host memory with the unit's input, and the recomputation skips the attention kernel."""
     if mode not in memory.OFFLOADED:
         raise ValueError(f"offloaded checkpointing: {mode} is not one of {', '.join(map(str, memory.OFFLOADED))}")
-    store = _Store()
+    store = _Store(_Store() if keep_attention else None)
     done = Offload(model, store, mode)
     layers = decoder_layers(model)
     if not layers:

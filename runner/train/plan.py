@@ -208,6 +208,13 @@ def compiled(spec: FineTuneJobSpec, strategy: str, mode: Mode) -> bool:
     return spec.training.compile and strategy != "fsdp" and not mode.offloaded
 
 
+def kept_attention(mode: Mode, attention_name: str, tokens: int, shape: memory.Shape, host: int | None) -> bool:
+    """Attention outputs kept for the recomputation (runner/model/kept_attention.py): offloaded modes on the varlen
+    path (cuDNN for one sequence), where host memory holds them beside the layer inputs."""
+    return mode.offloaded and attention_name == attention_kernels.NAME and (
+        host is None or memory.host_bytes(mode, tokens, shape, kept_attention=True) <= host)
+
+
 def attention(spec: FineTuneJobSpec, machine: Machine) -> str:
     """`auto`: flash-attention 2 where installed, else PyTorch's varlen kernel, on a GPU; SDPA elsewhere
     (with position ids that restart per example transformers builds a block-diagonal mask)."""
@@ -277,6 +284,7 @@ class Plan:
     peak_bytes: int | None = None  # the chosen mode's estimated peak (GPU only)
     fused_lora: bool = False  # each LoRA projection one autograd node (runner/train/fused_lora.py)
     compile: bool = False  # decoder layers compiled, one graph for all (runner/train/compiled.py)
+    keep_attention: bool = False  # offloaded units keep attention outputs for recomputation (kept_attention.py)
 
     @property
     def fsdp(self) -> bool:
@@ -304,7 +312,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:
-        kw = {f.name: d[_camel(f.name)] for f in dataclasses.fields(cls)}
+        kw = {f.name: d[_camel(f.name)] for f in dataclasses.fields(cls) if _camel(f.name) in d}  # older: defaults
         kw["compute_dtype"], kw["storage_dtype"] = DTYPES[kw["compute_dtype"]], DTYPES[kw["storage_dtype"]]
         kw["mode"] = Mode.from_dict(kw["mode"])
         return cls(**kw)
@@ -312,10 +320,8 @@ class Plan:
     def line(self) -> str:
         """The plan as one log line."""
         gib = lambda n: f"{n / GiB:.1f}"  # noqa: E731
-        if self.gpu_total_bytes is None:
-            gpu = "no GPU"
-        else:
-            gpu = f"usable {gib(self.gpu_usable_bytes)} of {gib(self.gpu_total_bytes)} per GPU"
+        gpu = "no GPU" if self.gpu_total_bytes is None else (
+            f"usable {gib(self.gpu_usable_bytes)} of {gib(self.gpu_total_bytes)} per GPU")
         budget = ""
         if self.memory_budget_bytes:
             unused = "" if self.budget_applied else " not applied (" + ("FSDP" if self.fsdp else "no GPU") + ")"
@@ -325,7 +331,7 @@ class Plan:
                 f"storage={_name(self.storage_dtype)} bits={self.bits} "
                 f"checkpointing={self.mode.checkpointing.value} offload={self.mode.offload.value} "
                 f"layer_kernels={self.layer_kernels} fused_lora={self.fused_lora} compile={self.compile} "
-                f"attention={self.attention} "
+                f"attention={self.attention} keep_attention={self.keep_attention} "
                 f"packing={packing} micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
                 f"accumulation={self.accumulation} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
@@ -344,6 +350,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     compute = compute_dtype(spec, machine)
     weights = _weight_bytes(meta, bits, compute.itemsize)
     usable = usable_bytes(machine.gpu_total, machine.gpu_free) if machine.gpu else None
+    host = None
     unfused = memory.Shape(cfg.num_hidden_layers, cfg.hidden_size, spec.dataset.max_length, layer_kernels=False)
     tokens = t.batch_size * spec.dataset.max_length
     chosen = strategy(spec, machine, weights, memory.activation_bytes(memory.CHECKPOINTING, tokens, unfused), usable)
@@ -356,7 +363,6 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     if usable is not None and chosen != "fsdp":
         if budget is not None:
             usable = min(usable, budget - memory.lora_bytes(meta, spec) - memory.BUDGET_MARGIN)
-        host = None
         if machine.host_available is not None:
             host = int(memory.HOST_FRACTION * machine.host_available) // machine.processes
         fit = memory.choose_mode(shape, rows=t.batch_size * t.gradient_accumulation_steps, weights=on_gpu,
@@ -382,6 +388,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits, accumulation=fit.accumulation,
         memory_budget_bytes=budget, peak_bytes=fit.peak, fused_lora=fused_lora(spec, chosen),
         compile=compiled(spec, chosen, fit.mode),
+        keep_attention=kept_attention(fit.mode, attn, tokens, shape, host),
     )
 
 
