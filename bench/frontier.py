@@ -272,9 +272,10 @@ def main(args) -> int:
 
     singles = [dict(name=f"single-{n // 1024}k" if n >= 1024 else f"single-{n}", maxLength=n, batchSize=1, steps=short, warmup=1, single=True)
                for n in lengths]
-    if args.unsloth_from:  # Unsloth's rows from an earlier call of this benchmark (same GPU kind, model, data)
-        result["unsloth"] = json.loads(Path(args.unsloth_from).read_text())["unsloth"]
-        result["unslothFrom"] = str(args.unsloth_from)
+    if args.unsloth_from:  # Unsloth's rows from earlier calls of this benchmark (same GPU kind, model, data)
+        for f in args.unsloth_from.split(","):
+            result["unsloth"].update(json.loads(Path(f).read_text())["unsloth"])
+        result["unslothFrom"] = args.unsloth_from
     elif not args.no_unsloth:
         uenv = {"PYTHONPATH": os.pathsep.join(filter(None, [args.unsloth_path, os.environ.get("PYTHONPATH")]))}
         runs = (("unsloth", [dict(packed, name="packed-offload"), *singles]), ("none", [dict(packed, name="packed")]))
@@ -300,6 +301,9 @@ def main(args) -> int:
     if args.skip_packed:
         loads = []
     loads += [dict(w, budget=budgets[w["name"]]) for w in singles]
+    # the same sequences with the attention recomputed (runner/model/kept_attention.py off): its A/B
+    loads += [dict(w, name=f"{w['name']}-recompute", budget=budgets[w["name"]], plan={"keep_attention": False})
+              for w in singles]
     if args.only:
         loads = [w for w in loads if w["name"] in args.only.split(",")]
     part = work / "runner.json"
@@ -310,7 +314,8 @@ def main(args) -> int:
     result["pairs"] = {**({} if args.skip_packed else {"packed (memory to spare)": ("packed", "packed"),
                                                        "packed, compiled layers": ("packed-compiled", "packed"),
                                                        "packed, <= 10 GiB": ("packed-10gib", "packed-offload")}),
-                       **{w["name"]: (w["name"], w["name"]) for w in singles}}
+                       **{w["name"]: (w["name"], w["name"]) for w in singles},
+                       **{f"{w['name']}, attention recomputed": (f"{w['name']}-recompute", w["name"]) for w in singles}}
     for key, fast, reference in (("lossCheck", "packed-10gib", "packed"),
                                  ("lossCheckFusedLora", "packed", "packed-peft-lora"),
                                  ("lossCheckCompiled", "packed-compiled", "packed")):
@@ -338,7 +343,7 @@ def parser():
     p.add_argument("--lengths", default="16384,32768,65536", help="single-sequence lengths, comma-separated")
     p.add_argument("--no-unsloth", action="store_true")
     p.add_argument("--skip-packed", action="store_true", help="single sequences only (both frameworks)")
-    p.add_argument("--unsloth-from", default=None, help="take Unsloth's rows from an earlier result file")
+    p.add_argument("--unsloth-from", default=None, help="take Unsloth's rows from earlier result files (comma-separated)")
     p.add_argument("--unsloth-path", default="/tmp/site-unsloth", help="put first on PYTHONPATH for Unsloth")
     p.add_argument("--only", default=None, help="runner workloads to run (comma-separated names)")
     p.add_argument("--worker-timeout", type=int, default=1200, help="seconds for each worker process")

@@ -107,8 +107,11 @@ class _Replayed(torch.autograd.Function):
 
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(b, h, s, d) -> (b, heads, s, d), each head repeated, laid out as the queries are (tokens outermost)."""
     b, h, s, d = x.shape
-    return x if h == heads else x[:, :, None].expand(b, h, heads // h, s, d).reshape(b, heads, s, d)
+    if h == heads:
+        return x
+    return x.transpose(1, 2)[:, :, :, None].expand(b, s, h, heads // h, d).reshape(b, s, heads, d).transpose(1, 2)
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor | None:
