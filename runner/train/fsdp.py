@@ -24,6 +24,7 @@ from runner.model import load as model_load
 from runner.parallel.fsdp_load import layer_classes
 from runner.api.errors import INVALID_SPEC, PermanentError
 from runner.api.spec import FineTuneJobSpec
+from runner.train import host_syncs
 from runner.train.plan import Plan
 
 
@@ -153,10 +154,11 @@ def float32_outputs(plugin) -> None:
 
 
 def sft_trainer_class():
-    """trl's SFTTrainer, saving and resuming only the adapter under FSDP (the base is frozen and large)."""
+    """trl's SFTTrainer, saving and resuming only the adapter under FSDP (the base is frozen and large), its
+    training step free of host synchronisations (runner/train/host_syncs.py)."""
     from trl import SFTTrainer
 
-    class QLoRATrainer(SFTTrainer):
+    class QLoRATrainer(host_syncs.NoHostSyncs, SFTTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if self.is_fsdp_enabled:

@@ -138,6 +138,10 @@ def _callbacks(reporter: Reporter, store, keep: int, stop: StopFlag, history: li
             }
             self.history.append(point)
             reporter.progress(**point)
+            if logs.get("nonfinite_losses"):  # runner/train/host_syncs.py counts them
+                reporter.log(f"step {state.global_step}: {logs['nonfinite_losses']} micro-batch losses since the "
+                             "previous log were NaN or infinite; the logged loss has the mean of the others in their "
+                             "place")
 
     progress = Progress()
 
@@ -251,6 +255,7 @@ def _training_args(spec: FineTuneJobSpec, out_dir: Path, plan: Plan, has_eval: b
         report_to="none",
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # runner/train/host_syncs.py filters NaN/inf losses on the device instead
         dataloader_pin_memory=on_cuda,
         dataloader_num_workers=2 if on_cuda else 0,
         dataloader_persistent_workers=on_cuda,
