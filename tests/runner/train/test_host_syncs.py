@@ -2,8 +2,8 @@
 trained by make_trainer's trl SFTTrainer: inside every optimizer step (its micro-batches' forward, loss, backward,
 token counting, clipping, optimizer) nothing is read back from a tensor, and between steps only at logs; what is
 logged (loss, gradient norm, entropy, token accuracy, token counts) and the trained adapter equal trl's own
-compute_loss path with the Trainer's NaN/inf filter, bit for bit, packed and padded, a NaN loss included; the tokens
-seen after a resume from a checkpoint equal an uninterrupted run's."""
+compute_loss path with the Trainer's NaN/inf filter, bit for bit, packed and padded, a NaN loss included, on one
+process and on two (torchrun, gloo); the tokens seen after a resume from a checkpoint equal an uninterrupted run's."""
 from __future__ import annotations
 
 import dataclasses
@@ -182,9 +182,12 @@ def _nan_at_fourth_forward():
     return hook
 
 
-@pytest.mark.parametrize("packing,nan", [(True, False), (False, False), (True, True)],
-                         ids=["packed", "padded", "packed-nan-loss"])
-def test_logged_values_and_adapter_equal_trls_own_path(tiny_llama, tmp_path, packing, nan):
+@pytest.mark.parametrize("packing,nan,flush_every", [(True, False, None), (False, False, None), (True, True, None),
+                                                     (True, False, 3)],
+                         ids=["packed", "padded", "packed-nan-loss", "packed-read-every-3-micro-batches"])
+def test_logged_values_and_adapter_equal_trls_own_path(tiny_llama, tmp_path, monkeypatch, packing, nan, flush_every):
+    if flush_every is not None:  # the pending values also read between logs, as a long logging interval does
+        monkeypatch.setattr(host_syncs, "FLUSH_EVERY", flush_every)
     runs = {}
     for as_trl in (True, False):
         trainer = _trainer(tiny_llama, tmp_path / str(as_trl), packing=packing, as_trl=as_trl,
@@ -239,3 +242,54 @@ def test_tokens_seen_after_a_resume_equal_an_uninterrupted_runs(tiny_llama, tmp_
         return [(e["step"], e["num_input_tokens_seen"]) for e in _logged(trainer) if e["step"] > 2]
 
     assert seen_after_2(resumed) == seen_after_2(whole) and len(seen_after_2(whole)) == 3  # steps 3, 6, the end
+
+
+# ------------------------------------------------------------------------------------- two processes
+def test_two_data_parallel_processes_log_and_train_as_trls_own_path(tiny_llama, tmp_path):
+    """torchrun, 2 processes (gloo on CPU), packed and padded: the metrics gathered across the ranks at each log
+    and the tokens seen (settled across the ranks before a checkpoint at a step that does not log) equal trl's
+    per-micro-batch gathers, bit for bit, and so does the adapter."""
+    import os
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for path in ("trl", "ours"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+             "tests.runner.train.test_host_syncs", path, str(tiny_llama), str(tmp_path / path)],
+            capture_output=True, text=True, env=env, timeout=300, cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for packing in ("packed", "padded"):
+        trl = json.loads((tmp_path / "trl" / f"{packing}.json").read_text())
+        ours = json.loads((tmp_path / "ours" / f"{packing}.json").read_text())
+        assert ours["world"] == 2 and ours["logs"][-1]["num_input_tokens_seen"] > 0
+        assert ours == trl
+
+
+def _two_processes(path: str, tiny_llama: str, out: str) -> None:
+    """One rank of the test above: trains 6 steps (checkpoint at step 2) and rank 0 writes what it logged."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    for packing in (True, False):
+        run = Path(out) / ("packed" if packing else "padded")
+        trainer = _trainer(Path(tiny_llama), run, packing=packing, as_trl=path == "trl", save_strategy="steps",
+                           save_steps=2, save_total_limit=None)
+        trainer.train()
+        if int(os.environ.get("RANK", "0")) == 0:
+            adapter = _adapter(trainer)
+            state = json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())
+            run.with_suffix(".json").write_text(json.dumps({
+                "world": trainer.accelerator.num_processes, "logs": _logged(trainer),
+                "seen": trainer.state.num_input_tokens_seen, "seenAtCheckpoint2": state["num_input_tokens_seen"],
+                "adapter": hashlib.sha256(b"".join(adapter[k].float().numpy().tobytes() for k in sorted(adapter)))
+                .hexdigest(),
+            }))
+
+
+if __name__ == "__main__":
+    _two_processes(*sys.argv[1:])
