@@ -12,15 +12,17 @@ before trl's SFTTrainer (runner/train/fsdp.py's QLoRATrainer), owns the replacem
                   filter does (by the mean of the window's others), counted there, and reported with the next log
                   (`nonfinite_losses`): set `logging_nan_inf_filter=False` in the arguments, this filter replaces it.
   entropy, mean_token_accuracy, num_tokens
-                  each micro-batch's sums kept on the device; at a log they are gathered across ranks (one
-                  collective) and read once, giving trl's numbers: the mean over micro-batches of each one's ratio.
+                  each micro-batch's sums kept on the device; at a log they are gathered across ranks (two
+                  collectives instead of three a micro-batch) and read in one go, giving trl's numbers: the mean
+                  over micro-batches of each one's ratio of the ranks' sums.
   num_input_tokens_seen
                   counted on the host when a batch is collated (`CountingCollator`, CPU memory, in the data loader),
                   the Trainer's `non_padding`/`all` count exactly; one process adds it to the state at once (exact
                   after every step), several add their own and settle the other ranks' at every log and checkpoint.
 
-The pending values are read at every log, before every checkpoint's state is saved, and every FLUSH_EVERY
-micro-batches (which bounds the memory they hold). All ranks read at the same points: the reads are collectives.
+The pending values are read at every log, before an evaluation and before every checkpoint's state is saved, and
+every FLUSH_EVERY micro-batches (which bounds the memory they hold). All ranks read at the same points: under
+several processes the reads are collectives. The evaluation loop is left to trl as it is.
 """
 from __future__ import annotations
 
