@@ -271,7 +271,7 @@ def main(args) -> int:
         out.write_text(json.dumps(result, indent=1))
 
     singles = [dict(name=f"single-{n // 1024}k" if n >= 1024 else f"single-{n}", maxLength=n, batchSize=1, steps=short, warmup=1, single=True)
-               for n in lengths]
+               for n in sorted(lengths, reverse=True)]  # longest first: the host memory it plans with is all free
     if args.unsloth_from:  # Unsloth's rows from earlier calls of this benchmark (same GPU kind, model, data)
         for f in args.unsloth_from.split(","):
             result["unsloth"].update(json.loads(Path(f).read_text())["unsloth"])

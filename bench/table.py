@@ -9,6 +9,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # (result file, the line above its table)
 RESULTS = [
+    ("bench/results/h100-llama-3-8b-frontier-packed-syncs.json", "The packed rows after the training step stopped "
+     "reading values back from the GPU (`runner/train/host_syncs.py`), one call, both frameworks, one H100 "
+     "(`LENGTHS= FRONTIER_ARGS='--only packed,packed-10gib' bash bench/gpu/frontier.sh`):"),
+    ("bench/results/h100-llama-3-8b-frontier-kept.json", "Single sequences with kept attention "
+     "(`runner/model/kept_attention.py`), the runner alone in one call on one H100, against Unsloth's rows of the "
+     "packed and 16k-128k calls below (same GPU kind and model, other machines); 64k also with its attention recomputed, same "
+     "call. The 128k row ran without kept attention: after the shorter rows, the process's pinned-memory cache held "
+     "their host memory and the plan found too little left beside 128k's inputs:"),
     ("bench/results/h100-llama-3-8b-frontier.json", "The packed rows, one call, both frameworks, one H100 "
      "(`LENGTHS= bash bench/gpu/frontier.sh`; fused LoRA projections, and compiled layers as measured before their "
      "memory fix: results/h100-llama-3-8b-frontier-compiled.json has the fixed row):"),
