@@ -11,28 +11,15 @@ from runner.model import attention
 from runner.model import kept_attention
 from runner.train import memory
 from runner.train import offload
+from tests.runner.train import test_offload as offload_test
 
-LAYERS = 3
+LAYERS = 3  # test_offload._model's
 
 
 def _model(seed: int = 0, attn: str = attention.NAME):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """test_offload's tiny Llama with LoRA (3 layers, 4 query heads over 2 key/value heads), on `attn`."""
     attention.register()
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, use_cache=False,
-                      attn_implementation=attn)
-    base = LlamaForCausalLM(cfg).float()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
-    for name, p in model.named_parameters():  # LoRA B starts at zero: make every gradient path non-trivial
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
-    model.train()
-    return model
+    return offload_test._model(seed, attn)
 
 
 def _batch(seed: int = 1):

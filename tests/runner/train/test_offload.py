@@ -11,14 +11,14 @@ from runner.train import offload
 from runner.train import patches
 
 
-def _model(seed: int = 0):
+def _model(seed: int = 0, attn: str = "sdpa"):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, use_cache=False,
-                      attn_implementation="sdpa")
+                      attn_implementation=attn)
     base = LlamaForCausalLM(cfg).float()
     for p in base.parameters():
         p.requires_grad_(False)
