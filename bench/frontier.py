@@ -302,7 +302,7 @@ def main(args) -> int:
         loads = []
     loads += [dict(w, budget=budgets[w["name"]]) for w in singles]
     # the same sequences with the attention recomputed (runner/model/kept_attention.py off): its A/B
-    loads += [dict(w, name=f"{w['name']}-recompute", budget=budgets[w["name"]], plan={"keep_attention": False})
+    loads += [dict(w, name=f"{w['name']}-recompute", budget=budgets[w["name"]], plan={"kept_attention": 0})
               for w in singles]
     if args.only:
         loads = [w for w in loads if w["name"] in args.only.split(",")]

@@ -149,13 +149,18 @@ def activation_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
     return per_token * INPUT_BYTES * saved + live
 
 
-def host_bytes(mode: Mode, tokens: int, shape: Shape, kept_attention: bool = False) -> int:
-    """Pinned host bytes of one micro-batch's offloaded inputs: one per unit of every layer, and with
-    `kept_attention` each layer's attention output besides (runner/model/kept_attention.py)."""
+def host_bytes(mode: Mode, tokens: int, shape: Shape, kept_layers: int = 0) -> int:
+    """Pinned host bytes of one micro-batch's offloaded inputs: one per unit of every layer, and the attention
+    outputs of `kept_layers` layers besides (runner/model/kept_attention.py)."""
     if not mode.offloaded:
         return 0
-    per_layer = UNITS[mode.checkpointing] + (KEPT_ATTENTION if kept_attention else 0)
-    return int(tokens * shape.hidden * INPUT_BYTES * per_layer * shape.layers)
+    return tokens * shape.hidden * INPUT_BYTES * UNITS[mode.checkpointing] * shape.layers + kept_layers * kept_bytes(
+        tokens, shape)
+
+
+def kept_bytes(tokens: int, shape: Shape) -> int:
+    """Pinned host bytes of one layer's kept attention output and log-sum-exp."""
+    return int(tokens * shape.hidden * INPUT_BYTES * KEPT_ATTENTION)
 
 
 @dataclass(frozen=True)

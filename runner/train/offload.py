@@ -13,7 +13,7 @@ checkpointed separately, norms inside, residual adds outside (an add saves nothi
 larger half's activations are ever live: about half of a whole layer's at long sequences, for the same single
 recomputation. Any other architecture checkpoints whole decoder layers (transformers' GradientCheckpointingLayer).
 
-With `keep_attention`, a unit's attention of one long sequence also sends its output and log-sum-exp to host memory
+With `kept_layers`, a unit's attention of one long sequence also sends its output and log-sum-exp to host memory
 (runner/model/kept_attention.py), and the recomputation takes them back instead of running the attention kernel:
 at 64k-128k tokens attention is the larger part of a layer's forward, for 2 more bytes per token per hidden unit
 per layer of host memory.
@@ -165,11 +165,11 @@ class _Recompute:
 
 class _Offloaded(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, store, flag, chunk, x, *args):  # noqa: ARG004 (flag makes the output require grad)
+    def forward(ctx, run, store, flag, chunk, keep, x, *args):  # noqa: ARG004 (flag makes the output require grad)
         ctx.run, ctx.store, ctx.args, ctx.device, ctx.chunk = run, store, args, x.device, chunk
         ctx.recompute = _Recompute(x)
         ctx.slot = store.save(x)
-        kept = store.kept
+        kept = store.kept if keep else None
         with torch.no_grad(), (kept_attention.keeping(kept.save) if kept is not None
                                else contextlib.nullcontext([])) as records:
             out = _chunked(run, x, chunk) if chunk else run(x, *args)
@@ -185,7 +185,7 @@ class _Offloaded(torch.autograd.Function):
             with ctx.recompute():
                 dx = None if grads[0] is None else _chunked_backward(ctx.run, x, grads[0], ctx.chunk)
             ctx.run, ctx.args = None, None
-            return (None, None, None, None, dx, *(None,) * n)
+            return (None, None, None, None, None, dx, *(None,) * n)
         kept = ctx.store.kept
         with ctx.recompute(), (kept_attention.replaying(lambda slot: kept.load(slot, ctx.device), ctx.records)
                                if ctx.records else contextlib.nullcontext()):
@@ -196,7 +196,7 @@ class _Offloaded(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.run, ctx.args = None, None
-        return (None, None, None, None, x.grad, *(None,) * n)
+        return (None, None, None, None, None, x.grad, *(None,) * n)
 
 
 class _Tiled(torch.autograd.Function):
@@ -241,10 +241,11 @@ def _flag(device: torch.device) -> torch.Tensor:
     return _FLAG[device]
 
 
-def checkpoint(run, store: _Store, x: torch.Tensor, *args, chunk: int | None = None):
+def checkpoint(run, store: _Store, x: torch.Tensor, *args, chunk: int | None = None, keep: bool = False):
     """`run(x, *args)` with its activations recomputed in the backward pass and `x` kept in CPU memory meanwhile;
-    `chunk`: `run` is token-wise (no args), and runs and is recomputed `chunk` tokens at a time."""
-    return _Offloaded.apply(run, store, _flag(x.device), chunk, x, *args)
+    `chunk`: `run` is token-wise (no args), and runs and is recomputed `chunk` tokens at a time; `keep`: its
+    attention's output is kept in `store.kept` for the recomputation."""
+    return _Offloaded.apply(run, store, _flag(x.device), chunk, keep, x, *args)
 
 
 def tiled(run, x: torch.Tensor, chunk: int | None = None):
@@ -304,27 +305,29 @@ def _splittable(layer) -> bool:
     return all(isinstance(getattr(layer, p, None), torch.nn.Module) for p in _SPLIT_PARTS)
 
 
-def install(model, mode: Mode = memory.OFFLOADED_SPLIT, keep_attention: bool = False) -> Offload:
+def install(model, mode: Mode = memory.OFFLOADED_SPLIT, kept_layers: int = 0) -> Offload:
     """Offloaded checkpointing on every decoder layer, as `mode` (one of memory.OFFLOADED) checkpoints: whole layers,
     split (attention and MLP halves apart, the MLP a chunk of tokens at a time) or tiled (whole layers, their MLP
     recomputed a chunk at a time: half of split's CPU memory, one more MLP forward). Layers that are not pre-norm
-    decoder layers: whole. `keep_attention`: one sequence's attention output (runner/model/kept_attention.py) goes
-    to host memory with the unit's input, and the recomputation skips the attention kernel."""
+    decoder layers: whole. `kept_layers`: in the first that many layers one sequence's attention output
+    (runner/model/kept_attention.py) goes to host memory with the unit's input, and the recomputation skips the
+    attention kernel."""
     if mode not in memory.OFFLOADED:
         raise ValueError(f"offloaded checkpointing: {mode} is not one of {', '.join(map(str, memory.OFFLOADED))}")
-    store = _Store(_Store() if keep_attention else None)
+    store = _Store(_Store() if kept_layers else None)
     done = Offload(model, store, mode)
     layers = decoder_layers(model)
     if not layers:
         raise ValueError("offloaded checkpointing: the model has no decoder layers transformers can checkpoint")
-    for layer in layers:
+    for i, layer in enumerate(layers):
+        keep = i < kept_layers
         if mode.checkpointing is Checkpointing.SPLIT and _splittable(layer):
-            _split(layer, store, done)
+            _split(layer, store, done, keep)
             continue
         if mode.checkpointing is Checkpointing.TILED and _splittable(layer):
             _tile_mlp(layer, done)
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = lambda fn, x, *a: checkpoint(fn, store, x, *a)
+        layer._gradient_checkpointing_func = lambda fn, x, *a, _keep=keep: checkpoint(fn, store, x, *a, keep=_keep)
         done.layers.append(layer)
     return done
 
@@ -333,7 +336,7 @@ def _identity(x, *args, **kwargs):  # noqa: ARG001
     return x
 
 
-def _split(layer, store: _Store, done: Offload) -> None:
+def _split(layer, store: _Store, done: Offload, keep: bool = False) -> None:
     """Norm + attention and norm + MLP as two checkpointed units: the norms become identities in the layer's own
     forward and run inside the units instead."""
     for norm_name, name, returns_tuple in (("input_layernorm", "self_attn", True),
@@ -354,7 +357,7 @@ def _split(layer, store: _Store, done: Offload) -> None:
             if not (_module.training and torch.is_grad_enabled()):
                 out = run(x)
             else:  # the MLP half is token-wise: run and recomputed a chunk of tokens at a time
-                out = checkpoint(run, store, x, chunk=None if _tuple else CHUNK_TOKENS)
+                out = checkpoint(run, store, x, chunk=None if _tuple else CHUNK_TOKENS, keep=keep and _tuple)
             return (out, None) if _tuple else out
 
         done.patched.append(_Unit.of(norm, module))  # before the patch

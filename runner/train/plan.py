@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -94,7 +93,7 @@ def _importable(module: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Machine:
     """What the choices depend on besides the spec. `Machine.here()` measures this process's machine;
     tests describe one (a GPU of a given size) without having it."""
@@ -208,11 +207,13 @@ def compiled(spec: FineTuneJobSpec, strategy: str, mode: Mode) -> bool:
     return spec.training.compile and strategy != "fsdp" and not mode.offloaded
 
 
-def kept_attention(mode: Mode, attention_name: str, tokens: int, shape: memory.Shape, host: int | None) -> bool:
-    """Attention outputs kept for the recomputation (runner/model/kept_attention.py): offloaded modes on the varlen
-    path (cuDNN for one sequence), where host memory holds them beside the layer inputs."""
-    return mode.offloaded and attention_name == attention_kernels.NAME and (
-        host is None or memory.host_bytes(mode, tokens, shape, kept_attention=True) <= host)
+def kept_attention(mode: Mode, attention_name: str, tokens: int, shape: memory.Shape, host: int | None) -> int:
+    """Decoder layers that keep their attention output for the recomputation (runner/model/kept_attention.py):
+    offloaded modes on the varlen path (cuDNN for one sequence); as many as host memory holds beside the inputs."""
+    if not mode.offloaded or attention_name != attention_kernels.NAME:
+        return 0
+    spare = None if host is None else host - memory.host_bytes(mode, tokens, shape)
+    return shape.layers if spare is None else max(0, min(shape.layers, spare // memory.kept_bytes(tokens, shape)))
 
 
 def attention(spec: FineTuneJobSpec, machine: Machine) -> str:
@@ -259,7 +260,7 @@ def check_spec(spec: FineTuneJobSpec, machine: Machine) -> None:
 
 
 # -------------------------------------------------------------------------------------------- plan
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Plan:
     strategy: str  # single | data | fsdp
     processes: int
@@ -284,7 +285,7 @@ class Plan:
     peak_bytes: int | None = None  # the chosen mode's estimated peak (GPU only)
     fused_lora: bool = False  # each LoRA projection one autograd node (runner/train/fused_lora.py)
     compile: bool = False  # decoder layers compiled, one graph for all (runner/train/compiled.py)
-    keep_attention: bool = False  # offloaded units keep attention outputs for recomputation (kept_attention.py)
+    kept_attention: int = 0  # layers whose offloaded units keep attention outputs to replay (kept_attention.py)
 
     @property
     def fsdp(self) -> bool:
@@ -331,7 +332,7 @@ class Plan:
                 f"storage={_name(self.storage_dtype)} bits={self.bits} "
                 f"checkpointing={self.mode.checkpointing.value} offload={self.mode.offload.value} "
                 f"layer_kernels={self.layer_kernels} fused_lora={self.fused_lora} compile={self.compile} "
-                f"attention={self.attention} keep_attention={self.keep_attention} "
+                f"attention={self.attention} kept_attention={self.kept_attention} "
                 f"packing={packing} micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
                 f"accumulation={self.accumulation} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
@@ -388,7 +389,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits, accumulation=fit.accumulation,
         memory_budget_bytes=budget, peak_bytes=fit.peak, fused_lora=fused_lora(spec, chosen),
         compile=compiled(spec, chosen, fit.mode),
-        keep_attention=kept_attention(fit.mode, attn, tokens, shape, host),
+        kept_attention=kept_attention(fit.mode, attn, tokens, shape, host),
     )
 
 

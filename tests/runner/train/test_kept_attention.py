@@ -37,26 +37,27 @@ def _train(model, passes: int = 1):
     return [loss.detach() for loss in losses], grads
 
 
+@pytest.mark.parametrize("kept", [LAYERS, 2], ids=["every layer", "2 of 3 layers"])
 @pytest.mark.parametrize("passes", [1, 2], ids=["one pass", "two passes"])
 @pytest.mark.parametrize("mode", memory.OFFLOADED, ids=str)
-def test_kept_attention_gradients_equal_no_checkpointing_and_the_kernel_runs_once(mode, passes, monkeypatch):
+def test_kept_attention_gradients_equal_no_checkpointing_and_the_kernel_runs_once(mode, passes, kept, monkeypatch):
     ref_losses, ref = _train(_model(attn="sdpa"), passes)
     calls = []
     real_forward = kept_attention._forward
     monkeypatch.setattr(kept_attention, "_forward", lambda *a: calls.append(1) or real_forward(*a))
     model = _model()
-    handle = offload.install(model, mode, keep_attention=True)
-    kept = handle.store.kept
+    handle = offload.install(model, mode, kept_layers=kept)
+    store = handle.store.kept
     saved = []
-    real_save = kept.save
-    kept.save = lambda x: saved.append(tuple(x.shape)) or real_save(x)
+    real_save = store.save
+    store.save = lambda x: saved.append(tuple(x.shape)) or real_save(x)
     losses, got = _train(model, passes)
     handle.remove()
-    # the kernel ran in each forward only: the recomputations replayed it
-    assert len(calls) == LAYERS * passes
-    # per layer and pass: the log-sum-exp (1, heads, tokens) and the output (1, tokens, heads, head dim)
-    assert saved == [(1, 4, 40), (1, 40, 4, 8)] * LAYERS * passes
-    assert kept.saved == [] and handle.store.saved == []  # the backward passes took everything back
+    # the kernel ran in the kept layers' forward only: their recomputations replayed it
+    assert len(calls) == kept * passes
+    # per kept layer and pass: the log-sum-exp (1, heads, tokens) and the output (1, tokens, heads, head dim)
+    assert saved == [(1, 4, 40), (1, 40, 4, 8)] * kept * passes
+    assert store.saved == [] and handle.store.saved == []  # the backward passes took everything back
     for a, b in zip(losses, ref_losses):
         torch.testing.assert_close(a, b)
     assert len(got) == len(ref) > 0
@@ -79,7 +80,7 @@ def test_without_keep_attention_the_recomputation_runs_attention_again(monkeypat
 
 def test_outside_units_attention_is_plain_sdpa():
     model = _model()
-    handle = offload.install(model, memory.OFFLOADED_SPLIT, keep_attention=True)
+    handle = offload.install(model, memory.OFFLOADED_SPLIT, kept_layers=LAYERS)
     with torch.no_grad():
         during = model(**_batch()).logits
     model.eval()
@@ -93,18 +94,19 @@ def test_outside_units_attention_is_plain_sdpa():
 
 
 @pytest.mark.parametrize(("mode", "attn", "host", "kept"), [
-    (memory.OFFLOADED_LAYER, attention.NAME, None, True),
-    (memory.OFFLOADED_SPLIT, attention.NAME, 10**12, True),
-    (memory.OFFLOADED_LAYER, attention.NAME, 1_500_000_000, False),  # host memory holds the inputs, not the outputs too
-    (memory.OFFLOADED_LAYER, "sdpa", None, False),
-    (memory.CHECKPOINTING, attention.NAME, None, False),
+    (memory.OFFLOADED_LAYER, attention.NAME, None, 32),
+    (memory.OFFLOADED_SPLIT, attention.NAME, 10**12, 32),
+    (memory.OFFLOADED_LAYER, attention.NAME, 1_500_000_000, 12),  # 1 GiB of inputs, 32.6 MiB a kept layer
+    (memory.OFFLOADED_LAYER, attention.NAME, 1_000_000_000, 0),  # not even the inputs: the mode is not chosen
+    (memory.OFFLOADED_LAYER, "sdpa", None, 0),
+    (memory.CHECKPOINTING, attention.NAME, None, 0),
 ])
-def test_the_plan_keeps_attention_with_offloaded_units_on_the_varlen_path_where_host_memory_holds_it(
+def test_the_plan_keeps_attention_with_offloaded_units_on_the_varlen_path_in_as_many_layers_as_host_memory_holds(
         mode, attn, host, kept):
     from runner.train.plan import kept_attention as rule
 
     shape = memory.Shape(layers=32, hidden=4096, max_length=4096, layer_kernels=True)
-    tokens = 4096  # inputs alone: 1 GiB; with the outputs: about 2 GiB
-    assert (memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape) < 1_500_000_000
-            < memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape, kept_attention=True))
-    assert rule(mode, attn, tokens, shape, host) is kept
+    tokens = 4096
+    assert memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape) == 2**30
+    assert memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape, kept_layers=32) > 2 * 2**30
+    assert rule(mode, attn, tokens, shape, host) == kept

@@ -144,8 +144,8 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
         seen = []
         real_install = offload.install
 
-        def spy(m, mode=memory.OFFLOADED_SPLIT, keep_attention=False):
-            handle = real_install(m, mode, keep_attention)
+        def spy(m, mode=memory.OFFLOADED_SPLIT, kept_layers=0):
+            handle = real_install(m, mode, kept_layers)
             seen.append((handle, handle.mode))
             return handle
 
