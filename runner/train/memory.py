@@ -106,6 +106,10 @@ UNITS = {Checkpointing.NONE: 0, Checkpointing.LAYER: 1, Checkpointing.SPLIT: 2, 
 # A kept attention output is one more input's worth (bf16, hidden units per token); its log-sum-exp (4 bytes per
 # token per head: 1/64 of that for 128-wide heads) is the rest.
 KEPT_ATTENTION = 1.02
+# Kept attention's replay on the GPU, besides the mode's own: the key/value heads expanded to the query heads for
+# cuDNN's kernel. Measured on an H100, Llama-3-8B shape, offloaded layers (bench/results/h100-llama-3-8b-frontier-kept
+# .json against h100-llama-3-8b-frontier-long.json): 0.31 GiB more at 16k tokens, 1.25 GiB at 64k: 5 bytes.
+KEPT_LIVE_BYTES = 5
 IN_FLIGHT = 2  # offloaded: saved inputs on the GPU besides the units of the layer being computed (copies in flight)
 # Checked on an H200, Llama-3-8B shape, offloaded layers (bench/results/h200-llama-3-8b-frontier*.json): estimated
 # peak + LoRA state against the measured peak allocated: 4x2048 8.2 vs 8.2 GiB, one sequence of 16k 10.0 vs 10.0

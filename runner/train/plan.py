@@ -207,10 +207,10 @@ def compiled(spec: FineTuneJobSpec, strategy: str, mode: Mode) -> bool:
     return spec.training.compile and strategy != "fsdp" and not mode.offloaded
 
 
-def kept_attention(mode: Mode, attention_name: str, tokens: int, shape: memory.Shape, host: int | None) -> int:
-    """Decoder layers that keep their attention output for the recomputation (runner/model/kept_attention.py):
-    offloaded modes on the varlen path (cuDNN for one sequence); as many as host memory holds beside the inputs."""
-    if not mode.offloaded or attention_name != attention_kernels.NAME:
+def kept_attention(mode: Mode, attn: str, tokens: int, shape: memory.Shape, host: int | None, room: float) -> int:
+    """Layers keeping their attention output for the recomputation (runner/model/kept_attention.py): offloaded modes
+    on the varlen path with `room` on the GPU for the replay; as many as host memory holds beside the inputs."""
+    if not mode.offloaded or attn != attention_kernels.NAME or room < tokens * shape.hidden * memory.KEPT_LIVE_BYTES:
         return 0
     spare = None if host is None else host - memory.host_bytes(mode, tokens, shape)
     return shape.layers if spare is None else max(0, min(shape.layers, spare // memory.kept_bytes(tokens, shape)))
@@ -388,9 +388,8 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         checkpointed_bytes=memory.activation_bytes(memory.CHECKPOINTING, tokens, shape),
         gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits, accumulation=fit.accumulation,
         memory_budget_bytes=budget, peak_bytes=fit.peak, fused_lora=fused_lora(spec, chosen),
-        compile=compiled(spec, chosen, fit.mode),
-        kept_attention=kept_attention(fit.mode, attn, tokens, shape, host),
-    )
+        compile=compiled(spec, chosen, fit.mode), kept_attention=kept_attention(
+            fit.mode, attn, tokens, shape, host, usable - fit.peak if fit.peak else float("inf")))
 
 
 def check_prequantized_base(model_dir: Path, bits: int) -> None:

@@ -93,20 +93,21 @@ def test_outside_units_attention_is_plain_sdpa():
     assert handle.store.kept.saved == []
 
 
-@pytest.mark.parametrize(("mode", "attn", "host", "kept"), [
-    (memory.OFFLOADED_LAYER, attention.NAME, None, 32),
-    (memory.OFFLOADED_SPLIT, attention.NAME, 10**12, 32),
-    (memory.OFFLOADED_LAYER, attention.NAME, 1_500_000_000, 12),  # 1 GiB of inputs, 32.6 MiB a kept layer
-    (memory.OFFLOADED_LAYER, attention.NAME, 1_000_000_000, 0),  # not even the inputs: the mode is not chosen
-    (memory.OFFLOADED_LAYER, "sdpa", None, 0),
-    (memory.CHECKPOINTING, attention.NAME, None, 0),
+@pytest.mark.parametrize(("mode", "attn", "host", "room", "kept"), [
+    (memory.OFFLOADED_LAYER, attention.NAME, None, float("inf"), 32),
+    (memory.OFFLOADED_SPLIT, attention.NAME, 10**12, 2**30, 32),
+    (memory.OFFLOADED_LAYER, attention.NAME, 1_500_000_000, 2**30, 12),  # 1 GiB of inputs, 32.6 MiB a kept layer
+    (memory.OFFLOADED_LAYER, attention.NAME, 1_000_000_000, 2**30, 0),  # not even the inputs: the mode is not chosen
+    (memory.OFFLOADED_LAYER, attention.NAME, None, 2**26, 0),  # no GPU room for the replay (80 MiB at 4k tokens)
+    (memory.OFFLOADED_LAYER, "sdpa", None, float("inf"), 0),
+    (memory.CHECKPOINTING, attention.NAME, None, float("inf"), 0),
 ])
 def test_the_plan_keeps_attention_with_offloaded_units_on_the_varlen_path_in_as_many_layers_as_host_memory_holds(
-        mode, attn, host, kept):
+        mode, attn, host, room, kept):
     from runner.train.plan import kept_attention as rule
 
     shape = memory.Shape(layers=32, hidden=4096, max_length=4096, layer_kernels=True)
     tokens = 4096
     assert memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape) == 2**30
     assert memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape, kept_layers=32) > 2 * 2**30
-    assert rule(mode, attn, tokens, shape, host) == kept
+    assert rule(mode, attn, tokens, shape, host, room) == kept
