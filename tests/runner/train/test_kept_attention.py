@@ -78,6 +78,41 @@ def test_without_keep_attention_the_recomputation_runs_attention_again(monkeypat
     assert calls == []
 
 
+def test_attention_the_kernel_refuses_trains_as_recomputed_attention(monkeypatch):
+    """cuDNN refuses some inputs (a GPU, dtype or head width it has no kernel for): the job trains as it does
+    without kept attention, over gradient accumulation too, instead of failing."""
+    ref_losses, ref = _train(_model(attn="sdpa"), passes=2)
+
+    def refuse(*args):
+        raise RuntimeError("cuDNN Frontend error: No valid execution plans built.")
+
+    monkeypatch.setattr(kept_attention, "_forward", refuse)
+    model = _model()
+    handle = offload.install(model, memory.OFFLOADED_LAYER, kept_layers=LAYERS)
+    losses, got = _train(model, passes=2)
+    handle.remove()
+    assert handle.store.kept.saved == [] and handle.store.saved == []
+    for a, b in zip(losses, ref_losses):
+        torch.testing.assert_close(a, b)
+    assert len(got) == len(ref) > 0
+    for name, g in ref.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("dtype", "head_dim"), [(torch.float32, 128), (torch.bfloat16, 256), (torch.float16, 100)],
+                         ids=["fp32", "heads of 256", "heads of 100"])
+def test_cuda_attention_outside_cudnns_limits_is_left_to_sdpa(dtype, head_dim):
+    """Where cuDNN's kernels have no support (its backward would fail after a kept forward), nothing is kept: the
+    caller's SDPA picks a kernel that runs it, as without kept attention."""
+    from types import SimpleNamespace
+
+    query = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 32, 4096, head_dim))  # the rule reads only these
+    assert not kept_attention.keepable(query)
+    with kept_attention.keeping(lambda x: x) as records:
+        assert kept_attention.attend(query, None, None, None) is None
+    assert records == []
+
+
 def test_outside_units_attention_is_plain_sdpa():
     model = _model()
     handle = offload.install(model, memory.OFFLOADED_SPLIT, kept_layers=LAYERS)
