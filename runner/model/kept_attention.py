@@ -129,14 +129,14 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def keepable(query: torch.Tensor) -> bool:
     """Whether the kept path's kernels take attention of these queries, forward and backward: on CUDA cuDNN's (fp16
-    or bf16, heads up to 128 wide in steps of 8, compute capability 8.0 or newer, cuDNN's SDPA not switched off); on
+    or bf16, heads up to 128 wide in steps of 8, compute capability 8.0 or newer; called directly, so SDPA's backend
+    switches do not apply); on
     CPU the flash kernel (any floating dtype). The same answer in the forward and its recomputation."""
     if not query.is_cuda:
         return True
     d = query.shape[-1]
     return (query.dtype in (torch.float16, torch.bfloat16) and d <= 128 and d % 8 == 0
-            and torch.backends.cudnn.is_available() and torch.backends.cuda.cudnn_sdp_enabled()
-            and torch.cuda.get_device_capability(query.device) >= (8, 0))
+            and torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(query.device) >= (8, 0))
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor | None:

@@ -103,9 +103,9 @@ HALF_LAYER_BYTES = {True: 30, False: 38}
 CHUNK_TOKENS = 8192  # the MLP's chunk (runner/train/offload.py)
 INPUT_BYTES = 2  # one saved layer input (bf16)
 UNITS = {Checkpointing.NONE: 0, Checkpointing.LAYER: 1, Checkpointing.SPLIT: 2, Checkpointing.TILED: 1}  # per layer
-# A kept attention output is one more input's worth (bf16, hidden units per token); its log-sum-exp (4 bytes per
-# token per head: 1/64 of that for 128-wide heads) is the rest.
-KEPT_ATTENTION = 1.02
+# A kept attention output is one more input's worth (bf16, per query head width per token); its log-sum-exp (4 bytes
+# per token per head: 1/64 of that for 128-wide heads, 1/32 for 64-wide) is the rest.
+KEPT_ATTENTION = 1.04
 # Kept attention's replay on the GPU, besides the mode's own: the key/value heads expanded to the query heads for
 # cuDNN's kernel. Measured on an H100, Llama-3-8B shape, offloaded layers (bench/results/h100-llama-3-8b-frontier-kept
 # .json against h100-llama-3-8b-frontier-long.json): 0.31 GiB more at 16k tokens, 1.25 GiB at 64k: 5 bytes.
@@ -135,6 +135,11 @@ class Shape:
     hidden: int
     max_length: int  # tokens per row
     layer_kernels: bool  # Liger's fused layer kernels (fewer activations)
+    attention: int = 0  # query heads x head width, where it differs from the hidden size (Qwen3, Gemma)
+
+    @property
+    def attention_width(self) -> int:
+        return self.attention or self.hidden
 
 
 def activation_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
@@ -162,9 +167,14 @@ def host_bytes(mode: Mode, tokens: int, shape: Shape, kept_layers: int = 0) -> i
         tokens, shape)
 
 
+def kept_live_bytes(tokens: int, shape: Shape) -> int:
+    """GPU bytes kept attention's replay needs besides the mode's own (KEPT_LIVE_BYTES)."""
+    return tokens * shape.attention_width * KEPT_LIVE_BYTES
+
+
 def kept_bytes(tokens: int, shape: Shape) -> int:
     """Pinned host bytes of one layer's kept attention output and log-sum-exp."""
-    return int(tokens * shape.hidden * INPUT_BYTES * KEPT_ATTENTION)
+    return int(tokens * shape.attention_width * INPUT_BYTES * KEPT_ATTENTION)
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ def compiled(spec: FineTuneJobSpec, strategy: str, mode: Mode) -> bool:
 def kept_attention(mode: Mode, attn: str, tokens: int, shape: memory.Shape, host: int | None, room: float) -> int:
     """Layers keeping their attention output for the recomputation (runner/model/kept_attention.py): offloaded modes
     on the varlen path with `room` on the GPU for the replay; as many as host memory holds beside the inputs."""
-    if not mode.offloaded or attn != attention_kernels.NAME or room < tokens * shape.hidden * memory.KEPT_LIVE_BYTES:
+    if not mode.offloaded or attn != attention_kernels.NAME or room < memory.kept_live_bytes(tokens, shape):
         return 0
     spare = None if host is None else host - memory.host_bytes(mode, tokens, shape)
     return shape.layers if spare is None else max(0, min(shape.layers, spare // memory.kept_bytes(tokens, shape)))
@@ -352,7 +352,8 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     weights = _weight_bytes(meta, bits, compute.itemsize)
     usable = usable_bytes(machine.gpu_total, machine.gpu_free) if machine.gpu else None
     host = None
-    unfused = memory.Shape(cfg.num_hidden_layers, cfg.hidden_size, spec.dataset.max_length, layer_kernels=False)
+    unfused = memory.Shape(cfg.num_hidden_layers, cfg.hidden_size, spec.dataset.max_length, layer_kernels=False,
+                           attention=getattr(cfg, "num_attention_heads", 0) * (getattr(cfg, "head_dim", None) or 0))
     tokens = t.batch_size * spec.dataset.max_length
     chosen = strategy(spec, machine, weights, memory.activation_bytes(memory.CHECKPOINTING, tokens, unfused), usable)
     shape = dataclasses.replace(unfused, layer_kernels=layer_kernels(spec, chosen, machine))

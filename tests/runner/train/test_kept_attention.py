@@ -146,3 +146,15 @@ def test_the_plan_keeps_attention_with_offloaded_units_on_the_varlen_path_in_as_
     assert memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape) == 2**30
     assert memory.host_bytes(memory.OFFLOADED_LAYER, tokens, shape, kept_layers=32) > 2 * 2**30
     assert rule(mode, attn, tokens, shape, host, room) == kept
+
+
+def test_the_plan_sizes_kept_attention_by_the_query_heads_not_the_hidden_size():
+    """Qwen3-4B-like: hidden 2560, 32 query heads of 128: the kept outputs are 4096 wide."""
+    from runner.train.plan import kept_attention as rule
+
+    narrow = memory.Shape(layers=36, hidden=2560, max_length=4096, layer_kernels=True)
+    wide = memory.Shape(layers=36, hidden=2560, max_length=4096, layer_kernels=True, attention=4096)
+    assert memory.kept_bytes(4096, wide) == pytest.approx(memory.kept_bytes(4096, narrow) * 4096 / 2560, rel=1e-6)
+    host = memory.host_bytes(memory.OFFLOADED_LAYER, 4096, wide) + 20 * memory.kept_bytes(4096, wide)
+    assert rule(memory.OFFLOADED_LAYER, attention.NAME, 4096, wide, host, float("inf")) == 20
+    assert rule(memory.OFFLOADED_LAYER, attention.NAME, 4096, narrow, host, float("inf")) == 32
