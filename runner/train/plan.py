@@ -332,9 +332,9 @@ class Plan:
                 f"storage={_name(self.storage_dtype)} bits={self.bits} "
                 f"checkpointing={self.mode.checkpointing.value} offload={self.mode.offload.value} "
                 f"layer_kernels={self.layer_kernels} fused_lora={self.fused_lora} compile={self.compile} "
-                f"attention={self.attention} kept_attention={self.kept_attention} "
+                f"attention={self.attention} "
                 f"packing={packing} micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
-                f"accumulation={self.accumulation} | memory GiB: "
+                f"accumulation={self.accumulation} kept_attention={self.kept_attention} | memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
                 f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}{budget}"
                 + (f", estimated peak {gib(self.peak_bytes)}" if self.peak_bytes else ""))
