@@ -14,8 +14,9 @@ Modes, fastest first (MODES; adding one is one entry there, and its bytes in `ac
                   memory: split's live activations with layer's host memory, for one more MLP forward per layer
                   (the longest sequences)
 
-The offloaded modes keep every layer's input in pinned host memory (split: two per layer), so such a mode is only
-chosen when that fits the memory the process may use on its host.
+The offloaded modes keep every layer's input in pinned host memory (split: two per layer). Where the host cannot
+hold them all, the last layers' inputs stay on the GPU instead (`Fit.gpu_layers`, as few as the host needs), so the
+longest sequence is bounded by GPU and host memory together; such a mode is chosen only where both fit.
 """
 from __future__ import annotations
 
@@ -142,15 +143,16 @@ class Shape:
         return self.attention or self.hidden
 
 
-def activation_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
+def activation_bytes(mode: Mode, tokens: int, shape: Shape, gpu_layers: int = 0) -> int:
     """GPU bytes of one micro-batch's activations, of `tokens` tokens, under `mode`: the saved inputs it keeps on
-    the GPU plus what is live while one unit is computed."""
+    the GPU (offloaded: those of `gpu_layers` layers, and the copies in flight) plus what is live while one unit is
+    computed."""
     per_token = tokens * shape.hidden
     fused = shape.layer_kernels
     if not mode.checkpointed:
         return per_token * shape.layers * ALL_LAYERS_BYTES[fused]
     units = UNITS[mode.checkpointing]
-    saved = units + IN_FLIGHT if mode.offloaded else units * shape.layers
+    saved = units * (gpu_layers + 1) + IN_FLIGHT if mode.offloaded else units * shape.layers
     if mode.checkpointing is Checkpointing.LAYER:
         live = per_token * ONE_LAYER_BYTES[fused]
     else:  # a half of a layer, and one chunk of the MLP
@@ -158,13 +160,43 @@ def activation_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
     return per_token * INPUT_BYTES * saved + live
 
 
-def host_bytes(mode: Mode, tokens: int, shape: Shape, kept_layers: int = 0) -> int:
-    """Pinned host bytes of one micro-batch's offloaded inputs: one per unit of every layer, and the attention
-    outputs of `kept_layers` layers besides (runner/model/kept_attention.py)."""
+def host_bytes(mode: Mode, tokens: int, shape: Shape, kept_layers: int = 0, gpu_layers: int = 0) -> int:
+    """Pinned host bytes of one micro-batch's offloaded inputs: one per unit of every layer but the `gpu_layers`
+    whose inputs stay on the GPU, and the attention outputs of `kept_layers` layers besides
+    (runner/model/kept_attention.py)."""
     if not mode.offloaded:
         return 0
-    return tokens * shape.hidden * INPUT_BYTES * UNITS[mode.checkpointing] * shape.layers + kept_layers * kept_bytes(
+    return _layer_host_bytes(mode, tokens, shape) * (shape.layers - gpu_layers) + kept_layers * kept_bytes(
         tokens, shape)
+
+
+def _layer_host_bytes(mode: Mode, tokens: int, shape: Shape) -> int:
+    return tokens * shape.hidden * INPUT_BYTES * UNITS[mode.checkpointing]
+
+
+def gpu_layers_needed(mode: Mode, tokens: int, shape: Shape, host_usable: int | None) -> int | None:
+    """The fewest layers whose offloaded inputs must stay on the GPU for the rest to fit `host_usable` bytes of host
+    memory (0: all fit; None: the host cannot hold even one layer's beside the others on the GPU, or no mode that
+    offloads anything would remain: plain checkpointing is that, and faster)."""
+    if not mode.offloaded or host_usable is None:
+        return 0
+    per_layer = _layer_host_bytes(mode, tokens, shape)
+    over = host_bytes(mode, tokens, shape) - host_usable
+    needed = max(0, -(-over // per_layer))
+    return needed if needed < shape.layers else None
+
+
+def kept_layers(mode: Mode, tokens: int, shape: Shape, host_usable: int | None, room: float,
+                gpu_layers: int = 0) -> int:
+    """Layers whose offloaded units keep one sequence's attention output for the recomputation
+    (runner/model/kept_attention.py): none without `room` on the GPU for the replay (KEPT_LIVE_BYTES); else as
+    many as host memory holds beside the inputs."""
+    if not mode.offloaded or room < kept_live_bytes(tokens, shape):
+        return 0
+    if host_usable is None:
+        return shape.layers
+    spare = host_usable - host_bytes(mode, tokens, shape, gpu_layers=gpu_layers)
+    return max(0, min(shape.layers, spare // kept_bytes(tokens, shape)))
 
 
 def kept_live_bytes(tokens: int, shape: Shape) -> int:
@@ -185,6 +217,7 @@ class Fit:
     micro_batch: int  # rows per device per micro-batch
     accumulation: int  # micro-batches per optimizer step
     peak: int | None = None  # estimated GPU bytes: weights and activations (None: not estimated)
+    gpu_layers: int = 0  # offloaded modes: the last layers whose inputs stay on the GPU (host memory too small)
 
 
 def requested(checkpointing: bool | None, micro_batch: int, accumulation: int) -> Fit:
@@ -197,19 +230,22 @@ def choose_mode(shape: Shape, *, rows: int, weights: int, usable: int, host_usab
     """The fastest (mode, micro-batch) that fits `usable` GPU bytes beside `weights`, for one optimizer step of
     `rows` rows (split into equal micro-batches). `checkpointing` (the spec's gradientCheckpointing) wins: false
     allows only no checkpointing, true only the checkpointing modes. `host_usable`: the host bytes offloaded inputs
-    may pin (None: not limited). Nothing fits: the smallest micro-batch in the last such mode (the job then fails
-    on memory, with a plan that says why)."""
+    may pin (None: not limited); where they do not all fit, the last layers' stay on the GPU. Nothing fits: the
+    smallest micro-batch in the last such mode (the job then fails on memory, with a plan that says why)."""
     modes = [m for m in MODES if checkpointing is None or m.checkpointed == checkpointing]
     best: tuple[float, Fit] | None = None
     for micro in (d for d in range(rows, 0, -1) if rows % d == 0):
         tokens = micro * shape.max_length
         for mode in modes:
-            peak = weights + activation_bytes(mode, tokens, shape)
-            if peak > usable or (host_usable is not None and host_bytes(mode, tokens, shape) > host_usable):
+            on_gpu = gpu_layers_needed(mode, tokens, shape, host_usable)
+            if on_gpu is None:
+                continue
+            peak = weights + activation_bytes(mode, tokens, shape, on_gpu)
+            if peak > usable:
                 continue
             score = SPEED[mode] * tokens / (tokens + EFFICIENT_TOKENS)
             if best is None or score > best[0]:
-                best = (score, Fit(mode, micro, rows // micro, peak))
+                best = (score, Fit(mode, micro, rows // micro, peak, on_gpu))
     if best is None:
         return Fit(modes[-1], 1, rows, weights + activation_bytes(modes[-1], shape.max_length, shape))
     return best[1]

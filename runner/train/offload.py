@@ -13,6 +13,10 @@ checkpointed separately, norms inside, residual adds outside (an add saves nothi
 larger half's activations are ever live: about half of a whole layer's at long sequences, for the same single
 recomputation. Any other architecture checkpoints whole decoder layers (transformers' GradientCheckpointingLayer).
 
+With `gpu_layers`, the last that many layers' units keep their inputs on the GPU, as plain checkpointing does: the
+plan's choice where host memory cannot hold them all (runner/train/memory.py). They are the first the backward pass
+needs, so it starts without waiting for a copy.
+
 With `kept_layers`, a unit's attention of one long sequence also sends its output and log-sum-exp to host memory
 (runner/model/kept_attention.py), and the recomputation takes them back instead of running the attention kernel:
 at 64k-128k tokens attention is the larger part of a layer's forward, for 2 more bytes per token per hidden unit
@@ -40,9 +44,10 @@ _SPLIT_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp
 
 @dataclass
 class _Saved:
-    """One unit's input: in CPU memory, and once brought back, on the GPU with the event that says it is there."""
+    """One unit's input: in CPU memory, and once brought back, on the GPU with the event that says it is there;
+    or kept on the GPU all along (`cpu` None)."""
 
-    cpu: torch.Tensor
+    cpu: torch.Tensor | None
     gpu: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
 
@@ -60,7 +65,11 @@ class _Store:
             self.stream = torch.cuda.Stream(device)
         return self.stream
 
-    def save(self, x: torch.Tensor) -> int:
+    def save(self, x: torch.Tensor, resident: bool = False) -> int:
+        """Keep `x` for the backward pass: copied to pinned CPU memory, or (`resident`) on its device as it is."""
+        if resident:
+            self.saved.append(_Saved(None, x.detach()))
+            return len(self.saved) - 1
         if not x.is_cuda:  # CPU (tests): the same bookkeeping, a copy instead of a transfer
             self.saved.append(_Saved(x.detach().clone()))
             return len(self.saved) - 1
@@ -86,7 +95,9 @@ class _Store:
     def load(self, slot: int, device: torch.device) -> torch.Tensor:
         """The input saved in `slot`, on `device`; starts bringing back the slot before it (the next backward)."""
         entry = self.saved[slot]
-        if device.type != "cuda":
+        if entry.cpu is None:  # resident: never left the device
+            x = entry.gpu
+        elif device.type != "cuda":
             x = entry.cpu
         else:
             self._fetch(slot, device)
@@ -94,8 +105,8 @@ class _Store:
             main.wait_event(entry.ready)
             x = entry.gpu
             x.record_stream(main)
-            if slot > 0:
-                self._fetch(slot - 1, device)
+        if slot > 0:
+            self._fetch(slot - 1, device)
         self.saved[slot] = None  # the CPU copy goes back to the pinned-memory cache
         if slot == 0:
             self.saved.clear()  # the pass's backward is done
@@ -165,10 +176,10 @@ class _Recompute:
 
 class _Offloaded(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, store, flag, chunk, keep, x, *args):  # noqa: ARG004 (flag makes the output require grad)
+    def forward(ctx, run, store, flag, chunk, keep, resident, x, *args):  # noqa: ARG004 (flag: output requires grad)
         ctx.run, ctx.store, ctx.args, ctx.device, ctx.chunk = run, store, args, x.device, chunk
         ctx.recompute = _Recompute(x)
-        ctx.slot = store.save(x)
+        ctx.slot = store.save(x, resident)
         kept = store.kept if keep else None
         with torch.no_grad(), (kept_attention.keeping(kept.save) if kept is not None
                                else contextlib.nullcontext([])) as records:
@@ -185,7 +196,7 @@ class _Offloaded(torch.autograd.Function):
             with ctx.recompute():
                 dx = None if grads[0] is None else _chunked_backward(ctx.run, x, grads[0], ctx.chunk)
             ctx.run, ctx.args = None, None
-            return (None, None, None, None, None, dx, *(None,) * n)
+            return (None, None, None, None, None, None, dx, *(None,) * n)
         kept = ctx.store.kept
         with ctx.recompute(), (kept_attention.replaying(lambda slot: kept.load(slot, ctx.device), ctx.records)
                                if ctx.records else contextlib.nullcontext()):
@@ -196,7 +207,7 @@ class _Offloaded(torch.autograd.Function):
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         ctx.run, ctx.args = None, None
-        return (None, None, None, None, None, x.grad, *(None,) * n)
+        return (None, None, None, None, None, None, x.grad, *(None,) * n)
 
 
 class _Tiled(torch.autograd.Function):
@@ -241,11 +252,12 @@ def _flag(device: torch.device) -> torch.Tensor:
     return _FLAG[device]
 
 
-def checkpoint(run, store: _Store, x: torch.Tensor, *args, chunk: int | None = None, keep: bool = False):
-    """`run(x, *args)` with its activations recomputed in the backward pass and `x` kept in CPU memory meanwhile;
-    `chunk`: `run` is token-wise (no args), and runs and is recomputed `chunk` tokens at a time; `keep`: its
-    attention's output is kept in `store.kept` for the recomputation."""
-    return _Offloaded.apply(run, store, _flag(x.device), chunk, keep, x, *args)
+def checkpoint(run, store: _Store, x: torch.Tensor, *args, chunk: int | None = None, keep: bool = False,
+               resident: bool = False):
+    """`run(x, *args)` with its activations recomputed in the backward pass and `x` kept in CPU memory meanwhile
+    (`resident`: on the GPU); `chunk`: `run` is token-wise (no args), and runs and is recomputed `chunk` tokens at a
+    time; `keep`: its attention's output is kept in `store.kept` for the recomputation."""
+    return _Offloaded.apply(run, store, _flag(x.device), chunk, keep, resident, x, *args)
 
 
 def tiled(run, x: torch.Tensor, chunk: int | None = None):
@@ -305,13 +317,13 @@ def _splittable(layer) -> bool:
     return all(isinstance(getattr(layer, p, None), torch.nn.Module) for p in _SPLIT_PARTS)
 
 
-def install(model, mode: Mode = memory.OFFLOADED_SPLIT, kept_layers: int = 0) -> Offload:
+def install(model, mode: Mode = memory.OFFLOADED_SPLIT, kept_layers: int = 0, gpu_layers: int = 0) -> Offload:
     """Offloaded checkpointing on every decoder layer, as `mode` (one of memory.OFFLOADED) checkpoints: whole layers,
     split (attention and MLP halves apart, the MLP a chunk of tokens at a time) or tiled (whole layers, their MLP
     recomputed a chunk at a time: half of split's CPU memory, one more MLP forward). Layers that are not pre-norm
     decoder layers: whole. `kept_layers`: in the first that many layers one sequence's attention output
     (runner/model/kept_attention.py) goes to host memory with the unit's input, and the recomputation skips the
-    attention kernel."""
+    attention kernel. `gpu_layers`: the last that many layers keep their units' inputs on the GPU."""
     if mode not in memory.OFFLOADED:
         raise ValueError(f"offloaded checkpointing: {mode} is not one of {', '.join(map(str, memory.OFFLOADED))}")
     store = _Store(_Store() if kept_layers else None)
@@ -320,14 +332,15 @@ def install(model, mode: Mode = memory.OFFLOADED_SPLIT, kept_layers: int = 0) ->
     if not layers:
         raise ValueError("offloaded checkpointing: the model has no decoder layers transformers can checkpoint")
     for i, layer in enumerate(layers):
-        keep = i < kept_layers
+        keep, resident = i < kept_layers, i >= len(layers) - gpu_layers
         if mode.checkpointing is Checkpointing.SPLIT and _splittable(layer):
-            _split(layer, store, done, keep)
+            _split(layer, store, done, keep, resident)
             continue
         if mode.checkpointing is Checkpointing.TILED and _splittable(layer):
             _tile_mlp(layer, done)
         layer.gradient_checkpointing = True
-        layer._gradient_checkpointing_func = lambda fn, x, *a, _keep=keep: checkpoint(fn, store, x, *a, keep=_keep)
+        layer._gradient_checkpointing_func = lambda fn, x, *a, _keep=keep, _res=resident: checkpoint(
+            fn, store, x, *a, keep=_keep, resident=_res)
         done.layers.append(layer)
     return done
 
@@ -336,7 +349,7 @@ def _identity(x, *args, **kwargs):  # noqa: ARG001
     return x
 
 
-def _split(layer, store: _Store, done: Offload, keep: bool = False) -> None:
+def _split(layer, store: _Store, done: Offload, keep: bool = False, resident: bool = False) -> None:
     """Norm + attention and norm + MLP as two checkpointed units: the norms become identities in the layer's own
     forward and run inside the units instead."""
     for norm_name, name, returns_tuple in (("input_layernorm", "self_attn", True),
@@ -357,7 +370,8 @@ def _split(layer, store: _Store, done: Offload, keep: bool = False) -> None:
             if not (_module.training and torch.is_grad_enabled()):
                 out = run(x)
             else:  # the MLP half is token-wise: run and recomputed a chunk of tokens at a time
-                out = checkpoint(run, store, x, chunk=None if _tuple else CHUNK_TOKENS, keep=keep and _tuple)
+                out = checkpoint(run, store, x, chunk=None if _tuple else CHUNK_TOKENS, keep=keep and _tuple,
+                                 resident=resident)
             return (out, None) if _tuple else out
 
         done.patched.append(_Unit.of(norm, module))  # before the patch

@@ -36,7 +36,7 @@ def for_plan(plan) -> list[Installer]:
     """The patches `plan` (runner.train.plan.Plan) asks for, in the order they are applied."""
     return [install for wanted, install in (
         (plan.layer_kernels, layer_kernels.install),
-        (plan.mode.offloaded, lambda model: offload.install(model, plan.mode, plan.kept_attention)),
+        (plan.mode.offloaded, lambda model: offload.install(model, plan.mode, plan.kept_attention, plan.gpu_layers)),
         (plan.fused_lora, fused_lora.install),
         (plan.compile, compiled.install),
     ) if wanted]

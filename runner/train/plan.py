@@ -207,13 +207,10 @@ def compiled(spec: FineTuneJobSpec, strategy: str, mode: Mode) -> bool:
     return spec.training.compile and strategy != "fsdp" and not mode.offloaded
 
 
-def kept_attention(mode: Mode, attn: str, tokens: int, shape: memory.Shape, host: int | None, room: float) -> int:
-    """Layers keeping their attention output for the recomputation (runner/model/kept_attention.py): offloaded modes
-    on the varlen path with `room` on the GPU for the replay; as many as host memory holds beside the inputs."""
-    if not mode.offloaded or attn != attention_kernels.NAME or room < memory.kept_live_bytes(tokens, shape):
-        return 0
-    spare = None if host is None else host - memory.host_bytes(mode, tokens, shape)
-    return shape.layers if spare is None else max(0, min(shape.layers, spare // memory.kept_bytes(tokens, shape)))
+def kept_attention(mode: Mode, attn: str, tokens: int, shape: memory.Shape, host: int | None, room: float,
+                   gpu_layers: int = 0) -> int:
+    """Layers keeping attention outputs: on the varlen path (the kernel kept_attention.py replays), memory's rule."""
+    return memory.kept_layers(mode, tokens, shape, host, room, gpu_layers) if attn == attention_kernels.NAME else 0
 
 
 def attention(spec: FineTuneJobSpec, machine: Machine) -> str:
@@ -286,6 +283,7 @@ class Plan:
     fused_lora: bool = False  # each LoRA projection one autograd node (runner/train/fused_lora.py)
     compile: bool = False  # decoder layers compiled, one graph for all (runner/train/compiled.py)
     kept_attention: int = 0  # layers whose offloaded units keep attention outputs to replay (kept_attention.py)
+    gpu_layers: int = 0  # offloaded modes: the last layers whose inputs stay on the GPU (runner/train/memory.py)
 
     @property
     def fsdp(self) -> bool:
@@ -334,7 +332,8 @@ class Plan:
                 f"layer_kernels={self.layer_kernels} fused_lora={self.fused_lora} compile={self.compile} "
                 f"attention={self.attention} "
                 f"packing={packing} micro_batch={self.micro_batch}x{self.micro_batch_tokens // self.micro_batch} "
-                f"accumulation={self.accumulation} kept_attention={self.kept_attention} | memory GiB: "
+                f"accumulation={self.accumulation} kept_attention={self.kept_attention} gpu_layers={self.gpu_layers} "
+                f"| memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
                 f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}{budget}"
                 + (f", estimated peak {gib(self.peak_bytes)}" if self.peak_bytes else ""))
@@ -389,8 +388,9 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         checkpointed_bytes=memory.activation_bytes(memory.CHECKPOINTING, tokens, shape),
         gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits, accumulation=fit.accumulation,
         memory_budget_bytes=budget, peak_bytes=fit.peak, fused_lora=fused_lora(spec, chosen),
-        compile=compiled(spec, chosen, fit.mode), kept_attention=kept_attention(
-            fit.mode, attn, tokens, shape, host, usable - fit.peak if fit.peak else float("inf")))
+        compile=compiled(spec, chosen, fit.mode), gpu_layers=fit.gpu_layers,
+        kept_attention=kept_attention(fit.mode, attn, tokens, shape, host,
+                                      usable - fit.peak if fit.peak else float("inf"), fit.gpu_layers))
 
 
 def check_prequantized_base(model_dir: Path, bits: int) -> None:

@@ -44,7 +44,7 @@ def _grads(model, mode: memory.Mode):
     elif mode.offloaded:
         handle = offload.install(model, mode)
         real_save, saved = handle.store.save, []
-        handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
+        handle.store.save = lambda x, *a: saved.append(x.shape) or real_save(x, *a)
     loss = model(**_batch()).loss
     loss.backward()
     if handle is not None:  # one saved input per unit: a layer, or its attention and MLP halves
@@ -74,6 +74,37 @@ def test_offloaded_gradients_equal_plain_checkpointing(mode, chunk, monkeypatch)
         torch.testing.assert_close(got[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("gpu_layers", [1, 3], ids=["last layer", "every layer"])
+@pytest.mark.parametrize("mode", memory.OFFLOADED, ids=str)
+def test_inputs_kept_on_the_gpu_are_the_last_layers_and_give_the_same_gradients(mode, gpu_layers):
+    """With `gpu_layers`, the last layers' units keep their input where it is (the very tensor, no copy); the
+    others' go to host memory; gradients equal plain checkpointing's, and the backward pass takes all back."""
+    plain_loss, plain = _grads(_model(), memory.CHECKPOINTING)
+    model = _model()
+    handle = offload.install(model, mode, gpu_layers=gpu_layers)
+    entries, real_save = [], handle.store.save
+
+    def save(x, resident=False):
+        slot = real_save(x, resident)
+        entries.append((x, handle.store.saved[slot]))
+        return slot
+
+    handle.store.save = save
+    loss = model(**_batch()).loss
+    units = memory.UNITS[mode.checkpointing]
+    layers = len(offload.decoder_layers(model))
+    assert [e.cpu is None for _, e in entries] == [False] * units * (layers - gpu_layers) + [True] * units * gpu_layers
+    assert all(e.gpu is not None and e.gpu.data_ptr() == x.data_ptr() for x, e in entries if e.cpu is None)
+    assert all(e.cpu.data_ptr() != x.data_ptr() for x, e in entries if e.cpu is not None)
+    loss.backward()
+    assert handle.store.saved == []
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    handle.remove()
+    torch.testing.assert_close(loss.detach(), plain_loss)
+    for name, g in plain.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_split_units_are_used_and_removed():
     model = _model()
     layers = offload.decoder_layers(model)
@@ -81,7 +112,7 @@ def test_split_units_are_used_and_removed():
     assert handle.mode == memory.OFFLOADED_SPLIT and len(handle.patched) == 2 * len(layers)
     saved = []
     real_save = handle.store.save
-    handle.store.save = lambda x: saved.append(x.shape) or real_save(x)
+    handle.store.save = lambda x, *a: saved.append(x.shape) or real_save(x, *a)
     model(**_batch()).loss.backward()
     assert len(saved) == 2 * len(layers)  # one saved input per unit
     assert handle.store.saved == []  # the backward pass took every saved input back
@@ -144,8 +175,8 @@ def test_the_trainer_trains_through_offloaded_units_when_the_plan_says_so(tiny_l
         seen = []
         real_install = offload.install
 
-        def spy(m, mode=memory.OFFLOADED_SPLIT, kept_layers=0):
-            handle = real_install(m, mode, kept_layers)
+        def spy(m, mode=memory.OFFLOADED_SPLIT, kept_layers=0, gpu_layers=0):
+            handle = real_install(m, mode, kept_layers, gpu_layers)
             seen.append((handle, handle.mode))
             return handle
 

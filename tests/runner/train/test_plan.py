@@ -184,6 +184,37 @@ def test_the_offloaded_inputs_must_fit_in_host_memory(llama_8b, host_gib, expect
         assert (pinned <= memory.HOST_FRACTION * host_gib * GiB) == (host_gib != 40)
 
 
+def test_where_neither_memory_holds_the_inputs_alone_the_last_layers_stay_on_the_gpu(llama_8b):
+    """One 128k-token sequence under a 40 GiB budget, 40 GiB of host memory: every layer's input (32 GiB) neither
+    fits beside the GPU's working set nor in 70% of the host; offloaded, with the inputs of as few of the last
+    layers as the host needs kept on the GPU, it fits both."""
+    shape = memory.Shape(32, 4096, 131072, layer_kernels=True)
+    doc = dict(dataset={"maxLength": 131072}, lora={"r": 32, "alpha": 64})
+    roomy = make_plan(_spec(llama_8b, training={"batchSize": 1, "memoryBudget": 40, "gradientCheckpointing": None},
+                            **doc), llama_8b, dataclasses.replace(H200, host_available=None))
+    assert roomy.mode.offloaded and roomy.gpu_layers == 0  # unlimited host: everything offloaded
+    machine = dataclasses.replace(H200, host_available=40 * GiB)
+    plan = make_plan(_spec(llama_8b, training={"batchSize": 1, "memoryBudget": 40, "gradientCheckpointing": None},
+                           **doc), llama_8b, machine)
+    host = int(memory.HOST_FRACTION * 40 * GiB)
+    assert memory.host_bytes(plan.mode, 131072, shape) > host  # all offloaded: too much for the host
+    assert memory.host_bytes(memory.CHECKPOINTING, 131072, shape) == 0  # and all on the GPU: too much for it
+    assert plan.gpu_weight_bytes + memory.activation_bytes(CHECKPOINTING, 131072, shape) > plan.gpu_usable_bytes
+    assert plan.mode.offloaded and 0 < plan.gpu_layers < 32
+    k = plan.gpu_layers  # the fewest: one layer fewer on the GPU and the host is over
+    assert memory.host_bytes(plan.mode, 131072, shape, gpu_layers=k) <= host
+    assert memory.host_bytes(plan.mode, 131072, shape, gpu_layers=k - 1) > host
+    assert plan.peak_bytes == plan.gpu_weight_bytes + memory.activation_bytes(plan.mode, 131072, shape, k)
+    assert plan.peak_bytes <= plan.gpu_usable_bytes
+    assert f"gpu_layers={k}" in plan.line()
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    # a host that cannot hold what the GPU leaves it: nothing fits; the last mode, its inputs over the host's memory
+    starved = make_plan(_spec(llama_8b, training={"batchSize": 1, "memoryBudget": 40, "gradientCheckpointing": None},
+                              **doc), llama_8b, dataclasses.replace(H200, host_available=GiB))
+    assert starved.mode == OFFLOADED_TILED and starved.gpu_layers == 0
+    assert memory.host_bytes(starved.mode, 131072, shape) > GiB
+
+
 def test_every_mode_costs_what_the_one_formula_says():
     """One 128k-token sequence of a Llama-3-8B shape, fused kernels: the GPU bytes of each mode, fastest first,
     written out from the measured and estimated constants."""
@@ -197,6 +228,10 @@ def test_every_mode_costs_what_the_one_formula_says():
         "split, host": per_token * (2 * 4 + 30) + chunk,  # two units per layer: half a layer live, one MLP chunk
         "tiled, host": per_token * (2 * 3 + 30) + chunk,
     }
+    # offloaded with the last 4 layers' inputs on the GPU: theirs besides (split: two per layer), 4 fewer on the host
+    assert memory.activation_bytes(OFFLOADED_LAYER, 131072, shape, 4) == per_token * (2 * 7 + 48)
+    assert memory.activation_bytes(OFFLOADED_SPLIT, 131072, shape, 4) == per_token * (2 * 12 + 30) + chunk
+    assert memory.host_bytes(OFFLOADED_SPLIT, 131072, shape, gpu_layers=4) == per_token * 2 * 2 * 28
     assert memory.OFFLOADED == (OFFLOADED_LAYER, OFFLOADED_SPLIT, OFFLOADED_TILED)
     assert [memory.SPEED[m] for m in memory.MODES] == sorted(memory.SPEED.values(), reverse=True)
     assert memory.Mode.from_dict(OFFLOADED_TILED.to_dict()) == OFFLOADED_TILED
