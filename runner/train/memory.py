@@ -23,6 +23,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from pathlib import Path
+
 from runner.model import load as model_load
 
 GiB = 2**30
@@ -128,6 +130,35 @@ BUDGET_MARGIN = GiB // 2
 HOST_FRACTION = 0.7
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
+
+
+def host_available() -> int | None:
+    """Host memory this container can still use: the kernel's MemAvailable, capped by the cgroup's limit less its
+    usage (a pod's memory limit; cgroup v2, else v1)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            room = max(limit - usage, 0)
+            available = room if available is None else min(available, room)
+            break
+    return available
+
+
 @dataclass(frozen=True)
 class Shape:
     """What a micro-batch's activations depend on besides its rows."""
@@ -218,11 +249,27 @@ class Fit:
     accumulation: int  # micro-batches per optimizer step
     peak: int | None = None  # estimated GPU bytes: weights and activations (None: not estimated)
     gpu_layers: int = 0  # offloaded modes: the last layers whose inputs stay on the GPU (host memory too small)
+    fits: bool = True  # False: nothing fits, and this is choose_mode's last resort
 
 
 def requested(checkpointing: bool | None, micro_batch: int, accumulation: int) -> Fit:
     """What the spec asks for, where no GPU memory is fitted (CPU, FSDP): checkpointing only if set true."""
     return Fit(CHECKPOINTING if checkpointing else NO_CHECKPOINTING, micro_batch, accumulation)
+
+
+def _modes(checkpointing: bool | None) -> list[Mode]:
+    return [m for m in MODES if checkpointing is None or m.checkpointed == checkpointing]
+
+
+def _fit(mode: Mode, micro: int, rows: int, shape: Shape, weights: int, usable: int,
+         host_usable: int | None) -> Fit | None:
+    """`mode` at `micro` rows per micro-batch, if it fits both memories (None: it does not)."""
+    tokens = micro * shape.max_length
+    on_gpu = gpu_layers_needed(mode, tokens, shape, host_usable)
+    if on_gpu is None:
+        return None
+    peak = weights + activation_bytes(mode, tokens, shape, on_gpu)
+    return None if peak > usable else Fit(mode, micro, rows // micro, peak, on_gpu)
 
 
 def choose_mode(shape: Shape, *, rows: int, weights: int, usable: int, host_usable: int | None = None,
@@ -232,23 +279,40 @@ def choose_mode(shape: Shape, *, rows: int, weights: int, usable: int, host_usab
     allows only no checkpointing, true only the checkpointing modes. `host_usable`: the host bytes offloaded inputs
     may pin (None: not limited); where they do not all fit, the last layers' stay on the GPU. Nothing fits: the
     smallest micro-batch in the last such mode (the job then fails on memory, with a plan that says why)."""
-    modes = [m for m in MODES if checkpointing is None or m.checkpointed == checkpointing]
+    modes = _modes(checkpointing)
     best: tuple[float, Fit] | None = None
     for micro in (d for d in range(rows, 0, -1) if rows % d == 0):
         tokens = micro * shape.max_length
         for mode in modes:
-            on_gpu = gpu_layers_needed(mode, tokens, shape, host_usable)
-            if on_gpu is None:
-                continue
-            peak = weights + activation_bytes(mode, tokens, shape, on_gpu)
-            if peak > usable:
-                continue
+            fit = _fit(mode, micro, rows, shape, weights, usable, host_usable)
             score = SPEED[mode] * tokens / (tokens + EFFICIENT_TOKENS)
-            if best is None or score > best[0]:
-                best = (score, Fit(mode, micro, rows // micro, peak, on_gpu))
+            if fit is not None and (best is None or score > best[0]):
+                best = (score, fit)
     if best is None:
-        return Fit(modes[-1], 1, rows, weights + activation_bytes(modes[-1], shape.max_length, shape))
+        return Fit(modes[-1], 1, rows, weights + activation_bytes(modes[-1], shape.max_length, shape), fits=False)
     return best[1]
+
+
+LENGTH_STEP = 1024  # longest_sequence's resolution, in tokens
+MAX_LENGTH = 2**24  # and the longest it looks for
+
+
+def longest_sequence(shape: Shape, *, weights: int, usable: int, host_usable: int | None = None,
+                     checkpointing: bool | None = None) -> int:
+    """The most tokens (a multiple of LENGTH_STEP) one row may have for some mode to fit both memories, as
+    choose_mode fits them: the bound this GPU and host put on dataset.maxLength (0: not even LENGTH_STEP)."""
+    def fits(tokens: int) -> bool:
+        one_row = Shape(shape.layers, shape.hidden, tokens, shape.layer_kernels, shape.attention)
+        return any(_fit(m, 1, 1, one_row, weights, usable, host_usable) for m in _modes(checkpointing))
+
+    low, high = 0, MAX_LENGTH // LENGTH_STEP  # fits(low * step), in steps; the answer is in [low, high]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid * LENGTH_STEP):
+            low = mid
+        else:
+            high = mid - 1
+    return low * LENGTH_STEP
 
 
 def lora_bytes(model, spec) -> int:

@@ -119,36 +119,7 @@ class Machine:
         free, total = torch.cuda.mem_get_info(model_load.device())
         return cls(processes=processes, gpu_total=total, gpu_free=free, bf16=torch.cuda.is_bf16_supported(),
                    liger=liger, flash_attn=_importable("flash_attn"), varlen=attention_kernels.available(),
-                   host_available=host_available())
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        text = Path(path).read_text().split()[0]
-    except (OSError, IndexError):
-        return None
-    return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
-
-
-def host_available() -> int | None:
-    """Host memory this container can still use: the kernel's MemAvailable, capped by the cgroup's limit less its
-    usage (a pod's memory limit; cgroup v2, else v1)."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        limit, usage = _read_int(limit_file), _read_int(usage_file)
-        if limit is not None and usage is not None and limit < 2**60:
-            room = max(limit - usage, 0)
-            available = room if available is None else min(available, room)
-            break
-    return available
+                   host_available=memory.host_available())
 
 
 # ----------------------------------------------------------------------------------- single choices
@@ -284,6 +255,7 @@ class Plan:
     compile: bool = False  # decoder layers compiled, one graph for all (runner/train/compiled.py)
     kept_attention: int = 0  # layers whose offloaded units keep attention outputs to replay (kept_attention.py)
     gpu_layers: int = 0  # offloaded modes: the last layers whose inputs stay on the GPU (runner/train/memory.py)
+    longest_tokens: int | None = None  # where no mode fits: the longest row one would on this GPU and host
 
     @property
     def fsdp(self) -> bool:
@@ -336,7 +308,10 @@ class Plan:
                 f"| memory GiB: "
                 f"weights {gib(self.weight_bytes)} ({gib(self.gpu_weight_bytes)} per GPU), activations "
                 f"{gib(self.activation_bytes)} (checkpointed {gib(self.checkpointed_bytes)}), {gpu}{budget}"
-                + (f", estimated peak {gib(self.peak_bytes)}" if self.peak_bytes else ""))
+                + (f", estimated peak {gib(self.peak_bytes)}" if self.peak_bytes else "")
+                + ("" if self.longest_tokens is None else "; no mode fits" + (
+                    f": the longest row this GPU and host fit is {self.longest_tokens} tokens" if self.longest_tokens
+                    else ", at any row length")))
 
 
 def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = None) -> Plan:
@@ -350,7 +325,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
     compute = compute_dtype(spec, machine)
     weights = _weight_bytes(meta, bits, compute.itemsize)
     usable = usable_bytes(machine.gpu_total, machine.gpu_free) if machine.gpu else None
-    host = None
+    host = longest = None
     unfused = memory.Shape(cfg.num_hidden_layers, cfg.hidden_size, spec.dataset.max_length, layer_kernels=False,
                            attention=getattr(cfg, "num_attention_heads", 0) * (getattr(cfg, "head_dim", None) or 0))
     tokens = t.batch_size * spec.dataset.max_length
@@ -368,6 +343,9 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
             host = int(memory.HOST_FRACTION * machine.host_available) // machine.processes
         fit = memory.choose_mode(shape, rows=t.batch_size * t.gradient_accumulation_steps, weights=on_gpu,
                                  usable=usable, host_usable=host, checkpointing=t.gradient_checkpointing)
+        if not fit.fits:
+            longest = memory.longest_sequence(shape, weights=on_gpu, usable=usable, host_usable=host,
+                                              checkpointing=t.gradient_checkpointing)
     elif usable is not None and t.gradient_checkpointing is None:  # FSDP: on when the activations do not fit
         if on_gpu + memory.activation_bytes(memory.NO_CHECKPOINTING, tokens, shape) > usable:
             fit = dataclasses.replace(fit, mode=memory.CHECKPOINTING)
@@ -388,7 +366,7 @@ def make_plan(spec: FineTuneJobSpec, model_dir: Path, machine: Machine | None = 
         checkpointed_bytes=memory.activation_bytes(memory.CHECKPOINTING, tokens, shape),
         gpu_total_bytes=machine.gpu_total, gpu_usable_bytes=usable, bits=bits, accumulation=fit.accumulation,
         memory_budget_bytes=budget, peak_bytes=fit.peak, fused_lora=fused_lora(spec, chosen),
-        compile=compiled(spec, chosen, fit.mode), gpu_layers=fit.gpu_layers,
+        compile=compiled(spec, chosen, fit.mode), gpu_layers=fit.gpu_layers, longest_tokens=longest,
         kept_attention=kept_attention(fit.mode, attn, tokens, shape, host,
                                       usable - fit.peak if fit.peak else float("inf"), fit.gpu_layers))
 

@@ -159,6 +159,16 @@ def test_one_long_sequence_under_a_budget_is_split_and_offloaded(llama_8b):
     hopeless = make_plan(_spec(llama_8b, **{**doc, "training": {"batchSize": 1, "memoryBudget": 6,
                                                                       "gradientCheckpointing": None}}), llama_8b, H200)
     assert _choice(hopeless) == (OFFLOADED_TILED, 1, 1) and hopeless.peak_bytes > 6 * GiB  # fails on memory, said why
+    assert free.longest_tokens is None and tight.longest_tokens is None  # they fit: nothing to say
+    assert hopeless.longest_tokens == 0 and "no mode fits, at any row length" in hopeless.line()  # the base alone
+    short = lambda length: make_plan(_spec(llama_8b, **{**doc, "dataset": {"maxLength": length}, "training": {  # noqa: E731
+        "batchSize": 1, "memoryBudget": 12, "gradientCheckpointing": None}}), llama_8b, H200)
+    longest = short(131072).longest_tokens  # the length to lower dataset.maxLength to, and the plan line says it
+    assert 0 < longest < 131072 and f"no mode fits: the longest row this GPU and host fit is {longest} tokens" in (
+        short(131072).line())
+    for length, fits in ((longest, True), (longest + memory.LENGTH_STEP, False)):
+        plan = short(length)
+        assert (plan.longest_tokens is None) == fits and (plan.peak_bytes <= plan.gpu_usable_bytes) == fits
     no_ckpt = _spec(llama_8b, dataset={"maxLength": 2048}, lora={"r": 32, "alpha": 64},
                     training={"batchSize": 4, "memoryBudget": 24, "gradientCheckpointing": False})
     assert _choice(make_plan(no_ckpt, llama_8b, H200)) == (NO_CHECKPOINTING, 1, 4)  # the spec wins: smaller micro-batches
@@ -211,7 +221,7 @@ def test_where_neither_memory_holds_the_inputs_alone_the_last_layers_stay_on_the
     # a host that cannot hold what the GPU leaves it: nothing fits; the last mode, its inputs over the host's memory
     starved = make_plan(_spec(llama_8b, training={"batchSize": 1, "memoryBudget": 40, "gradientCheckpointing": None},
                               **doc), llama_8b, dataclasses.replace(H200, host_available=GiB))
-    assert starved.mode == OFFLOADED_TILED and starved.gpu_layers == 0
+    assert starved.mode == OFFLOADED_TILED and starved.gpu_layers == 0 and starved.longest_tokens < 131072
     assert memory.host_bytes(starved.mode, 131072, shape) > GiB
 
 
@@ -391,7 +401,7 @@ def test_a_job_logs_its_plan_as_one_line_and_writes_it_into_metrics(tiny_llama, 
 
 
 def test_host_memory_is_what_the_kernel_and_the_cgroup_leave():
-    got = plan_phase.host_available()
+    got = memory.host_available()
     meminfo = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in open("/proc/meminfo")}
     assert 0 < got <= meminfo["MemAvailable"] * 1.1  # read a moment apart
     assert got <= meminfo["MemTotal"]
