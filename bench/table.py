@@ -40,8 +40,9 @@ def _mode(plan: dict | None) -> str:
     else:  # results written before the plan held a mode: gradientCheckpointing, and offload None|layer|split|tiled
         checkpointing = plan.get("offload") or ("layer" if plan.get("gradientCheckpointing") else "none")
         offload = "host" if plan.get("offload") else "gpu"
+    on_gpu = plan.get("gpuLayers", 0)  # offloaded, the last layers' inputs kept on the GPU
     mode = {"none": "no checkpointing"}.get(checkpointing, "checkpointing") if offload == "gpu" else (
-        f"offloaded checkpointing ({checkpointing})")
+        f"offloaded checkpointing ({checkpointing}" + (f", {on_gpu} layers' inputs on the GPU" if on_gpu else "") + ")")
     return f"{mode}, {plan['microBatch']}x{plan['microBatchTokens'] // plan['microBatch']}" + (
         f" x{plan['accumulation']}" if plan.get("accumulation", 1) > 1 else "")
 
