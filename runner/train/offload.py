@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from runner.api.errors import PermanentError
 from runner.model import kept_attention
 from runner.train import memory
 from runner.train.memory import Checkpointing, Mode
@@ -50,6 +51,7 @@ class _Saved:
     cpu: torch.Tensor | None
     gpu: torch.Tensor | None = None
     ready: torch.cuda.Event | None = None
+    version: int = 0  # resident: the tensor's version when saved (an in-place change after it is an error)
 
 
 class _Store:
@@ -68,7 +70,8 @@ class _Store:
     def save(self, x: torch.Tensor, resident: bool = False) -> int:
         """Keep `x` for the backward pass: copied to pinned CPU memory, or (`resident`) on its device as it is."""
         if resident:
-            self.saved.append(_Saved(None, x.detach()))
+            kept = x.detach()  # shares x's storage and version counter
+            self.saved.append(_Saved(None, kept, version=kept._version))
             return len(self.saved) - 1
         if not x.is_cuda:  # CPU (tests): the same bookkeeping, a copy instead of a transfer
             self.saved.append(_Saved(x.detach().clone()))
@@ -97,6 +100,11 @@ class _Store:
         entry = self.saved[slot]
         if entry.cpu is None:  # resident: never left the device
             x = entry.gpu
+            if x._version != entry.version:
+                raise PermanentError("offloaded checkpointing: a layer's input kept on the GPU was changed in place "
+                                     "after the layer ran, so its recomputation would be wrong (this model's layers "
+                                     "do not support offloading); leave training.memoryBudget unset, or high enough "
+                                     "for plain checkpointing, on a GPU with room for it")
         elif device.type != "cuda":
             x = entry.cpu
         else:

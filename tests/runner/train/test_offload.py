@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runner.api.errors import PermanentError
 from runner.train import memory
 from runner.train import offload
 from runner.train import patches
@@ -103,6 +104,17 @@ def test_inputs_kept_on_the_gpu_are_the_last_layers_and_give_the_same_gradients(
     torch.testing.assert_close(loss.detach(), plain_loss)
     for name, g in plain.items():
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_input_kept_on_the_gpu_and_changed_in_place_afterwards_is_an_error_not_a_wrong_gradient():
+    model = _model()
+    handle = offload.install(model, memory.OFFLOADED_LAYER, gpu_layers=1)
+    loss = model(**_batch()).loss
+    (resident,) = [e for e in handle.store.saved if e.cpu is None]  # the last layer's input, the very tensor
+    resident.gpu.mul_(2)  # as a layer that scaled its input in place after using it would
+    with pytest.raises(PermanentError, match="changed in place.*training.memoryBudget"):
+        loss.backward()
+    handle.remove()
 
 
 def test_split_units_are_used_and_removed():
