@@ -4,11 +4,13 @@ Packed, padding-free batches are one flat row whose position ids restart at ever
 also passes `cu_seq_lens_q/k` and `max_length_q/k`. With those, `torch.nn.attention.varlen.varlen_attn`
 computes causal attention inside each example only, skipping the cross-example blocks entirely (SDPA with a
 block-diagonal mask computes them and throws them away). Anything else (padded batches, generation with a
-KV cache) falls back to SDPA with transformers' usual masks.
+KV cache) falls back to SDPA with transformers' usual masks. Such a batch needs no mask at all, so `ready_mask`
+gives the model a stand-in that spares transformers' mask preparation (a host read and an s x s mask per forward).
 """
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 
 import torch
 
@@ -32,6 +34,19 @@ def _cu_seqlens(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     starts = torch.nonzero(flat == 0).flatten()
     cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)
     return cu, int(cu.diff().max())
+
+
+def ready_mask(inputs: Mapping, attn_implementation: str) -> torch.Tensor | None:
+    """For a padding-free batch (trl's `cu_seq_lens_q`, no attention mask) on the varlen path: a 4D all-True mask
+    held in one element, which transformers takes as made already. Its own preparation would read the position ids
+    back to the host (`find_packed_sequence_indices`) and build a (tokens x tokens) block mask every forward, and
+    varlen_attention_forward reads neither for such a batch (its sequences come from cu_seq_lens; a single-token
+    batch attends to itself). None for any other batch or attention."""
+    if attn_implementation != NAME or "cu_seq_lens_q" not in inputs or inputs.get("attention_mask") is not None:
+        return None
+    ids = inputs["input_ids"]
+    rows, tokens = ids.shape
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=ids.device).expand(rows, 1, tokens, tokens)
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -20,6 +20,9 @@ before trl's SFTTrainer (runner/train/fsdp.py's QLoRATrainer), owns the replacem
                   the Trainer's `non_padding`/`all` count exactly; one process adds it to the state at once (exact
                   after every step), several add their own and settle the other ranks' at every log and checkpoint.
 
+A padding-free batch on the varlen path also skips transformers' attention-mask preparation, which reads back
+once per forward (runner/model/attention.py `ready_mask`).
+
 The pending values are read at every log, before an evaluation and before every checkpoint's state is saved, and
 every FLUSH_EVERY micro-batches (which bounds the memory they hold). All ranks read at the same points: under
 several processes the reads are collectives. The evaluation loop is left to trl as it is.
@@ -30,6 +33,8 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import torch
+
+from runner.model import attention as attention_kernels
 
 # The host count of a batch's input tokens, put into the batch by CountingCollator and taken out before the model.
 TOKENS_KEY = "finetune_input_tokens"
@@ -130,7 +135,8 @@ class NoHostSyncs:
             raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
         inputs["use_cache"] = False
         # trl's SFTTrainer.compute_loss, its tensor operations unchanged
-        outputs = model(**inputs, fused_lm_head=True)
+        mask = attention_kernels.ready_mask(inputs, self.model.config._attn_implementation)
+        outputs = model(**inputs, fused_lm_head=True, **({} if mask is None else {"attention_mask": mask}))
         per_token_loss = -outputs.log_probs  # zero on ignored positions
         if self.args.loss_type == "dft":
             per_token_loss = per_token_loss * outputs.log_probs.exp().detach()

@@ -58,7 +58,8 @@ def _generate(model, n: int, seed: int):
     return TokenizedData(datasets.Dataset.from_dict(rows), None, "prompt-completion", lengths, 0, True)
 
 
-def _trainer(tiny_llama, out, *, packing: bool, as_trl: bool = False, hook=None, callbacks=(), **overrides):
+def _trainer(tiny_llama, out, *, packing: bool, as_trl: bool = False, hook=None, callbacks=(), attention="sdpa",
+             **overrides):
     from runner.model import load as model_load
     from runner.train.plan import Machine, make_plan
     from runner.train.trainer import make_trainer
@@ -68,7 +69,7 @@ def _trainer(tiny_llama, out, *, packing: bool, as_trl: bool = False, hook=None,
                  training={"batchSize": 2, "gradientAccumulationSteps": 2, "gradientCheckpointing": None})
     plan = dataclasses.replace(make_plan(spec, tiny_llama, Machine(processes=1)), packing=packing)
     torch.manual_seed(0)
-    base = model_load.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32, attention="sdpa")
+    base = model_load.load_base(tiny_llama, spec.model, spec.quantization, compute=torch.float32, attention=attention)
     model = model_load.add_lora(base, spec.lora)
     data = _data(model)
     for name, p in model.named_parameters():  # LoRA B starts at zero: every adapter tensor moves from the start
@@ -144,6 +145,8 @@ class _Reads:
             frame = frame.f_back
         if any("/torch/utils/data/" in f for f in files):
             return  # the data loader, collating on the host
+        if any(f.endswith("tests/runner/model/test_attention.py") for f in files):
+            return  # the CPU stand-in of the varlen kernel (a CUDA kernel reads nothing back)
         if files[0].endswith("transformers/masking_utils.py"):
             self.forward_mask[self.phase] += 1
             return
@@ -169,6 +172,27 @@ def test_no_host_reads_inside_a_step_and_between_steps_only_at_logs(tiny_llama, 
     assert after == {1: 4, 2: 0, 3: 4, 4: 0, 5: 0, 6: 5}
     assert {phase for phase, _ in reads.forward_mask} <= {"step"}  # at most 2 a micro-batch, inside the steps
     assert max(reads.forward_mask.values()) <= 4
+
+
+def test_packed_batches_on_the_varlen_path_skip_the_mask_preparation_and_its_reads(tiny_llama, tmp_path, monkeypatch):
+    """As above, on the varlen attention path (its CUDA kernel replaced on CPU by tests/runner/model/test_attention.py's
+    reference): transformers' mask preparation, and with it every read inside the steps, is gone."""
+    from runner.model import attention
+    from tests.runner.model.test_attention import cpu_varlen_attn
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", cpu_varlen_attn)
+    monkeypatch.setattr(attention, "_PARAMS", {"window_size", "enable_gqa", "scale"})
+    reads = _Reads()
+    trainer = _trainer(tiny_llama, tmp_path / "run", packing=True, callbacks=[reads.callback()],
+                       attention=attention.NAME)
+    assert trainer.model.config._attn_implementation == attention.NAME
+    reads.wrap(monkeypatch)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert {k: reads.counts[("step", k)] for k in range(1, 7)} == {k: 0 for k in range(1, 7)}
+    assert sum(reads.forward_mask.values()) == 0
+    assert all(e.get("loss") is None or e["loss"] == e["loss"] for e in trainer.state.log_history)  # finite
 
 
 # ----------------------------------------------------------------------------------------- same numbers
