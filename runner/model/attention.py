@@ -42,9 +42,10 @@ def ready_mask(inputs: Mapping, attn_implementation: str) -> torch.Tensor | None
     back to the host (`find_packed_sequence_indices`) and build a (tokens x tokens) block mask every forward, and
     varlen_attention_forward reads neither for such a batch (its sequences come from cu_seq_lens; a single-token
     batch attends to itself). None for any other batch or attention."""
-    if attn_implementation != NAME or "cu_seq_lens_q" not in inputs or inputs.get("attention_mask") is not None:
+    ids = inputs.get("input_ids")
+    if (attn_implementation != NAME or "cu_seq_lens_q" not in inputs or inputs.get("attention_mask") is not None
+            or ids is None or ids.dim() != 2):
         return None
-    ids = inputs["input_ids"]
     rows, tokens = ids.shape
     return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=ids.device).expand(rows, 1, tokens, tokens)
 

@@ -1,7 +1,8 @@
 """The memory side of the Plan: the Mode (what the backward pass recomputes, and where the saved inputs are kept),
 what one micro-batch's activations take under each mode, the fastest (mode, micro-batch) that fits the memory
-a job may use (the host's: `host_available`), and the longest row any mode fits. runner/train/plan.py applies it; the trainer runs the modes whose inputs stay on the GPU, and
-runner/train/offload.py those whose inputs go to host memory.
+a job may use (the host's: `host_available`), and the longest row any mode fits. runner/train/plan.py applies it;
+the trainer runs the modes whose inputs stay on the GPU, and runner/train/offload.py those whose inputs go to host
+memory.
 
 Modes, fastest first (MODES; adding one is one entry there, and its bytes in `activation_bytes`):
 
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from runner.model import load as model_load

@@ -42,7 +42,8 @@ def test_ratios_pair_runner_rows_with_unsloth_rows():
 def test_the_plan_column_says_how_a_row_ran():
     plan = {"mode": {"checkpointing": "tiled", "offload": "host"}, "microBatch": 1, "microBatchTokens": 524288}
     assert table._mode(plan) == "offloaded checkpointing (tiled), 1x524288"
-    assert table._mode({**plan, "gpuLayers": 11}) == "offloaded checkpointing (tiled, 11 layers' inputs on the GPU), 1x524288"
+    assert table._mode({**plan, "gpuLayers": 11}) == (
+        "offloaded checkpointing (tiled, 11 layers' inputs on the GPU), 1x524288")
     packed = {"mode": {"checkpointing": "none", "offload": "gpu"}, "microBatch": 2, "microBatchTokens": 4096,
               "accumulation": 2}
     assert table._mode(packed) == "no checkpointing, 2x2048 x2"

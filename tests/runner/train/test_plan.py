@@ -161,8 +161,11 @@ def test_one_long_sequence_under_a_budget_is_split_and_offloaded(llama_8b):
     assert _choice(hopeless) == (OFFLOADED_TILED, 1, 1) and hopeless.peak_bytes > 6 * GiB  # fails on memory, said why
     assert free.longest_tokens is None and tight.longest_tokens is None  # they fit: nothing to say
     assert hopeless.longest_tokens == 0 and "no mode fits, at any row length" in hopeless.line()  # the base alone
-    short = lambda length: make_plan(_spec(llama_8b, **{**doc, "dataset": {"maxLength": length}, "training": {  # noqa: E731
-        "batchSize": 1, "memoryBudget": 12, "gradientCheckpointing": None}}), llama_8b, H200)
+    def short(length: int) -> Plan:  # a 12 GiB budget
+        training = {"batchSize": 1, "memoryBudget": 12, "gradientCheckpointing": None}
+        return make_plan(_spec(llama_8b, **{**doc, "dataset": {"maxLength": length}, "training": training}),
+                         llama_8b, H200)
+
     longest = short(131072).longest_tokens  # the length to lower dataset.maxLength to, and the plan line says it
     assert 0 < longest < 131072 and f"no mode fits: the longest row this GPU and host fit is {longest} tokens" in (
         short(131072).line())
