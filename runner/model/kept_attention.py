@@ -130,8 +130,8 @@ def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
 def keepable(query: torch.Tensor) -> bool:
     """Whether the kept path's kernels take attention of these queries, forward and backward: on CUDA cuDNN's (fp16
     or bf16, heads up to 128 wide in steps of 8, compute capability 8.0 or newer; called directly, so SDPA's backend
-    switches do not apply); on
-    CPU the flash kernel (any floating dtype). The same answer in the forward and its recomputation."""
+    switches do not apply); on CPU the flash kernel (any floating dtype). The same answer in the forward and its
+    recomputation."""
     if not query.is_cuda:
         return True
     d = query.shape[-1]

@@ -22,7 +22,7 @@ longest sequence is bounded by GPU and host memory together; such a mode is chos
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.model import load as model_load
@@ -285,8 +285,10 @@ def choose_mode(shape: Shape, *, rows: int, weights: int, usable: int, host_usab
         tokens = micro * shape.max_length
         for mode in modes:
             fit = _fit(mode, micro, rows, shape, weights, usable, host_usable)
+            if fit is None:
+                continue
             score = SPEED[mode] * tokens / (tokens + EFFICIENT_TOKENS)
-            if fit is not None and (best is None or score > best[0]):
+            if best is None or score > best[0]:
                 best = (score, fit)
     if best is None:
         return Fit(modes[-1], 1, rows, weights + activation_bytes(modes[-1], shape.max_length, shape), fits=False)
@@ -302,7 +304,7 @@ def longest_sequence(shape: Shape, *, weights: int, usable: int, host_usable: in
     """The most tokens (a multiple of LENGTH_STEP) one row may have for some mode to fit both memories, as
     choose_mode fits them: the bound this GPU and host put on dataset.maxLength (0: not even LENGTH_STEP)."""
     def fits(tokens: int) -> bool:
-        one_row = Shape(shape.layers, shape.hidden, tokens, shape.layer_kernels, shape.attention)
+        one_row = replace(shape, max_length=tokens)
         return any(_fit(m, 1, 1, one_row, weights, usable, host_usable) for m in _modes(checkpointing))
 
     low, high = 0, MAX_LENGTH // LENGTH_STEP  # fits(low * step), in steps; the answer is in [low, high]
